@@ -1,0 +1,221 @@
+"""
+``twistd broadcaster``: the command-line options and ``makeService``.
+
+This is the one place that reads configuration.  Everything it builds takes
+its settings as arguments, so tests construct the same objects directly.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import txaio
+from twisted.application import strports
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.python import usage
+from zope.interface import implementer
+
+from broadcaster import __version__
+from broadcaster.hub import Hub
+from broadcaster.origin import OriginPolicy, parse_origin
+from broadcaster.web import BroadcasterSite
+from broadcaster.websocket import BroadcastServerFactory
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise ValueError("must be a positive integer")
+    return number
+
+
+_positive_int.coerceDoc = "A positive integer."  # type: ignore[attr-defined]
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError("must be a positive number")
+    return number
+
+
+_positive_float.coerceDoc = "A positive number of seconds."  # type: ignore[attr-defined]
+
+
+class Options(usage.Options):
+    """
+    Options for ``twistd broadcaster``.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Runs a chat/broadcast server: every WebSocket message is sent to every "
+        "client.  The chat page and the WebSocket endpoint share --port: open "
+        "http://localhost:9999/ in a browser or connect to ws://localhost:9999/."
+    )
+
+    optFlags = [
+        [
+            "debug",
+            None,
+            "Also log every message and HTTP request (sizes and peers, never "
+            "payloads) and Autobahn's own protocol chatter.",
+        ],
+    ]
+
+    optParameters = [
+        [
+            "port",
+            "p",
+            "tcp:9999",
+            "Where the WebSocket endpoint and chat page listen: a strports "
+            "description such as tcp:9999, tcp:9999:interface=127.0.0.1, "
+            "ssl:9443:privateKey=key.pem:certKey=cert.pem or unix:/run/chat.sock.",
+        ],
+        [
+            "max-message-size",
+            None,
+            64 * 1024,
+            "Largest WebSocket message (and frame) accepted, in bytes; larger "
+            "ones close the connection with code 1009.",
+            _positive_int,
+        ],
+        [
+            "open-handshake-timeout",
+            None,
+            10.0,
+            "Seconds a client may take to complete the WebSocket handshake.",
+            _positive_float,
+        ],
+        [
+            "node-id",
+            None,
+            None,
+            "Prefix of the client ids this server hands out (default: random). "
+            "Must differ between servers sharing a backplane.",
+        ],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["allow-origin"] = []
+
+    def opt_allow_origin(self, origin: str) -> None:
+        """Also accept browser handshakes from this Origin, e.g. https://chat.example.com (repeatable; '*' accepts every origin). By default only the server's own origin is accepted; clients that send no Origin (scripts) are always accepted."""  # noqa: E501
+        if origin != "*" and parse_origin(origin) is None:
+            raise usage.UsageError(
+                "--allow-origin {!r} is not an origin: use scheme://host[:port], "
+                "e.g. https://chat.example.com, or '*'".format(origin)
+            )
+        self["allow-origin"].append(origin)
+
+    def postOptions(self) -> None:
+        from twisted.internet import endpoints, reactor
+
+        try:
+            endpoints.serverFromString(reactor, self["port"])
+        except Exception as e:  # parse errors, missing certificate files, ...
+            raise usage.UsageError(
+                "--port {!r} is not a valid endpoint description ({}); "
+                "examples: tcp:9999, ssl:9443:privateKey=key.pem:certKey=cert.pem, "
+                "unix:/run/chat.sock".format(self["port"], e)
+            )
+        node = self["node-id"]
+        if node is not None and (not node or not all(c.isalnum() or c in "_." for c in node)):
+            raise usage.UsageError(
+                "--node-id {!r} must be letters, digits, '_' or '.'".format(node)
+            )
+
+
+@implementer(IStreamServerEndpoint)
+class ReportingEndpoint:
+    """
+    Wraps a server endpoint to log the address it listens on and to keep the
+    listening port, so the actual port of ``tcp:0`` can be found.
+
+    :ivar listening: fires with the :class:`IListeningPort` once listening.
+    """
+
+    _log = Logger()
+
+    def __init__(self, endpoint: IStreamServerEndpoint, what: str) -> None:
+        self._endpoint = endpoint
+        self._what = what
+        self.port: Optional[IListeningPort] = None
+        self._waiting: List[Deferred] = []
+
+    def listen(self, factory) -> Deferred:
+        return self._endpoint.listen(factory).addCallback(self._listening)
+
+    def _listening(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        self._log.info("{what} listening on {address}", what=self._what, address=port.getHost())
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(port)
+        return port
+
+    def when_listening(self) -> Deferred:
+        """
+        :return: a Deferred that fires with the listening port.
+        """
+        if self.port is not None:
+            return succeed(self.port)
+        d: Deferred = Deferred()
+        self._waiting.append(d)
+        return d
+
+
+class BroadcasterService(MultiService):
+    """
+    The whole server: a :class:`MultiService` whose children listen.
+
+    :ivar hub: the broadcast domain, shared by every protocol.
+    :ivar web_endpoint: the main port's :class:`ReportingEndpoint`.
+    """
+
+    _log = Logger()
+
+    def privilegedStartService(self) -> None:
+        # twistd binds ports here, before dropping privileges: say who we are first.
+        self._log.info("broadcaster {version} starting", version=__version__)
+        super().privilegedStartService()
+
+
+def makeService(options: Options, reactor=None) -> BroadcasterService:
+    """
+    Build the server from parsed options.
+
+    :param reactor: the reactor to listen with and to take time from
+        (default: the global one).
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+
+    # Autobahn logs each refused handshake and dropped connection itself, at
+    # info and warn; ours say the same with the client's id, so keep its
+    # chatter for --debug.
+    txaio.set_global_log_level("debug" if options["debug"] else "error")
+
+    service = BroadcasterService()
+    service.hub = Hub(reactor, node_id=options["node-id"])
+    factory = BroadcastServerFactory(
+        service.hub,
+        OriginPolicy(options["allow-origin"]),
+        reactor,
+        max_message_size=options["max-message-size"],
+        open_handshake_timeout=options["open-handshake-timeout"],
+        debug=options["debug"],
+    )
+    service.websocket_factory = factory
+    web = strports.service(
+        options["port"], BroadcasterSite(factory, debug=options["debug"]), reactor=reactor
+    )
+    web.endpoint = service.web_endpoint = ReportingEndpoint(
+        web.endpoint, "WebSocket endpoint and chat page"
+    )
+    web.setServiceParent(service)
+    return service

@@ -1,0 +1,251 @@
+"""
+Helpers shared by the integration tests: a real server on a free loopback
+port, and ways to wait for things without sleeping.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable, Iterable, List, Optional, Tuple
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, TimeoutError, inlineCallbacks, returnValue
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.task import deferLater
+
+from broadcaster.tap import BroadcasterService, Options, makeService
+
+
+def server_options(args: Iterable[str] = ()) -> Options:
+    """
+    Parse ``twistd broadcaster`` arguments, listening on a free loopback port
+    unless ``args`` says otherwise.
+    """
+    options = Options()
+    options.parseOptions(["--port", "tcp:0:interface=127.0.0.1", *args])
+    return options
+
+
+@inlineCallbacks
+def start_server(testcase, args: Iterable[str] = ()):
+    """
+    Start the whole service as ``twistd broadcaster`` would, on a free port,
+    and stop it when ``testcase`` ends.
+
+    :return: a Deferred firing with ``(service, port_number)``.
+    """
+    service: BroadcasterService = makeService(server_options(args), reactor=reactor)
+    service.privilegedStartService()
+    service.startService()
+    testcase.addCleanup(service.stopService)
+    port = yield service.web_endpoint.when_listening()
+    returnValue((service, port.getHost().port))
+
+
+@inlineCallbacks
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition"):
+    """
+    Poll ``predicate`` on the reactor until it is true, failing after ``timeout``.
+
+    For state that no Deferred announces (e.g. the server noticing a client
+    vanished).  Polls every 10 ms; never blocks the reactor.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            returnValue(value)
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after {}s waiting for {}".format(timeout, what))
+        yield deferLater(reactor, 0.01, lambda: None)
+
+
+class RecordingClientProtocol(WebSocketClientProtocol):
+    """
+    An Autobahn client that records what it receives and lets a test wait
+    for it: ``yield client.next()`` returns the next message.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.received: List[Tuple[bytes, bool]] = []
+        self._read = 0
+        self._waiting: Optional[Deferred] = None
+        self.opened: Deferred = Deferred()
+        self.closed: Deferred = Deferred()
+        self.subprotocol: Optional[str] = None
+
+    def onConnect(self, response) -> None:
+        self.subprotocol = response.protocol
+
+    def onOpen(self) -> None:
+        self.opened.callback(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.received.append((payload, isBinary))
+        self._wake()
+
+    def onClose(self, wasClean: bool, code, reason) -> None:
+        if not self.opened.called:
+            self.opened.errback(ConnectionError("handshake failed: {} {}".format(code, reason)))
+        self.closed.callback((wasClean, code, reason))
+        self._wake()
+
+    def _wake(self) -> None:
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.callback(None)
+
+    @inlineCallbacks
+    def next(self, timeout: float = 10.0):
+        """
+        Wait for the next message not yet returned.
+
+        :return: a Deferred firing with ``(payload, is_binary)``.
+        """
+        deadline = reactor.seconds() + timeout
+        while self._read >= len(self.received):
+            if self.closed.called:
+                raise AssertionError("connection closed while waiting for a message")
+            remaining = deadline - reactor.seconds()
+            if remaining <= 0:
+                raise AssertionError("no message within {}s".format(timeout))
+            self._waiting = Deferred()
+            self._waiting.addTimeout(remaining, reactor)
+            try:
+                yield self._waiting
+            except TimeoutError:
+                raise AssertionError("no message within {}s".format(timeout)) from None
+        message = self.received[self._read]
+        self._read += 1
+        return message
+
+    @inlineCallbacks
+    def next_text(self, timeout: float = 10.0):
+        """Wait for the next message, which must be text, and decode it."""
+        payload, binary = yield self.next(timeout)
+        if binary:
+            raise AssertionError("expected text, got {} binary bytes".format(len(payload)))
+        return payload.decode("utf-8")
+
+    @inlineCallbacks
+    def next_json(self, timeout: float = 10.0):
+        """Wait for the next message, which must be a JSON event."""
+        text = yield self.next_text(timeout)
+        return json.loads(text)
+
+    def send_text(self, text: str) -> None:
+        self.sendMessage(text.encode("utf-8"))
+
+    def send_json(self, obj) -> None:
+        self.sendMessage(json.dumps(obj).encode("utf-8"))
+
+
+@inlineCallbacks
+def connect_client(
+    testcase,
+    port: int,
+    json_mode: bool = False,
+    path: str = "/",
+    headers=None,
+    useragent: Optional[str] = None,
+):
+    """
+    Connect a :class:`RecordingClientProtocol` to a server on loopback, wait
+    for its handshake, and close it when ``testcase`` ends.
+
+    :return: a Deferred firing with the open client protocol.
+    """
+    url = "ws://127.0.0.1:{}{}".format(port, path)
+    factory = WebSocketClientFactory(
+        url,
+        protocols=["broadcaster.json"] if json_mode else None,
+        headers=headers,
+        useragent=useragent,
+    )
+    factory.protocol = RecordingClientProtocol
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    client = yield endpoint.connect(factory)
+    testcase.addCleanup(_close_client, client)
+    yield client.opened
+    return client
+
+
+@inlineCallbacks
+def connect_plain_clients(testcase, port: int, count: int):
+    """
+    Connect ``count`` plain clients one after the other and read every
+    announcement their arrival causes, so that each client's next message is
+    whatever the test sends next.
+
+    :return: a Deferred firing with a list of ``(client, id)``.
+    """
+    clients: List[Tuple[RecordingClientProtocol, str]] = []
+    for _ in range(count):
+        client = yield connect_client(testcase, port)
+        announcement = yield client.next_text()
+        member_id = announcement.split()[0]
+        for earlier, _ in clients:
+            heard = yield earlier.next_text()
+            if heard != announcement:
+                raise AssertionError("expected {!r}, got {!r}".format(announcement, heard))
+        clients.append((client, member_id))
+    return clients
+
+
+def _close_client(client: RecordingClientProtocol) -> Deferred:
+    if not client.closed.called:
+        client.sendClose()
+        client.closed.addTimeout(10, reactor)
+    return client.closed
+
+
+def self_signed_certificate(directory: str) -> Tuple[str, str]:
+    """
+    Write a fresh self-signed certificate for 127.0.0.1/localhost and its key.
+
+    :return: ``(key_path, cert_path)``.
+    """
+    import datetime
+    import ipaddress
+    import os
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    key_path = os.path.join(directory, "key.pem")
+    cert_path = os.path.join(directory, "cert.pem")
+    with open(key_path, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path

@@ -1,0 +1,109 @@
+"""
+Tests for :mod:`broadcaster.tap`: the options ``twistd broadcaster`` takes and
+the service ``makeService`` builds, and the plugin as an installed user sees it.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase
+
+from broadcaster.tap import Options, makeService
+
+
+def parse(*args):
+    options = Options()
+    options.parseOptions(list(args))
+    return options
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_defaults(self):
+        """With no arguments the server listens on tcp:9999 with safe limits."""
+        options = parse()
+        self.assertEqual(options["port"], "tcp:9999")
+        self.assertEqual(options["allow-origin"], [])
+        self.assertEqual(options["max-message-size"], 65536)
+        self.assertFalse(options["debug"])
+
+    def test_allow_origin_is_repeatable(self):
+        """--allow-origin collects every value given."""
+        options = parse("--allow-origin", "https://a.example", "--allow-origin", "*")
+        self.assertEqual(options["allow-origin"], ["https://a.example", "*"])
+
+    def assertUsageError(self, fragment, *args):
+        error = self.assertRaises(UsageError, parse, *args)
+        self.assertIn(fragment, str(error))
+
+    def test_bad_origin_names_the_flag(self):
+        """An --allow-origin that is not an origin is refused, naming the flag."""
+        self.assertUsageError("--allow-origin", "--allow-origin", "example.com")
+
+    def test_bad_port_names_the_flag(self):
+        """An unparsable --port is refused, naming the flag."""
+        self.assertUsageError("--port", "--port", "carrier-pigeon:9999")
+        self.assertUsageError("--port", "--port", "tcp:notaport")
+
+    def test_missing_certificate_is_refused_at_start(self):
+        """An ssl: port whose key file does not exist fails before start-up."""
+        self.assertUsageError("--port", "--port", "ssl:9443:privateKey=/nonexistent.pem")
+
+    def test_limits_must_be_positive(self):
+        """Sizes and timeouts must be positive numbers."""
+        self.assertRaises(UsageError, parse, "--max-message-size", "0")
+        self.assertRaises(UsageError, parse, "--max-message-size", "lots")
+        self.assertRaises(UsageError, parse, "--open-handshake-timeout", "-1")
+
+    def test_node_id_is_checked(self):
+        """--node-id accepts letters and digits only."""
+        self.assertEqual(parse("--node-id", "web1")["node-id"], "web1")
+        self.assertUsageError("--node-id", "--node-id", "a b")
+
+
+class MakeServiceTests(SynchronousTestCase):
+    def test_listens_on_the_port_option(self):
+        """The service listens where --port says once started, and stops listening when stopped."""
+        reactor = MemoryReactorClock()
+        service = makeService(parse("--port", "tcp:8080:interface=127.0.0.1"), reactor=reactor)
+        self.assertEqual(reactor.tcpServers, [])
+        service.privilegedStartService()
+        service.startService()
+        ((port, factory, _, interface),) = reactor.tcpServers
+        self.assertEqual((port, interface), (8080, "127.0.0.1"))
+        self.assertEqual(self.successResultOf(service.web_endpoint.when_listening()).getHost().port, 8080)
+        service.stopService()
+
+    def test_node_id_prefixes_client_ids(self):
+        """Client ids carry the configured node id."""
+        service = makeService(parse("--node-id", "web1"), reactor=MemoryReactorClock())
+        self.assertEqual(service.hub.new_id(), "web1-1")
+
+
+class PluginTests(SynchronousTestCase):
+    def test_twistd_lists_the_plugin_outside_the_source_tree(self):
+        """Run from another directory, twistd finds the installed plugin and its options.
+
+        This checks the packaging: it passes only when broadcaster is
+        installed (``pip install .``) so that the dropin is on sys.path."""
+        twistd = shutil.which("twistd", path=os.path.dirname(sys.executable)) or shutil.which(
+            "twistd"
+        )
+        self.assertIsNotNone(twistd, "twistd is not installed")
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        with tempfile.TemporaryDirectory() as elsewhere:
+            result = subprocess.run(
+                [twistd, "broadcaster", "--help"],
+                cwd=elsewhere,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        for option in ("--port", "--allow-origin", "--max-message-size"):
+            self.assertIn(option, result.stdout)

@@ -1,0 +1,403 @@
+"""
+Tests for :mod:`broadcaster.websocket` against a real server on a loopback
+port, with real WebSocket clients: Autobahn's, and the ``websocket-client``
+package that script users reach for.
+"""
+
+import json
+
+import websocket as websocket_client
+from twisted.internet import reactor
+from twisted.internet.defer import DeferredList, gatherResults, inlineCallbacks
+from twisted.internet.testing import EventLoggingObserver
+from twisted.internet.threads import deferToThread
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from tests.support import (
+    connect_client,
+    connect_plain_clients,
+    self_signed_certificate,
+    start_server,
+    wait_for,
+)
+
+
+def _events(logged, level=None, fragment=""):
+    return [
+        e
+        for e in logged
+        if (level is None or e["log_level"] == level) and fragment in e.get("log_format", "")
+    ]
+
+
+class PlainModeTests(TestCase):
+    """Clients that ask for no subprotocol: the classic example's format."""
+
+    @inlineCallbacks
+    def setUp(self):
+        self.service, self.port = yield start_server(self)
+
+    @inlineCallbacks
+    def test_connect_is_announced_to_newcomer_and_others(self):
+        """Everyone, the newcomer included, hears '<id> connected'."""
+        ann = yield connect_client(self, self.port)
+        ann_announcement = yield ann.next_text()
+        self.assertRegex(ann_announcement, r"^\S+-1 connected$")
+        bob = yield connect_client(self, self.port)
+        bob_id = (yield bob.next_text()).split()[0]
+        self.assertEqual((yield ann.next_text()), "{} connected".format(bob_id))
+        self.assertNotEqual(bob_id, ann_announcement.split()[0])
+
+    @inlineCallbacks
+    def test_disconnect_is_announced_to_the_others(self):
+        """When a client leaves, the others hear '<id> disconnected'."""
+        ann = yield connect_client(self, self.port)
+        yield ann.next_text()
+        bob = yield connect_client(self, self.port)
+        bob_id = (yield bob.next_text()).split()[0]
+        yield ann.next_text()
+        bob.sendClose()
+        yield bob.closed
+        self.assertEqual((yield ann.next_text()), "{} disconnected".format(bob_id))
+
+    @inlineCallbacks
+    def test_text_reaches_everyone_unchanged(self):
+        """A text message reaches every client, the sender included, byte for byte."""
+        (ann, _), (bob, _) = yield connect_plain_clients(self, self.port, 2)
+        text = 'Hello {"json": "untouched"} \u00e9\u2603'
+        ann.send_text(text)
+        self.assertEqual((yield ann.next_text()), text)
+        self.assertEqual((yield bob.next_text()), text)
+
+    @inlineCallbacks
+    def test_binary_reaches_everyone_as_binary(self):
+        """A binary message is fanned out unchanged and stays binary."""
+        ann = yield connect_client(self, self.port)
+        yield ann.next_text()
+        bob = yield connect_client(self, self.port)
+        yield bob.next_text()
+        yield ann.next_text()
+        data = bytes(range(256)) * 4
+        bob.sendMessage(data, isBinary=True)
+        self.assertEqual((yield ann.next()), (data, True))
+        self.assertEqual((yield bob.next()), (data, True))
+
+    @inlineCallbacks
+    def test_many_senders_complete_and_in_order(self):
+        """3 clients sending 50 messages each at once: every client gets all
+        150, and each sender's messages in the order sent."""
+        clients = [c for c, _ in (yield connect_plain_clients(self, self.port, 3))]
+        for n, client in enumerate(clients):
+            for i in range(50):
+                client.send_text("{}:{}".format(n, i))
+        for client in clients:
+            got = []
+            for _ in range(150):
+                got.append((yield client.next_text()))
+            for n in range(3):
+                mine = [int(t.split(":")[1]) for t in got if t.startswith("{}:".format(n))]
+                self.assertEqual(mine, list(range(50)))
+
+    @inlineCallbacks
+    def test_client_vanishing_mid_broadcast(self):
+        """A client that drops its TCP connection while messages are flowing
+        does not stop the others receiving every message."""
+        (ann, _), (bob, _), (victim, victim_id) = yield connect_plain_clients(
+            self, self.port, 3
+        )
+        for i in range(200):
+            ann.send_text(str(i))
+            if i == 50:
+                victim.transport.abortConnection()
+        texts = []
+        for _ in range(201):
+            texts.append((yield bob.next_text()))
+        texts.remove("{} disconnected".format(victim_id))
+        self.assertEqual(texts, [str(i) for i in range(200)])
+        yield wait_for(lambda: len(self.service.hub) == 2, what="victim to be removed")
+
+    @inlineCallbacks
+    def test_script_user_with_websocket_client(self):
+        """The websocket-client package, as a script user would use it, chats
+        with an Autobahn client."""
+        ann = yield connect_client(self, self.port)
+        ann_id = (yield ann.next_text()).split()[0]
+
+        def script():
+            ws = websocket_client.create_connection(
+                "ws://127.0.0.1:{}/".format(self.port), timeout=10
+            )
+            try:
+                my_id = ws.recv().split()[0]
+                ws.send("from script")
+                heard = [ws.recv(), ws.recv()]
+                return my_id, heard
+            finally:
+                ws.close()
+
+        sent = deferToThread(script)
+        script_id = (yield ann.next_text()).split()[0]
+        ann.send_text("from autobahn")
+        my_id, heard = yield sent
+        self.assertEqual(my_id, script_id)
+        self.assertEqual(sorted(heard), ["from autobahn", "from script"])
+        received = []
+        for _ in range(3):
+            received.append((yield ann.next_text()))
+        self.assertIn("from script", received)
+        self.assertIn("{} disconnected".format(script_id), received)
+        self.assertNotEqual(ann_id, script_id)
+
+    @inlineCallbacks
+    def test_query_string_is_allowed_on_the_handshake(self):
+        """Clients may connect to '/?name=ann' like to '/'."""
+        ann = yield connect_client(self, self.port, path="/?name=ann")
+        self.assertRegex((yield ann.next_text()), r" connected$")
+
+    @inlineCallbacks
+    def test_oversized_message_closes_only_its_sender(self):
+        """A message above --max-message-size closes its sender with 1009
+        and the others keep chatting."""
+        (ann, _), (bob, _) = yield connect_plain_clients(self, self.port, 2)
+        bob.send_text("x" * (64 * 1024 + 1))
+        _, code, _ = yield bob.closed
+        self.assertEqual(code, 1009)
+        self.assertRegex((yield ann.next_text()), r"disconnected$")
+        ann.send_text("still here")
+        self.assertEqual((yield ann.next_text()), "still here")
+
+
+class JSONModeTests(TestCase):
+    """Clients that ask for the broadcaster.json subprotocol."""
+
+    @inlineCallbacks
+    def setUp(self):
+        self.service, self.port = yield start_server(self)
+
+    @inlineCallbacks
+    def test_welcome_then_join(self):
+        """The first event names the client and who is present, then its join follows."""
+        ann = yield connect_client(self, self.port)
+        ann_id = (yield ann.next_text()).split()[0]
+        bob = yield connect_client(self, self.port, json_mode=True)
+        self.assertEqual(bob.subprotocol, "broadcaster.json")
+        welcome = yield bob.next_json()
+        self.assertEqual(welcome["type"], "welcome")
+        self.assertEqual([m["id"] for m in welcome["members"]], [ann_id, welcome["id"]])
+        join = yield bob.next_json()
+        self.assertEqual((join["type"], join["id"]), ("join", welcome["id"]))
+
+    @inlineCallbacks
+    def test_messages_between_json_and_plain_clients(self):
+        """JSON and plain clients see each other's messages, each in their format."""
+        plain = yield connect_client(self, self.port)
+        plain_id = (yield plain.next_text()).split()[0]
+        js = yield connect_client(self, self.port, json_mode=True)
+        js_id = (yield js.next_json())["id"]
+        yield js.next_json()
+        self.assertEqual((yield plain.next_text()), "{} connected".format(js_id))
+
+        js.send_json({"type": "message", "text": "from json"})
+        self.assertEqual((yield plain.next_text()), "from json")
+        event = yield js.next_json()
+        self.assertEqual(
+            (event["type"], event["from"], event["text"]), ("message", js_id, "from json")
+        )
+        self.assertIsInstance(event["ts"], float)
+
+        plain.send_text("from plain")
+        self.assertEqual((yield plain.next_text()), "from plain")
+        event = yield js.next_json()
+        self.assertEqual((event["from"], event["text"]), (plain_id, "from plain"))
+
+    @inlineCallbacks
+    def test_leave_event(self):
+        """A departing client is announced to JSON clients as a leave event."""
+        js = yield connect_client(self, self.port, json_mode=True)
+        yield js.next_json()
+        yield js.next_json()
+        other = yield connect_client(self, self.port, json_mode=True)
+        other_id = (yield other.next_json())["id"]
+        yield js.next_json()
+        other.sendClose()
+        event = yield js.next_json()
+        self.assertEqual((event["type"], event["id"]), ("leave", other_id))
+
+    @inlineCallbacks
+    def test_binary_is_announced_then_sent(self):
+        """JSON clients receive a binary header naming sender and size, then the bytes."""
+        js = yield connect_client(self, self.port, json_mode=True)
+        js_id = (yield js.next_json())["id"]
+        yield js.next_json()
+        js.sendMessage(b"\x89PNG...", isBinary=True)
+        header = yield js.next_json()
+        self.assertEqual(
+            (header["type"], header["from"], header["size"]), ("binary", js_id, 7)
+        )
+        self.assertEqual((yield js.next()), (b"\x89PNG...", True))
+
+    @inlineCallbacks
+    def test_bad_input_gets_an_error_and_the_connection_stays(self):
+        """Malformed JSON, unknown types and missing fields each get an error
+        event and a warning in the log, and the client can carry on."""
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        js = yield connect_client(self, self.port, json_mode=True)
+        yield js.next_json()
+        yield js.next_json()
+        for bad, reason in [
+            ("not json", "malformed JSON"),
+            ('{"type": "dance"}', "unknown type"),
+            ('{"type": "message"}', '"text"'),
+        ]:
+            js.send_text(bad)
+            event = yield js.next_json()
+            self.assertEqual(event["type"], "error")
+            self.assertIn(reason, event["reason"])
+        js.send_json({"type": "message", "text": "ok"})
+        self.assertEqual((yield js.next_json())["text"], "ok")
+        self.assertEqual(len(_events(logged, LogLevel.warn, "[BAD INPUT]")), 3)
+
+
+class OriginPolicyTests(TestCase):
+    """The handshake's Origin check, end to end."""
+
+    def handshake(self, port, origin):
+        def connect():
+            ws = websocket_client.create_connection(
+                "ws://127.0.0.1:{}/".format(port), origin=origin, timeout=10
+            )
+            try:
+                return ws.recv()
+            finally:
+                ws.close()
+
+        return deferToThread(connect)
+
+    @inlineCallbacks
+    def test_foreign_origin_is_refused_with_403(self):
+        """A browser on another site gets HTTP 403 and a warning is logged."""
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        service, port = yield start_server(self)
+        failure = yield self.assertFailure(
+            self.handshake(port, "http://evil.example"),
+            websocket_client.WebSocketBadStatusException,
+        )
+        self.assertEqual(failure.status_code, 403)
+        refused = _events(logged, LogLevel.warn, "[REFUSED]")
+        self.assertEqual([e["origin"] for e in refused], ["http://evil.example"])
+        self.assertEqual(len(service.hub), 0)
+
+    @inlineCallbacks
+    def test_own_origin_and_no_origin_are_accepted(self):
+        """The server's own page and scripts without Origin may connect."""
+        _, port = yield start_server(self)
+        greeting = yield self.handshake(port, "http://127.0.0.1:{}".format(port))
+        self.assertRegex(greeting, r" connected$")
+        greeting = yield self.handshake(port, None)
+        self.assertRegex(greeting, r" connected$")
+
+    @inlineCallbacks
+    def test_allow_origin_accepts_the_named_site(self):
+        """--allow-origin lets that site in and still keeps others out."""
+        _, port = yield start_server(self, ["--allow-origin", "https://app.example"])
+        greeting = yield self.handshake(port, "https://app.example")
+        self.assertRegex(greeting, r" connected$")
+        yield self.assertFailure(
+            self.handshake(port, "https://other.example"),
+            websocket_client.WebSocketBadStatusException,
+        )
+
+    @inlineCallbacks
+    def test_allow_origin_star_accepts_everyone(self):
+        """--allow-origin '*' accepts any site."""
+        _, port = yield start_server(self, ["--allow-origin", "*"])
+        greeting = yield self.handshake(port, "http://evil.example")
+        self.assertRegex(greeting, r" connected$")
+
+
+class LoggingTests(TestCase):
+    """What an operator watching the log sees."""
+
+    @inlineCallbacks
+    def test_handshake_connect_and_disconnect_are_logged(self):
+        """The handshake (peer, path, Origin, User-Agent), the connect and the
+        disconnect (code, duration) are logged at info, and no payload is."""
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        service, port = yield start_server(self)
+        client = yield connect_client(
+            self,
+            port,
+            path="/?name=ann",
+            headers={"Origin": "http://127.0.0.1:{}".format(port)},
+            useragent="tester/1",
+        )
+        client_id = (yield client.next_text()).split()[0]
+        client.send_text("secret payload")
+        yield client.next_text()
+        client.sendClose(1000, "bye")
+        yield client.closed
+        yield wait_for(lambda: _events(logged, LogLevel.info, "[DISCONNECT]"), what="log")
+
+        (handshake,) = _events(logged, LogLevel.info, "[HANDSHAKE]")
+        self.assertEqual(handshake["origin"], "http://127.0.0.1:{}".format(port))
+        self.assertEqual(handshake["path"], "/")
+        self.assertEqual(handshake["agent"], "tester/1")
+        self.assertIn("127.0.0.1", handshake["peer"])
+        (connect,) = _events(logged, LogLevel.info, "[CONNECT]")
+        self.assertEqual(connect["client"], client_id)
+        (disconnect,) = _events(logged, LogLevel.info, "[DISCONNECT]")
+        self.assertEqual(
+            (disconnect["client"], disconnect["code"], disconnect["reason"]),
+            (client_id, 1000, "bye"),
+        )
+        self.assertGreaterEqual(disconnect["duration"], 0)
+        for event in logged:
+            self.assertNotIn("secret payload", json.dumps(event, default=repr))
+
+
+class TLSTests(TestCase):
+    """--port ssl:...: wss:// and https:// on one port."""
+
+    @inlineCallbacks
+    def test_wss_with_own_https_origin(self):
+        """Over TLS the page's https origin is the server's own and may chat;
+        an http origin for the same host is foreign."""
+        key, cert = self_signed_certificate(self.mktemp_dir())
+        _, port = yield start_server(
+            self,
+            [
+                "--port",
+                "ssl:0:interface=127.0.0.1:privateKey={}:certKey={}".format(key, cert),
+            ],
+        )
+
+        def chat(origin):
+            ws = websocket_client.create_connection(
+                "wss://127.0.0.1:{}/".format(port),
+                origin=origin,
+                timeout=10,
+                sslopt={"ca_certs": cert},
+            )
+            try:
+                greeting = ws.recv()
+                ws.send("over tls")
+                return greeting, ws.recv()
+            finally:
+                ws.close()
+
+        greeting, echo = yield deferToThread(chat, "https://127.0.0.1:{}".format(port))
+        self.assertRegex(greeting, r" connected$")
+        self.assertEqual(echo, "over tls")
+        failure = yield self.assertFailure(
+            deferToThread(chat, "http://127.0.0.1:{}".format(port)),
+            websocket_client.WebSocketBadStatusException,
+        )
+        self.assertEqual(failure.status_code, 403)
+
+    def mktemp_dir(self):
+        import os
+
+        path = self.mktemp()
+        os.makedirs(path)
+        return path
