@@ -161,6 +161,16 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
             count=len(hub),
         )
 
+    def connectionLost(self, reason) -> None:
+        super().connectionLost(reason)
+        # Autobahn cancels its close-handshake timer only when the peer's
+        # close frame arrives; a peer that drops the TCP connection instead
+        # would leave it pending for closeHandshakeTimeout seconds per
+        # connection.  Nothing is left to time out once the connection is gone.
+        if self.closeHandshakeTimeoutCall is not None:
+            self.closeHandshakeTimeoutCall.cancel()
+            self.closeHandshakeTimeoutCall = None
+
     def deliver(self, event: Event) -> None:
         """
         Send a hub event, framed once per wire format for all recipients.

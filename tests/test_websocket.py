@@ -9,10 +9,17 @@ import json
 import websocket as websocket_client
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, gatherResults, inlineCallbacks
-from twisted.internet.testing import EventLoggingObserver
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
+from twisted.internet.error import ConnectionDone
 from twisted.logger import LogLevel, globalLogPublisher
-from twisted.trial.unittest import TestCase
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from broadcaster.hub import Hub
+from broadcaster.origin import OriginPolicy
+from broadcaster.websocket import BroadcastServerFactory
 
 from tests.support import (
     connect_client,
@@ -401,3 +408,91 @@ class TLSTests(TestCase):
         path = self.mktemp()
         os.makedirs(path)
         return path
+
+
+class ProtocolUnitTests(SynchronousTestCase):
+    """The protocol over in-memory transports: what bytes go where."""
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.hub = Hub(self.reactor, node_id="t")
+        self.factory = BroadcastServerFactory(self.hub, OriginPolicy(), self.reactor)
+
+    def connect(self, json_mode=False, transport=None):
+        protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = transport or StringTransport()
+        protocol.makeConnection(transport)
+        request = (
+            "GET / HTTP/1.1\r\nHost: 127.0.0.1:9999\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\n"
+        )
+        if json_mode:
+            request += "Sec-WebSocket-Protocol: broadcaster.json\r\n"
+        protocol.dataReceived((request + "\r\n").encode("ascii"))
+        self.assertIn(b"101 Switching Protocols", transport.value())
+        transport.clear()
+        return protocol, transport
+
+    def test_each_event_is_framed_once_per_format(self):
+        """Recipients of one format get the very same frame bytes, encoded once."""
+        ann, ann_t = self.connect()
+        bob, bob_t = self.connect()
+        js, js_t = self.connect(json_mode=True)
+        for t in (ann_t, bob_t, js_t):
+            t.clear()
+        event = self.hub.publish_text("t-1", "hi")
+        self.assertEqual(ann_t.value(), b"\x81\x02hi")
+        self.assertEqual(bob_t.value(), b"\x81\x02hi")
+        self.assertIn(b'"text":"hi"', js_t.value())
+        self.assertEqual(len(event.wire), 2)
+
+    def test_masked_client_frame_is_broadcast(self):
+        """A masked text frame from a client reaches the others unmasked."""
+        ann, ann_t = self.connect()
+        bob, bob_t = self.connect()
+        ann_t.clear()
+        mask = b"\x01\x02\x03\x04"
+        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(b"yo"))
+        bob.dataReceived(b"\x81\x82" + mask + payload)
+        self.assertEqual(ann_t.value(), b"\x81\x02yo")
+
+    def test_a_transport_failing_mid_broadcast_spares_the_others(self):
+        """A recipient whose write raises does not stop delivery to the rest."""
+
+        class ExplodingTransport(StringTransport):
+            explode = False
+
+            def write(self, data):
+                if self.explode:
+                    raise OSError("connection reset")
+                super().write(data)
+
+        ann, ann_t = self.connect()
+        bad, bad_t = self.connect(transport=ExplodingTransport())
+        bob, bob_t = self.connect()
+        bad_t.explode = True
+        ann_t.clear(), bob_t.clear()
+        self.hub.publish_text("t-1", "through")
+        self.assertEqual(ann_t.value(), b"\x81\x07through")
+        self.assertEqual(bob_t.value(), b"\x81\x07through")
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+    def test_closing_connection_gets_no_data_frames(self):
+        """After a close frame has been sent, broadcasts skip that client."""
+        ann, ann_t = self.connect()
+        self.addCleanup(ann.connectionLost, Failure(ConnectionDone()))
+        ann.sendClose(1000)
+        ann_t.clear()
+        self.hub.publish_text("t-9", "late")
+        self.assertEqual(ann_t.value(), b"")
+
+    def test_lost_connection_leaves_no_close_timer(self):
+        """A peer that drops TCP instead of answering our close frame leaves
+        no close-handshake timer running."""
+        ann, _ = self.connect()
+        ann.sendClose(1000)
+        self.assertIsNotNone(ann.closeHandshakeTimeoutCall)
+        ann.connectionLost(Failure(ConnectionDone()))
+        self.assertIsNone(ann.closeHandshakeTimeoutCall)
+        self.assertEqual(len(self.hub), 0)
