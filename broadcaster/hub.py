@@ -88,6 +88,21 @@ class BinaryMessage(Event):
     data: bytes
 
 
+@dataclass(frozen=True)
+class ImageMessage(Event):
+    """
+    An image from a member, already checked and normalised to an RGB PNG.
+
+    :ivar image_id: unique per image, so clients can match metadata to bytes.
+    """
+
+    sender: str
+    image_id: str
+    png: bytes
+    width: int
+    height: int
+
+
 def encoded(event: Event, key: object, encode: Callable[[Event], object]) -> object:
     """
     Encode ``event`` with ``encode`` once per ``key`` and reuse the result.
@@ -124,6 +139,7 @@ class Hub:
         self._clock = clock
         self.node_id = node_id or _random_node_id()
         self._counter = itertools.count(1)
+        self._image_counter = itertools.count(1)
         self._members: Dict[str, Member] = {}
         self._pending: Deque[Event] = deque()
         self._delivering = False
@@ -185,6 +201,22 @@ class Hub:
         Send ``data`` from ``sender`` to every member, the sender included.
         """
         event = BinaryMessage(ts=self._clock.seconds(), sender=sender, data=data)
+        self._fan_out(event)
+        return event
+
+    def publish_image(self, sender: str, png: bytes, width: int, height: int) -> ImageMessage:
+        """
+        Send a normalised PNG from ``sender`` to every member.  Members decide
+        whether the sender hears its own image (the image port does not).
+        """
+        event = ImageMessage(
+            ts=self._clock.seconds(),
+            sender=sender,
+            image_id="{}-img{}".format(self.node_id, next(self._image_counter)),
+            png=png,
+            width=width,
+            height=height,
+        )
         self._fan_out(event)
         return event
 

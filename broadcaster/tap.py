@@ -20,6 +20,9 @@ from zope.interface import implementer
 
 from broadcaster import __version__
 from broadcaster.hub import Hub
+from broadcaster.imaging import DEFAULT_MAX_PIXELS
+from broadcaster.images import DecoderPool, ImageFactory
+from broadcaster.lines import LineBridgeFactory
 from broadcaster.origin import OriginPolicy, parse_origin
 from broadcaster.web import BroadcasterSite
 from broadcaster.websocket import BroadcastServerFactory
@@ -76,6 +79,20 @@ class Options(usage.Options):
             "ssl:9443:privateKey=key.pem:certKey=cert.pem or unix:/run/chat.sock.",
         ],
         [
+            "image-port",
+            None,
+            "tcp:9998",
+            "Where the raw-TCP image protocol listens (4-byte big-endian "
+            "length, then an image), or 'none'.",
+        ],
+        [
+            "line-port",
+            None,
+            "tcp:9997",
+            "Where the line bridge (one UTF-8 message per line, for nc and "
+            "scripts) listens, or 'none'.",
+        ],
+        [
             "max-message-size",
             None,
             64 * 1024,
@@ -89,6 +106,43 @@ class Options(usage.Options):
             10.0,
             "Seconds a client may take to complete the WebSocket handshake.",
             _positive_float,
+        ],
+        [
+            "max-image-size",
+            None,
+            16 * 1024 * 1024,
+            "Largest image frame accepted on the image port, in bytes; a "
+            "larger declared length is refused before anything is buffered.",
+            _positive_int,
+        ],
+        [
+            "image-timeout",
+            None,
+            30.0,
+            "Seconds an image frame may take from its first byte to its last.",
+            _positive_float,
+        ],
+        [
+            "image-max-pixels",
+            None,
+            DEFAULT_MAX_PIXELS,
+            "Largest image accepted, in pixels (width x height), checked "
+            "before decoding: a guard against decompression bombs.",
+            _positive_int,
+        ],
+        [
+            "image-threads",
+            None,
+            2,
+            "Threads that decode images (at most this many at once).",
+            _positive_int,
+        ],
+        [
+            "max-line-length",
+            None,
+            64 * 1024,
+            "Longest line accepted on the line bridge, in bytes.",
+            _positive_int,
         ],
         [
             "node-id",
@@ -113,21 +167,34 @@ class Options(usage.Options):
         self["allow-origin"].append(origin)
 
     def postOptions(self) -> None:
-        from twisted.internet import endpoints, reactor
-
-        try:
-            endpoints.serverFromString(reactor, self["port"])
-        except Exception as e:  # parse errors, missing certificate files, ...
-            raise usage.UsageError(
-                "--port {!r} is not a valid endpoint description ({}); "
-                "examples: tcp:9999, ssl:9443:privateKey=key.pem:certKey=cert.pem, "
-                "unix:/run/chat.sock".format(self["port"], e)
-            )
+        _check_endpoint("port", self["port"])
+        for flag in ("image-port", "line-port"):
+            if self[flag].lower() == "none":
+                self[flag] = None
+            else:
+                _check_endpoint(flag, self[flag])
         node = self["node-id"]
         if node is not None and (not node or not all(c.isalnum() or c in "_." for c in node)):
             raise usage.UsageError(
                 "--node-id {!r} must be letters, digits, '_' or '.'".format(node)
             )
+
+
+def _check_endpoint(flag: str, description: str) -> None:
+    """
+    Refuse an endpoint description that cannot be listened on, naming the flag.
+    """
+    from twisted.internet import endpoints, reactor
+
+    try:
+        endpoints.serverFromString(reactor, description)
+    except Exception as e:  # parse errors, missing certificate files, ...
+        raise usage.UsageError(
+            "--{} {!r} is not a valid endpoint description ({}); "
+            "examples: tcp:9999, tcp:9999:interface=127.0.0.1, "
+            "ssl:9443:privateKey=key.pem:certKey=cert.pem, "
+            "unix:/run/chat.sock".format(flag, description, e)
+        )
 
 
 @implementer(IStreamServerEndpoint)
@@ -211,11 +278,43 @@ def makeService(options: Options, reactor=None) -> BroadcasterService:
         debug=options["debug"],
     )
     service.websocket_factory = factory
-    web = strports.service(
-        options["port"], BroadcasterSite(factory, debug=options["debug"]), reactor=reactor
+    service.web_endpoint = _listen(
+        service,
+        options["port"],
+        BroadcasterSite(factory, debug=options["debug"]),
+        "WebSocket endpoint and chat page",
+        reactor,
     )
-    web.endpoint = service.web_endpoint = ReportingEndpoint(
-        web.endpoint, "WebSocket endpoint and chat page"
-    )
-    web.setServiceParent(service)
+
+    service.image_endpoint = None
+    if options["image-port"] is not None:
+        decoder = DecoderPool(reactor, options["image-threads"], options["image-max-pixels"])
+        decoder.setServiceParent(service)
+        images = ImageFactory(
+            service.hub,
+            reactor,
+            decoder.decode,
+            max_image_size=options["max-image-size"],
+            image_timeout=options["image-timeout"],
+        )
+        service.image_endpoint = _listen(
+            service, options["image-port"], images, "Image protocol", reactor
+        )
+
+    service.line_endpoint = None
+    if options["line-port"] is not None:
+        lines = LineBridgeFactory(service.hub, reactor, options["max-line-length"])
+        service.line_endpoint = _listen(
+            service, options["line-port"], lines, "Line bridge", reactor
+        )
     return service
+
+
+def _listen(parent, description: str, factory, what: str, reactor) -> ReportingEndpoint:
+    """
+    Add a child service listening on ``description``; return its endpoint.
+    """
+    listener = strports.service(description, factory, reactor=reactor)
+    listener.endpoint = endpoint = ReportingEndpoint(listener.endpoint, what)
+    listener.setServiceParent(parent)
+    return endpoint

@@ -30,6 +30,7 @@ from twisted.logger import Logger
 
 from broadcaster import __version__
 from broadcaster.hub import Event, Hub, encoded
+from broadcaster.members import log_connect, log_disconnect
 from broadcaster.origin import OriginPolicy
 from broadcaster.wire import (
     JSON_SUBPROTOCOL,
@@ -111,13 +112,7 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
             self.sendMessage(_JSON.welcome(self.id, hub.member_ids() + [self.id]))
         hub.join(self)
         self._joined = True
-        self._log.info(
-            "[CONNECT] {client} connected from {peer} ({mode}); {count} connected",
-            client=self.id,
-            peer=self.peer,
-            mode=self.codec.name,
-            count=len(hub),
-        )
+        log_connect(self._log, self.id, self.peer, self.codec.name, len(hub))
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.factory.debug:
@@ -150,15 +145,14 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         self._joined = False
         hub = self.factory.hub
         hub.leave(self)
-        self._log.info(
-            "[DISCONNECT] {client} disconnected: code={code} reason={reason!r}"
-            " clean={clean} after {duration:.1f}s; {count} connected",
-            client=self.id,
+        log_disconnect(
+            self._log,
+            self.id,
+            duration=self.factory.clock.seconds() - self._opened_at,
+            count=len(hub),
             code=code,
             reason=reason or "",
             clean=wasClean,
-            duration=self.factory.clock.seconds() - self._opened_at,
-            count=len(hub),
         )
 
     def connectionLost(self, reason) -> None:

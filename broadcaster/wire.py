@@ -6,7 +6,7 @@ Two WebSocket wire formats exist, chosen per connection by subprotocol:
 Plain (no subprotocol; the classic TwistedWebsocket example's format)
     ``<id> connected`` and ``<id> disconnected`` text messages announce
     members; a text message is passed on unchanged; a binary message is
-    passed on unchanged as binary.
+    passed on unchanged as binary; an image arrives as a binary PNG.
 
 JSON (subprotocol ``broadcaster.json``)
     Every server message is one JSON object with a ``type``:
@@ -16,6 +16,9 @@ JSON (subprotocol ``broadcaster.json``)
     - ``{"type": "message", "from": ..., "text": ..., "ts": ...}``;
     - ``{"type": "binary", "from": ..., "size": ..., "ts": ...}`` immediately
       followed by a binary message holding the bytes;
+    - ``{"type": "image", "id": ..., "from": ..., "width": ..., "height": ...,
+      "format": "png", "size": ..., "ts": ...}`` immediately followed by a
+      binary message holding the PNG (images come from the image port);
     - ``{"type": "error", "reason": ...}`` in answer to bad input.
 
     Clients send ``{"type": "message", "text": "..."}`` (or a binary message).
@@ -29,7 +32,7 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, List, Tuple
 
-from broadcaster.hub import BinaryMessage, Event, Joined, Left, TextMessage
+from broadcaster.hub import BinaryMessage, Event, ImageMessage, Joined, Left, TextMessage
 
 JSON_SUBPROTOCOL = "broadcaster.json"
 
@@ -55,6 +58,8 @@ class PlainCodec:
             return [(event.text.encode("utf-8"), False)]
         if isinstance(event, BinaryMessage):
             return [(event.data, True)]
+        if isinstance(event, ImageMessage):
+            return [(event.png, True)]
         if isinstance(event, Joined):
             return [("{} connected".format(event.member).encode("utf-8"), False)]
         if isinstance(event, Left):
@@ -90,6 +95,18 @@ class JSONCodec:
                 "ts": _ts(event),
             }
             return [(_dumps(header), False), (event.data, True)]
+        if isinstance(event, ImageMessage):
+            header = {
+                "type": "image",
+                "id": event.image_id,
+                "from": event.sender,
+                "width": event.width,
+                "height": event.height,
+                "format": "png",
+                "size": len(event.png),
+                "ts": _ts(event),
+            }
+            return [(_dumps(header), False), (event.png, True)]
         if isinstance(event, Joined):
             return [(_dumps({"type": "join", "id": event.member, "ts": _ts(event)}), False)]
         if isinstance(event, Left):

@@ -6,6 +6,7 @@ port, and ways to wait for things without sleeping.
 from __future__ import annotations
 
 import json
+import struct
 import time
 from typing import Callable, Iterable, List, Optional, Tuple
 
@@ -13,6 +14,7 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, TimeoutError, inlineCallbacks, returnValue
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 
 from broadcaster.tap import BroadcasterService, Options, makeService
@@ -20,11 +22,14 @@ from broadcaster.tap import BroadcasterService, Options, makeService
 
 def server_options(args: Iterable[str] = ()) -> Options:
     """
-    Parse ``twistd broadcaster`` arguments, listening on a free loopback port
-    unless ``args`` says otherwise.
+    Parse ``twistd broadcaster`` arguments, every port on a free loopback
+    port unless ``args`` says otherwise.
     """
+    loopback = "tcp:0:interface=127.0.0.1"
     options = Options()
-    options.parseOptions(["--port", "tcp:0:interface=127.0.0.1", *args])
+    options.parseOptions(
+        ["--port", loopback, "--image-port", loopback, "--line-port", loopback, *args]
+    )
     return options
 
 
@@ -62,17 +67,67 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str =
         yield deferLater(reactor, 0.01, lambda: None)
 
 
+class Inbox:
+    """
+    What a test client has received, and a way to wait for the next item
+    without sleeping: ``yield inbox.next()``.
+    """
+
+    def __init__(self) -> None:
+        self.items: list = []
+        self._read = 0
+        self._waiting: Optional[Deferred] = None
+        self.closed = False
+
+    def put(self, item) -> None:
+        self.items.append(item)
+        self._wake()
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.callback(None)
+
+    @inlineCallbacks
+    def next(self, timeout: float = 10.0):
+        """
+        Wait for the next item not yet returned.
+
+        :raise AssertionError: if the connection closes or ``timeout``
+            passes first.
+        """
+        deadline = reactor.seconds() + timeout
+        while self._read >= len(self.items):
+            if self.closed:
+                raise AssertionError("connection closed while waiting for a message")
+            remaining = deadline - reactor.seconds()
+            if remaining <= 0:
+                raise AssertionError("no message within {}s".format(timeout))
+            self._waiting = Deferred()
+            self._waiting.addTimeout(remaining, reactor)
+            try:
+                yield self._waiting
+            except TimeoutError:
+                raise AssertionError("no message within {}s".format(timeout)) from None
+        item = self.items[self._read]
+        self._read += 1
+        return item
+
+
 class RecordingClientProtocol(WebSocketClientProtocol):
     """
     An Autobahn client that records what it receives and lets a test wait
-    for it: ``yield client.next()`` returns the next message.
+    for it: ``yield client.next()`` returns the next ``(payload, is_binary)``.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self.received: List[Tuple[bytes, bool]] = []
-        self._read = 0
-        self._waiting: Optional[Deferred] = None
+        self.inbox = Inbox()
+        self.received = self.inbox.items
         self.opened: Deferred = Deferred()
         self.closed: Deferred = Deferred()
         self.subprotocol: Optional[str] = None
@@ -84,43 +139,21 @@ class RecordingClientProtocol(WebSocketClientProtocol):
         self.opened.callback(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        self.received.append((payload, isBinary))
-        self._wake()
+        self.inbox.put((payload, isBinary))
 
     def onClose(self, wasClean: bool, code, reason) -> None:
         if not self.opened.called:
             self.opened.errback(ConnectionError("handshake failed: {} {}".format(code, reason)))
         self.closed.callback((wasClean, code, reason))
-        self._wake()
+        self.inbox.close()
 
-    def _wake(self) -> None:
-        waiting, self._waiting = self._waiting, None
-        if waiting is not None:
-            waiting.callback(None)
-
-    @inlineCallbacks
-    def next(self, timeout: float = 10.0):
+    def next(self, timeout: float = 10.0) -> Deferred:
         """
         Wait for the next message not yet returned.
 
         :return: a Deferred firing with ``(payload, is_binary)``.
         """
-        deadline = reactor.seconds() + timeout
-        while self._read >= len(self.received):
-            if self.closed.called:
-                raise AssertionError("connection closed while waiting for a message")
-            remaining = deadline - reactor.seconds()
-            if remaining <= 0:
-                raise AssertionError("no message within {}s".format(timeout))
-            self._waiting = Deferred()
-            self._waiting.addTimeout(remaining, reactor)
-            try:
-                yield self._waiting
-            except TimeoutError:
-                raise AssertionError("no message within {}s".format(timeout)) from None
-        message = self.received[self._read]
-        self._read += 1
-        return message
+        return self.inbox.next(timeout)
 
     @inlineCallbacks
     def next_text(self, timeout: float = 10.0):
@@ -249,3 +282,82 @@ def self_signed_certificate(directory: str) -> Tuple[str, str]:
     with open(cert_path, "wb") as f:
         f.write(cert.public_bytes(serialization.Encoding.PEM))
     return key_path, cert_path
+
+
+class FrameClient(Protocol):
+    """
+    A raw-TCP client of the image port: ``yield client.next()`` returns the
+    payload of the next length-prefixed frame.
+    """
+
+    def __init__(self) -> None:
+        self.inbox = Inbox()
+        self.closed: Deferred = Deferred()
+        self._buffer = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        while len(self._buffer) >= 4:
+            (length,) = struct.unpack(">I", self._buffer[:4])
+            if len(self._buffer) < 4 + length:
+                return
+            self.inbox.put(self._buffer[4 : 4 + length])
+            self._buffer = self._buffer[4 + length :]
+
+    def connectionLost(self, reason) -> None:
+        self.inbox.close()
+        self.closed.callback(None)
+
+    def next(self, timeout: float = 10.0) -> Deferred:
+        return self.inbox.next(timeout)
+
+    def send_frame(self, payload: bytes) -> None:
+        self.transport.write(struct.pack(">I", len(payload)) + payload)
+
+
+class LineClient(Protocol):
+    """
+    A raw-TCP client of the line bridge: ``yield client.next()`` returns the
+    next line, decoded, without its line end.
+    """
+
+    def __init__(self) -> None:
+        self.inbox = Inbox()
+        self.closed: Deferred = Deferred()
+        self._buffer = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            self.inbox.put(line.decode("utf-8"))
+
+    def connectionLost(self, reason) -> None:
+        self.inbox.close()
+        self.closed.callback(None)
+
+    def next(self, timeout: float = 10.0) -> Deferred:
+        return self.inbox.next(timeout)
+
+
+def port_of(endpoint) -> int:
+    """The TCP port a started service's :class:`ReportingEndpoint` listens on."""
+    return endpoint.port.getHost().port
+
+
+@inlineCallbacks
+def connect_raw(testcase, port: int, protocol_class):
+    """
+    Connect a raw-TCP test client to loopback ``port`` and disconnect it
+    when ``testcase`` ends.
+    """
+    factory = Factory.forProtocol(protocol_class)
+    client = yield TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
+
+    def disconnect():
+        if not client.closed.called:
+            client.transport.loseConnection()
+        return client.closed
+
+    testcase.addCleanup(disconnect)
+    return client

@@ -48,6 +48,8 @@ class OptionsTests(SynchronousTestCase):
         """An unparsable --port is refused, naming the flag."""
         self.assertUsageError("--port", "--port", "carrier-pigeon:9999")
         self.assertUsageError("--port", "--port", "tcp:notaport")
+        self.assertUsageError("--image-port", "--image-port", "tcp:x")
+        self.assertUsageError("--line-port", "--line-port", "udp:9")
 
     def test_missing_certificate_is_refused_at_start(self):
         """An ssl: port whose key file does not exist fails before start-up."""
@@ -66,17 +68,43 @@ class OptionsTests(SynchronousTestCase):
 
 
 class MakeServiceTests(SynchronousTestCase):
-    def test_listens_on_the_port_option(self):
-        """The service listens where --port says once started, and stops listening when stopped."""
+    def start(self, *args):
         reactor = MemoryReactorClock()
-        service = makeService(parse("--port", "tcp:8080:interface=127.0.0.1"), reactor=reactor)
-        self.assertEqual(reactor.tcpServers, [])
+        service = makeService(parse(*args), reactor=reactor)
+        self.assertEqual(reactor.tcpServers, [], "listened before start-up")
         service.privilegedStartService()
         service.startService()
-        ((port, factory, _, interface),) = reactor.tcpServers
-        self.assertEqual((port, interface), (8080, "127.0.0.1"))
-        self.assertEqual(self.successResultOf(service.web_endpoint.when_listening()).getHost().port, 8080)
-        service.stopService()
+        self.addCleanup(service.stopService)
+        return service, reactor
+
+    def test_listens_on_the_default_ports(self):
+        """By default the WebSocket/page, image and line ports are 9999, 9998 and 9997."""
+        service, reactor = self.start()
+        ports = {(port, type(factory).__name__) for port, factory, _, _ in reactor.tcpServers}
+        self.assertEqual(
+            ports,
+            {(9999, "BroadcasterSite"), (9998, "ImageFactory"), (9997, "LineBridgeFactory")},
+        )
+
+    def test_listens_where_the_options_say(self):
+        """Each port option is an endpoint description, honoured with its interface."""
+        service, reactor = self.start(
+            "--port", "tcp:8080:interface=127.0.0.1", "--image-port", "tcp:8081",
+            "--line-port", "tcp:8082:interface=127.0.0.2",
+        )
+        self.assertEqual(
+            sorted((port, interface) for port, _, _, interface in reactor.tcpServers),
+            [(8080, "127.0.0.1"), (8081, ""), (8082, "127.0.0.2")],
+        )
+        port = self.successResultOf(service.web_endpoint.when_listening())
+        self.assertEqual(port.getHost().port, 8080)
+
+    def test_none_disables_raw_tcp_ports(self):
+        """'none' turns the image port and the line bridge off."""
+        service, reactor = self.start("--image-port", "none", "--line-port", "NONE")
+        self.assertEqual([port for port, _, _, _ in reactor.tcpServers], [9999])
+        self.assertIsNone(service.image_endpoint)
+        self.assertIsNone(service.line_endpoint)
 
     def test_node_id_prefixes_client_ids(self):
         """Client ids carry the configured node id."""

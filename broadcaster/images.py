@@ -1,0 +1,352 @@
+"""
+The raw-TCP image protocol (``--image-port``, default ``tcp:9998``).
+
+Wire format, both directions: a frame is a 4-byte big-endian unsigned length
+``N`` (``struct.pack(">I", N)``) followed by ``N`` bytes.
+
+Client to server
+    Each frame holds one image in any format Pillow reads.
+
+Server to client
+    Each frame holds a PNG: an image another client sent (any image-port
+    client's, normalised to RGB).  A frame whose payload starts with
+    ``ERROR `` is UTF-8 text: the server refused the client's last frame.
+
+Errors
+    - A frame that is not a decodable image (or is larger than
+      ``--image-max-pixels``) is answered with an error frame; the
+      connection stays usable.
+    - A declared length of 0 or above ``--max-image-size`` is answered with
+      an error frame and the connection is closed, before any of the body is
+      buffered.
+    - A frame not completed within ``--image-timeout`` seconds of its first
+      byte is answered with an error frame and the connection is closed.
+    - A frame cut short by the client disconnecting is dropped.
+
+Images are decoded off the reactor thread (see :mod:`broadcaster.imaging`)
+one at a time per connection, so each client's images are broadcast in the
+order it sent them.  While frames wait to be decoded the connection stops
+reading, so a fast sender cannot make the server hold more than a few frames.
+
+Image-port clients are hub members like WebSocket clients: their arrival and
+departure are announced to the others.  They receive only images, and not
+their own.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from typing import Callable, Deque, Optional
+
+from autobahn.twisted.util import peer2str
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.threads import deferToThreadPool
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from broadcaster.hub import Event, Hub, ImageMessage, encoded
+from broadcaster.imaging import ImageError, NormalisedImage, normalise
+from broadcaster.members import log_connect, log_disconnect
+
+_HEADER = struct.Struct(">I")
+
+#: Completed frames a connection may have waiting for the decoder before it
+#: stops reading from its socket.
+MAX_QUEUED_FRAMES = 2
+
+Decoder = Callable[[bytes], Deferred]
+
+
+def frame(payload: bytes) -> bytes:
+    """
+    Frame ``payload`` for the image port.
+    """
+    return _HEADER.pack(len(payload)) + payload
+
+
+def error_frame(reason: str) -> bytes:
+    """
+    The frame that tells a client its last frame was refused.
+    """
+    return frame("ERROR {}".format(reason).encode("utf-8"))
+
+
+def _png_frame_header(event: ImageMessage) -> bytes:
+    return _HEADER.pack(len(event.png))
+
+
+class ImageProtocol(Protocol):
+    """
+    One image-port client: reads frames incrementally, has each decoded off
+    the reactor thread in order, and receives other clients' images.
+    """
+
+    _log = Logger()
+
+    def __init__(self) -> None:
+        self.id: Optional[str] = None
+        self._buffer = bytearray()
+        self._expected: Optional[int] = None  # body length of the frame being read
+        self._deadline: Optional[IDelayedCall] = None
+        self._queue: Deque[bytes] = deque()
+        self._decoding = False
+        self._paused = False
+        self._closing = False
+        self._connected_at = 0.0
+        self.peer = "-"
+
+    # Connection lifecycle
+
+    def connectionMade(self) -> None:
+        factory = self.factory
+        self.peer = peer2str(self.transport)
+        self.id = factory.hub.new_id()
+        self._connected_at = factory.clock.seconds()
+        factory.hub.join(self)
+        log_connect(self._log, self.id, self.peer, "image", len(factory.hub))
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self._cancel_deadline()
+        if self._buffer or self._expected is not None:
+            self._log.info(
+                "{client}: dropped an incomplete frame ({have} of {want} bytes) on disconnect",
+                client=self.id,
+                have=len(self._buffer),
+                want=self._expected if self._expected is not None else "?",
+            )
+        self._buffer = bytearray()
+        self._expected = None
+        hub = self.factory.hub
+        hub.leave(self)
+        log_disconnect(
+            self._log,
+            self.id,
+            duration=self.factory.clock.seconds() - self._connected_at,
+            count=len(hub),
+            reason=reason.getErrorMessage() if reason is not None else "",
+            clean=reason is None or reason.check(ConnectionDone) is not None,
+        )
+
+    # Reading frames
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        if not self._buffer and self._expected is None:
+            self._start_deadline()
+        self._buffer += data
+        while not self._closing:
+            if self._expected is None:
+                if len(self._buffer) < _HEADER.size:
+                    return
+                (length,) = _HEADER.unpack_from(self._buffer)
+                del self._buffer[: _HEADER.size]
+                if not self._acceptable_length(length):
+                    return
+                self._expected = length
+            if len(self._buffer) < self._expected:
+                return
+            body = bytes(self._buffer[: self._expected])
+            del self._buffer[: self._expected]
+            self._expected = None
+            self._cancel_deadline()
+            self._frame_received(body)
+            if self._buffer:
+                self._start_deadline()
+            else:
+                return
+
+    def _acceptable_length(self, length: int) -> bool:
+        limit = self.factory.max_image_size
+        if length == 0:
+            self._refuse_and_close("empty frame (declared length 0)")
+            return False
+        if length > limit:
+            self._refuse_and_close(
+                "frame of {} bytes is larger than the limit of {} bytes".format(length, limit)
+            )
+            return False
+        return True
+
+    def _start_deadline(self) -> None:
+        self._cancel_deadline()
+        self._deadline = self.factory.clock.callLater(
+            self.factory.image_timeout, self._frame_timed_out
+        )
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _frame_timed_out(self) -> None:
+        self._deadline = None
+        have = len(self._buffer)
+        want = self._expected
+        self._buffer = bytearray()
+        self._expected = None
+        self._refuse_and_close(
+            "frame not completed within {:g} s ({} of {} bytes received)".format(
+                self.factory.image_timeout, have, want if want is not None else "?"
+            )
+        )
+
+    def _refuse_and_close(self, reason: str) -> None:
+        """
+        Bad framing: the stream can no longer be trusted to be in step, so
+        say why and hang up.
+        """
+        self._log.warn(
+            "[BAD INPUT] {client} ({peer}): {reason}; closing",
+            client=self.id,
+            peer=self.peer,
+            reason=reason,
+        )
+        self._closing = True
+        self._buffer = bytearray()
+        self._cancel_deadline()
+        self.transport.write(error_frame(reason))
+        self.transport.loseConnection()
+
+    # Decoding, in order, off the reactor thread
+
+    def _frame_received(self, body: bytes) -> None:
+        self._queue.append(body)
+        if len(self._queue) >= MAX_QUEUED_FRAMES and not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+        self._decode_next()
+
+    def _decode_next(self) -> None:
+        if self._decoding or not self._queue:
+            return
+        body = self._queue.popleft()
+        if self._paused and len(self._queue) < MAX_QUEUED_FRAMES:
+            self._paused = False
+            if not self._closing:
+                self.transport.resumeProducing()
+        self._decoding = True
+        d = self.factory.decode(body)
+        d.addCallbacks(self._decoded, self._not_decoded, errbackArgs=(len(body),))
+        d.addBoth(self._decode_finished)
+
+    def _decoded(self, image: NormalisedImage) -> None:
+        self.factory.hub.publish_image(self.id, image.png, image.width, image.height)
+        self._log.info(
+            "{client} sent a {width}x{height} {format} image ({size} bytes, {png} as PNG)",
+            client=self.id,
+            width=image.width,
+            height=image.height,
+            format=image.source_format,
+            size=image.source_size,
+            png=len(image.png),
+        )
+
+    def _not_decoded(self, failure: Failure, size: int) -> None:
+        if not failure.check(ImageError):
+            self._log.failure(
+                "{client}: decoding a {size}-byte frame failed unexpectedly",
+                failure,
+                client=self.id,
+                size=size,
+            )
+            reason = "the server could not process this image"
+        else:
+            reason = str(failure.value)
+            self._log.warn(
+                "[BAD INPUT] {client} ({peer}): {size}-byte frame refused: {reason}",
+                client=self.id,
+                peer=self.peer,
+                size=size,
+                reason=reason,
+            )
+        if self.transport is not None and not self._closing:
+            self.transport.write(error_frame(reason))
+
+    def _decode_finished(self, _: object) -> None:
+        self._decoding = False
+        self._decode_next()
+
+    # Receiving images
+
+    def deliver(self, event: Event) -> None:
+        """
+        Pass on other clients' images; everything else is for other kinds of client.
+        """
+        if not isinstance(event, ImageMessage) or event.sender == self.id or self._closing:
+            return
+        header = encoded(event, ImageProtocol, _png_frame_header)
+        self.transport.writeSequence([header, event.png])
+
+
+class ImageFactory(ServerFactory):
+    """
+    Builds :class:`ImageProtocol` instances sharing a hub and a decoder.
+
+    :param decode: takes frame bytes, returns a Deferred firing with a
+        :class:`NormalisedImage` or failing with :class:`ImageError`; in
+        production it runs :func:`broadcaster.imaging.normalise` in a thread
+        pool.
+    :param max_image_size: largest declared frame length accepted, in bytes.
+    :param image_timeout: seconds a frame may take from its first byte to its last.
+    """
+
+    protocol = ImageProtocol
+    noisy = False
+
+    def __init__(
+        self,
+        hub: Hub,
+        clock: IReactorTime,
+        decode: Decoder,
+        max_image_size: int = 16 * 1024 * 1024,
+        image_timeout: float = 30.0,
+    ) -> None:
+        self.hub = hub
+        self.clock = clock
+        self.decode = decode
+        self.max_image_size = max_image_size
+        self.image_timeout = image_timeout
+
+
+class DecoderPool(Service):
+    """
+    A bounded pool of threads that decode images, started and stopped with
+    the server.
+
+    Decoding is CPU work that would stall every client if it ran on the
+    reactor thread.  A pool of its own (rather than the reactor's shared
+    one) caps how many cores image decoding may take from the fan-out.
+
+    :param threads: most images decoded at once.
+    :param max_pixels: passed to :func:`broadcaster.imaging.normalise`.
+    """
+
+    def __init__(self, reactor, threads: int, max_pixels: int) -> None:
+        self._reactor = reactor
+        self._max_pixels = max_pixels
+        self._pool = ThreadPool(minthreads=0, maxthreads=threads, name="broadcaster-images")
+
+    def startService(self) -> None:
+        super().startService()
+        self._pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        # Waits for images being decoded (bounded by --image-max-pixels).
+        self._pool.stop()
+
+    def decode(self, data: bytes) -> Deferred:
+        """
+        Normalise ``data`` in the pool.
+
+        :return: a Deferred firing with a :class:`NormalisedImage`, or
+            failing with :class:`ImageError`.
+        """
+        return deferToThreadPool(self._reactor, self._pool, normalise, data, self._max_pixels)

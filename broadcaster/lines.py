@@ -1,0 +1,152 @@
+"""
+The line bridge (``--line-port``, default ``tcp:9997``): chat with ``nc``.
+
+Wire format: UTF-8 text, one message per line, lines end with LF or CRLF.
+
+Client to server
+    Each non-empty line is broadcast as a text message from this client, to
+    every client of every kind (this one included, as in plain WebSocket
+    mode).  A line longer than ``--max-line-length`` bytes or not valid
+    UTF-8 is answered with ``ERROR <reason>`` and not broadcast; the
+    connection stays up.  If ``--max-line-length`` bytes arrive without any
+    line end, the client gets ``ERROR ...`` and is disconnected (there is no
+    telling where its next line would start).
+
+Server to client
+    Every text message broadcast, one per line; line breaks inside a message
+    are replaced by spaces so that one message stays one line.  Arrivals and
+    departures as ``<id> connected`` / ``<id> disconnected``.  Binary
+    messages and images are not sent to line clients.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+from autobahn.twisted.util import peer2str
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from broadcaster.hub import Event, Hub, Joined, Left, TextMessage, encoded
+from broadcaster.members import log_connect, log_disconnect
+
+# Everything a terminal, or Python's str.splitlines(), treats as a line break.
+_LINE_BREAKS = re.compile("\r\n|[\r\n\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
+def as_line(event: Event) -> Optional[bytes]:
+    """
+    The line a line-bridge client receives for ``event``, or ``None``.
+    """
+    if isinstance(event, TextMessage):
+        text = _LINE_BREAKS.sub(" ", event.text)
+    elif isinstance(event, Joined):
+        text = "{} connected".format(event.member)
+    elif isinstance(event, Left):
+        text = "{} disconnected".format(event.member)
+    else:
+        return None
+    return text.encode("utf-8") + b"\n"
+
+
+class LineBridgeProtocol(Protocol):
+    """
+    One line-bridge client.
+    """
+
+    _log = Logger()
+
+    def __init__(self) -> None:
+        self.id: Optional[str] = None
+        self.peer = "-"
+        self._buffer = bytearray()
+        self._closing = False
+        self._connected_at = 0.0
+
+    def connectionMade(self) -> None:
+        factory = self.factory
+        self.peer = peer2str(self.transport)
+        self.id = factory.hub.new_id()
+        self._connected_at = factory.clock.seconds()
+        factory.hub.join(self)
+        log_connect(self._log, self.id, self.peer, "line", len(factory.hub))
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        hub = self.factory.hub
+        hub.leave(self)
+        log_disconnect(
+            self._log,
+            self.id,
+            duration=self.factory.clock.seconds() - self._connected_at,
+            count=len(hub),
+            reason=reason.getErrorMessage() if reason is not None else "",
+            clean=reason is None or reason.check(ConnectionDone) is not None,
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        limit = self.factory.max_line_length
+        self._buffer += data
+        start = 0
+        while True:
+            end = self._buffer.find(b"\n", start)
+            if end < 0:
+                break
+            line = self._buffer[start:end]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            start = end + 1
+            self._line_received(bytes(line), limit)
+        del self._buffer[:start]
+        if len(self._buffer) > limit:
+            self._refuse("no line end within {} bytes; closing".format(limit))
+            self._closing = True
+            self._buffer = bytearray()
+            self.transport.loseConnection()
+
+    def _line_received(self, line: bytes, limit: int) -> None:
+        if len(line) > limit:
+            self._refuse("line of {} bytes is longer than the limit of {}".format(len(line), limit))
+            return
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            self._refuse("line is not valid UTF-8 (byte {} at {})".format(
+                hex(line[e.start]), e.start))
+            return
+        if text.strip():
+            self.factory.hub.publish_text(self.id, text)
+
+    def _refuse(self, reason: str) -> None:
+        self._log.warn(
+            "[BAD INPUT] {client} ({peer}): {reason}", client=self.id, peer=self.peer, reason=reason
+        )
+        self.transport.write("ERROR {}\n".format(reason).encode("utf-8"))
+
+    def deliver(self, event: Event) -> None:
+        if self._closing:
+            return
+        line = encoded(event, LineBridgeProtocol, as_line)
+        if line is not None:
+            self.transport.write(line)
+
+
+class LineBridgeFactory(ServerFactory):
+    """
+    Builds :class:`LineBridgeProtocol` instances on a shared hub.
+
+    :param max_line_length: longest line accepted, in bytes (line end excluded).
+    """
+
+    protocol = LineBridgeProtocol
+    noisy = False
+
+    def __init__(self, hub: Hub, clock: IReactorTime, max_line_length: int = 64 * 1024) -> None:
+        self.hub = hub
+        self.clock = clock
+        self.max_line_length = max_line_length
