@@ -39,20 +39,18 @@ import struct
 from collections import deque
 from typing import Callable, Deque, Optional
 
-from autobahn.twisted.util import peer2str
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionDone
 from twisted.internet.threads import deferToThreadPool
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from broadcaster.hub import Event, Hub, ImageMessage, encoded
 from broadcaster.imaging import ImageError, NormalisedImage, normalise
-from broadcaster.members import log_connect, log_disconnect
+from broadcaster.members import RawMemberProtocol
 
 _HEADER = struct.Struct(">I")
 
@@ -81,16 +79,16 @@ def _png_frame_header(event: ImageMessage) -> bytes:
     return _HEADER.pack(len(event.png))
 
 
-class ImageProtocol(Protocol):
+class ImageProtocol(RawMemberProtocol):
     """
     One image-port client: reads frames incrementally, has each decoded off
     the reactor thread in order, and receives other clients' images.
     """
 
     _log = Logger()
+    kind = "image"
 
     def __init__(self) -> None:
-        self.id: Optional[str] = None
         self._buffer = bytearray()
         self._expected: Optional[int] = None  # body length of the frame being read
         self._deadline: Optional[IDelayedCall] = None
@@ -98,20 +96,10 @@ class ImageProtocol(Protocol):
         self._decoding = False
         self._paused = False
         self._closing = False
-        self._connected_at = 0.0
-        self.peer = "-"
 
     # Connection lifecycle
 
-    def connectionMade(self) -> None:
-        factory = self.factory
-        self.peer = peer2str(self.transport)
-        self.id = factory.hub.new_id()
-        self._connected_at = factory.clock.seconds()
-        factory.hub.join(self)
-        log_connect(self._log, self.id, self.peer, "image", len(factory.hub))
-
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Optional[Failure] = None) -> None:
         self._cancel_deadline()
         if self._buffer or self._expected is not None:
             self._log.info(
@@ -122,16 +110,7 @@ class ImageProtocol(Protocol):
             )
         self._buffer = bytearray()
         self._expected = None
-        hub = self.factory.hub
-        hub.leave(self)
-        log_disconnect(
-            self._log,
-            self.id,
-            duration=self.factory.clock.seconds() - self._connected_at,
-            count=len(hub),
-            reason=reason.getErrorMessage() if reason is not None else "",
-            clean=reason is None or reason.check(ConnectionDone) is not None,
-        )
+        super().connectionLost(reason)
 
     # Reading frames
 

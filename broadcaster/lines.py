@@ -24,15 +24,12 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-from autobahn.twisted.util import peer2str
-from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from broadcaster.hub import Event, Hub, Joined, Left, TextMessage, encoded
-from broadcaster.members import log_connect, log_disconnect
+from broadcaster.members import RawMemberProtocol
 
 # Everything a terminal, or Python's str.splitlines(), treats as a line break.
 _LINE_BREAKS = re.compile("\r\n|[\r\n\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
@@ -53,39 +50,17 @@ def as_line(event: Event) -> Optional[bytes]:
     return text.encode("utf-8") + b"\n"
 
 
-class LineBridgeProtocol(Protocol):
+class LineBridgeProtocol(RawMemberProtocol):
     """
     One line-bridge client.
     """
 
     _log = Logger()
+    kind = "line"
 
     def __init__(self) -> None:
-        self.id: Optional[str] = None
-        self.peer = "-"
         self._buffer = bytearray()
         self._closing = False
-        self._connected_at = 0.0
-
-    def connectionMade(self) -> None:
-        factory = self.factory
-        self.peer = peer2str(self.transport)
-        self.id = factory.hub.new_id()
-        self._connected_at = factory.clock.seconds()
-        factory.hub.join(self)
-        log_connect(self._log, self.id, self.peer, "line", len(factory.hub))
-
-    def connectionLost(self, reason: Failure = None) -> None:
-        hub = self.factory.hub
-        hub.leave(self)
-        log_disconnect(
-            self._log,
-            self.id,
-            duration=self.factory.clock.seconds() - self._connected_at,
-            count=len(hub),
-            reason=reason.getErrorMessage() if reason is not None else "",
-            clean=reason is None or reason.check(ConnectionDone) is not None,
-        )
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 from typing import Optional
 
+from autobahn.twisted.util import peer2str
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 
 def log_connect(log: Logger, client: str, peer: str, kind: str, count: int) -> None:
@@ -54,3 +58,41 @@ def log_disconnect(
         duration=duration,
         count=count,
     )
+
+
+class RawMemberProtocol(Protocol):
+    """
+    A raw-TCP connection that is a hub member for as long as it is connected.
+
+    Subclasses set :attr:`kind` and implement ``deliver``; their factory
+    has ``hub`` and ``clock`` attributes.
+
+    :ivar id: the member id, allocated when the connection is made.
+    :ivar peer: the peer's address, as Autobahn writes it (``tcp4:1.2.3.4:5``).
+    """
+
+    _log = Logger()
+    kind = "raw"
+    id: Optional[str] = None
+    peer = "-"
+    _connected_at = 0.0
+
+    def connectionMade(self) -> None:
+        factory = self.factory
+        self.peer = peer2str(self.transport)
+        self.id = factory.hub.new_id()
+        self._connected_at = factory.clock.seconds()
+        factory.hub.join(self)
+        log_connect(self._log, self.id, self.peer, self.kind, len(factory.hub))
+
+    def connectionLost(self, reason: Optional[Failure] = None) -> None:
+        hub = self.factory.hub
+        hub.leave(self)
+        log_disconnect(
+            self._log,
+            self.id,
+            duration=self.factory.clock.seconds() - self._connected_at,
+            count=len(hub),
+            reason=reason.getErrorMessage() if reason is not None else "",
+            clean=reason is None or reason.check(ConnectionDone) is not None,
+        )

@@ -7,8 +7,7 @@ package that script users reach for.
 import json
 
 import websocket as websocket_client
-from twisted.internet import reactor
-from twisted.internet.defer import DeferredList, gatherResults, inlineCallbacks
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
