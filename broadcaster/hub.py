@@ -156,6 +156,12 @@ class Hub:
     def __contains__(self, member_id: object) -> bool:
         return member_id in self._members
 
+    def member(self, member_id: str) -> Optional[Member]:
+        """
+        The connected member with this id, or ``None``.
+        """
+        return self._members.get(member_id)
+
     def member_ids(self) -> List[str]:
         """
         The ids of the connected members, in the order they joined.

@@ -17,6 +17,8 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 
+from twisted.trial.unittest import FailTest
+
 from broadcaster.tap import BroadcasterService, Options, makeService
 
 
@@ -63,7 +65,7 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str =
         if value:
             returnValue(value)
         if time.monotonic() > deadline:
-            raise AssertionError("timed out after {}s waiting for {}".format(timeout, what))
+            raise FailTest("timed out after {}s waiting for {}".format(timeout, what))
         yield deferLater(reactor, 0.01, lambda: None)
 
 
@@ -97,22 +99,22 @@ class Inbox:
         """
         Wait for the next item not yet returned.
 
-        :raise AssertionError: if the connection closes or ``timeout``
+        :raise FailTest: if the connection closes or ``timeout``
             passes first.
         """
         deadline = reactor.seconds() + timeout
         while self._read >= len(self.items):
             if self.closed:
-                raise AssertionError("connection closed while waiting for a message")
+                raise FailTest("connection closed while waiting for a message")
             remaining = deadline - reactor.seconds()
             if remaining <= 0:
-                raise AssertionError("no message within {}s".format(timeout))
+                raise FailTest("no message within {}s".format(timeout))
             self._waiting = Deferred()
             self._waiting.addTimeout(remaining, reactor)
             try:
                 yield self._waiting
             except TimeoutError:
-                raise AssertionError("no message within {}s".format(timeout)) from None
+                raise FailTest("no message within {}s".format(timeout)) from None
         item = self.items[self._read]
         self._read += 1
         return item
@@ -160,7 +162,7 @@ class RecordingClientProtocol(WebSocketClientProtocol):
         """Wait for the next message, which must be text, and decode it."""
         payload, binary = yield self.next(timeout)
         if binary:
-            raise AssertionError("expected text, got {} binary bytes".format(len(payload)))
+            raise FailTest("expected text, got {} binary bytes".format(len(payload)))
         return payload.decode("utf-8")
 
     @inlineCallbacks
@@ -223,7 +225,7 @@ def connect_plain_clients(testcase, port: int, count: int):
         for earlier, _ in clients:
             heard = yield earlier.next_text()
             if heard != announcement:
-                raise AssertionError("expected {!r}, got {!r}".format(announcement, heard))
+                raise FailTest("expected {!r}, got {!r}".format(announcement, heard))
         clients.append((client, member_id))
     return clients
 
