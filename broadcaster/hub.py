@@ -24,6 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Deque, Dict, List, Optional, Protocol
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -35,11 +36,20 @@ class Member(Protocol):
     ``deliver`` must not block; it should queue the event's bytes on the
     connection's transport and return.  If it raises, the hub logs the
     failure and carries on with the other members.
+
+    ``shut_down`` asks the connection to close politely because the server
+    is stopping (a WebSocket sends close code 1001); ``abort`` drops it
+    when it has not gone in time.  Either way the member leaves the hub
+    when its connection is lost.
     """
 
     id: str
 
     def deliver(self, event: "Event") -> None: ...
+
+    def shut_down(self) -> None: ...
+
+    def abort(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -142,6 +152,7 @@ class Hub:
         self._image_counter = itertools.count(1)
         self._members: Dict[str, Member] = {}
         self._pending: Deque[Event] = deque()
+        self._empty_waiters: List[Deferred] = []
         self._delivering = False
 
     def new_id(self) -> str:
@@ -192,7 +203,27 @@ class Hub:
         del self._members[member.id]
         event = Left(ts=self._clock.seconds(), member=member.id)
         self._fan_out(event)
+        if not self._members:
+            waiting, self._empty_waiters = self._empty_waiters, []
+            for d in waiting:
+                d.callback(None)
         return event
+
+    def members(self) -> List[Member]:
+        """
+        The connected members, in the order they joined.
+        """
+        return list(self._members.values())
+
+    def when_empty(self) -> Deferred:
+        """
+        :return: a Deferred that fires once no member is left.
+        """
+        if not self._members:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._empty_waiters.append(d)
+        return d
 
     def publish_text(self, sender: str, text: str) -> TextMessage:
         """

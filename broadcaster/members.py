@@ -85,6 +85,18 @@ class RawMemberProtocol(Protocol):
         factory.hub.join(self)
         log_connect(self._log, self.id, self.peer, self.kind, len(factory.hub))
 
+    def shut_down(self) -> None:
+        """
+        The server is stopping: send what is queued, then close.
+        """
+        self.transport.loseConnection()
+
+    def abort(self) -> None:
+        """
+        The server is stopping and this client did not go in time.
+        """
+        self.transport.abortConnection()
+
     def connectionLost(self, reason: Optional[Failure] = None) -> None:
         hub = self.factory.hub
         hub.leave(self)

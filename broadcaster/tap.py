@@ -12,7 +12,7 @@ from typing import List, Optional
 import txaio
 from twisted.application import strports
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred, succeed
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
@@ -145,6 +145,13 @@ class Options(usage.Options):
             _positive_int,
         ],
         [
+            "drain-timeout",
+            None,
+            10.0,
+            "On shutdown, seconds to wait for clients to close before dropping them.",
+            _positive_float,
+        ],
+        [
             "node-id",
             None,
             None,
@@ -246,10 +253,54 @@ class BroadcasterService(MultiService):
 
     _log = Logger()
 
+    def __init__(self, clock, drain_timeout: float) -> None:
+        super().__init__()
+        self.clock = clock
+        self.drain_timeout = drain_timeout
+
     def privilegedStartService(self) -> None:
         # twistd binds ports here, before dropping privileges: say who we are first.
         self._log.info("broadcaster {version} starting", version=__version__)
         super().privilegedStartService()
+
+    def stopService(self) -> Deferred:
+        """
+        Stop accepting connections, then close every client politely and
+        wait up to ``drain_timeout`` seconds for them to go before dropping
+        the rest.  twistd waits for this Deferred on SIGTERM and SIGINT.
+        """
+        if not self.running:
+            return succeed(None)
+        d = maybeDeferred(super().stopService)
+        d.addCallback(lambda _: self._drain())
+        return d
+
+    def _drain(self) -> Deferred:
+        members = self.hub.members()
+        if not members:
+            return succeed(None)
+        self._log.info(
+            "closing {count} connections (waiting up to {timeout:g} s)",
+            count=len(members),
+            timeout=self.drain_timeout,
+        )
+        gone = self.hub.when_empty()
+        for member in members:
+            member.shut_down()
+        gone.addTimeout(self.drain_timeout, self.clock)
+
+        def too_slow(failure):
+            failure.trap(TimeoutError)
+            remaining = self.hub.members()
+            self._log.warn(
+                "{count} connections did not close within {timeout:g} s; dropping them",
+                count=len(remaining),
+                timeout=self.drain_timeout,
+            )
+            for member in remaining:
+                member.abort()
+
+        return gone.addErrback(too_slow)
 
 
 def makeService(options: Options, reactor=None) -> BroadcasterService:
@@ -267,7 +318,7 @@ def makeService(options: Options, reactor=None) -> BroadcasterService:
     # chatter for --debug.
     txaio.set_global_log_level("debug" if options["debug"] else "error")
 
-    service = BroadcasterService()
+    service = BroadcasterService(reactor, options["drain-timeout"])
     service.hub = Hub(reactor, node_id=options["node-id"])
     factory = BroadcastServerFactory(
         service.hub,

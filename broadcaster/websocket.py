@@ -165,6 +165,22 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
             self.closeHandshakeTimeoutCall.cancel()
             self.closeHandshakeTimeoutCall = None
 
+    def shut_down(self) -> None:
+        """
+        The server is stopping: close with 1001 ("going away"), so clients
+        know to reconnect rather than treat it as an error.
+        """
+        # sendClose() only takes the codes an application may send (1000,
+        # 3000-4999); 1001 is the server's own to send, so frame it directly.
+        self.sendCloseFrame(
+            code=self.CLOSE_STATUS_CODE_GOING_AWAY,
+            reasonUtf8=b"server shutting down",
+            isReply=False,
+        )
+
+    def abort(self) -> None:
+        self.transport.abortConnection()
+
     def deliver(self, event: Event) -> None:
         """
         Send a hub event, framed once per wire format for all recipients.

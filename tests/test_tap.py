@@ -135,3 +135,60 @@ class PluginTests(SynchronousTestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         for option in ("--port", "--allow-origin", "--max-message-size"):
             self.assertIn(option, result.stdout)
+
+
+class FakeMember:
+    """A member that records how the server asked it to go."""
+
+    def __init__(self, hub, member_id, leaves_when_asked=True):
+        self.id = member_id
+        self.hub = hub
+        self.leaves_when_asked = leaves_when_asked
+        self.calls = []
+
+    def deliver(self, event):
+        pass
+
+    def shut_down(self):
+        self.calls.append("shut_down")
+        if self.leaves_when_asked:
+            self.hub.leave(self)
+
+    def abort(self):
+        self.calls.append("abort")
+        self.hub.leave(self)
+
+
+class ShutdownTests(SynchronousTestCase):
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.service = makeService(
+            parse("--drain-timeout", "5", "--image-port", "none", "--line-port", "none"),
+            reactor=self.reactor,
+        )
+        self.service.privilegedStartService()
+        self.service.startService()
+
+    def test_clients_are_asked_to_close_and_stop_waits_for_them(self):
+        """Stopping closes every client politely and finishes once they are gone."""
+        polite = FakeMember(self.service.hub, "a")
+        slow = FakeMember(self.service.hub, "b", leaves_when_asked=False)
+        self.service.hub.join(polite)
+        self.service.hub.join(slow)
+        stopped = self.service.stopService()
+        self.assertNoResult(stopped)
+        self.assertEqual((polite.calls, slow.calls), (["shut_down"], ["shut_down"]))
+        self.service.hub.leave(slow)
+        self.successResultOf(stopped)
+        self.assertEqual(slow.calls, ["shut_down"])
+
+    def test_clients_that_linger_are_dropped_after_the_drain_timeout(self):
+        """A client still there after --drain-timeout is aborted and stop completes."""
+        slow = FakeMember(self.service.hub, "b", leaves_when_asked=False)
+        self.service.hub.join(slow)
+        stopped = self.service.stopService()
+        self.reactor.advance(4.9)
+        self.assertNoResult(stopped)
+        self.reactor.advance(0.1)
+        self.successResultOf(stopped)
+        self.assertEqual(slow.calls, ["shut_down", "abort"])

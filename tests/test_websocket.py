@@ -21,7 +21,10 @@ from broadcaster.origin import OriginPolicy
 from broadcaster.websocket import BroadcastServerFactory
 
 from tests.support import (
+    LineClient,
     connect_client,
+    connect_raw,
+    port_of,
     connect_plain_clients,
     self_signed_certificate,
     start_server,
@@ -495,3 +498,19 @@ class ProtocolUnitTests(SynchronousTestCase):
         ann.connectionLost(Failure(ConnectionDone()))
         self.assertIsNone(ann.closeHandshakeTimeoutCall)
         self.assertEqual(len(self.hub), 0)
+
+
+class ShutdownIntegrationTests(TestCase):
+    @inlineCallbacks
+    def test_clients_get_going_away_on_shutdown(self):
+        """Stopping the service sends every WebSocket client close code 1001
+        and disconnects raw-TCP clients, then completes."""
+        service, port = yield start_server(self)
+        (ann, _), (bob, _) = yield connect_plain_clients(self, port, 2)
+        nc = yield connect_raw(self, port_of(service.line_endpoint), LineClient)
+        yield service.stopService()
+        for client in (ann, bob):
+            clean, code, reason = yield client.closed
+            self.assertEqual((clean, code), (True, 1001))
+        yield nc.closed
+        self.assertEqual(len(service.hub), 0)
