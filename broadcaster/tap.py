@@ -12,6 +12,7 @@ from typing import List, Optional
 import txaio
 from twisted.application import strports
 from twisted.application.service import MultiService
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred, succeed
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
@@ -204,6 +205,18 @@ def _check_endpoint(flag: str, description: str) -> None:
         )
 
 
+def describe_address(address) -> str:
+    """
+    ``tcp:0.0.0.0:9999`` or ``unix:/run/chat.sock`` rather than a repr.
+    """
+    if isinstance(address, (IPv4Address, IPv6Address)):
+        host = "[{}]".format(address.host) if ":" in address.host else address.host
+        return "{}:{}:{}".format(address.type.lower(), host, address.port)
+    if isinstance(address, UNIXAddress):
+        return "unix:{}".format(address.name.decode() if isinstance(address.name, bytes) else address.name)
+    return str(address)
+
+
 @implementer(IStreamServerEndpoint)
 class ReportingEndpoint:
     """
@@ -226,7 +239,9 @@ class ReportingEndpoint:
 
     def _listening(self, port: IListeningPort) -> IListeningPort:
         self.port = port
-        self._log.info("{what} listening on {address}", what=self._what, address=port.getHost())
+        self._log.info(
+            "{what} listening on {address}", what=self._what, address=describe_address(port.getHost())
+        )
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(port)

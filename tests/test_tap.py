@@ -192,3 +192,15 @@ class ShutdownTests(SynchronousTestCase):
         self.reactor.advance(0.1)
         self.successResultOf(stopped)
         self.assertEqual(slow.calls, ["shut_down", "abort"])
+
+
+class DescribeAddressTests(SynchronousTestCase):
+    def test_addresses_read_like_endpoint_descriptions(self):
+        """Listening addresses are logged the way --port is written."""
+        from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+
+        from broadcaster.tap import describe_address
+
+        self.assertEqual(describe_address(IPv4Address("TCP", "0.0.0.0", 9999)), "tcp:0.0.0.0:9999")
+        self.assertEqual(describe_address(IPv6Address("TCP", "::1", 9998)), "tcp:[::1]:9998")
+        self.assertEqual(describe_address(UNIXAddress(b"/run/c.sock")), "unix:/run/c.sock")
