@@ -20,6 +20,7 @@ from twisted.python import usage
 from zope.interface import implementer
 
 from broadcaster import __version__
+from broadcaster.coercions import positive_float, positive_int
 from broadcaster.hub import Hub
 from broadcaster.imaging import DEFAULT_MAX_PIXELS
 from broadcaster.images import DecoderPool, ImageFactory
@@ -27,26 +28,6 @@ from broadcaster.lines import LineBridgeFactory
 from broadcaster.origin import OriginPolicy, parse_origin
 from broadcaster.web import BroadcasterSite
 from broadcaster.websocket import BroadcastServerFactory
-
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number <= 0:
-        raise ValueError("must be a positive integer")
-    return number
-
-
-_positive_int.coerceDoc = "A positive integer."  # type: ignore[attr-defined]
-
-
-def _positive_float(value: str) -> float:
-    number = float(value)
-    if not number > 0:
-        raise ValueError("must be a positive number")
-    return number
-
-
-_positive_float.coerceDoc = "A positive number of seconds."  # type: ignore[attr-defined]
 
 
 class Options(usage.Options):
@@ -99,14 +80,14 @@ class Options(usage.Options):
             64 * 1024,
             "Largest WebSocket message (and frame) accepted, in bytes; larger "
             "ones close the connection with code 1009.",
-            _positive_int,
+            positive_int,
         ],
         [
             "open-handshake-timeout",
             None,
             10.0,
             "Seconds a client may take to complete the WebSocket handshake.",
-            _positive_float,
+            positive_float,
         ],
         [
             "max-image-size",
@@ -114,14 +95,14 @@ class Options(usage.Options):
             16 * 1024 * 1024,
             "Largest image frame accepted on the image port, in bytes; a "
             "larger declared length is refused before anything is buffered.",
-            _positive_int,
+            positive_int,
         ],
         [
             "image-timeout",
             None,
             30.0,
             "Seconds an image frame may take from its first byte to its last.",
-            _positive_float,
+            positive_float,
         ],
         [
             "image-max-pixels",
@@ -129,28 +110,28 @@ class Options(usage.Options):
             DEFAULT_MAX_PIXELS,
             "Largest image accepted, in pixels (width x height), checked "
             "before decoding: a guard against decompression bombs.",
-            _positive_int,
+            positive_int,
         ],
         [
             "image-threads",
             None,
             2,
             "Threads that decode images (at most this many at once).",
-            _positive_int,
+            positive_int,
         ],
         [
             "max-line-length",
             None,
             64 * 1024,
             "Longest line accepted on the line bridge, in bytes.",
-            _positive_int,
+            positive_int,
         ],
         [
             "drain-timeout",
             None,
             10.0,
             "On shutdown, seconds to wait for clients to close before dropping them.",
-            _positive_float,
+            positive_float,
         ],
         [
             "node-id",

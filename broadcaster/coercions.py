@@ -1,0 +1,30 @@
+"""
+Coercion functions for ``usage.Options`` parameters, shared by the server's
+and the client's options.  Each has a ``coerceDoc`` that ``--help`` shows.
+"""
+
+
+def positive_int(value: str) -> int:
+    """
+    :raise ValueError: unless ``value`` is a whole number above zero.
+    """
+    number = int(value)
+    if number <= 0:
+        raise ValueError("must be a positive integer")
+    return number
+
+
+positive_int.coerceDoc = "A positive integer."  # type: ignore[attr-defined]
+
+
+def positive_float(value: str) -> float:
+    """
+    :raise ValueError: unless ``value`` is a number above zero.
+    """
+    number = float(value)
+    if not number > 0:
+        raise ValueError("must be a positive number")
+    return number
+
+
+positive_float.coerceDoc = "A positive number of seconds."  # type: ignore[attr-defined]
