@@ -57,6 +57,7 @@ Exit status:
 
 from __future__ import annotations
 
+import getopt
 import json
 import sys
 import traceback
@@ -200,6 +201,27 @@ class Options(usage.Options):
         """Display the version and exit."""
         print("{} {}".format(PROGRAM, __version__))
         sys.exit(0)
+
+    def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
+        """
+        Accept options after the URL too (``broadcaster-client URL --send
+        Hello``), as users of most command-line tools expect; Twisted's
+        parser alone stops at the first argument that is not an option.
+        """
+        if options is None:
+            options = sys.argv[1:]
+        try:
+            pairs, arguments = getopt.gnu_getopt(list(options), self.shortOpt, self.longOpt)
+        except getopt.error as e:
+            raise usage.UsageError(str(e))
+        takes_value = {"--" + name[:-1] for name in self.longOpt if name.endswith("=")}
+        takes_value |= {"-" + self.shortOpt[i - 1] for i, c in enumerate(self.shortOpt) if c == ":"}
+        ordered: List[str] = []
+        for option, value in pairs:
+            ordered.append(option)
+            if option in takes_value:
+                ordered.append(value)
+        super().parseOptions(ordered + ["--"] + arguments)
 
     def parseArgs(self, *urls: str) -> None:
         if len(urls) != 1:

@@ -48,6 +48,18 @@ def log_disconnect(
     :param code: the WebSocket close code, if the connection had one.
     :param reason: why it left, as the peer or the server said.
     """
+    if code is None:
+        # A raw-TCP connection: no close handshake, just how TCP ended.
+        log.info(
+            "[DISCONNECT] {client} disconnected ({reason}) after {duration:.1f}s;"
+            " {count} connected",
+            client=client,
+            reason=reason,
+            clean=clean,
+            duration=duration,
+            count=count,
+        )
+        return
     log.info(
         "[DISCONNECT] {client} disconnected: code={code} reason={reason!r}"
         " clean={clean} after {duration:.1f}s; {count} connected",

@@ -687,3 +687,14 @@ class ClientScriptTests(TestCase):
         out, err, status = yield run_client(self, ["--cacert", cert, "--send", "tls", url])
         self.assertEqual((status, err), (0, ""))
         self.assertEqual(out.splitlines()[1:], ["tls 0"])
+
+
+class OptionOrderTests(SynchronousTestCase):
+    def test_options_may_follow_the_url(self):
+        """'broadcaster-client URL --send Hello --count 3' works like options first."""
+        options = Options()
+        options.parseOptions(["ws://127.0.0.1:9999/", "--send", "Hello", "-n", "3", "--json"])
+        self.assertEqual(
+            (options["url"], options["send"], options["count"], options["json"]),
+            ("ws://127.0.0.1:9999/", "Hello", 3, True),
+        )
