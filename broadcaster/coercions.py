@@ -28,3 +28,16 @@ def positive_float(value: str) -> float:
 
 
 positive_float.coerceDoc = "A positive number of seconds."  # type: ignore[attr-defined]
+
+
+def non_negative_int(value: str) -> int:
+    """
+    :raise ValueError: unless ``value`` is a whole number, zero or more.
+    """
+    number = int(value)
+    if number < 0:
+        raise ValueError("must be zero or a positive integer")
+    return number
+
+
+non_negative_int.coerceDoc = "A whole number, 0 or more."  # type: ignore[attr-defined]

@@ -22,11 +22,14 @@ import itertools
 import os
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, List, Optional, Protocol
+from typing import Callable, Deque, Dict, List, Optional, Protocol, Tuple
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+
+from broadcaster.history import Histories
+from broadcaster.names import LOBBY
 
 
 class Member(Protocol):
@@ -44,6 +47,7 @@ class Member(Protocol):
     """
 
     id: str
+    name: Optional[str]
 
     def deliver(self, event: "Event") -> None: ...
 
@@ -70,38 +74,61 @@ class Event:
 
 @dataclass(frozen=True)
 class Joined(Event):
-    """A member connected."""
+    """A member joined a room (every member joins the lobby on connecting)."""
 
+    room: str
     member: str
+    name: Optional[str] = None
 
 
 @dataclass(frozen=True)
 class Left(Event):
-    """A member disconnected."""
+    """A member left a room, or disconnected and so left all of its rooms."""
 
+    room: str
     member: str
+    name: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Renamed(Event):
+    """A member chose a new display name; told to each room it is in."""
+
+    room: str
+    member: str
+    name: str
 
 
 @dataclass(frozen=True)
 class TextMessage(Event):
-    """A text message from a member, to be shown to everyone unchanged."""
+    """
+    A text message from a member to a room, shown to everyone there unchanged.
 
+    :ivar seq: its number in the room's sequence (see :mod:`broadcaster.history`).
+    :ivar epoch: the run of the room's sequence that ``seq`` belongs to.
+    """
+
+    room: str
     sender: str
     text: str
+    name: Optional[str] = None
+    seq: int = 0
+    epoch: str = ""
 
 
 @dataclass(frozen=True)
 class BinaryMessage(Event):
-    """An opaque binary message from a member, passed on byte for byte."""
+    """An opaque binary message from a member, passed on byte for byte (lobby)."""
 
     sender: str
     data: bytes
+    room: str = LOBBY
 
 
 @dataclass(frozen=True)
 class ImageMessage(Event):
     """
-    An image from a member, already checked and normalised to an RGB PNG.
+    An image from a member, already checked and normalised to an RGB PNG (lobby).
 
     :ivar image_id: unique per image, so clients can match metadata to bytes.
     """
@@ -111,6 +138,7 @@ class ImageMessage(Event):
     png: bytes
     width: int
     height: int
+    room: str = LOBBY
 
 
 def encoded(event: Event, key: object, encode: Callable[[Event], object]) -> object:
@@ -134,32 +162,71 @@ def _random_node_id() -> str:
     return os.urandom(3).hex()
 
 
+class NotInRoom(ValueError):
+    """
+    The member is not in the room it tried to speak in or read.
+    """
+
+
+class TooManyRooms(ValueError):
+    """
+    The member is already in as many rooms as it may be.
+    """
+
+
 class Hub:
     """
-    The set of connected members and in-process fan-out between them.
+    Rooms, their members, and in-process fan-out between them.
+
+    Every member is in the ``lobby`` from the moment it connects; JSON
+    clients may join and leave other rooms.  An event about a room goes to
+    the members of that room.
 
     Ids are ``<node>-<n>``: ``n`` counts connections on this node and ``node``
     is random per process (or set by the operator), so ids stay unique when
     several nodes share one backplane.
+
+    :param history_size: text messages each room remembers (0: none).
+    :param max_rooms: rooms whose history is remembered; beyond it, the
+        least recently used empty rooms are forgotten.
+    :param max_rooms_per_member: rooms one member may be in at once.
     """
 
     _log = Logger()
 
-    def __init__(self, clock: IReactorTime, node_id: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        node_id: Optional[str] = None,
+        history_size: int = 100,
+        max_rooms: int = 10000,
+        max_rooms_per_member: int = 100,
+    ) -> None:
         self._clock = clock
         self.node_id = node_id or _random_node_id()
+        self.max_rooms_per_member = max_rooms_per_member
         self._counter = itertools.count(1)
         self._image_counter = itertools.count(1)
         self._members: Dict[str, Member] = {}
-        self._pending: Deque[Event] = deque()
+        # room -> member id -> member, in the order they joined
+        self._rooms: Dict[str, Dict[str, Member]] = {}
+        # member id -> rooms it is in, in the order it joined them, with the
+        # room's seq when it joined: it has been sent every message after that.
+        self._memberships: Dict[str, Dict[str, int]] = {}
+        self.histories: Histories[TextMessage] = Histories(
+            history_size, max_rooms, lambda room: room in self._rooms
+        )
+        self._pending: Deque[Tuple[Event, str]] = deque()
         self._empty_waiters: List[Deferred] = []
         self._delivering = False
 
     def new_id(self) -> str:
         """
-        Allocate an id for a connection that is about to join.
+        Allocate an id for a connection that is about to connect.
         """
         return "{}-{}".format(self.node_id, next(self._counter))
+
+    # Who is here
 
     def __len__(self) -> int:
         return len(self._members)
@@ -175,45 +242,33 @@ class Hub:
 
     def member_ids(self) -> List[str]:
         """
-        The ids of the connected members, in the order they joined.
+        The ids of the connected members, in the order they connected.
         """
         return list(self._members)
 
-    def join(self, member: Member) -> Joined:
-        """
-        Add ``member`` and announce it to everyone, the newcomer included, so
-        that a client learns its own id the same way it learns others'.
-        """
-        if member.id in self._members:
-            raise ValueError("member {!r} has already joined".format(member.id))
-        self._members[member.id] = member
-        event = Joined(ts=self._clock.seconds(), member=member.id)
-        self._fan_out(event)
-        return event
-
-    def leave(self, member: Member) -> Optional[Left]:
-        """
-        Remove ``member`` and announce its departure to the others.
-
-        Leaving twice, or leaving without having joined (a connection that
-        failed its handshake), is harmless and announces nothing.
-        """
-        if self._members.get(member.id) is not member:
-            return None
-        del self._members[member.id]
-        event = Left(ts=self._clock.seconds(), member=member.id)
-        self._fan_out(event)
-        if not self._members:
-            waiting, self._empty_waiters = self._empty_waiters, []
-            for d in waiting:
-                d.callback(None)
-        return event
-
     def members(self) -> List[Member]:
         """
-        The connected members, in the order they joined.
+        The connected members, in the order they connected.
         """
         return list(self._members.values())
+
+    def room_members(self, room: str) -> List[Member]:
+        """
+        The members of ``room``, in the order they joined it.
+        """
+        return list(self._rooms.get(room, {}).values())
+
+    def rooms_of(self, member_id: str) -> List[str]:
+        """
+        The rooms a member is in, in the order it joined them.
+        """
+        return list(self._memberships.get(member_id, ()))
+
+    def rooms(self) -> List[str]:
+        """
+        The rooms somebody is in.
+        """
+        return list(self._rooms)
 
     def when_empty(self) -> Deferred:
         """
@@ -225,26 +280,136 @@ class Hub:
         self._empty_waiters.append(d)
         return d
 
-    def publish_text(self, sender: str, text: str) -> TextMessage:
+    # Connections
+
+    def connect(self, member: Member) -> Joined:
         """
-        Send ``text`` from ``sender`` to every member, the sender included.
+        Add ``member`` and put it in the lobby.  Everyone in the lobby, the
+        newcomer included, is told: a client learns its own id the same way
+        it learns others'.
         """
-        event = TextMessage(ts=self._clock.seconds(), sender=sender, text=text)
-        self._fan_out(event)
+        if member.id in self._members:
+            raise ValueError("member {!r} is already connected".format(member.id))
+        self._members[member.id] = member
+        self._memberships[member.id] = {}
+        joined = self.join(member, LOBBY)
+        assert joined is not None
+        return joined
+
+    def disconnect(self, member: Member) -> List[Left]:
+        """
+        Remove ``member`` from every room and tell each room's other members.
+
+        Disconnecting twice, or without having connected (a connection that
+        failed its handshake), is harmless and announces nothing.
+        """
+        if self._members.get(member.id) is not member:
+            return []
+        departures = [
+            event
+            for event in (self.leave(member, room) for room in self.rooms_of(member.id))
+            if event is not None
+        ]
+        del self._members[member.id]
+        del self._memberships[member.id]
+        if not self._members:
+            waiting, self._empty_waiters = self._empty_waiters, []
+            for d in waiting:
+                d.callback(None)
+        return departures
+
+    # Rooms
+
+    def join(self, member: Member, room: str) -> Optional[Joined]:
+        """
+        Put a connected member in ``room`` and tell the room, newcomer included.
+
+        :return: the announcement, or ``None`` if it was already there.
+        :raise TooManyRooms: if the member is in as many rooms as allowed.
+        """
+        rooms = self._memberships[member.id]
+        if room in rooms:
+            return None
+        if len(rooms) >= self.max_rooms_per_member:
+            raise TooManyRooms(
+                "already in {} rooms, the most allowed".format(self.max_rooms_per_member)
+            )
+        history = self.histories.peek(room)
+        rooms[room] = history.seq if history is not None else 0
+        self._rooms.setdefault(room, {})[member.id] = member
+        event = Joined(ts=self._clock.seconds(), room=room, member=member.id, name=member.name)
+        self._fan_out(event, room)
+        return event
+
+    def leave(self, member: Member, room: str) -> Optional[Left]:
+        """
+        Take a member out of ``room`` and tell the others there.
+
+        :return: the announcement, or ``None`` if it was not there.
+        """
+        rooms = self._memberships.get(member.id)
+        if rooms is None or room not in rooms:
+            return None
+        del rooms[room]
+        occupants = self._rooms[room]
+        del occupants[member.id]
+        if not occupants:
+            del self._rooms[room]
+        event = Left(ts=self._clock.seconds(), room=room, member=member.id, name=member.name)
+        self._fan_out(event, room)
+        return event
+
+    def rename(self, member: Member) -> List[Renamed]:
+        """
+        Tell every room ``member`` is in that it now goes by ``member.name``.
+        """
+        events = []
+        for room in self.rooms_of(member.id):
+            event = Renamed(ts=self._clock.seconds(), room=room, member=member.id, name=member.name)
+            self._fan_out(event, room)
+            events.append(event)
+        return events
+
+    # Messages
+
+    def publish_text(self, sender: str, text: str, room: str = LOBBY) -> TextMessage:
+        """
+        Number ``text`` in ``room``'s sequence, remember it, and send it to
+        every member of the room, the sender included.
+
+        :raise NotInRoom: if ``sender`` is not in ``room``.
+        """
+        member = self._members.get(sender)
+        if member is None or room not in self._memberships[sender]:
+            raise NotInRoom("not in room {!r}: join it first".format(room))
+        history = self.histories.get(room)
+        seq = history.next_seq()
+        event = TextMessage(
+            ts=self._clock.seconds(),
+            room=room,
+            sender=sender,
+            text=text,
+            name=member.name,
+            seq=seq,
+            epoch=history.epoch,
+        )
+        history.record(seq, event)
+        self._fan_out(event, room)
         return event
 
     def publish_binary(self, sender: str, data: bytes) -> BinaryMessage:
         """
-        Send ``data`` from ``sender`` to every member, the sender included.
+        Send ``data`` from ``sender`` to everyone in the lobby, the sender included.
         """
         event = BinaryMessage(ts=self._clock.seconds(), sender=sender, data=data)
-        self._fan_out(event)
+        self._fan_out(event, LOBBY)
         return event
 
     def publish_image(self, sender: str, png: bytes, width: int, height: int) -> ImageMessage:
         """
-        Send a normalised PNG from ``sender`` to every member.  Members decide
-        whether the sender hears its own image (the image port does not).
+        Send a normalised PNG from ``sender`` to everyone in the lobby.
+        Members decide whether the sender hears its own image (the image
+        port does not).
         """
         event = ImageMessage(
             ts=self._clock.seconds(),
@@ -254,27 +419,74 @@ class Hub:
             width=width,
             height=height,
         )
-        self._fan_out(event)
+        self._fan_out(event, LOBBY)
         return event
 
-    def _fan_out(self, event: Event) -> None:
+    # History
+
+    def history(self, member_id: str, room: str, limit: int) -> List[TextMessage]:
         """
-        Deliver ``event`` to every current member.
+        The last ``limit`` messages of a room the member is in, oldest first.
+
+        :raise NotInRoom: if the member is not in ``room``.
+        """
+        if room not in self._memberships.get(member_id, ()):
+            raise NotInRoom("not in room {!r}: join it first".format(room))
+        history = self.histories.peek(room)
+        return history.last(limit) if history is not None else []
+
+    def replay(self, member: Member, room: str, epoch: str, seq: int) -> bool:
+        """
+        Deliver to ``member`` alone, in order, the messages of ``room`` after
+        ``seq`` of ``epoch`` (the last one it saw before it lost its
+        connection) and up to the moment it joined the room: from then on
+        it has been receiving them live.
+
+        So nothing is missed or sent twice, whenever the request comes.
+        Called in the same reactor turn as :meth:`join`, the replay also
+        comes before any live message.
+
+        :return: whether everything it missed could be replayed.
+        :raise NotInRoom: if the member is not in ``room``.
+        """
+        rooms = self._memberships.get(member.id, {})
+        if room not in rooms:
+            raise NotInRoom("not in room {!r}: join it first".format(room))
+        history = self.histories.get(room)
+        joined_at = rooms[room]
+        if history.seq < joined_at:
+            # The room's history was forgotten and restarted since: all of
+            # the new epoch has been delivered live.
+            joined_at = 0
+        messages, complete = history.after(epoch, seq, upto=joined_at)
+        for message in messages:
+            member.deliver(message)
+        return complete
+
+    def epoch(self, room: str) -> str:
+        """
+        The current epoch of ``room``'s sequence.
+        """
+        return self.histories.get(room).epoch
+
+    def _fan_out(self, event: Event, room: str) -> None:
+        """
+        Deliver ``event`` to every current member of ``room``.
 
         A delivery can cause another event (a member whose transport fails
         synchronously leaves, and its departure is announced).  Such events
         wait until the current one has reached everyone, so every member sees
         all events in one and the same order.
         """
-        self._pending.append(event)
+        self._pending.append((event, room))
         if self._delivering:
             return
         self._delivering = True
         try:
             while self._pending:
-                event = self._pending.popleft()
+                event, room = self._pending.popleft()
                 # Copy: deliveries may change the membership under us.
-                for member in list(self._members.values()):
+                for member in list(self._rooms.get(room, {}).values()):
                     try:
                         member.deliver(event)
                     except Exception:

@@ -86,6 +86,7 @@ class RawMemberProtocol(Protocol):
     _log = Logger()
     kind = "raw"
     id: Optional[str] = None
+    name: Optional[str] = None
     peer = "-"
     _connected_at = 0.0
 
@@ -94,7 +95,7 @@ class RawMemberProtocol(Protocol):
         self.peer = peer2str(self.transport)
         self.id = factory.hub.new_id()
         self._connected_at = factory.clock.seconds()
-        factory.hub.join(self)
+        factory.hub.connect(self)
         log_connect(self._log, self.id, self.peer, self.kind, len(factory.hub))
 
     def shut_down(self) -> None:
@@ -111,7 +112,7 @@ class RawMemberProtocol(Protocol):
 
     def connectionLost(self, reason: Optional[Failure] = None) -> None:
         hub = self.factory.hub
-        hub.leave(self)
+        hub.disconnect(self)
         log_disconnect(
             self._log,
             self.id,

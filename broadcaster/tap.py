@@ -20,7 +20,7 @@ from twisted.python import usage
 from zope.interface import implementer
 
 from broadcaster import __version__
-from broadcaster.coercions import positive_float, positive_int
+from broadcaster.coercions import non_negative_int, positive_float, positive_int
 from broadcaster.hub import Hub
 from broadcaster.imaging import DEFAULT_MAX_PIXELS
 from broadcaster.images import DecoderPool, ImageFactory
@@ -124,6 +124,36 @@ class Options(usage.Options):
             None,
             64 * 1024,
             "Longest line accepted on the line bridge, in bytes.",
+            positive_int,
+        ],
+        [
+            "history-size",
+            None,
+            100,
+            "Text messages each room remembers, for history requests and "
+            "recovery after a reconnect; 0 keeps none.",
+            non_negative_int,
+        ],
+        [
+            "max-rooms",
+            None,
+            10000,
+            "Rooms whose history is remembered; beyond this the least recently "
+            "used empty rooms are forgotten.",
+            positive_int,
+        ],
+        [
+            "max-rooms-per-client",
+            None,
+            100,
+            "Rooms one client may be in at once.",
+            positive_int,
+        ],
+        [
+            "max-name-length",
+            None,
+            32,
+            "Longest display name, in characters.",
             positive_int,
         ],
         [
@@ -315,7 +345,13 @@ def makeService(options: Options, reactor=None) -> BroadcasterService:
     txaio.set_global_log_level("debug" if options["debug"] else "error")
 
     service = BroadcasterService(reactor, options["drain-timeout"])
-    service.hub = Hub(reactor, node_id=options["node-id"])
+    service.hub = Hub(
+        reactor,
+        node_id=options["node-id"],
+        history_size=options["history-size"],
+        max_rooms=options["max-rooms"],
+        max_rooms_per_member=options["max-rooms-per-client"],
+    )
     factory = BroadcastServerFactory(
         service.hub,
         OriginPolicy(options["allow-origin"]),
@@ -323,6 +359,7 @@ def makeService(options: Options, reactor=None) -> BroadcasterService:
         max_message_size=options["max-message-size"],
         open_handshake_timeout=options["open-handshake-timeout"],
         debug=options["debug"],
+        max_name_length=options["max-name-length"],
     )
     service.websocket_factory = factory
     service.web_endpoint = _listen(

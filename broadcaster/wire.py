@@ -4,24 +4,19 @@ How hub events look on the wire, and how JSON-mode client input is read.
 Two WebSocket wire formats exist, chosen per connection by subprotocol:
 
 Plain (no subprotocol; the classic TwistedWebsocket example's format)
-    ``<id> connected`` and ``<id> disconnected`` text messages announce
-    members; a text message is passed on unchanged; a binary message is
-    passed on unchanged as binary; an image arrives as a binary PNG.
+    Plain clients live in the lobby.  ``<id> connected`` and ``<id>
+    disconnected`` text messages announce the lobby's members; a text
+    message is passed on unchanged; a binary message is passed on unchanged
+    as binary; an image arrives as a binary PNG.
 
 JSON (subprotocol ``broadcaster.json``)
-    Every server message is one JSON object with a ``type``:
-
-    - ``{"type": "welcome", "id": ..., "members": [{"id": ...}, ...]}`` first;
-    - ``{"type": "join", "id": ..., "ts": ...}`` / ``{"type": "leave", ...}``;
-    - ``{"type": "message", "from": ..., "text": ..., "ts": ...}``;
-    - ``{"type": "binary", "from": ..., "size": ..., "ts": ...}`` immediately
-      followed by a binary message holding the bytes;
-    - ``{"type": "image", "id": ..., "from": ..., "width": ..., "height": ...,
-      "format": "png", "size": ..., "ts": ...}`` immediately followed by a
-      binary message holding the PNG (images come from the image port);
-    - ``{"type": "error", "reason": ...}`` in answer to bad input.
-
-    Clients send ``{"type": "message", "text": "..."}`` (or a binary message).
+    Every server message is one JSON object with a ``type``; README.rst
+    documents each.  Server to client: ``welcome`` (first), ``join``,
+    ``leave``, ``rename``, ``message``, ``binary`` and ``image`` (each
+    followed by one binary message), ``ack``, ``presence``, ``history``,
+    ``recovered``, ``error``.  Client to server: ``message``, ``join``,
+    ``leave``, ``hello``, ``who``, ``history`` (see :data:`CLIENT_TYPES`),
+    or a binary message.
 
 A codec turns one hub event into a list of ``(payload, is_binary)`` frames.
 These functions are pure, so they are tested without any network.
@@ -30,16 +25,29 @@ These functions are pure, so they are tested without any network.
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
-from broadcaster.hub import BinaryMessage, Event, ImageMessage, Joined, Left, TextMessage
+from broadcaster.hub import (
+    BinaryMessage,
+    Event,
+    ImageMessage,
+    Joined,
+    Left,
+    Member,
+    Renamed,
+    TextMessage,
+)
+from broadcaster.names import LOBBY, InvalidName, check_display_name, check_room
 
 JSON_SUBPROTOCOL = "broadcaster.json"
 
 Frame = Tuple[bytes, bool]
 
 
-def _dumps(obj: Dict[str, Any]) -> bytes:
+def dumps(obj: Dict[str, Any]) -> bytes:
+    """
+    Compact UTF-8 JSON, as every JSON-mode server message is written.
+    """
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
@@ -49,7 +57,7 @@ def _ts(event: Event) -> float:
 
 
 class PlainCodec:
-    """The plain text format: announcements as sentences, messages unchanged."""
+    """The plain text format: lobby announcements as sentences, messages unchanged."""
 
     name = "plain"
 
@@ -60,11 +68,34 @@ class PlainCodec:
             return [(event.data, True)]
         if isinstance(event, ImageMessage):
             return [(event.png, True)]
-        if isinstance(event, Joined):
+        if isinstance(event, Joined) and event.room == LOBBY:
             return [("{} connected".format(event.member).encode("utf-8"), False)]
-        if isinstance(event, Left):
+        if isinstance(event, Left) and event.room == LOBBY:
             return [("{} disconnected".format(event.member).encode("utf-8"), False)]
         return []
+
+
+def message_event(event: TextMessage) -> Dict[str, Any]:
+    """
+    The JSON form of a text message, as sent live, in history and in replays.
+    """
+    return {
+        "type": "message",
+        "room": event.room,
+        "from": event.sender,
+        "name": event.name,
+        "text": event.text,
+        "ts": _ts(event),
+        "seq": event.seq,
+        "epoch": event.epoch,
+    }
+
+
+def member_entry(member: Member) -> Dict[str, Any]:
+    """
+    How a member is listed in ``welcome`` and ``presence``.
+    """
+    return {"id": member.id, "name": member.name}
 
 
 class JSONCodec:
@@ -74,30 +105,20 @@ class JSONCodec:
 
     def encode(self, event: Event) -> List[Frame]:
         if isinstance(event, TextMessage):
-            return [
-                (
-                    _dumps(
-                        {
-                            "type": "message",
-                            "from": event.sender,
-                            "text": event.text,
-                            "ts": _ts(event),
-                        }
-                    ),
-                    False,
-                )
-            ]
+            return [(dumps(message_event(event)), False)]
         if isinstance(event, BinaryMessage):
             header = {
                 "type": "binary",
+                "room": event.room,
                 "from": event.sender,
                 "size": len(event.data),
                 "ts": _ts(event),
             }
-            return [(_dumps(header), False), (event.data, True)]
+            return [(dumps(header), False), (event.data, True)]
         if isinstance(event, ImageMessage):
             header = {
                 "type": "image",
+                "room": event.room,
                 "id": event.image_id,
                 "from": event.sender,
                 "width": event.width,
@@ -106,45 +127,174 @@ class JSONCodec:
                 "size": len(event.png),
                 "ts": _ts(event),
             }
-            return [(_dumps(header), False), (event.png, True)]
-        if isinstance(event, Joined):
-            return [(_dumps({"type": "join", "id": event.member, "ts": _ts(event)}), False)]
-        if isinstance(event, Left):
-            return [(_dumps({"type": "leave", "id": event.member, "ts": _ts(event)}), False)]
+            return [(dumps(header), False), (event.png, True)]
+        if isinstance(event, (Joined, Left, Renamed)):
+            kind = {Joined: "join", Left: "leave", Renamed: "rename"}[type(event)]
+            return [
+                (
+                    dumps(
+                        {
+                            "type": kind,
+                            "room": event.room,
+                            "id": event.member,
+                            "name": event.name,
+                            "ts": _ts(event),
+                        }
+                    ),
+                    False,
+                )
+            ]
         return []
 
-    def welcome(self, member_id: str, members: List[str]) -> bytes:
+    def welcome(
+        self,
+        member: Member,
+        members: Iterable[Member],
+        epoch: str,
+        seq: int,
+        limits: Dict[str, int],
+    ) -> bytes:
         """
-        The first message a JSON client receives: its own id and who is here.
+        The first message a JSON client receives: who it is, who is in the
+        lobby (itself included), where the lobby's sequence stands (for
+        recovery after a reconnect) and the limits it must keep to.
         """
-        return _dumps(
-            {"type": "welcome", "id": member_id, "members": [{"id": m} for m in members]}
+        return dumps(
+            {
+                "type": "welcome",
+                "id": member.id,
+                "name": member.name,
+                "room": LOBBY,
+                "members": [member_entry(m) for m in members],
+                "epoch": epoch,
+                "seq": seq,
+                "limits": limits,
+            }
         )
 
-    def error(self, reason: str) -> bytes:
+    def presence(
+        self, room: str, members: Iterable[Member], epoch: Optional[str], seq: int
+    ) -> bytes:
+        """
+        Who is in ``room``, and where its sequence stands (``epoch`` is
+        ``None`` for a room that has no sequence yet).
+        """
+        return dumps(
+            {
+                "type": "presence",
+                "room": room,
+                "members": [member_entry(m) for m in members],
+                "epoch": epoch,
+                "seq": seq,
+            }
+        )
+
+    def history(self, room: str, messages: Iterable[TextMessage]) -> bytes:
+        """
+        The answer to a ``history`` request: message events, oldest first.
+        """
+        return dumps(
+            {"type": "history", "room": room, "messages": [message_event(m) for m in messages]}
+        )
+
+    def ack(self, ref: Any, event: TextMessage) -> bytes:
+        """
+        Tells a sender its message was accepted and numbered.
+        """
+        return dumps(
+            {"type": "ack", "ref": ref, "room": event.room, "seq": event.seq, "epoch": event.epoch}
+        )
+
+    def recovered(self, room: str, complete: bool) -> bytes:
+        """
+        Ends a replay: ``complete`` false means some messages were lost for good.
+        """
+        return dumps({"type": "recovered", "room": room, "complete": complete})
+
+    def error(self, reason: str, ref: Any = None) -> bytes:
         """
         The answer to input the server could not accept.
         """
-        return _dumps({"type": "error", "reason": reason})
+        event: Dict[str, Any] = {"type": "error", "reason": reason}
+        if ref is not None:
+            event["ref"] = ref
+        return dumps(event)
 
 
 class BadRequest(ValueError):
     """
     Client input that cannot be accepted; ``str()`` is the reason sent back.
+
+    :ivar ref: the request's ``ref``, if it had a usable one, to echo back.
     """
+
+    def __init__(self, reason: str, ref: Any = None) -> None:
+        super().__init__(reason)
+        self.ref = ref
 
 
 #: The client message types JSON mode understands.
-CLIENT_TYPES = ("message",)
+CLIENT_TYPES = ("message", "join", "leave", "hello", "who", "history")
+
+#: Longest ``ref`` string a client may attach.
+MAX_REF_LENGTH = 128
 
 
-def parse_client_message(payload: bytes) -> Dict[str, Any]:
+def _ref(request: Dict[str, Any]) -> Any:
+    ref = request.get("ref")
+    if ref is None:
+        return None
+    if isinstance(ref, bool) or not isinstance(ref, (str, int)):
+        raise BadRequest('"ref" must be a string or an integer')
+    if isinstance(ref, str) and len(ref) > MAX_REF_LENGTH:
+        raise BadRequest('"ref" must be at most {} characters'.format(MAX_REF_LENGTH))
+    if isinstance(ref, int) and abs(ref) > 2**53:
+        raise BadRequest('"ref" must be an integer JavaScript can hold exactly')
+    return ref
+
+
+def _room(request: Dict[str, Any], required: bool, ref: Any) -> str:
+    if "room" not in request:
+        if required:
+            raise BadRequest('a "{}" needs a "room"'.format(request["type"]), ref)
+        return LOBBY
+    try:
+        return check_room(request["room"])
+    except InvalidName as e:
+        raise BadRequest(str(e), ref) from None
+
+
+def _since(value: Any, ref: Any) -> Optional[Tuple[str, int]]:
+    if value is None:
+        return None
+    if (
+        not isinstance(value, dict)
+        or not isinstance(value.get("epoch"), str)
+        or isinstance(value.get("seq"), bool)
+        or not isinstance(value.get("seq"), int)
+        or value["seq"] < 0
+    ):
+        raise BadRequest(
+            '"since" must be {"epoch": <string>, "seq": <integer >= 0>},'
+            " from the last message seen",
+            ref,
+        )
+    return value["epoch"], value["seq"]
+
+
+def parse_client_message(
+    payload: bytes, max_name_length: int = 32, max_history: int = 100
+) -> Dict[str, Any]:
     """
     Read one JSON-mode client message.
 
     :param payload: the UTF-8 bytes of a WebSocket text message (Autobahn has
         already checked that they are valid UTF-8).
-    :return: the request, with ``type`` and the fields that type needs checked.
+    :param max_name_length: longest display name accepted by ``hello``.
+    :param max_history: largest ``limit`` a ``history`` request gets.
+    :return: the request: ``type``, ``ref`` (or ``None``) and the checked
+        fields of that type (``room``, ``text``, ``name``, ``since`` as
+        ``(epoch, seq)`` or ``None``, ``limit``).
     :raise BadRequest: with a reason fit to send back to the client.
     """
     try:
@@ -153,15 +303,36 @@ def parse_client_message(payload: bytes) -> Dict[str, Any]:
         raise BadRequest("malformed JSON: {}".format(e)) from None
     if not isinstance(request, dict):
         raise BadRequest("expected a JSON object, got {}".format(type(request).__name__))
+    ref = _ref(request)
     kind = request.get("type")
     if not isinstance(kind, str):
-        raise BadRequest('missing "type" (one of: {})'.format(", ".join(CLIENT_TYPES)))
+        raise BadRequest('missing "type" (one of: {})'.format(", ".join(CLIENT_TYPES)), ref)
     if kind not in CLIENT_TYPES:
         raise BadRequest(
-            "unknown type {!r} (expected one of: {})".format(kind, ", ".join(CLIENT_TYPES))
+            "unknown type {!r} (expected one of: {})".format(kind, ", ".join(CLIENT_TYPES)), ref
         )
+    parsed: Dict[str, Any] = {"type": kind, "ref": ref}
     if kind == "message":
         text = request.get("text")
         if not isinstance(text, str):
-            raise BadRequest('a "message" needs a "text" string')
-    return request
+            raise BadRequest('a "message" needs a "text" string', ref)
+        parsed["text"] = text
+        parsed["room"] = _room(request, required=False, ref=ref)
+    elif kind in ("join", "leave"):
+        parsed["room"] = _room(request, required=True, ref=ref)
+        if kind == "join":
+            parsed["since"] = _since(request.get("since"), ref)
+    elif kind == "hello":
+        try:
+            parsed["name"] = check_display_name(request.get("name"), max_name_length)
+        except InvalidName as e:
+            raise BadRequest(str(e), ref) from None
+    elif kind == "who":
+        parsed["room"] = _room(request, required=False, ref=ref)
+    elif kind == "history":
+        parsed["room"] = _room(request, required=False, ref=ref)
+        limit = request.get("limit", max_history)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise BadRequest('"limit" must be a positive integer', ref)
+        parsed["limit"] = min(limit, max_history)
+    return parsed

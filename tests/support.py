@@ -6,7 +6,9 @@ port, and ways to wait for things without sleeping.
 from __future__ import annotations
 
 import json
+import os
 import struct
+import sys
 import time
 from typing import Callable, Iterable, List, Optional, Tuple
 
@@ -14,7 +16,7 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, TimeoutError, inlineCallbacks, returnValue
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.task import deferLater
 
 from twisted.trial.unittest import FailTest
@@ -363,3 +365,76 @@ def connect_raw(testcase, port: int, protocol_class):
 
     testcase.addCleanup(disconnect)
     return client
+
+
+#: The checkout's root, put first on a child process's PYTHONPATH so it
+#: runs this code rather than an installed copy.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class CollectingProcess(ProcessProtocol):
+    """
+    A child process that is fed ``stdin`` (then EOF) and whose output and
+    exit status are collected: ``yield process.ended()``.
+    """
+
+    def __init__(self, stdin: Optional[bytes] = None) -> None:
+        self._stdin = stdin
+        self._out: List[bytes] = []
+        self._err: List[bytes] = []
+        self.result: Optional[Tuple[str, str, Optional[int]]] = None
+        self._waiting: List[Deferred] = []
+
+    def connectionMade(self) -> None:
+        if self._stdin is not None:
+            self.transport.write(self._stdin)
+            self.transport.closeStdin()
+
+    def outReceived(self, data: bytes) -> None:
+        self._out.append(data)
+
+    def errReceived(self, data: bytes) -> None:
+        self._err.append(data)
+
+    def processEnded(self, reason) -> None:
+        self.result = (
+            b"".join(self._out).decode("utf-8"),
+            b"".join(self._err).decode("utf-8"),
+            reason.value.exitCode,
+        )
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(self.result)
+
+    def ended(self) -> Deferred:
+        """
+        :return: a Deferred firing with ``(stdout, stderr, exit_status)``.
+        """
+        d: Deferred = Deferred()
+        if self.result is not None:
+            d.callback(self.result)
+        else:
+            self._waiting.append(d)
+        return d
+
+
+def run_module(testcase, module: str, args: Iterable[str], stdin: Optional[bytes] = None):
+    """
+    Run ``python -m MODULE ARGS`` on this checkout, killing and reaping it if
+    it is still running when ``testcase`` ends.
+
+    :return: the :class:`CollectingProcess`.
+    """
+    path = [REPO_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+    process = CollectingProcess(stdin)
+    argv = [sys.executable, "-m", module, *args]
+    reactor.spawnProcess(process, sys.executable, argv, env=env)
+
+    def reap() -> Deferred:
+        if process.result is None:
+            process.transport.signalProcess("KILL")
+        return process.ended()
+
+    testcase.addCleanup(reap)
+    return process

@@ -14,14 +14,11 @@ import hashlib
 import json
 import os
 import socket
-import sys
 from typing import List, Optional, Sequence, Tuple
 
-from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import globalLogPublisher
@@ -41,9 +38,13 @@ from broadcaster.client import (
     Console,
     Options,
 )
-from tests.support import connect_client, self_signed_certificate, start_server, wait_for
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(broadcaster.__file__)))
+from tests.support import (
+    connect_client,
+    run_module,
+    self_signed_certificate,
+    start_server,
+    wait_for,
+)
 
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _TEXT, _BINARY, _CLOSE = 0x1, 0x2, 0x8
@@ -480,51 +481,6 @@ class BroadcastClientProtocolTests(SynchronousTestCase):
         self.assertEqual(e.exit_status, EXIT_CANNOT_CONNECT)
 
 
-class _ClientProcess(ProcessProtocol):
-    """
-    ``python -m broadcaster.client`` as a child process: feeds it ``stdin``,
-    then EOF, and collects its output and exit status.
-    """
-
-    def __init__(self, stdin: bytes) -> None:
-        self._stdin = stdin
-        self._out: List[bytes] = []
-        self._err: List[bytes] = []
-        self.result: Optional[Tuple[str, str, Optional[int]]] = None
-        self._waiting: List[Deferred] = []
-
-    def connectionMade(self) -> None:
-        self.transport.write(self._stdin)
-        self.transport.closeStdin()
-
-    def outReceived(self, data: bytes) -> None:
-        self._out.append(data)
-
-    def errReceived(self, data: bytes) -> None:
-        self._err.append(data)
-
-    def processEnded(self, reason: Failure) -> None:
-        self.result = (
-            b"".join(self._out).decode("utf-8"),
-            b"".join(self._err).decode("utf-8"),
-            reason.value.exitCode,
-        )
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(self.result)
-
-    def ended(self) -> Deferred:
-        """
-        :return: a Deferred firing with ``(stdout, stderr, exit_status)``.
-        """
-        d: Deferred = Deferred()
-        if self.result is not None:
-            d.callback(self.result)
-        else:
-            self._waiting.append(d)
-        return d
-
-
 def run_client(testcase, args: Sequence[str], stdin: bytes = b"") -> Deferred:
     """
     Run the client script on this checkout, killing it if it is still
@@ -532,19 +488,7 @@ def run_client(testcase, args: Sequence[str], stdin: bytes = b"") -> Deferred:
 
     :return: a Deferred firing with ``(stdout, stderr, exit_status)``.
     """
-    path = [REPO_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
-    process = _ClientProcess(stdin)
-    argv = [sys.executable, "-m", "broadcaster.client", *args]
-    reactor.spawnProcess(process, sys.executable, argv, env=env)
-
-    def kill() -> Deferred:
-        if process.result is None:
-            process.transport.signalProcess("KILL")
-        return process.ended()
-
-    testcase.addCleanup(kill)
-    return process.ended()
+    return run_module(testcase, "broadcaster.client", args, stdin).ended()
 
 
 def _unused_port() -> int:

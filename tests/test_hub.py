@@ -1,27 +1,43 @@
 """
-Tests for :mod:`broadcaster.hub`: membership and fan-out, with plain Python
-members and a fake clock.
+Tests for :mod:`broadcaster.hub`: connections, rooms and fan-out, with plain
+Python members and a fake clock.
 """
 
 from typing import List
 
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, globalLogPublisher
 from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from broadcaster.hub import BinaryMessage, Event, Hub, Joined, Left, TextMessage, encoded
+from broadcaster.hub import (
+    BinaryMessage,
+    Event,
+    Hub,
+    ImageMessage,
+    Joined,
+    Left,
+    NotInRoom,
+    Renamed,
+    TextMessage,
+    TooManyRooms,
+    encoded,
+)
 
 
 class RecordingMember:
     """A member that remembers what it was given."""
 
-    def __init__(self, member_id: str) -> None:
+    def __init__(self, member_id: str, name=None) -> None:
         self.id = member_id
+        self.name = name
         self.events: List[Event] = []
 
     def deliver(self, event: Event) -> None:
         self.events.append(event)
+
+    def texts(self):
+        return [(e.room, e.text) for e in self.events if isinstance(e, TextMessage)]
 
 
 class BrokenMember(RecordingMember):
@@ -31,17 +47,19 @@ class BrokenMember(RecordingMember):
         raise ConnectionError("transport gone")
 
 
-class HubTests(SynchronousTestCase):
+class HubTestCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(1000)
-        self.hub = Hub(self.clock, node_id="n1")
+        self.hub = Hub(self.clock, node_id="n1", history_size=5, max_rooms=3)
 
-    def join(self, member_id: str, cls=RecordingMember) -> RecordingMember:
-        member = cls(member_id)
-        self.hub.join(member)
+    def connect(self, member_id: str, cls=RecordingMember, name=None) -> RecordingMember:
+        member = cls(member_id, name)
+        self.hub.connect(member)
         return member
 
+
+class ConnectionTests(HubTestCase):
     def test_ids_are_unique_and_carry_the_node(self) -> None:
         """Every id is new and starts with the node id."""
         ids = [self.hub.new_id() for _ in range(100)]
@@ -52,72 +70,168 @@ class HubTests(SynchronousTestCase):
         """Two hubs without a configured node id hand out different ids."""
         self.assertNotEqual(Hub(self.clock).new_id(), Hub(self.clock).new_id())
 
-    def test_join_is_announced_to_everyone_including_the_newcomer(self) -> None:
-        """A join reaches the members already there and the newcomer itself."""
-        ann = self.join("ann")
-        bob = self.join("bob")
-        self.assertEqual(ann.events, [Joined(1000, "ann"), Joined(1000, "bob")])
-        self.assertEqual(bob.events, [Joined(1000, "bob")])
+    def test_connect_joins_the_lobby_and_is_announced_to_all(self) -> None:
+        """A newcomer is put in the lobby; everyone there, the newcomer included, hears it."""
+        ann = self.connect("ann", name="Ann")
+        bob = self.connect("bob")
+        self.assertEqual(
+            ann.events, [Joined(1000, "lobby", "ann", "Ann"), Joined(1000, "lobby", "bob")]
+        )
+        self.assertEqual(bob.events, [Joined(1000, "lobby", "bob")])
+        self.assertEqual(self.hub.rooms_of("ann"), ["lobby"])
 
-    def test_leave_is_announced_to_the_others(self) -> None:
-        """A departure reaches the remaining members and stamps the time."""
-        ann = self.join("ann")
-        bob = self.join("bob")
+    def test_disconnect_leaves_every_room(self) -> None:
+        """A departure is announced in each room the member was in, to the others."""
+        ann = self.connect("ann")
+        bob = self.connect("bob")
+        self.hub.join(bob, "dev")
+        self.hub.join(ann, "dev")
         self.clock.advance(5)
-        self.hub.leave(bob)
-        self.assertEqual(ann.events[-1], Left(1005, "bob"))
-        self.assertEqual(bob.events, [Joined(1000, "bob")])
+        departures = self.hub.disconnect(bob)
+        self.assertEqual(
+            departures, [Left(1005, "lobby", "bob"), Left(1005, "dev", "bob")]
+        )
+        self.assertEqual(ann.events[-2:], departures)
         self.assertEqual(self.hub.member_ids(), ["ann"])
+        self.assertEqual(self.hub.rooms(), ["lobby", "dev"])
 
-    def test_leave_twice_or_without_joining_is_silent(self) -> None:
-        """A member that never joined, or already left, announces nothing."""
-        ann = self.join("ann")
-        stranger = RecordingMember("stranger")
-        self.assertIsNone(self.hub.leave(stranger))
-        bob = self.join("bob")
-        self.hub.leave(bob)
-        self.assertIsNone(self.hub.leave(bob))
+    def test_disconnect_twice_or_without_connecting_is_silent(self) -> None:
+        """A member that never connected, or already left, announces nothing."""
+        ann = self.connect("ann")
+        self.assertEqual(self.hub.disconnect(RecordingMember("stranger")), [])
+        bob = self.connect("bob")
+        self.hub.disconnect(bob)
+        self.assertEqual(self.hub.disconnect(bob), [])
         self.assertEqual([type(e) for e in ann.events], [Joined, Joined, Left])
 
-    def test_join_twice_is_refused(self) -> None:
-        """The same id cannot be in the hub twice."""
-        self.join("ann")
-        self.assertRaises(ValueError, self.hub.join, RecordingMember("ann"))
+    def test_connect_twice_is_refused(self) -> None:
+        """The same id cannot be connected twice."""
+        self.connect("ann")
+        self.assertRaises(ValueError, self.hub.connect, RecordingMember("ann"))
 
+    def test_when_empty(self) -> None:
+        """when_empty fires once the last member has gone."""
+        ann = self.connect("ann")
+        d = self.hub.when_empty()
+        self.assertNoResult(d)
+        self.hub.disconnect(ann)
+        self.successResultOf(d)
+        self.successResultOf(self.hub.when_empty())
+
+
+class RoomTests(HubTestCase):
+    def test_room_events_stay_in_the_room(self) -> None:
+        """Joins, messages and leaves in a room reach only its members."""
+        ann = self.connect("ann")
+        bob = self.connect("bob")
+        carl = self.connect("carl")
+        self.hub.join(ann, "dev")
+        self.hub.join(bob, "dev")
+        self.hub.publish_text("ann", "in dev", "dev")
+        self.hub.leave(bob, "dev")
+        self.assertEqual([e for e in carl.events if e.room == "dev"], [])
+        self.assertEqual(bob.texts(), [("dev", "in dev")])
+        self.assertEqual(ann.events[-1], Left(1000, "dev", "bob"))
+
+    def test_joining_twice_and_leaving_elsewhere_are_no_ops(self) -> None:
+        """Joining a room one is in, or leaving one one is not in, announces nothing."""
+        ann = self.connect("ann")
+        self.assertIsNotNone(self.hub.join(ann, "dev"))
+        count = len(ann.events)
+        self.assertIsNone(self.hub.join(ann, "dev"))
+        self.assertIsNone(self.hub.leave(ann, "ops"))
+        self.assertEqual(len(ann.events), count)
+
+    def test_speaking_outside_ones_rooms_is_refused(self) -> None:
+        """A member may only speak in, and read the history of, rooms it is in."""
+        self.connect("ann")
+        self.assertRaises(NotInRoom, self.hub.publish_text, "ann", "x", "dev")
+        self.assertRaises(NotInRoom, self.hub.history, "ann", "dev", 10)
+        self.assertRaises(NotInRoom, self.hub.publish_text, "ghost", "x")
+
+    def test_rooms_per_member_are_limited(self) -> None:
+        """A member cannot be in more rooms than allowed."""
+        hub = Hub(self.clock, max_rooms_per_member=2)
+        ann = RecordingMember("ann")
+        hub.connect(ann)
+        hub.join(ann, "a")
+        self.assertRaises(TooManyRooms, hub.join, ann, "b")
+
+    def test_presence(self) -> None:
+        """room_members lists a room's members in the order they joined."""
+        ann = self.connect("ann")
+        bob = self.connect("bob")
+        self.hub.join(bob, "dev")
+        self.hub.join(ann, "dev")
+        self.assertEqual([m.id for m in self.hub.room_members("dev")], ["bob", "ann"])
+        self.hub.leave(bob, "dev")
+        self.assertEqual([m.id for m in self.hub.room_members("dev")], ["ann"])
+        self.assertEqual(self.hub.room_members("nowhere"), [])
+
+    def test_rename_is_told_to_each_room(self) -> None:
+        """A new name is announced in every room the member is in."""
+        ann = self.connect("ann")
+        bob = self.connect("bob")
+        self.hub.join(ann, "dev")
+        ann.name = "Ann"
+        self.hub.rename(ann)
+        self.assertEqual(
+            ann.events[-2:], [Renamed(1000, "lobby", "ann", "Ann"), Renamed(1000, "dev", "ann", "Ann")]
+        )
+        self.assertEqual(bob.events[-1], Renamed(1000, "lobby", "ann", "Ann"))
+        self.hub.publish_text("ann", "hi")
+        self.assertEqual(bob.events[-1].name, "Ann")
+
+
+class MessageTests(HubTestCase):
     def test_text_reaches_everyone_including_the_sender(self) -> None:
-        """A text message is delivered, unchanged, to every member."""
-        ann = self.join("ann")
-        bob = self.join("bob")
+        """A text message is delivered, unchanged, to every member of the room."""
+        ann = self.connect("ann")
+        bob = self.connect("bob")
         event = self.hub.publish_text("ann", "hello <b>")
-        self.assertEqual(event, TextMessage(1000, "ann", "hello <b>"))
+        self.assertEqual((event.room, event.sender, event.text), ("lobby", "ann", "hello <b>"))
         self.assertIs(ann.events[-1], event)
         self.assertIs(bob.events[-1], event)
 
-    def test_binary_reaches_everyone(self) -> None:
-        """A binary message is delivered byte for byte to every member."""
-        ann = self.join("ann")
-        bob = self.join("bob")
+    def test_messages_are_numbered_per_room(self) -> None:
+        """Each room numbers its messages 1, 2, 3 ... in one epoch."""
+        ann = self.connect("ann")
+        self.hub.join(ann, "dev")
+        seqs = [self.hub.publish_text("ann", str(i), room).seq for i, room in
+                enumerate(["lobby", "dev", "lobby", "lobby", "dev"])]
+        self.assertEqual(seqs, [1, 1, 2, 3, 2])
+        lobby = [e for e in ann.events if isinstance(e, TextMessage) and e.room == "lobby"]
+        self.assertEqual({e.epoch for e in lobby}, {self.hub.epoch("lobby")})
+        self.assertNotEqual(self.hub.epoch("lobby"), self.hub.epoch("dev"))
+
+    def test_binary_and_images_go_to_the_lobby(self) -> None:
+        """Binary messages and images reach the lobby byte for byte."""
+        ann = self.connect("ann")
+        bob = self.connect("bob")
+        self.hub.leave(bob, "lobby")
         self.hub.publish_binary("bob", b"\x00\xff")
-        self.assertEqual(ann.events[-1], BinaryMessage(1000, "bob", b"\x00\xff"))
-        self.assertEqual(bob.events[-1], BinaryMessage(1000, "bob", b"\x00\xff"))
+        image = self.hub.publish_image("bob", b"png", 1, 2)
+        self.assertEqual(ann.events[-2], BinaryMessage(1000, "bob", b"\x00\xff"))
+        self.assertIsInstance(ann.events[-1], ImageMessage)
+        self.assertNotEqual(image.image_id, self.hub.publish_image("bob", b"png", 1, 2).image_id)
+        self.assertFalse(any(isinstance(e, (BinaryMessage, ImageMessage)) for e in bob.events))
 
     def test_messages_arrive_in_the_order_sent(self) -> None:
         """Each member sees one sender's messages in the order published."""
-        ann = self.join("ann")
+        ann = self.connect("ann")
         for i in range(50):
             self.hub.publish_text("ann", str(i))
-        texts = [e.text for e in ann.events if isinstance(e, TextMessage)]
-        self.assertEqual(texts, [str(i) for i in range(50)])
+        self.assertEqual([t for _, t in ann.texts()], [str(i) for i in range(50)])
 
     def test_a_failing_member_does_not_stop_the_others(self) -> None:
         """A delivery that raises is logged and the rest still receive the event."""
         logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        ann = self.join("ann")
-        self.join("broken", BrokenMember)
-        bob = self.join("bob")
+        ann = self.connect("ann")
+        self.connect("broken", BrokenMember)
+        bob = self.connect("bob")
         self.hub.publish_text("ann", "still here")
-        self.assertEqual(ann.events[-1].text, "still here")
-        self.assertEqual(bob.events[-1].text, "still here")
+        self.assertEqual(ann.texts()[-1], ("lobby", "still here"))
+        self.assertEqual(bob.texts()[-1], ("lobby", "still here"))
         self.assertEqual(len(self.flushLoggedErrors(ConnectionError)), 3)
         failures = [e for e in logged if e["log_level"] == LogLevel.critical]
         self.assertEqual({e["client"] for e in failures}, {"broken"})
@@ -132,16 +246,69 @@ class HubTests(SynchronousTestCase):
             def deliver(self, event: Event) -> None:
                 super().deliver(event)
                 if isinstance(event, TextMessage):
-                    hub.leave(self)
+                    hub.disconnect(self)
 
-        ann = self.join("ann")
-        self.join("quitter", Quitter)
-        bob = self.join("bob")
-        hub.publish_text("ann", "bye")
-        expected = [TextMessage(1000, "ann", "bye"), Left(1000, "quitter")]
+        ann = self.connect("ann")
+        self.connect("quitter", Quitter)
+        bob = self.connect("bob")
+        message = hub.publish_text("ann", "bye")
+        expected = [message, Left(1000, "lobby", "quitter")]
         self.assertEqual(ann.events[-2:], expected)
         self.assertEqual(bob.events[-2:], expected)
         self.assertEqual(len(hub), 2)
+
+
+class HistoryTests(HubTestCase):
+    def test_history_keeps_the_last_messages(self) -> None:
+        """A room remembers its last history-size messages, oldest first."""
+        self.connect("ann")
+        for i in range(8):
+            self.hub.publish_text("ann", str(i))
+        self.assertEqual([m.text for m in self.hub.history("ann", "lobby", 50)], list("34567"))
+        self.assertEqual([m.text for m in self.hub.history("ann", "lobby", 2)], list("67"))
+
+    def test_replay_delivers_what_was_missed(self) -> None:
+        """A member asking for messages after a seq gets exactly those, in order."""
+        self.connect("ann")
+        for i in range(4):
+            last = self.hub.publish_text("ann", str(i))
+        bob = self.connect("bob")
+        complete = self.hub.replay(bob, "lobby", last.epoch, 2)
+        self.assertTrue(complete)
+        self.assertEqual(bob.texts(), [("lobby", "2"), ("lobby", "3")])
+
+    def test_replay_beyond_history_is_incomplete(self) -> None:
+        """When the gap is older than the history, what exists comes with complete=False."""
+        self.connect("ann")
+        for i in range(8):
+            last = self.hub.publish_text("ann", str(i))
+        bob = self.connect("bob")
+        self.assertFalse(self.hub.replay(bob, "lobby", last.epoch, 1))
+        self.assertEqual([t for _, t in bob.texts()], list("34567"))
+
+    def test_replay_with_another_epoch_is_incomplete(self) -> None:
+        """A since from another run of the sequence (a restart) is never complete."""
+        self.connect("ann")
+        self.hub.publish_text("ann", "after restart")
+        bob = self.connect("bob")
+        self.assertFalse(self.hub.replay(bob, "lobby", "old-epoch", 3))
+        self.assertEqual(bob.texts(), [("lobby", "after restart")])
+
+    def test_idle_empty_rooms_are_forgotten_beyond_max_rooms(self) -> None:
+        """With more rooms than allowed, the least recently used empty one is
+        forgotten and starts a new epoch; occupied rooms are kept."""
+        ann = self.connect("ann")
+        self.hub.publish_text("ann", "x")
+        epochs = {}
+        for room in ("a", "b"):
+            self.hub.join(ann, room)
+            self.hub.publish_text("ann", "x", room)
+            epochs[room] = self.hub.epoch(room)
+            self.hub.leave(ann, room)
+        self.hub.join(ann, "c")
+        self.hub.publish_text("ann", "x", "c")
+        self.assertEqual(sorted(self.hub.histories), ["b", "c", "lobby"])
+        self.assertNotEqual(self.hub.epoch("a"), epochs["a"])
 
 
 class EncodedTests(SynchronousTestCase):
@@ -153,7 +320,7 @@ class EncodedTests(SynchronousTestCase):
             calls.append(event)
             return b"x"
 
-        event = TextMessage(0, "a", "t")
+        event = TextMessage(0, "lobby", "a", "t")
         for _ in range(10):
             self.assertEqual(encoded(event, "plain", encode), b"x")
         encoded(event, "json", encode)

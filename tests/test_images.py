@@ -50,6 +50,7 @@ class Recorder:
     """A hub member that keeps the images it is given."""
 
     id = "recorder"
+    name = None
 
     def __init__(self):
         self.images = []
@@ -66,7 +67,7 @@ class ImageProtocolTests(SynchronousTestCase):
         self.clock = Clock()
         self.hub = Hub(self.clock, node_id="t")
         self.recorder = Recorder()
-        self.hub.join(self.recorder)
+        self.hub.connect(self.recorder)
         self.factory = ImageFactory(
             self.hub,
             self.clock,

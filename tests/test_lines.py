@@ -25,6 +25,7 @@ from tests.support import (
 
 class Recorder:
     id = "recorder"
+    name = None
 
     def __init__(self):
         self.texts = []
@@ -39,7 +40,7 @@ class LineBridgeProtocolTests(SynchronousTestCase):
         self.clock = Clock()
         self.hub = Hub(self.clock, node_id="t")
         self.recorder = Recorder()
-        self.hub.join(self.recorder)
+        self.hub.connect(self.recorder)
         self.factory = LineBridgeFactory(self.hub, self.clock, max_line_length=16)
         self.protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
         self.transport = StringTransport()
@@ -98,7 +99,7 @@ class LineBridgeProtocolTests(SynchronousTestCase):
 
     def test_messages_become_single_lines(self):
         """Line breaks inside a message are replaced so one message is one line."""
-        self.hub.publish_text("t-9", "a\nb\r\nc\u2028d")
+        self.hub.publish_text("recorder", "a\nb\r\nc\u2028d")
         self.assertEqual(self.transport.value(), b"a b c d\n")
 
     def test_announcements_are_lines(self):

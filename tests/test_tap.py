@@ -142,6 +142,7 @@ class FakeMember:
 
     def __init__(self, hub, member_id, leaves_when_asked=True):
         self.id = member_id
+        self.name = None
         self.hub = hub
         self.leaves_when_asked = leaves_when_asked
         self.calls = []
@@ -152,11 +153,11 @@ class FakeMember:
     def shut_down(self):
         self.calls.append("shut_down")
         if self.leaves_when_asked:
-            self.hub.leave(self)
+            self.hub.disconnect(self)
 
     def abort(self):
         self.calls.append("abort")
-        self.hub.leave(self)
+        self.hub.disconnect(self)
 
 
 class ShutdownTests(SynchronousTestCase):
@@ -173,19 +174,19 @@ class ShutdownTests(SynchronousTestCase):
         """Stopping closes every client politely and finishes once they are gone."""
         polite = FakeMember(self.service.hub, "a")
         slow = FakeMember(self.service.hub, "b", leaves_when_asked=False)
-        self.service.hub.join(polite)
-        self.service.hub.join(slow)
+        self.service.hub.connect(polite)
+        self.service.hub.connect(slow)
         stopped = self.service.stopService()
         self.assertNoResult(stopped)
         self.assertEqual((polite.calls, slow.calls), (["shut_down"], ["shut_down"]))
-        self.service.hub.leave(slow)
+        self.service.hub.disconnect(slow)
         self.successResultOf(stopped)
         self.assertEqual(slow.calls, ["shut_down"])
 
     def test_clients_that_linger_are_dropped_after_the_drain_timeout(self):
         """A client still there after --drain-timeout is aborted and stop completes."""
         slow = FakeMember(self.service.hub, "b", leaves_when_asked=False)
-        self.service.hub.join(slow)
+        self.service.hub.connect(slow)
         stopped = self.service.stopService()
         self.reactor.advance(4.9)
         self.assertNoResult(stopped)

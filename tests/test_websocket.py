@@ -443,7 +443,7 @@ class ProtocolUnitTests(SynchronousTestCase):
         js, js_t = self.connect(json_mode=True)
         for t in (ann_t, bob_t, js_t):
             t.clear()
-        event = self.hub.publish_text("t-1", "hi")
+        event = self.hub.publish_text(ann.id, "hi")
         self.assertEqual(ann_t.value(), b"\x81\x02hi")
         self.assertEqual(bob_t.value(), b"\x81\x02hi")
         self.assertIn(b'"text":"hi"', js_t.value())
@@ -475,7 +475,7 @@ class ProtocolUnitTests(SynchronousTestCase):
         bob, bob_t = self.connect()
         bad_t.explode = True
         ann_t.clear(), bob_t.clear()
-        self.hub.publish_text("t-1", "through")
+        self.hub.publish_text(ann.id, "through")
         self.assertEqual(ann_t.value(), b"\x81\x07through")
         self.assertEqual(bob_t.value(), b"\x81\x07through")
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
@@ -486,7 +486,7 @@ class ProtocolUnitTests(SynchronousTestCase):
         self.addCleanup(ann.connectionLost, Failure(ConnectionDone()))
         ann.sendClose(1000)
         ann_t.clear()
-        self.hub.publish_text("t-9", "late")
+        self.hub.publish_binary("t-9", b"late")
         self.assertEqual(ann_t.value(), b"")
 
     def test_lost_connection_leaves_no_close_timer(self):

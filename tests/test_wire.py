@@ -7,29 +7,47 @@ import json
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from broadcaster.hub import BinaryMessage, Joined, Left, TextMessage
+from broadcaster.hub import BinaryMessage, ImageMessage, Joined, Left, Renamed, TextMessage
 from broadcaster.wire import BadRequest, JSONCodec, PlainCodec, parse_client_message
+
+
+class Someone:
+    def __init__(self, member_id, name=None):
+        self.id = member_id
+        self.name = name
 
 
 class PlainCodecTests(SynchronousTestCase):
     codec = PlainCodec()
 
-    def test_announcements_are_sentences(self) -> None:
-        """Joins and leaves read '<id> connected' / '<id> disconnected'."""
-        self.assertEqual(self.codec.encode(Joined(1, "n-1")), [(b"n-1 connected", False)])
-        self.assertEqual(self.codec.encode(Left(1, "n-1")), [(b"n-1 disconnected", False)])
+    def test_lobby_announcements_are_sentences(self) -> None:
+        """Lobby joins and leaves read '<id> connected' / '<id> disconnected'."""
+        self.assertEqual(
+            self.codec.encode(Joined(1, "lobby", "n-1")), [(b"n-1 connected", False)]
+        )
+        self.assertEqual(
+            self.codec.encode(Left(1, "lobby", "n-1")), [(b"n-1 disconnected", False)]
+        )
+
+    def test_other_rooms_and_renames_are_not_shown(self) -> None:
+        """Plain clients live in the lobby: other rooms' comings and goings are not theirs."""
+        self.assertEqual(self.codec.encode(Joined(1, "dev", "n-1")), [])
+        self.assertEqual(self.codec.encode(Renamed(1, "lobby", "n-1", "Ann")), [])
 
     def test_text_is_unchanged(self) -> None:
         """A text message is passed on exactly, as UTF-8."""
         self.assertEqual(
-            self.codec.encode(TextMessage(1, "n-1", '{"not": "parsed"} \u00e9')),
+            self.codec.encode(TextMessage(1, "lobby", "n-1", '{"not": "parsed"} \u00e9')),
             [('{"not": "parsed"} \u00e9'.encode("utf-8"), False)],
         )
 
-    def test_binary_is_unchanged(self) -> None:
-        """A binary message stays binary, byte for byte."""
+    def test_binary_and_images_are_binary(self) -> None:
+        """A binary message stays binary, byte for byte; an image is its PNG."""
         self.assertEqual(
             self.codec.encode(BinaryMessage(1, "n-1", b"\x00\x01")), [(b"\x00\x01", True)]
+        )
+        self.assertEqual(
+            self.codec.encode(ImageMessage(1, "n-1", "i1", b"PNG", 1, 1)), [(b"PNG", True)]
         )
 
 
@@ -40,53 +58,155 @@ class JSONCodecTests(SynchronousTestCase):
         return [json.loads(payload) if not binary else payload for payload, binary in frames]
 
     def test_message_event(self) -> None:
-        """A message carries type, sender, text and time."""
+        """A message carries room, sender, name, text, time, seq and epoch."""
+        event = TextMessage(12.34567, "dev", "n-1", "hi \u2603", "Ann", 7, "e1")
         self.assertEqual(
-            self.decode(self.codec.encode(TextMessage(12.34567, "n-1", "hi \u2603"))),
-            [{"type": "message", "from": "n-1", "text": "hi \u2603", "ts": 12.346}],
+            self.decode(self.codec.encode(event)),
+            [
+                {
+                    "type": "message",
+                    "room": "dev",
+                    "from": "n-1",
+                    "name": "Ann",
+                    "text": "hi \u2603",
+                    "ts": 12.346,
+                    "seq": 7,
+                    "epoch": "e1",
+                }
+            ],
         )
 
-    def test_join_and_leave_events(self) -> None:
-        """Joins and leaves name the member."""
-        self.assertEqual(
-            self.decode(self.codec.encode(Joined(1, "n-2"))),
-            [{"type": "join", "id": "n-2", "ts": 1}],
-        )
-        self.assertEqual(
-            self.decode(self.codec.encode(Left(2, "n-2"))),
-            [{"type": "leave", "id": "n-2", "ts": 2}],
-        )
+    def test_join_leave_and_rename_events(self) -> None:
+        """Joins, leaves and renames name the room and the member."""
+        for event, kind in [
+            (Joined(1, "dev", "n-2", "Bo"), "join"),
+            (Left(2, "dev", "n-2", "Bo"), "leave"),
+            (Renamed(3, "dev", "n-2", "Bo"), "rename"),
+        ]:
+            self.assertEqual(
+                self.decode(self.codec.encode(event)),
+                [{"type": kind, "room": "dev", "id": "n-2", "name": "Bo", "ts": event.ts}],
+            )
 
     def test_binary_is_a_header_then_the_bytes(self) -> None:
         """A binary message is announced by a header naming its size, then sent as is."""
         self.assertEqual(
             self.decode(self.codec.encode(BinaryMessage(1, "n-3", b"abc"))),
-            [{"type": "binary", "from": "n-3", "size": 3, "ts": 1}, b"abc"],
+            [{"type": "binary", "room": "lobby", "from": "n-3", "size": 3, "ts": 1}, b"abc"],
         )
 
-    def test_welcome_and_error(self) -> None:
-        """The welcome names the client and those present; errors give a reason."""
+    def test_image_is_metadata_then_the_png(self) -> None:
+        """An image is announced with its id, size and dimensions, then its PNG."""
+        header, png = self.decode(self.codec.encode(ImageMessage(1, "n-3", "i9", b"PNG!", 4, 5)))
         self.assertEqual(
-            json.loads(self.codec.welcome("n-2", ["n-1", "n-2"])),
-            {"type": "welcome", "id": "n-2", "members": [{"id": "n-1"}, {"id": "n-2"}]},
+            header,
+            {
+                "type": "image", "room": "lobby", "id": "i9", "from": "n-3", "width": 4,
+                "height": 5, "format": "png", "size": 4, "ts": 1,
+            },
+        )
+        self.assertEqual(png, b"PNG!")
+
+    def test_welcome(self) -> None:
+        """The welcome names the client, who is in the lobby, the lobby's
+        sequence position and the limits."""
+        me = Someone("n-2", "Bo")
+        welcome = json.loads(
+            self.codec.welcome(me, [Someone("n-1"), me], "e1", 4, {"max_message_size": 9})
         )
         self.assertEqual(
-            json.loads(self.codec.error("nope")), {"type": "error", "reason": "nope"}
+            welcome,
+            {
+                "type": "welcome", "id": "n-2", "name": "Bo", "room": "lobby",
+                "members": [{"id": "n-1", "name": None}, {"id": "n-2", "name": "Bo"}],
+                "epoch": "e1", "seq": 4, "limits": {"max_message_size": 9},
+            },
         )
+
+    def test_replies(self) -> None:
+        """Acks, presence, history, recovered and errors have their documented shapes."""
+        message = TextMessage(1, "dev", "n-1", "x", None, 3, "e1")
+        self.assertEqual(
+            json.loads(self.codec.ack("r1", message)),
+            {"type": "ack", "ref": "r1", "room": "dev", "seq": 3, "epoch": "e1"},
+        )
+        self.assertEqual(
+            json.loads(self.codec.presence("dev", [Someone("n-1", "A")], "e1", 3)),
+            {"type": "presence", "room": "dev", "members": [{"id": "n-1", "name": "A"}],
+             "epoch": "e1", "seq": 3},
+        )
+        history = json.loads(self.codec.history("dev", [message]))
+        self.assertEqual(history["messages"][0]["seq"], 3)
+        self.assertEqual(
+            json.loads(self.codec.recovered("dev", False)),
+            {"type": "recovered", "room": "dev", "complete": False},
+        )
+        self.assertEqual(json.loads(self.codec.error("nope")), {"type": "error", "reason": "nope"})
+        self.assertEqual(json.loads(self.codec.error("nope", 5))["ref"], 5)
 
 
 class ParseClientMessageTests(SynchronousTestCase):
-    def assertRefused(self, payload: bytes, *fragments: str) -> None:
-        reason = str(self.assertRaises(BadRequest, parse_client_message, payload))
+    def parse(self, obj, **kwargs):
+        return parse_client_message(json.dumps(obj).encode(), **kwargs)
+
+    def assertRefused(self, payload, *fragments, ref=None):
+        if not isinstance(payload, bytes):
+            payload = json.dumps(payload).encode()
+        error = self.assertRaises(BadRequest, parse_client_message, payload)
         for fragment in fragments:
-            self.assertIn(fragment, reason)
+            self.assertIn(fragment, str(error))
+        self.assertEqual(error.ref, ref)
 
     def test_message(self) -> None:
-        """A well-formed message is accepted with its text."""
+        """A message has text, a room (the lobby by default) and an optional ref."""
         self.assertEqual(
-            parse_client_message(b'{"type": "message", "text": "hi"}'),
-            {"type": "message", "text": "hi"},
+            self.parse({"type": "message", "text": "hi"}),
+            {"type": "message", "text": "hi", "room": "lobby", "ref": None},
         )
+        self.assertEqual(
+            self.parse({"type": "message", "text": "hi", "room": "dev", "ref": 4}),
+            {"type": "message", "text": "hi", "room": "dev", "ref": 4},
+        )
+
+    def test_join_with_and_without_since(self) -> None:
+        """A join names a room and may ask to recover from an epoch and seq."""
+        self.assertEqual(self.parse({"type": "join", "room": "dev"})["since"], None)
+        self.assertEqual(
+            self.parse({"type": "join", "room": "dev", "since": {"epoch": "e", "seq": 3}})["since"],
+            ("e", 3),
+        )
+
+    def test_hello_trims_and_checks_the_name(self) -> None:
+        """A name is trimmed; empty, overlong and control-character names are refused."""
+        self.assertEqual(self.parse({"type": "hello", "name": "  Ann "})["name"], "Ann")
+        self.assertRefused({"type": "hello", "name": "   "}, "empty")
+        self.assertRefused({"type": "hello", "name": "x" * 33}, "at most 32")
+        self.assertRefused({"type": "hello", "name": "a\nb"}, "control")
+        self.assertRefused({"type": "hello", "name": "a\u202eb"}, "control")
+
+    def test_history_limit_is_capped(self) -> None:
+        """A history limit above the history size is capped; a bad limit is refused."""
+        self.assertEqual(self.parse({"type": "history", "limit": 500}, max_history=100)["limit"], 100)
+        self.assertEqual(self.parse({"type": "history"}, max_history=100)["limit"], 100)
+        self.assertRefused({"type": "history", "limit": 0}, '"limit"')
+
+    def test_bad_rooms(self) -> None:
+        """Rooms must be short names of letters, digits, '_', '.' and '-'."""
+        self.assertRefused({"type": "join"}, '"room"')
+        self.assertRefused({"type": "join", "room": ""}, "1 to 64")
+        self.assertRefused({"type": "join", "room": "x" * 65}, "1 to 64")
+        self.assertRefused({"type": "join", "room": "a b", "ref": "r"}, "letters", ref="r")
+        self.assertRefused({"type": "message", "text": "x", "room": 5}, "string")
+
+    def test_bad_since(self) -> None:
+        """A since must hold a string epoch and a non-negative integer seq."""
+        for since in ({"epoch": "e"}, {"epoch": 1, "seq": 1}, {"epoch": "e", "seq": -1}, 3):
+            self.assertRefused({"type": "join", "room": "a", "since": since}, '"since"')
+
+    def test_bad_refs(self) -> None:
+        """A ref must be a short string or an integer."""
+        self.assertRefused({"type": "message", "text": "x", "ref": [1]}, '"ref"')
+        self.assertRefused({"type": "message", "text": "x", "ref": "r" * 129}, '"ref"')
 
     def test_malformed_json(self) -> None:
         """Text that is not JSON is refused as malformed."""
@@ -98,13 +218,13 @@ class ParseClientMessageTests(SynchronousTestCase):
 
     def test_missing_type(self) -> None:
         """An object without a type is refused, listing the known types."""
-        self.assertRefused(b'{"text": "x"}', '"type"', "message")
+        self.assertRefused({"text": "x"}, '"type"', "message", "join")
 
-    def test_unknown_type(self) -> None:
-        """An unknown type is refused, naming it."""
-        self.assertRefused(b'{"type": "shout"}', "'shout'")
+    def test_unknown_type_keeps_the_ref(self) -> None:
+        """An unknown type is refused, naming it, with the ref echoed."""
+        self.assertRefused({"type": "shout", "ref": "a1"}, "'shout'", ref="a1")
 
     def test_message_without_text(self) -> None:
         """A message needs a text string."""
-        self.assertRefused(b'{"type": "message"}', '"text"')
-        self.assertRefused(b'{"type": "message", "text": 5}', '"text"')
+        self.assertRefused({"type": "message"}, '"text"')
+        self.assertRefused({"type": "message", "text": 5}, '"text"')

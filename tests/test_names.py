@@ -1,0 +1,30 @@
+"""
+Tests for :mod:`broadcaster.names`: which room and display names are allowed.
+"""
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from broadcaster.names import InvalidName, check_display_name, check_room
+
+
+class CheckRoomTests(SynchronousTestCase):
+    def test_valid_rooms(self):
+        """Letters, digits, '_', '.' and '-' up to 64 characters are fine."""
+        for room in ("lobby", "dev-2", "a.b_c", "9", "x" * 64):
+            self.assertEqual(check_room(room), room)
+
+    def test_invalid_rooms(self):
+        """Empty, long, spaced, leading-punctuation and non-string names are refused."""
+        for room in ("", "x" * 65, "a b", "-dev", ".", "caf\u00e9", None, 3):
+            self.assertRaises(InvalidName, check_room, room)
+
+
+class CheckDisplayNameTests(SynchronousTestCase):
+    def test_trimmed(self):
+        """Surrounding spaces go; inner ones and any script stay."""
+        self.assertEqual(check_display_name("  Zo\u00eb  M.  ", 32), "Zo\u00eb  M.")
+
+    def test_refused(self):
+        """Empty, too long, control, bidi-override and line-separator names are refused."""
+        for name in ("", "  ", "x" * 33, "a\x00b", "a\u202eb", "a\u2028b", "a\tb", 5):
+            self.assertRaises(InvalidName, check_display_name, name, 32)
