@@ -95,7 +95,6 @@ class ImageProtocol(RawMemberProtocol):
         self._queue: Deque[bytes] = deque()
         self._decoding = False
         self._paused = False
-        self._closing = False
 
     # Connection lifecycle
 
@@ -115,12 +114,12 @@ class ImageProtocol(RawMemberProtocol):
     # Reading frames
 
     def dataReceived(self, data: bytes) -> None:
-        if self._closing:
+        if self.closing:
             return
         if not self._buffer and self._expected is None:
             self._start_deadline()
         self._buffer += data
-        while not self._closing:
+        while not self.closing:
             if self._expected is None:
                 if len(self._buffer) < _HEADER.size:
                     return
@@ -187,11 +186,9 @@ class ImageProtocol(RawMemberProtocol):
             peer=self.peer,
             reason=reason,
         )
-        self._closing = True
         self._buffer = bytearray()
         self._cancel_deadline()
-        self.transport.write(error_frame(reason))
-        self.transport.loseConnection()
+        self.close_with(error_frame(reason))
 
     # Decoding, in order, off the reactor thread
 
@@ -208,7 +205,7 @@ class ImageProtocol(RawMemberProtocol):
         body = self._queue.popleft()
         if self._paused and len(self._queue) < MAX_QUEUED_FRAMES:
             self._paused = False
-            if not self._closing:
+            if not self.closing:
                 self.transport.resumeProducing()
         self._decoding = True
         d = self.factory.decode(body)
@@ -245,7 +242,7 @@ class ImageProtocol(RawMemberProtocol):
                 size=size,
                 reason=reason,
             )
-        if self.transport is not None and not self._closing:
+        if self.transport is not None and not self.closing:
             self.transport.write(error_frame(reason))
 
     def _decode_finished(self, _: object) -> None:
@@ -258,7 +255,7 @@ class ImageProtocol(RawMemberProtocol):
         """
         Pass on other clients' images; everything else is for other kinds of client.
         """
-        if not isinstance(event, ImageMessage) or event.sender == self.id or self._closing:
+        if not isinstance(event, ImageMessage) or event.sender == self.id or self.closing:
             return
         header = encoded(event, ImageProtocol, _png_frame_header)
         self.transport.writeSequence([header, event.png])
@@ -305,11 +302,13 @@ class DecoderPool(Service):
 
     :param threads: most images decoded at once.
     :param max_pixels: passed to :func:`broadcaster.imaging.normalise`.
+    :param max_png_size: likewise: no frame the server sends is larger.
     """
 
-    def __init__(self, reactor, threads: int, max_pixels: int) -> None:
+    def __init__(self, reactor, threads: int, max_pixels: int, max_png_size: int) -> None:
         self._reactor = reactor
         self._max_pixels = max_pixels
+        self._max_png_size = max_png_size
         self._pool = ThreadPool(minthreads=0, maxthreads=threads, name="broadcaster-images")
 
     def startService(self) -> None:
@@ -328,4 +327,6 @@ class DecoderPool(Service):
         :return: a Deferred firing with a :class:`NormalisedImage`, or
             failing with :class:`ImageError`.
         """
-        return deferToThreadPool(self._reactor, self._pool, normalise, data, self._max_pixels)
+        return deferToThreadPool(
+            self._reactor, self._pool, normalise, data, self._max_pixels, self._max_png_size
+        )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from typing import Optional
 
 from PIL import Image, UnidentifiedImageError
 
@@ -66,13 +67,18 @@ def _open(data: bytes) -> Image.Image:
         raise ImageError("unreadable image: {}".format(e)) from None
 
 
-def normalise(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> NormalisedImage:
+def normalise(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_png_size: Optional[int] = None
+) -> NormalisedImage:
     """
     Decode ``data`` and re-encode it as an RGB PNG.
 
     :param data: the bytes of an image in any format Pillow reads.
     :param max_pixels: refuse images with more pixels than this, before
         decoding them.
+    :param max_png_size: refuse images whose PNG would be larger than this,
+        so that what the server sends stays within the size it accepts
+        (a small JPEG can make a large PNG).
     :raise ImageError: with a reason, if the bytes are not an acceptable image.
     """
     if not data:
@@ -108,4 +114,10 @@ def normalise(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> NormalisedIm
         rgb = image.convert("RGB")
     out = io.BytesIO()
     rgb.save(out, format="PNG")
+    if max_png_size is not None and out.tell() > max_png_size:
+        raise ImageError(
+            "image too large once converted to PNG: {} bytes, the limit is {}".format(
+                out.tell(), max_png_size
+            )
+        )
     return NormalisedImage(out.getvalue(), width, height, source_format, len(data))

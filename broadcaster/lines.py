@@ -13,10 +13,12 @@ Client to server
     telling where its next line would start).
 
 Server to client
-    Every text message broadcast, one per line; line breaks inside a message
-    are replaced by spaces so that one message stays one line.  Arrivals and
-    departures as ``<id> connected`` / ``<id> disconnected``.  Binary
-    messages and images are not sent to line clients.
+    Every text message broadcast in the lobby, one per line, as ``<sender
+    id>: <text>``; line breaks inside a message are replaced by spaces so
+    that one message stays one line.  Arrivals and departures as ``<id>
+    connected`` / ``<id> disconnected``.  ``ERROR <reason>`` answers bad
+    input (no message can look like one: messages start with an id and a
+    colon).  Binary messages and images are not sent to line clients.
 """
 
 from __future__ import annotations
@@ -35,12 +37,19 @@ from broadcaster.members import RawMemberProtocol
 _LINE_BREAKS = re.compile("\r\n|[\r\n\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
 
 
+def _error_line(reason: str) -> bytes:
+    return "ERROR {}\n".format(reason).encode("utf-8")
+
+
 def as_line(event: Event) -> Optional[bytes]:
     """
     The line a line-bridge client receives for ``event``, or ``None``.
+
+    Messages start with their sender's id and a colon, so that no message
+    can pass for an announcement or for the server's ``ERROR`` lines.
     """
     if isinstance(event, TextMessage):
-        text = _LINE_BREAKS.sub(" ", event.text)
+        text = "{}: {}".format(event.sender, _LINE_BREAKS.sub(" ", event.text))
     elif isinstance(event, Joined):
         text = "{} connected".format(event.member)
     elif isinstance(event, Left):
@@ -60,10 +69,9 @@ class LineBridgeProtocol(RawMemberProtocol):
 
     def __init__(self) -> None:
         self._buffer = bytearray()
-        self._closing = False
 
     def dataReceived(self, data: bytes) -> None:
-        if self._closing:
+        if self.closing:
             return
         limit = self.factory.max_line_length
         self._buffer += data
@@ -79,10 +87,15 @@ class LineBridgeProtocol(RawMemberProtocol):
             self._line_received(bytes(line), limit)
         del self._buffer[:start]
         if len(self._buffer) > limit:
-            self._refuse("no line end within {} bytes; closing".format(limit))
-            self._closing = True
+            reason = "no line end within {} bytes; closing".format(limit)
+            self._log.warn(
+                "[BAD INPUT] {client} ({peer}): {reason}",
+                client=self.id,
+                peer=self.peer,
+                reason=reason,
+            )
             self._buffer = bytearray()
-            self.transport.loseConnection()
+            self.close_with(_error_line(reason))
 
     def _line_received(self, line: bytes, limit: int) -> None:
         if len(line) > limit:
@@ -101,10 +114,10 @@ class LineBridgeProtocol(RawMemberProtocol):
         self._log.warn(
             "[BAD INPUT] {client} ({peer}): {reason}", client=self.id, peer=self.peer, reason=reason
         )
-        self.transport.write("ERROR {}\n".format(reason).encode("utf-8"))
+        self.transport.write(_error_line(reason))
 
     def deliver(self, event: Event) -> None:
-        if self._closing:
+        if self.closing:
             return
         line = encoded(event, LineBridgeProtocol, as_line)
         if line is not None:

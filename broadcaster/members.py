@@ -16,6 +16,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 
+#: Seconds a connection the server hangs up on may keep sending (unread)
+#: while its client reads the last error.
+LINGER_SECONDS = 2.0
+
+
 def log_connect(log: Logger, client: str, peer: str, kind: str, count: int) -> None:
     """
     Log a member joining.
@@ -89,6 +94,31 @@ class RawMemberProtocol(Protocol):
     name: Optional[str] = None
     peer = "-"
     _connected_at = 0.0
+    #: Set once the server has decided to hang up: no more input is read
+    #: and nothing more is delivered.
+    closing = False
+    _linger = None
+
+    def close_with(self, last_words: bytes) -> None:
+        """
+        Send ``last_words`` (an error) and hang up, so that the client gets
+        to read them.
+
+        Closing a socket that still has unread input makes the kernel reset
+        the connection, which can destroy data we sent but the client had
+        not yet read.  So: send, shut down our side only (FIN), discard
+        whatever the client still sends, and close for good when it does,
+        or after :data:`LINGER_SECONDS`.
+        """
+        self.closing = True
+        self.transport.write(last_words)
+        # Plain TCP can half-close; TLS and other transports just close.
+        lose_write = getattr(self.transport, "loseWriteConnection", None)
+        if lose_write is None:
+            self.transport.loseConnection()
+            return
+        lose_write()
+        self._linger = self.factory.clock.callLater(LINGER_SECONDS, self.transport.abortConnection)
 
     def connectionMade(self) -> None:
         factory = self.factory
@@ -111,6 +141,8 @@ class RawMemberProtocol(Protocol):
         self.transport.abortConnection()
 
     def connectionLost(self, reason: Optional[Failure] = None) -> None:
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
         hub = self.factory.hub
         hub.disconnect(self)
         log_disconnect(

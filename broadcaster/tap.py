@@ -372,7 +372,12 @@ def makeService(options: Options, reactor=None) -> BroadcasterService:
 
     service.image_endpoint = None
     if options["image-port"] is not None:
-        decoder = DecoderPool(reactor, options["image-threads"], options["image-max-pixels"])
+        decoder = DecoderPool(
+            reactor,
+            options["image-threads"],
+            options["image-max-pixels"],
+            max_png_size=options["max-image-size"],
+        )
         decoder.setServiceParent(service)
         images = ImageFactory(
             service.hub,

@@ -95,3 +95,13 @@ class NormaliseTests(SynchronousTestCase):
         """The pixel limit is the caller's: 4x3 passes 12 and fails 11."""
         normalise(make_image(), max_pixels=12)
         self.assertRaises(ImageError, normalise, make_image(), max_pixels=11)
+
+    def test_png_larger_than_the_limit_is_refused(self):
+        """An image whose PNG would exceed max_png_size is refused, so the
+        server never sends a frame larger than it accepts."""
+        noisy = Image.effect_noise((64, 64), 100).convert("RGB")
+        out = io.BytesIO()
+        noisy.save(out, format="JPEG", quality=5)
+        error = self.assertRaises(ImageError, normalise, out.getvalue(), max_png_size=1000)
+        self.assertIn("once converted to PNG", str(error))
+        self.assertTrue(normalise(out.getvalue(), max_png_size=10**6).png)

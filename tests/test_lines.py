@@ -100,7 +100,7 @@ class LineBridgeProtocolTests(SynchronousTestCase):
     def test_messages_become_single_lines(self):
         """Line breaks inside a message are replaced so one message is one line."""
         self.hub.publish_text("recorder", "a\nb\r\nc\u2028d")
-        self.assertEqual(self.transport.value(), b"a b c d\n")
+        self.assertEqual(self.transport.value(), b"recorder: a b c d\n")
 
     def test_announcements_are_lines(self):
         """Arrivals and departures arrive as '<id> connected' / '<id> disconnected'."""
@@ -143,10 +143,13 @@ class LineBridgeIntegrationTests(TestCase):
         self.assertEqual((yield plain.next_text()), "hello from nc")
         event = yield js.next_json()
         self.assertEqual((event["from"], event["text"]), (nc_id, "hello from nc"))
-        self.assertEqual((yield nc.next()), "hello from nc")
+        self.assertEqual((yield nc.next()), "{}: hello from nc".format(nc_id))
 
         plain.send_text("two\nlines")
-        self.assertEqual((yield nc.next()), "two lines")
+        self.assertEqual((yield nc.next()), "{}: two lines".format(plain_id))
+
+        plain.send_text("ERROR you are banned")
+        self.assertEqual((yield nc.next()), "{}: ERROR you are banned".format(plain_id))
 
         plain.sendClose()
         self.assertEqual((yield nc.next()), "{} disconnected".format(plain_id))
@@ -164,5 +167,24 @@ class LineBridgeIntegrationTests(TestCase):
         nc.transport.write(b"\xc3\x28\n" + b"a" * 1001 + b"\nstill ok\n")
         self.assertTrue((yield nc.next()).startswith("ERROR "))
         self.assertTrue((yield nc.next()).startswith("ERROR "))
-        self.assertEqual((yield nc.next()), "still ok")
+        self.assertTrue((yield nc.next()).endswith(": still ok"))
         self.assertEqual((yield plain.next_text()), "still ok")
+
+    @inlineCallbacks
+    def test_endless_line_gets_its_error_before_the_hang_up(self):
+        """A client that keeps sending without a line end reads the ERROR,
+        then the server hangs up; nobody else is affected."""
+        service, web_port = yield start_server(self, ["--max-line-length", "1000"])
+        plain = yield connect_client(self, web_port)
+        yield plain.next_text()
+        flood = yield connect_raw(self, port_of(service.line_endpoint), LineClient)
+        yield flood.next()
+        yield plain.next_text()
+        for _ in range(50):
+            flood.transport.write(b"x" * 10000)
+        self.assertIn("no line end within 1000 bytes", (yield flood.next()))
+        yield flood.closed
+        flood_id = flood.inbox.items[0].split()[0]
+        self.assertEqual((yield plain.next_text()), "{} disconnected".format(flood_id))
+        plain.send_text("fine")
+        self.assertEqual((yield plain.next_text()), "fine")

@@ -372,7 +372,7 @@ class LineBridgeTests(TestCase):
 
         arrival, echo = yield deferToThread(chat)
         self.assertRegex(arrival, r"^\S+ connected$")
-        self.assertEqual(echo, "hello \u2603")
+        self.assertEqual(echo, "{}: hello \u2603".format(arrival.split()[0]))
 
     @inlineCallbacks
     def test_refusal_is_an_ordinary_line(self):
