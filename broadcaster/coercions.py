@@ -41,3 +41,16 @@ def non_negative_int(value: str) -> int:
 
 
 non_negative_int.coerceDoc = "A whole number, 0 or more."  # type: ignore[attr-defined]
+
+
+def non_negative_float(value: str) -> float:
+    """
+    :raise ValueError: unless ``value`` is a number, zero or more.
+    """
+    number = float(value)
+    if not number >= 0:
+        raise ValueError("must be zero or a positive number")
+    return number
+
+
+non_negative_float.coerceDoc = "A number, 0 or more."  # type: ignore[attr-defined]

@@ -48,6 +48,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from broadcaster.flow import Limits
 from broadcaster.hub import Event, Hub, ImageMessage, encoded
 from broadcaster.imaging import ImageError, NormalisedImage, normalise
 from broadcaster.members import RawMemberProtocol
@@ -193,6 +194,8 @@ class ImageProtocol(RawMemberProtocol):
     # Decoding, in order, off the reactor thread
 
     def _frame_received(self, body: bytes) -> None:
+        if not self.within_rate(error_frame):
+            return
         self._queue.append(body)
         if len(self._queue) >= MAX_QUEUED_FRAMES and not self._paused:
             self._paused = True
@@ -257,8 +260,7 @@ class ImageProtocol(RawMemberProtocol):
         """
         if not isinstance(event, ImageMessage) or event.sender == self.id or self.closing:
             return
-        header = encoded(event, ImageProtocol, _png_frame_header)
-        self.transport.writeSequence([header, event.png])
+        self.send(encoded(event, ImageProtocol, _png_frame_header), event.png)
 
 
 class ImageFactory(ServerFactory):
@@ -283,8 +285,10 @@ class ImageFactory(ServerFactory):
         decode: Decoder,
         max_image_size: int = 16 * 1024 * 1024,
         image_timeout: float = 30.0,
+        limits: Limits = Limits(),
     ) -> None:
         self.hub = hub
+        self.limits = limits
         self.clock = clock
         self.decode = decode
         self.max_image_size = max_image_size

@@ -30,6 +30,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
+from broadcaster.flow import Limits
 from broadcaster.hub import Event, Hub, Joined, Left, TextMessage, encoded
 from broadcaster.members import RawMemberProtocol
 
@@ -107,7 +108,7 @@ class LineBridgeProtocol(RawMemberProtocol):
             self._refuse("line is not valid UTF-8 (byte {} at {})".format(
                 hex(line[e.start]), e.start))
             return
-        if text.strip():
+        if text.strip() and self.within_rate(_error_line):
             self.factory.hub.publish_text(self.id, text)
 
     def _refuse(self, reason: str) -> None:
@@ -121,7 +122,7 @@ class LineBridgeProtocol(RawMemberProtocol):
             return
         line = encoded(event, LineBridgeProtocol, as_line)
         if line is not None:
-            self.transport.write(line)
+            self.send(line)
 
 
 class LineBridgeFactory(ServerFactory):
@@ -134,7 +135,14 @@ class LineBridgeFactory(ServerFactory):
     protocol = LineBridgeProtocol
     noisy = False
 
-    def __init__(self, hub: Hub, clock: IReactorTime, max_line_length: int = 64 * 1024) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        clock: IReactorTime,
+        max_line_length: int = 64 * 1024,
+        limits: Limits = Limits(),
+    ) -> None:
         self.hub = hub
         self.clock = clock
         self.max_line_length = max_line_length
+        self.limits = limits

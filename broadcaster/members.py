@@ -7,13 +7,15 @@ chat; an operator reading the log should see them announced the same way.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 from autobahn.twisted.util import peer2str
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from broadcaster.flow import OutboundBuffer, RateLimit
 
 
 #: Seconds a connection the server hangs up on may keep sending (unread)
@@ -81,8 +83,9 @@ class RawMemberProtocol(Protocol):
     """
     A raw-TCP connection that is a hub member for as long as it is connected.
 
-    Subclasses set :attr:`kind` and implement ``deliver``; their factory
-    has ``hub`` and ``clock`` attributes.
+    Subclasses set :attr:`kind` and implement ``deliver`` (with
+    :meth:`send`); their factory has ``hub``, ``clock`` and ``limits``
+    (:class:`broadcaster.flow.Limits`) attributes.
 
     :ivar id: the member id, allocated when the connection is made.
     :ivar peer: the peer's address, as Autobahn writes it (``tcp4:1.2.3.4:5``).
@@ -125,8 +128,65 @@ class RawMemberProtocol(Protocol):
         self.peer = peer2str(self.transport)
         self.id = factory.hub.new_id()
         self._connected_at = factory.clock.seconds()
+        self._outbound = OutboundBuffer(self.transport)
+        self._rate = RateLimit(factory.clock, factory.limits.rate, factory.limits.burst)
         factory.hub.connect(self)
         log_connect(self._log, self.id, self.peer, self.kind, len(factory.hub))
+
+    def send(self, *chunks: bytes) -> None:
+        """
+        Queue ``chunks`` for the client, unless it has fallen more than
+        ``--max-buffer`` bytes behind: then it is disconnected instead, and
+        the broadcast goes on without it.
+        """
+        if self.closing:
+            return
+        limit = self.factory.limits.max_buffer
+        if self._outbound.over(limit):
+            self._log.warn(
+                "[SLOW CONSUMER] {client} is {queued} bytes behind (--max-buffer {limit});"
+                " disconnecting",
+                client=self.id,
+                queued=self._outbound.queued,
+                limit=limit,
+            )
+            self.closing = True
+            self.transport.abortConnection()
+            return
+        self.transport.writeSequence(chunks)
+        self._outbound.wrote(sum(len(chunk) for chunk in chunks))
+
+    def within_rate(self, refusal: Callable[[str], bytes]) -> bool:
+        """
+        Whether the client may send one more message now.
+
+        A message over ``--rate`` is refused with ``refusal(reason)`` (an
+        error line or frame); a client that keeps sending past its burst is
+        disconnected.
+        """
+        if self._rate.allow():
+            return True
+        limits = self.factory.limits
+        reason = "rate limit exceeded: at most {:g} messages per second (bursts of {})".format(
+            limits.rate, limits.burst
+        )
+        if self._rate.abusive:
+            self._log.warn(
+                "[RATE LIMIT] {client} ({peer}) kept sending past its limit; closing",
+                client=self.id,
+                peer=self.peer,
+            )
+            self.close_with(refusal(reason + "; closing"))
+            return False
+        if self._rate.dropped_in_a_row == 1:
+            self._log.warn(
+                "[RATE LIMIT] {client} ({peer}) is over {rate:g} messages/s; dropping",
+                client=self.id,
+                peer=self.peer,
+                rate=limits.rate,
+            )
+        self.transport.write(refusal(reason + "; message dropped"))
+        return False
 
     def shut_down(self) -> None:
         """

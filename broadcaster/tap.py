@@ -20,7 +20,8 @@ from twisted.python import usage
 from zope.interface import implementer
 
 from broadcaster import __version__
-from broadcaster.coercions import non_negative_int, positive_float, positive_int
+from broadcaster.coercions import non_negative_float, non_negative_int, positive_float, positive_int
+from broadcaster.flow import Limits
 from broadcaster.hub import Hub
 from broadcaster.imaging import DEFAULT_MAX_PIXELS
 from broadcaster.images import DecoderPool, ImageFactory
@@ -43,6 +44,13 @@ class Options(usage.Options):
     )
 
     optFlags = [
+        [
+            "compression",
+            None,
+            "Accept permessage-deflate compression (off by default: it costs "
+            "CPU per recipient).  Decompressed messages are still limited by "
+            "--max-message-size.",
+        ],
         [
             "debug",
             None,
@@ -87,6 +95,63 @@ class Options(usage.Options):
             None,
             10.0,
             "Seconds a client may take to complete the WebSocket handshake.",
+            positive_float,
+        ],
+        [
+            "max-buffer",
+            None,
+            1024 * 1024,
+            "Bytes a client may fall behind (queued for it because it reads "
+            "slowly) before it is closed as a slow consumer (code 4008).  At "
+            "least --max-message-size.",
+            positive_int,
+        ],
+        [
+            "rate",
+            None,
+            100.0,
+            "Messages per second a client may send on average; excess "
+            "messages are dropped, and a client that keeps flooding is closed "
+            "(1008).  0 means no limit.",
+            non_negative_float,
+        ],
+        [
+            "burst",
+            None,
+            500,
+            "Messages a client may send at once above --rate.",
+            positive_int,
+        ],
+        [
+            "max-connections",
+            None,
+            50000,
+            "WebSocket connections at once; more are answered 503.  0 means no limit.",
+            non_negative_int,
+        ],
+        [
+            "max-connections-per-ip",
+            None,
+            0,
+            "WebSocket connections at once from one IP address; more are "
+            "answered 503.  0 (the default) means no limit: behind a reverse "
+            "proxy every client has the proxy's address.",
+            non_negative_int,
+        ],
+        [
+            "ping-interval",
+            None,
+            25.0,
+            "Seconds between keepalive pings to each WebSocket client "
+            "(also keeps idle connections open through load balancers).  0 "
+            "turns pings off.",
+            non_negative_float,
+        ],
+        [
+            "ping-timeout",
+            None,
+            10.0,
+            "Seconds a client has to answer a ping before it is dropped as dead.",
             positive_float,
         ],
         [
@@ -192,6 +257,13 @@ class Options(usage.Options):
                 self[flag] = None
             else:
                 _check_endpoint(flag, self[flag])
+        if self["max-buffer"] < self["max-message-size"]:
+            raise usage.UsageError(
+                "--max-buffer {} is smaller than --max-message-size {}: a client "
+                "could not be sent one message of the largest allowed size".format(
+                    self["max-buffer"], self["max-message-size"]
+                )
+            )
         node = self["node-id"]
         if node is not None and (not node or not all(c.isalnum() or c in "_." for c in node)):
             raise usage.UsageError(
@@ -269,6 +341,29 @@ class ReportingEndpoint:
         return d
 
 
+def raise_open_files_limit(log: Logger) -> None:
+    """
+    Raise the soft limit on open files to the hard limit: every client is a
+    file descriptor, and the usual soft limit of 1024 would cap the server
+    far below what it can serve.
+    """
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as e:
+            log.warn("could not raise the open files limit to {hard}: {error}", hard=hard, error=e)
+    log.info(
+        "open files limit: {soft} (each connection takes one)",
+        soft="unlimited" if soft == resource.RLIM_INFINITY else soft,
+    )
+
+
 class BroadcasterService(MultiService):
     """
     The whole server: a :class:`MultiService` whose children listen.
@@ -287,6 +382,7 @@ class BroadcasterService(MultiService):
     def privilegedStartService(self) -> None:
         # twistd binds ports here, before dropping privileges: say who we are first.
         self._log.info("broadcaster {version} starting", version=__version__)
+        raise_open_files_limit(self._log)
         super().privilegedStartService()
 
     def stopService(self) -> Deferred:
@@ -352,12 +448,23 @@ def makeService(options: Options, reactor=None) -> BroadcasterService:
         max_rooms=options["max-rooms"],
         max_rooms_per_member=options["max-rooms-per-client"],
     )
+    limits = service.limits = Limits(
+        max_buffer=options["max-buffer"],
+        rate=options["rate"],
+        burst=options["burst"],
+        max_message_size=options["max-message-size"],
+        max_connections=options["max-connections"],
+        max_connections_per_ip=options["max-connections-per-ip"],
+        ping_interval=options["ping-interval"],
+        ping_timeout=options["ping-timeout"],
+        open_handshake_timeout=options["open-handshake-timeout"],
+        compression=bool(options["compression"]),
+    )
     factory = BroadcastServerFactory(
         service.hub,
         OriginPolicy(options["allow-origin"]),
         reactor,
-        max_message_size=options["max-message-size"],
-        open_handshake_timeout=options["open-handshake-timeout"],
+        limits=limits,
         debug=options["debug"],
         max_name_length=options["max-name-length"],
     )
@@ -383,6 +490,7 @@ def makeService(options: Options, reactor=None) -> BroadcasterService:
             service.hub,
             reactor,
             decoder.decode,
+            limits=limits,
             max_image_size=options["max-image-size"],
             image_timeout=options["image-timeout"],
         )
@@ -392,7 +500,7 @@ def makeService(options: Options, reactor=None) -> BroadcasterService:
 
     service.line_endpoint = None
     if options["line-port"] is not None:
-        lines = LineBridgeFactory(service.hub, reactor, options["max-line-length"])
+        lines = LineBridgeFactory(service.hub, reactor, options["max-line-length"], limits)
         service.line_endpoint = _listen(
             service, options["line-port"], lines, "Line bridge", reactor
         )

@@ -20,15 +20,17 @@ Per-message logs are debug only and never include payloads.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
 from autobahn.websocket.protocol import PreparedMessage
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.logger import Logger
 
 from broadcaster import __version__
+from broadcaster.flow import Limits, OutboundBuffer, RateLimit
 from broadcaster.hub import Event, Hub, NotInRoom, TooManyRooms, encoded
 from broadcaster.members import log_connect, log_disconnect
 from broadcaster.names import LOBBY, InvalidName, check_display_name
@@ -40,6 +42,9 @@ from broadcaster.wire import (
     PlainCodec,
     parse_client_message,
 )
+
+#: Close code for a client that fell more than --max-buffer behind.
+SLOW_CONSUMER = 4008
 
 _PLAIN = PlainCodec()
 _JSON = JSONCodec()
@@ -83,6 +88,7 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
 
     id: Optional[str] = None
     codec = _PLAIN
+    _address: Optional[str] = None
     _opened_at: float = 0.0
     _joined = False
 
@@ -113,6 +119,7 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
                 ConnectionDeny.FORBIDDEN,
                 "Origin {} is not allowed to connect to this server".format(origin),
             )
+        self._count_connection(request.peer)
         names = request.params.get("name")
         if names:
             try:
@@ -145,11 +152,40 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
             return JSON_SUBPROTOCOL
         return None
 
+    def _count_connection(self, peer: str) -> None:
+        """
+        Admit the connection under --max-connections and
+        --max-connections-per-ip, or refuse it with 503.
+        """
+        factory = self.factory
+        limits = factory.limits
+        address = getattr(self.transport.getPeer(), "host", peer)
+        reason = None
+        if limits.max_connections and factory.connections >= limits.max_connections:
+            reason = "the server is full ({} connections)".format(limits.max_connections)
+        elif (
+            limits.max_connections_per_ip
+            and factory.connections_per_ip.get(address, 0) >= limits.max_connections_per_ip
+        ):
+            reason = "too many connections from {} ({})".format(
+                address, limits.max_connections_per_ip
+            )
+        if reason is not None:
+            self._log.warn("[REFUSED] {peer}: {reason}; answered 503", peer=peer, reason=reason)
+            factory.refused += 1
+            raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, reason)
+        self._address = address
+        factory.connections += 1
+        factory.connections_per_ip[address] = factory.connections_per_ip.get(address, 0) + 1
+
     def onOpen(self) -> None:
         factory = self.factory
         hub = factory.hub
         self.id = hub.new_id()
         self._opened_at = factory.clock.seconds()
+        self._outbound = OutboundBuffer(self.transport)
+        self._rate = RateLimit(factory.clock, factory.limits.rate, factory.limits.burst)
+        self._schedule_ping()
         if self.codec is _JSON:
             history = hub.histories.get(LOBBY)
             self.sendMessage(
@@ -158,7 +194,7 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
                     hub.room_members(LOBBY) + [self],
                     history.epoch,
                     history.seq,
-                    factory.limits,
+                    factory.client_limits,
                 )
             )
         hub.connect(self)
@@ -171,6 +207,13 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
             self.sendMessage(_JSON.recovered(LOBBY, hub.replay(self, LOBBY, epoch, seq)))
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self.state != self.STATE_OPEN:
+            # We are closing this client (slow consumer, flooding, shutdown):
+            # what it still sends until it answers our close is ignored.
+            return
+        if not self._rate.allow():
+            self._rate_limited()
+            return
         if self.factory.debug:
             self._log.debug(
                 "{client} sent {size} bytes ({kind})",
@@ -201,6 +244,85 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
             self._refuse(str(e), e.ref)
         except (NotInRoom, TooManyRooms) as e:
             self._refuse(str(e), request["ref"])
+
+    def _rate_limited(self) -> None:
+        limits = self.factory.limits
+        if self._rate.abusive:
+            self._log.warn(
+                "[RATE LIMIT] {client} kept sending past its limit ({rate:g}/s, burst"
+                " {burst}); closing with 1008",
+                client=self.id,
+                rate=limits.rate,
+                burst=limits.burst,
+            )
+            self._close(self.CLOSE_STATUS_CODE_POLICY_VIOLATION, "rate limit exceeded")
+            return
+        if self._rate.dropped_in_a_row == 1:
+            # Once per episode, not once per dropped message.
+            self._log.warn(
+                "[RATE LIMIT] {client} is over {rate:g} messages/s (burst {burst});"
+                " dropping its messages",
+                client=self.id,
+                rate=limits.rate,
+                burst=limits.burst,
+            )
+        if self.codec is _JSON:
+            self.sendMessage(
+                _JSON.error(
+                    "rate limit exceeded: at most {:g} messages per second (bursts of {});"
+                    " message dropped".format(limits.rate, limits.burst)
+                )
+            )
+
+    def _close(self, code: int, reason: str) -> None:
+        """
+        Start the closing handshake with any code, 1001 and 1008 included
+        (Autobahn's sendClose() only takes 1000 and 3000-4999).
+        """
+        if self.state == self.STATE_OPEN:
+            self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8"), isReply=False)
+
+    # Keepalive: a peer that vanished without a FIN (dead Wi-Fi, a phone
+    # that went to sleep) is only noticed by asking it something.
+
+    _ping_call = None
+    _pong_deadline = None
+
+    def _schedule_ping(self) -> None:
+        interval = self.factory.limits.ping_interval
+        if interval:
+            self._ping_call = self.factory.clock.callLater(interval, self._ping)
+
+    def _ping(self) -> None:
+        self._ping_call = None
+        if self.state != self.STATE_OPEN:
+            return
+        self.sendPing()
+        self._pong_deadline = self.factory.clock.callLater(
+            self.factory.limits.ping_timeout, self._pong_missing
+        )
+
+    def onPong(self, payload: bytes) -> None:
+        if self._pong_deadline is not None and self._pong_deadline.active():
+            self._pong_deadline.cancel()
+            self._pong_deadline = None
+            self._schedule_ping()
+
+    def _pong_missing(self) -> None:
+        self._pong_deadline = None
+        self._log.info(
+            "[DEAD PEER] {client} did not answer a ping within {timeout:g}s; dropping it",
+            client=self.id,
+            timeout=self.factory.limits.ping_timeout,
+        )
+        self.wasNotCleanReason = "no answer to a ping (dead peer)"
+        self.transport.abortConnection()
+
+    def _stop_keepalive(self) -> None:
+        for call in (self._ping_call, self._pong_deadline):
+            if call is not None and call.active():
+                call.cancel()
+        self._ping_call = self._pong_deadline = None
 
     def _refuse(self, reason: str, ref) -> None:
         self._log.warn("[BAD INPUT] {client}: {reason}", client=self.id, reason=reason)
@@ -266,6 +388,16 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
 
     def connectionLost(self, reason) -> None:
         super().connectionLost(reason)
+        self._stop_keepalive()
+        if self._address is not None:
+            factory = self.factory
+            factory.connections -= 1
+            remaining = factory.connections_per_ip[self._address] - 1
+            if remaining:
+                factory.connections_per_ip[self._address] = remaining
+            else:
+                del factory.connections_per_ip[self._address]
+            self._address = None
         # Autobahn cancels its close-handshake timer only when the peer's
         # close frame arrives; a peer that drops the TCP connection instead
         # would leave it pending for closeHandshakeTimeout seconds per
@@ -279,13 +411,7 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         The server is stopping: close with 1001 ("going away"), so clients
         know to reconnect rather than treat it as an error.
         """
-        # sendClose() only takes the codes an application may send (1000,
-        # 3000-4999); 1001 is the server's own to send, so frame it directly.
-        self.sendCloseFrame(
-            code=self.CLOSE_STATUS_CODE_GOING_AWAY,
-            reasonUtf8=b"server shutting down",
-            isReply=False,
-        )
+        self._close(self.CLOSE_STATUS_CODE_GOING_AWAY, "server shutting down")
 
     def abort(self) -> None:
         self.transport.abortConnection()
@@ -297,8 +423,30 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         if self.state != self.STATE_OPEN:
             # Closing: RFC 6455 allows no data frames after our close frame.
             return
+        outbound = self._outbound
+        if outbound.over(self.factory.limits.max_buffer):
+            self._slow_consumer()
+            return
         for prepared in encoded(event, self.codec, _PREPARE[self.codec]):
             self.sendPreparedMessage(prepared)
+            outbound.wrote(len(prepared.payloadHybi))
+
+    def _slow_consumer(self) -> None:
+        """
+        The client reads more slowly than the chat goes: close it rather
+        than hold an ever-growing backlog for it.  The broadcast goes on
+        without waiting; its close handshake has closeHandshakeTimeout to
+        complete before the connection is dropped.
+        """
+        self._log.warn(
+            "[SLOW CONSUMER] {client} is {queued} bytes behind (--max-buffer {limit});"
+            " closing with 4008",
+            client=self.id,
+            queued=self._outbound.queued,
+            limit=self.factory.limits.max_buffer,
+        )
+        self.factory.slow_consumers += 1
+        self._close(SLOW_CONSUMER, "slow consumer: too far behind")
 
 
 class BroadcastServerFactory(WebSocketServerFactory):
@@ -317,8 +465,7 @@ class BroadcastServerFactory(WebSocketServerFactory):
         hub: Hub,
         origin_policy: OriginPolicy,
         clock: IReactorTime,
-        max_message_size: int = 64 * 1024,
-        open_handshake_timeout: float = 10.0,
+        limits: Limits = Limits(),
         debug: bool = False,
         max_name_length: int = 32,
     ) -> None:
@@ -326,26 +473,47 @@ class BroadcastServerFactory(WebSocketServerFactory):
         self.hub = hub
         self.origin_policy = origin_policy
         self.clock = clock
+        self.limits = limits
         self.refused = 0
+        self.slow_consumers = 0
+        self.connections = 0
+        self.connections_per_ip: Dict[str, int] = {}
         self.max_name_length = max_name_length
         #: Told to JSON clients in their welcome, so they can check first.
-        self.limits = {
-            "max_message_size": max_message_size,
+        self.client_limits = {
+            "max_message_size": limits.max_message_size,
             "max_name_length": max_name_length,
             "history_size": hub.histories.size,
             "max_rooms_per_client": hub.max_rooms_per_member,
+            "rate": limits.rate,
+            "burst": limits.burst,
         }
         #: Log per-message lines (sizes only).  Checked before formatting an
         #: event at all, since this is on the fan-out's hot path.
         self.debug = debug
         # Autobahn's defaults are unlimited; a public server cannot be.
         self.setProtocolOptions(
-            maxFramePayloadSize=max_message_size,
-            maxMessagePayloadSize=max_message_size,
-            openHandshakeTimeout=open_handshake_timeout,
+            maxFramePayloadSize=limits.max_message_size,
+            maxMessagePayloadSize=limits.max_message_size,
+            openHandshakeTimeout=limits.open_handshake_timeout,
             closeHandshakeTimeout=5,
             # Tell a misbehaving client why it is being closed (1002, 1007,
             # 1009, ...) instead of just dropping the TCP connection.
             failByDrop=False,
-            perMessageCompressionAccept=lambda offers: None,
+            perMessageCompressionAccept=self._accept_compression,
         )
+
+    def _accept_compression(self, offers):
+        """
+        permessage-deflate only with --compression, and then with the
+        decompressed size limited too (a small compressed message must not
+        inflate into gigabytes).
+        """
+        if not self.limits.compression:
+            return None
+        for offer in offers:
+            if isinstance(offer, PerMessageDeflateOffer):
+                return PerMessageDeflateOfferAccept(
+                    offer, max_message_size=self.limits.max_message_size
+                )
+        return None

@@ -205,7 +205,7 @@ def connect_client(
     factory.protocol = RecordingClientProtocol
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
     client = yield endpoint.connect(factory)
-    testcase.addCleanup(_close_client, client)
+    testcase.addCleanup(close_client, client)
     yield client.opened
     return client
 
@@ -232,7 +232,8 @@ def connect_plain_clients(testcase, port: int, count: int):
     return clients
 
 
-def _close_client(client: RecordingClientProtocol) -> Deferred:
+def close_client(client: RecordingClientProtocol) -> Deferred:
+    """Close ``client`` if it is still open; fires once it is closed."""
     if not client.closed.called:
         client.sendClose()
         client.closed.addTimeout(10, reactor)
@@ -438,3 +439,262 @@ def run_module(testcase, module: str, args: Iterable[str], stdin: Optional[bytes
 
     testcase.addCleanup(reap)
     return process
+
+
+# RFC 6455 frames built and read by hand, for conformance and fuzz tests that
+# must send what no well-behaved client library would.
+
+#: Frame opcodes (RFC 6455 section 5.2).
+OP_CONTINUATION = 0x0
+OP_TEXT = 0x1
+OP_BINARY = 0x2
+OP_CLOSE = 0x8
+OP_PING = 0x9
+OP_PONG = 0xA
+
+#: RSV1, RSV2 and RSV3 as the number ``build_frame`` takes.
+RSV1, RSV2, RSV3 = 4, 2, 1
+
+#: The masking key used unless a test chooses another.
+DEFAULT_MASK = b"\x37\xfa\x21\x3d"
+
+
+def build_frame(
+    opcode: int,
+    payload: bytes = b"",
+    fin: bool = True,
+    rsv: int = 0,
+    mask: Optional[bytes] = DEFAULT_MASK,
+    length: Optional[int] = None,
+    length_bits: Optional[int] = None,
+) -> bytes:
+    """
+    One WebSocket frame laid out as RFC 6455 section 5.2 says, right or wrong.
+
+    :param rsv: the three reserved bits as a number from 0 to 7 (``RSV1`` is 4).
+    :param mask: the 4-byte masking key, or ``None`` for an unmasked frame.
+    :param length: the payload length to declare, if not ``len(payload)``
+        (for a header whose body follows later, or never).
+    :param length_bits: 7, 16 or 64: the length encoding to use; by default
+        the shortest that holds the length, as the RFC requires.
+    """
+    declared = len(payload) if length is None else length
+    if length_bits is None:
+        length_bits = 7 if declared < 126 else 16 if declared < 2**16 else 64
+    first = (0x80 if fin else 0) | (rsv & 0x7) << 4 | (opcode & 0xF)
+    mask_bit = 0x80 if mask is not None else 0
+    if length_bits == 7:
+        header = struct.pack(">BB", first, mask_bit | declared)
+    elif length_bits == 16:
+        header = struct.pack(">BBH", first, mask_bit | 126, declared)
+    elif length_bits == 64:
+        header = struct.pack(">BBQ", first, mask_bit | 127, declared)
+    else:
+        raise ValueError("length_bits must be 7, 16 or 64")
+    if mask is None:
+        return header + payload
+    return header + mask + _xor_mask(payload, mask)
+
+
+def _xor_mask(payload: bytes, mask: bytes) -> bytes:
+    # Masking and unmasking are the same XOR (RFC 6455 section 5.3).
+    return bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def close_payload(code: Optional[int] = None, reason: bytes = b"") -> bytes:
+    """
+    The body of a close frame: a 2-byte status code, then a UTF-8 reason.
+    """
+    if code is None:
+        return reason
+    return struct.pack(">H", code) + reason
+
+
+class Frame:
+    """
+    One frame read off the wire, its payload already unmasked.
+
+    :ivar masked: whether the sender masked it (servers must not).
+    """
+
+    def __init__(self, fin: bool, rsv: int, opcode: int, masked: bool, payload: bytes) -> None:
+        self.fin = fin
+        self.rsv = rsv
+        self.opcode = opcode
+        self.masked = masked
+        self.payload = payload
+
+    @property
+    def close_code(self) -> Optional[int]:
+        """The status code of a close frame, or ``None`` if it has none."""
+        if len(self.payload) < 2:
+            return None
+        return struct.unpack(">H", self.payload[:2])[0]
+
+    @property
+    def close_reason(self) -> bytes:
+        """The raw reason of a close frame."""
+        return self.payload[2:]
+
+    def __repr__(self) -> str:
+        return "Frame(fin={}, rsv={}, opcode={:#x}, masked={}, payload={!r})".format(
+            self.fin, self.rsv, self.opcode, self.masked, self.payload[:60]
+        )
+
+
+def parse_frame(data: bytes) -> Optional[Tuple[Frame, bytes]]:
+    """
+    Read the first frame of ``data``.
+
+    :return: ``(frame, rest of data)``, or ``None`` if ``data`` does not yet
+        hold a whole frame.
+    """
+    if len(data) < 2:
+        return None
+    first, second = data[0], data[1]
+    masked = bool(second & 0x80)
+    length = second & 0x7F
+    offset = 2
+    if length == 126:
+        if len(data) < 4:
+            return None
+        (length,) = struct.unpack(">H", data[2:4])
+        offset = 4
+    elif length == 127:
+        if len(data) < 10:
+            return None
+        (length,) = struct.unpack(">Q", data[2:10])
+        offset = 10
+    mask = None
+    if masked:
+        if len(data) < offset + 4:
+            return None
+        mask = data[offset : offset + 4]
+        offset += 4
+    if len(data) < offset + length:
+        return None
+    payload = data[offset : offset + length]
+    if mask is not None:
+        payload = _xor_mask(payload, mask)
+    frame = Frame(bool(first & 0x80), (first >> 4) & 0x7, first & 0xF, masked, payload)
+    return frame, data[offset + length :]
+
+
+def parse_frames(data: bytes) -> Tuple[List[Frame], bytes]:
+    """
+    Read every whole frame in ``data``.
+
+    :return: ``(frames, bytes left over that are not yet a whole frame)``.
+    """
+    frames = []
+    while True:
+        parsed = parse_frame(data)
+        if parsed is None:
+            return frames, data
+        frame, data = parsed
+        frames.append(frame)
+
+
+class RawWebSocketClient(Protocol):
+    """
+    A WebSocket client that does the opening handshake by hand and then
+    sends whatever bytes a test gives it: ``client.send(build_frame(...))``.
+    ``yield client.next()`` returns the next :class:`Frame` from the server;
+    ``client.closed`` fires once the TCP connection is gone, and
+    ``client.reason`` then says how it ended.
+    """
+
+    _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+    def __init__(self, path: str = "/") -> None:
+        import base64
+
+        self.path = path
+        self.key = base64.b64encode(os.urandom(16))
+        self.inbox = Inbox()
+        self.opened: Deferred = Deferred()
+        self.closed: Deferred = Deferred()
+        #: Why the TCP connection ended, once it has.
+        self.reason = None
+        self._buffer = b""
+        self._open = False
+
+    def connectionMade(self) -> None:
+        self.transport.write(
+            b"GET " + self.path.encode("ascii") + b" HTTP/1.1\r\n"
+            b"Host: 127.0.0.1\r\n"
+            b"Upgrade: websocket\r\n"
+            b"Connection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: " + self.key + b"\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        if not self._open:
+            head, blank, rest = self._buffer.partition(b"\r\n\r\n")
+            if not blank:
+                return
+            self._buffer = rest
+            self._handshake_answered(head)
+            if not self._open:
+                return
+        frames, self._buffer = parse_frames(self._buffer)
+        for frame in frames:
+            self.inbox.put(frame)
+
+    def _handshake_answered(self, head: bytes) -> None:
+        import base64
+        import hashlib
+
+        status, *lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        accept = base64.b64encode(hashlib.sha1(self.key + self._GUID).digest()).decode()
+        if status.split()[1:2] != ["101"] or headers.get("sec-websocket-accept") != accept:
+            self.opened.errback(ConnectionError("handshake refused: {}".format(status)))
+            self.transport.loseConnection()
+            return
+        self._open = True
+        self.opened.callback(self)
+
+    def connectionLost(self, reason) -> None:
+        self.reason = reason
+        self.inbox.close()
+        if not self.opened.called:
+            self.opened.errback(ConnectionError("connection lost during the handshake"))
+        self.closed.callback(None)
+
+    def send(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def next(self, timeout: float = 10.0) -> Deferred:
+        """
+        Wait for the next frame from the server.
+
+        :return: a Deferred firing with a :class:`Frame`.
+        """
+        return self.inbox.next(timeout)
+
+
+@inlineCallbacks
+def connect_raw_websocket(testcase, port: int, path: str = "/"):
+    """
+    Connect a :class:`RawWebSocketClient` to loopback ``port``, wait for its
+    handshake, and drop it (if the server has not) when ``testcase`` ends.
+
+    :return: a Deferred firing with the open client.
+    """
+    factory = Factory.forProtocol(lambda: RawWebSocketClient(path))
+    client = yield TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
+
+    def disconnect():
+        if not client.closed.called:
+            client.transport.abortConnection()
+        return client.closed
+
+    testcase.addCleanup(disconnect)
+    yield client.opened
+    return client

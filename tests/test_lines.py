@@ -188,3 +188,45 @@ class LineBridgeIntegrationTests(TestCase):
         self.assertEqual((yield plain.next_text()), "{} disconnected".format(flood_id))
         plain.send_text("fine")
         self.assertEqual((yield plain.next_text()), "fine")
+
+
+class LineBridgeLimitTests(SynchronousTestCase):
+    def setUp(self):
+        from broadcaster.flow import Limits
+
+        self.clock = Clock()
+        self.hub = Hub(self.clock, node_id="t")
+        self.recorder = Recorder()
+        self.hub.connect(self.recorder)
+        self.factory = LineBridgeFactory(
+            self.hub, self.clock, 100, Limits(rate=1, burst=2, max_buffer=50)
+        )
+
+    def connect(self):
+        protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        transport.clear()
+        self.addCleanup(protocol.connectionLost, Failure(ConnectionDone()))
+        return protocol, transport
+
+    def test_excess_lines_are_refused_then_the_flooder_closed(self):
+        """Lines over --rate get ERROR and are dropped; flooding on closes the client."""
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"1\n2\n3\n4\n")
+        self.assertEqual([t for _, t in self.recorder.texts], ["1", "2"])
+        self.assertIn(b"ERROR rate limit exceeded", transport.value())
+        self.assertFalse(transport.disconnecting)
+        protocol.dataReceived(b"5\n6\n7\n")
+        self.assertTrue(transport.disconnecting)
+        self.clock.advance(10)
+        self.assertEqual(len(self.recorder.texts), 2)
+
+    def test_slow_reader_is_disconnected(self):
+        """A line client that stops reading is dropped once --max-buffer bytes are waiting for it."""
+        protocol, transport = self.connect()
+        protocol._outbound.pauseProducing()
+        for i in range(10):
+            self.hub.publish_text("recorder", "message number {}".format(i))
+        self.assertTrue(transport.disconnected)
+        self.assertLess(len(transport.value()), 50 + 40)

@@ -1,0 +1,163 @@
+"""
+Per-connection flow limits: how much may queue up for a client that reads
+slowly, and how fast a client may send.
+
+Both exist so that one misbehaving client costs only itself: a phone on a
+bad network must not make the server hold gigabytes for it, and a flooding
+script must not take the fan-out from everyone else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from zope.interface import implementer
+
+
+@implementer(IPushProducer)
+class OutboundBuffer:
+    """
+    Tracks how much we have queued for a client beyond what its transport
+    will buffer on its own.
+
+    Registered as the transport's streaming producer, it is told to pause
+    when the transport's buffer is full (the client is not reading fast
+    enough) and to resume when it has drained.  While paused, every byte
+    written is counted: that is what piles up in server memory for this one
+    client.
+
+    :ivar queued: bytes written since the transport asked us to pause.
+    """
+
+    def __init__(self, transport) -> None:
+        self.paused = False
+        self.queued = 0
+        # twisted.web's HTTP channel registered itself on the transport
+        # before Autobahn took the connection over; it is not the producer
+        # any more.
+        if getattr(transport, "producer", None) is not None:
+            transport.unregisterProducer()
+        transport.registerProducer(self, True)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.queued = 0
+
+    def stopProducing(self) -> None:
+        self.paused = False
+
+    def over(self, limit: int) -> bool:
+        """
+        Whether the client has fallen more than ``limit`` bytes behind.
+
+        Checked before each write, so one message of any allowed size can
+        always be queued for a client that was within the limit.
+        """
+        return self.paused and self.queued > limit
+
+    def wrote(self, size: int) -> None:
+        """
+        Count ``size`` bytes just written to the transport.
+        """
+        if self.paused:
+            self.queued += size
+
+
+class TokenBucket:
+    """
+    A token bucket: ``rate`` messages per second on average, with bursts of
+    up to ``burst``.
+
+    :param rate: tokens added per second; 0 means unlimited.
+    """
+
+    def __init__(self, clock: IReactorTime, rate: float, burst: int) -> None:
+        self._clock = clock
+        self.rate = rate
+        self.burst = burst
+        self._tokens = float(burst)
+        self._updated: Optional[float] = None
+
+    def take(self) -> bool:
+        """
+        Spend one token if there is one.
+
+        :return: whether the message may go through.
+        """
+        if not self.rate:
+            return True
+        now = self._clock.seconds()
+        if self._updated is not None:
+            self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
+        self._updated = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        return False
+
+
+class RateLimit:
+    """
+    A client's sending allowance, and when refusing it becomes closing it.
+
+    Excess messages are dropped.  A client that keeps sending while it has
+    no allowance, more than ``burst`` dropped messages in a row, is not
+    making a mistake but flooding, and is disconnected.
+    """
+
+    def __init__(self, clock: IReactorTime, rate: float, burst: int) -> None:
+        self._bucket = TokenBucket(clock, rate, burst)
+        self.dropped_in_a_row = 0
+
+    def allow(self) -> bool:
+        """
+        :return: whether this message may go through.
+        """
+        if self._bucket.take():
+            self.dropped_in_a_row = 0
+            return True
+        self.dropped_in_a_row += 1
+        return False
+
+    @property
+    def abusive(self) -> bool:
+        """
+        Whether the client has kept flooding past its burst.
+        """
+        return self.dropped_in_a_row > self._bucket.burst
+
+
+@dataclass(frozen=True)
+class Limits:
+    """
+    The per-client limits every protocol applies; one object so that the
+    options are read in one place (:mod:`broadcaster.tap`).
+
+    :ivar max_buffer: bytes a client may fall behind before it is closed as
+        a slow consumer.
+    :ivar rate: messages per second a client may send on average (0: no limit).
+    :ivar burst: messages a client may send at once above ``rate``.
+    :ivar max_message_size: largest WebSocket message or frame accepted.
+    :ivar max_connections: WebSocket connections at once (0: no limit).
+    :ivar max_connections_per_ip: WebSocket connections from one address (0: no limit).
+    :ivar ping_interval: seconds between keepalive pings (0: none).
+    :ivar ping_timeout: seconds a client has to answer a ping.
+    :ivar open_handshake_timeout: seconds a client has to finish the handshake.
+    :ivar compression: whether permessage-deflate may be negotiated.
+    """
+
+    max_buffer: int = 1024 * 1024
+    rate: float = 100.0
+    burst: int = 500
+    max_message_size: int = 64 * 1024
+    max_connections: int = 50000
+    max_connections_per_ip: int = 0
+    ping_interval: float = 25.0
+    ping_timeout: float = 10.0
+    open_handshake_timeout: float = 10.0
+    compression: bool = False
