@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from time import perf_counter
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Deque, Dict, List, Optional, Protocol, Tuple
@@ -30,6 +31,7 @@ from twisted.logger import Logger
 
 from broadcaster.history import Histories
 from broadcaster.names import LOBBY
+from broadcaster.stats import Stats
 
 
 class Member(Protocol):
@@ -201,8 +203,10 @@ class Hub:
         history_size: int = 100,
         max_rooms: int = 10000,
         max_rooms_per_member: int = 100,
+        stats: Optional[Stats] = None,
     ) -> None:
         self._clock = clock
+        self.stats = stats if stats is not None else Stats()
         self.node_id = node_id or _random_node_id()
         self.max_rooms_per_member = max_rooms_per_member
         self._counter = itertools.count(1)
@@ -482,11 +486,15 @@ class Hub:
         if self._delivering:
             return
         self._delivering = True
+        stats = self.stats
         try:
             while self._pending:
                 event, room = self._pending.popleft()
+                started = perf_counter()
                 # Copy: deliveries may change the membership under us.
-                for member in list(self._rooms.get(room, {}).values()):
+                recipients = list(self._rooms.get(room, {}).values())
+                stats.deliveries += len(recipients)
+                for member in recipients:
                     try:
                         member.deliver(event)
                     except Exception:
@@ -495,5 +503,6 @@ class Hub:
                             kind=type(event).__name__,
                             client=member.id,
                         )
+                stats.fan_out_seconds.observe(perf_counter() - started)
         finally:
             self._delivering = False

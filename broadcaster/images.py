@@ -181,6 +181,7 @@ class ImageProtocol(RawMemberProtocol):
         Bad framing: the stream can no longer be trusted to be in step, so
         say why and hang up.
         """
+        self.factory.hub.stats.bad_input[self.kind] += 1
         self._log.warn(
             "[BAD INPUT] {client} ({peer}): {reason}; closing",
             client=self.id,
@@ -194,6 +195,7 @@ class ImageProtocol(RawMemberProtocol):
     # Decoding, in order, off the reactor thread
 
     def _frame_received(self, body: bytes) -> None:
+        self.factory.hub.stats.received(self.kind, len(body))
         if not self.within_rate(error_frame):
             return
         self._queue.append(body)
@@ -228,6 +230,7 @@ class ImageProtocol(RawMemberProtocol):
         )
 
     def _not_decoded(self, failure: Failure, size: int) -> None:
+        self.factory.hub.stats.image_decode_errors += 1
         if not failure.check(ImageError):
             self._log.failure(
                 "{client}: decoding a {size}-byte frame failed unexpectedly",

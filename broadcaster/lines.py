@@ -108,10 +108,12 @@ class LineBridgeProtocol(RawMemberProtocol):
             self._refuse("line is not valid UTF-8 (byte {} at {})".format(
                 hex(line[e.start]), e.start))
             return
+        self.factory.hub.stats.received(self.kind, len(line))
         if text.strip() and self.within_rate(_error_line):
             self.factory.hub.publish_text(self.id, text)
 
     def _refuse(self, reason: str) -> None:
+        self.factory.hub.stats.bad_input[self.kind] += 1
         self._log.warn(
             "[BAD INPUT] {client} ({peer}): {reason}", client=self.id, peer=self.peer, reason=reason
         )

@@ -150,11 +150,16 @@ class RawMemberProtocol(Protocol):
                 queued=self._outbound.queued,
                 limit=limit,
             )
+            self.factory.hub.stats.slow_consumers += 1
             self.closing = True
             self.transport.abortConnection()
             return
         self.transport.writeSequence(chunks)
-        self._outbound.wrote(sum(len(chunk) for chunk in chunks))
+        size = sum(len(chunk) for chunk in chunks)
+        self._outbound.wrote(size)
+        stats = self.factory.hub.stats
+        stats.frames_out += 1
+        stats.bytes_out += size
 
     def within_rate(self, refusal: Callable[[str], bytes]) -> bool:
         """
@@ -166,6 +171,7 @@ class RawMemberProtocol(Protocol):
         """
         if self._rate.allow():
             return True
+        self.factory.hub.stats.rate_limited += 1
         limits = self.factory.limits
         reason = "rate limit exceeded: at most {:g} messages per second (bursts of {})".format(
             limits.rate, limits.burst

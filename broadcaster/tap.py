@@ -17,15 +17,17 @@ from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred, succee
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.web.server import Site
 from zope.interface import implementer
 
-from broadcaster import __version__
+from broadcaster import __version__, logs
 from broadcaster.coercions import non_negative_float, non_negative_int, positive_float, positive_int
 from broadcaster.flow import Limits
 from broadcaster.hub import Hub
 from broadcaster.imaging import DEFAULT_MAX_PIXELS
 from broadcaster.images import DecoderPool, ImageFactory
 from broadcaster.lines import LineBridgeFactory
+from broadcaster.metrics import MetricsResource, metrics_for
 from broadcaster.origin import OriginPolicy, parse_origin
 from broadcaster.web import BroadcasterSite
 from broadcaster.websocket import BroadcastServerFactory
@@ -44,6 +46,11 @@ class Options(usage.Options):
     )
 
     optFlags = [
+        [
+            "no-metrics",
+            None,
+            "Do not serve Prometheus metrics at /metrics.",
+        ],
         [
             "compression",
             None,
@@ -192,6 +199,20 @@ class Options(usage.Options):
             positive_int,
         ],
         [
+            "metrics-port",
+            None,
+            None,
+            "Serve /metrics on this endpoint of its own (e.g. "
+            "tcp:9100:interface=127.0.0.1) instead of on --port.",
+        ],
+        [
+            "log-format",
+            None,
+            "text",
+            "text (twistd's usual lines) or json (one JSON object per event "
+            "and line, for log shippers; written to --logfile or standard output).",
+        ],
+        [
             "history-size",
             None,
             100,
@@ -257,6 +278,22 @@ class Options(usage.Options):
                 self[flag] = None
             else:
                 _check_endpoint(flag, self[flag])
+        if self["metrics-port"] is not None:
+            _check_endpoint("metrics-port", self["metrics-port"])
+        if self["log-format"] not in ("text", "json"):
+            raise usage.UsageError(
+                "--log-format must be text or json, not {!r}".format(self["log-format"])
+            )
+        if self["log-format"] == "json":
+            # twistd creates its log observer from its own --logger option
+            # after parsing ours; point it at the JSON one.
+            parent = getattr(self, "parent", None)
+            if parent is not None:
+                # As twistd does: standard output in the foreground,
+                # twistd.log for a daemon, unless --logfile says otherwise.
+                default = "-" if parent.get("nodaemon") else "twistd.log"
+                logs.use_json(parent.get("logfile") or default)
+                parent["logger"] = "broadcaster.logs.json_observer"
         if self["max-buffer"] < self["max-message-size"]:
             raise usage.UsageError(
                 "--max-buffer {} is smaller than --max-message-size {}: a client "
@@ -469,13 +506,23 @@ def makeService(options: Options, reactor=None) -> BroadcasterService:
         max_name_length=options["max-name-length"],
     )
     service.websocket_factory = factory
+    service.metrics = metrics = None
+    if not options["no-metrics"]:
+        registry, service.metrics = metrics_for(service.hub)
+        metrics = MetricsResource(registry)
+    on_main_port = metrics if options["metrics-port"] is None else None
     service.web_endpoint = _listen(
         service,
         options["port"],
-        BroadcasterSite(factory, debug=options["debug"]),
+        BroadcasterSite(factory, debug=options["debug"], metrics=on_main_port),
         "WebSocket endpoint and chat page",
         reactor,
     )
+    service.metrics_endpoint = None
+    if metrics is not None and options["metrics-port"] is not None:
+        service.metrics_endpoint = _listen(
+            service, options["metrics-port"], Site(metrics), "Metrics", reactor
+        )
 
     service.image_endpoint = None
     if options["image-port"] is not None:

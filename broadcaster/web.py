@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import mimetypes
 from importlib import resources
+from typing import Optional
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.logger import Logger
@@ -113,7 +114,7 @@ class Health(Resource):
             "version": __version__,
             "node": self._factory.hub.node_id,
             "connections": len(self._factory.hub),
-            "refused_handshakes": self._factory.refused,
+            "refused_handshakes": sum(self._factory.hub.stats.refused_handshakes.values()),
         }
         return json.dumps(body).encode("utf-8")
 
@@ -125,12 +126,16 @@ class BroadcasterSite(Site):
     something, and a busy server should not drown its log in request lines.
     """
 
-    def __init__(self, factory: BroadcastServerFactory, debug: bool = False) -> None:
+    def __init__(
+        self, factory: BroadcastServerFactory, debug: bool = False, metrics: Optional[Resource] = None
+    ) -> None:
         self._debug = debug
         static = load_static()
         root = Resource()
         root.putChild(b"", EntryPoint(WebSocketResource(factory), static[b"index.html"]))
         root.putChild(b"healthz", Health(factory))
+        if metrics is not None:
+            root.putChild(b"metrics", metrics)
         assets = Resource()
         for name, resource in static.items():
             assets.putChild(name, resource)

@@ -88,6 +88,12 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
 
     id: Optional[str] = None
     codec = _PLAIN
+
+    @property
+    def kind(self) -> str:
+        """``plain`` or ``json``, as in the logs and metrics."""
+        return self.codec.name
+
     _address: Optional[str] = None
     _opened_at: float = 0.0
     _joined = False
@@ -114,7 +120,7 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
                 origin=origin,
                 host=headers.get("host", "-"),
             )
-            self.factory.refused += 1
+            self.factory.hub.stats.refused_handshakes["origin"] += 1
             raise ConnectionDeny(
                 ConnectionDeny.FORBIDDEN,
                 "Origin {} is not allowed to connect to this server".format(origin),
@@ -130,7 +136,7 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
                     peer=request.peer,
                     reason=str(e),
                 )
-                self.factory.refused += 1
+                self.factory.hub.stats.refused_handshakes["name"] += 1
                 raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, "?name=: {}".format(e))
         self._lobby_since = None
         since = request.params.get("since")
@@ -142,7 +148,7 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
                     peer=request.peer,
                     since=since[-1],
                 )
-                self.factory.refused += 1
+                self.factory.hub.stats.refused_handshakes["since"] += 1
                 raise ConnectionDeny(
                     ConnectionDeny.BAD_REQUEST,
                     "?since= must be <epoch>:<seq> from the last lobby message seen",
@@ -163,6 +169,7 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         reason = None
         if limits.max_connections and factory.connections >= limits.max_connections:
             reason = "the server is full ({} connections)".format(limits.max_connections)
+            label = "max_connections"
         elif (
             limits.max_connections_per_ip
             and factory.connections_per_ip.get(address, 0) >= limits.max_connections_per_ip
@@ -170,9 +177,10 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
             reason = "too many connections from {} ({})".format(
                 address, limits.max_connections_per_ip
             )
+            label = "max_connections_per_ip"
         if reason is not None:
             self._log.warn("[REFUSED] {peer}: {reason}; answered 503", peer=peer, reason=reason)
-            factory.refused += 1
+            factory.hub.stats.refused_handshakes[label] += 1
             raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, reason)
         self._address = address
         factory.connections += 1
@@ -214,6 +222,7 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         if not self._rate.allow():
             self._rate_limited()
             return
+        self.factory.hub.stats.received(self.codec.name, len(payload))
         if self.factory.debug:
             self._log.debug(
                 "{client} sent {size} bytes ({kind})",
@@ -247,6 +256,7 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
 
     def _rate_limited(self) -> None:
         limits = self.factory.limits
+        self.factory.hub.stats.rate_limited += 1
         if self._rate.abusive:
             self._log.warn(
                 "[RATE LIMIT] {client} kept sending past its limit ({rate:g}/s, burst"
@@ -325,6 +335,7 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         self._ping_call = self._pong_deadline = None
 
     def _refuse(self, reason: str, ref) -> None:
+        self.factory.hub.stats.bad_input[self.codec.name] += 1
         self._log.warn("[BAD INPUT] {client}: {reason}", client=self.id, reason=reason)
         self.sendMessage(_JSON.error(reason, ref))
 
@@ -427,9 +438,13 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         if outbound.over(self.factory.limits.max_buffer):
             self._slow_consumer()
             return
+        stats = self.factory.hub.stats
         for prepared in encoded(event, self.codec, _PREPARE[self.codec]):
             self.sendPreparedMessage(prepared)
-            outbound.wrote(len(prepared.payloadHybi))
+            size = len(prepared.payloadHybi)
+            outbound.wrote(size)
+            stats.frames_out += 1
+            stats.bytes_out += size
 
     def _slow_consumer(self) -> None:
         """
@@ -445,7 +460,7 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
             queued=self._outbound.queued,
             limit=self.factory.limits.max_buffer,
         )
-        self.factory.slow_consumers += 1
+        self.factory.hub.stats.slow_consumers += 1
         self._close(SLOW_CONSUMER, "slow consumer: too far behind")
 
 
@@ -453,7 +468,6 @@ class BroadcastServerFactory(WebSocketServerFactory):
     """
     Builds :class:`BroadcastServerProtocol` instances that share one hub.
 
-    :ivar refused: handshakes refused by the Origin policy, for /healthz.
     :ivar debug: whether to log each message received (its size, never its
         content).
     """
@@ -474,8 +488,6 @@ class BroadcastServerFactory(WebSocketServerFactory):
         self.origin_policy = origin_policy
         self.clock = clock
         self.limits = limits
-        self.refused = 0
-        self.slow_consumers = 0
         self.connections = 0
         self.connections_per_ip: Dict[str, int] = {}
         self.max_name_length = max_name_length

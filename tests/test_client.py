@@ -601,7 +601,7 @@ class ClientScriptTests(TestCase):
         out, err, status = yield run_client(self, ["--origin", "http://evil.example", url])
         self.assertEqual((out, status), ("", EXIT_HANDSHAKE))
         self.assertIn("{}: handshake refused: 403".format(url), err)
-        self.assertEqual(service.websocket_factory.refused, 1)
+        self.assertEqual(sum(service.hub.stats.refused_handshakes.values()), 1)
 
     @inlineCallbacks
     def test_bad_url(self) -> None:

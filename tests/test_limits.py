@@ -129,7 +129,7 @@ class SlowConsumerTests(TestCase):
         (warning,) = warnings_containing(logged, "[SLOW CONSUMER]")
         self.assertEqual(warning["client"], stalled_member.id)
         self.assertGreater(warning["queued"], 262144)
-        self.assertEqual(service.websocket_factory.slow_consumers, 1)
+        self.assertEqual(service.hub.stats.slow_consumers, 1)
 
     def test_max_buffer_below_max_message_size_is_refused(self):
         """One message of the largest size must fit: --max-buffer < --max-message-size is an error."""
