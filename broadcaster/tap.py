@@ -422,6 +422,40 @@ class BroadcasterService(MultiService):
         raise_open_files_limit(self._log)
         super().privilegedStartService()
 
+    #: Whether SIGTERM and SIGINT are ours to handle (see :meth:`startService`).
+    handle_signals = False
+
+    def startService(self) -> None:
+        super().startService()
+        if self.handle_signals:
+            # After the reactor has installed its own handlers, which
+            # happens as it starts running, after services have started.
+            self.clock.callWhenRunning(self._handle_stop_signals)
+
+    def _handle_stop_signals(self) -> None:
+        """
+        Stop the reactor on SIGTERM and SIGINT, which makes twistd stop this
+        service (and so drain the clients) and then exit with status 0.
+
+        Twisted's own handlers do the same but have twistd re-raise the
+        signal afterwards, so the process would end "killed by SIGTERM"
+        even after a clean drain; init systems and scripts expect a clean
+        stop to exit 0.
+        """
+        import signal
+
+        reactor = self.clock
+
+        def stop(signum, frame):
+            self._log.info(
+                "received {signal}: shutting down gracefully",
+                signal=signal.Signals(signum).name,
+            )
+            reactor.callFromThread(reactor.stop)
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+
     def stopService(self) -> Deferred:
         """
         Stop accepting connections, then close every client politely and
@@ -469,6 +503,7 @@ def makeService(options: Options, reactor=None) -> BroadcasterService:
     :param reactor: the reactor to listen with and to take time from
         (default: the global one).
     """
+    handle_signals = reactor is None
     if reactor is None:
         from twisted.internet import reactor
 
@@ -478,6 +513,9 @@ def makeService(options: Options, reactor=None) -> BroadcasterService:
     txaio.set_global_log_level("debug" if options["debug"] else "error")
 
     service = BroadcasterService(reactor, options["drain-timeout"])
+    # Only as twistd runs us (on the global reactor): a test process that
+    # builds servers on a reactor of its choosing keeps its own handlers.
+    service.handle_signals = handle_signals
     service.hub = Hub(
         reactor,
         node_id=options["node-id"],
