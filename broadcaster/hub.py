@@ -222,6 +222,7 @@ class Hub:
         )
         self._pending: Deque[Tuple[Event, str]] = deque()
         self._empty_waiters: List[Deferred] = []
+        self._observers: List[Callable[[Event], None]] = []
         self._delivering = False
 
     def new_id(self) -> str:
@@ -273,6 +274,18 @@ class Hub:
         The rooms somebody is in.
         """
         return list(self._rooms)
+
+    def add_observer(self, observer: Callable[[Event], None]) -> None:
+        """
+        Call ``observer(event)`` once for every event the hub fans out
+        (joins, leaves, renames, messages, binary messages, images), after
+        its members have been given it.  For webhooks and the like: it must
+        not block, and an exception it raises is logged and ignored.
+        """
+        self._observers.append(observer)
+
+    def remove_observer(self, observer: Callable[[Event], None]) -> None:
+        self._observers.remove(observer)
 
     def when_empty(self) -> Deferred:
         """
@@ -504,5 +517,10 @@ class Hub:
                             client=member.id,
                         )
                 stats.fan_out_seconds.observe(perf_counter() - started)
+                for observer in self._observers:
+                    try:
+                        observer(event)
+                    except Exception:
+                        self._log.failure("hub observer {observer!r} failed", observer=observer)
         finally:
             self._delivering = False

@@ -325,3 +325,29 @@ class EncodedTests(SynchronousTestCase):
             self.assertEqual(encoded(event, "plain", encode), b"x")
         encoded(event, "json", encode)
         self.assertEqual(len(calls), 2)
+
+
+class ObserverTests(HubTestCase):
+    def test_observers_see_each_event_once(self):
+        """An observer gets every fanned-out event once, whatever the number of recipients."""
+        seen = []
+        self.hub.add_observer(seen.append)
+        ann = self.connect("ann")
+        self.connect("bob")
+        self.hub.publish_text("ann", "hi")
+        self.hub.disconnect(ann)
+        self.assertEqual([type(e).__name__ for e in seen], ["Joined", "Joined", "TextMessage", "Left"])
+
+    def test_a_failing_observer_is_logged_and_ignored(self):
+        """An observer that raises does not stop delivery or other observers."""
+        seen = []
+
+        def broken(event):
+            raise RuntimeError("boom")
+
+        self.hub.add_observer(broken)
+        self.hub.add_observer(seen.append)
+        ann = self.connect("ann")
+        self.assertEqual(len(seen), 1)
+        self.assertEqual(len(ann.events), 1)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
