@@ -29,6 +29,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from broadcaster.backplane import Backplane, LocalBackplane
 from broadcaster.history import Histories
 from broadcaster.names import LOBBY
 from broadcaster.stats import Stats
@@ -204,6 +205,7 @@ class Hub:
         max_rooms: int = 10000,
         max_rooms_per_member: int = 100,
         stats: Optional[Stats] = None,
+        backplane: Optional[Backplane] = None,
     ) -> None:
         self._clock = clock
         self.stats = stats if stats is not None else Stats()
@@ -215,11 +217,14 @@ class Hub:
         # room -> member id -> member, in the order they joined
         self._rooms: Dict[str, Dict[str, Member]] = {}
         # member id -> rooms it is in, in the order it joined them, with the
-        # room's seq when it joined: it has been sent every message after that.
-        self._memberships: Dict[str, Dict[str, int]] = {}
-        self.histories: Histories[TextMessage] = Histories(
-            history_size, max_rooms, lambda room: room in self._rooms
-        )
+        # room's (epoch, seq) when it joined (None if no message had been
+        # delivered here yet): it has been sent every message after that.
+        self._memberships: Dict[str, Dict[str, Optional[Tuple[str, int]]]] = {}
+        # room -> (epoch, seq) of the last message delivered here: a member
+        # joining now gets every later one live.
+        self._positions: Dict[str, Tuple[str, int]] = {}
+        self.backplane: Backplane = backplane or LocalBackplane(history_size, max_rooms)
+        self.backplane.attach(self)
         self._pending: Deque[Tuple[Event, str]] = deque()
         self._empty_waiters: List[Deferred] = []
         self._observers: List[Callable[[Event], None]] = []
@@ -268,6 +273,26 @@ class Hub:
         The rooms a member is in, in the order it joined them.
         """
         return list(self._memberships.get(member_id, ()))
+
+    def occupied(self, room: str) -> bool:
+        """
+        Whether anybody on this node is in ``room``.
+        """
+        return room in self._rooms
+
+    @property
+    def histories(self) -> Histories:
+        """
+        The rooms' histories, with the in-process backplane.
+        """
+        return self.backplane.histories
+
+    @property
+    def history_size(self) -> int:
+        """
+        Messages each room keeps.
+        """
+        return self.backplane.history_size
 
     def rooms(self) -> List[str]:
         """
@@ -351,11 +376,10 @@ class Hub:
             raise TooManyRooms(
                 "already in {} rooms, the most allowed".format(self.max_rooms_per_member)
             )
-        history = self.histories.peek(room)
-        rooms[room] = history.seq if history is not None else 0
+        rooms[room] = self._positions.get(room)
         self._rooms.setdefault(room, {})[member.id] = member
         event = Joined(ts=self._clock.seconds(), room=room, member=member.id, name=member.name)
-        self._fan_out(event, room)
+        self.backplane.publish(event)
         return event
 
     def leave(self, member: Member, room: str) -> Optional[Left]:
@@ -373,7 +397,7 @@ class Hub:
         if not occupants:
             del self._rooms[room]
         event = Left(ts=self._clock.seconds(), room=room, member=member.id, name=member.name)
-        self._fan_out(event, room)
+        self.backplane.publish(event)
         return event
 
     def rename(self, member: Member) -> List[Renamed]:
@@ -383,43 +407,36 @@ class Hub:
         events = []
         for room in self.rooms_of(member.id):
             event = Renamed(ts=self._clock.seconds(), room=room, member=member.id, name=member.name)
-            self._fan_out(event, room)
+            self.backplane.publish(event)
             events.append(event)
         return events
 
     # Messages
 
-    def publish_text(self, sender: str, text: str, room: str = LOBBY) -> TextMessage:
+    def publish_text(self, sender: str, text: str, room: str = LOBBY) -> Deferred:
         """
-        Number ``text`` in ``room``'s sequence, remember it, and send it to
-        every member of the room, the sender included.
+        Have ``text`` numbered in ``room``'s sequence, remembered, and sent
+        to every member of the room on every node, the sender included.
 
+        :return: a Deferred firing with the :class:`TextMessage` as
+            delivered (with its ``seq`` and ``epoch``).
         :raise NotInRoom: if ``sender`` is not in ``room``.
         """
         member = self._members.get(sender)
         if member is None or room not in self._memberships[sender]:
             raise NotInRoom("not in room {!r}: join it first".format(room))
-        history = self.histories.get(room)
-        seq = history.next_seq()
-        event = TextMessage(
-            ts=self._clock.seconds(),
-            room=room,
-            sender=sender,
-            text=text,
-            name=member.name,
-            seq=seq,
-            epoch=history.epoch,
+        return self.backplane.publish(
+            TextMessage(
+                ts=self._clock.seconds(), room=room, sender=sender, text=text, name=member.name
+            )
         )
-        history.record(seq, event)
-        self._fan_out(event, room)
-        return event
 
     def publish_binary(self, sender: str, data: bytes) -> BinaryMessage:
         """
         Send ``data`` from ``sender`` to everyone in the lobby, the sender included.
         """
         event = BinaryMessage(ts=self._clock.seconds(), sender=sender, data=data)
-        self._fan_out(event, LOBBY)
+        self.backplane.publish(event)
         return event
 
     def publish_image(self, sender: str, png: bytes, width: int, height: int) -> ImageMessage:
@@ -436,55 +453,70 @@ class Hub:
             width=width,
             height=height,
         )
-        self._fan_out(event, LOBBY)
+        self.backplane.publish(event)
         return event
 
     # History
 
-    def history(self, member_id: str, room: str, limit: int) -> List[TextMessage]:
+    def history(self, member_id: str, room: str, limit: int) -> Deferred:
         """
         The last ``limit`` messages of a room the member is in, oldest first.
 
+        :return: a Deferred firing with the list.
         :raise NotInRoom: if the member is not in ``room``.
         """
         if room not in self._memberships.get(member_id, ()):
             raise NotInRoom("not in room {!r}: join it first".format(room))
-        history = self.histories.peek(room)
-        return history.last(limit) if history is not None else []
+        return self.backplane.history(room, limit)
 
-    def replay(self, member: Member, room: str, epoch: str, seq: int) -> bool:
+    def replay(self, member: Member, room: str, epoch: str, seq: int) -> Deferred:
         """
         Deliver to ``member`` alone, in order, the messages of ``room`` after
         ``seq`` of ``epoch`` (the last one it saw before it lost its
-        connection) and up to the moment it joined the room: from then on
-        it has been receiving them live.
+        connection) and up to the last one this node had delivered when the
+        member joined the room: it has received every later one live.
 
         So nothing is missed or sent twice, whenever the request comes.
-        Called in the same reactor turn as :meth:`join`, the replay also
-        comes before any live message.
+        With the in-process backplane, called in the same reactor turn as
+        :meth:`join`, the replay also comes before any live message; with
+        a networked one, live messages may overtake replayed older ones
+        (their ``seq`` tells the order).
 
-        :return: whether everything it missed could be replayed.
+        :return: a Deferred firing with whether everything it missed could
+            be replayed.
         :raise NotInRoom: if the member is not in ``room``.
         """
         rooms = self._memberships.get(member.id, {})
         if room not in rooms:
             raise NotInRoom("not in room {!r}: join it first".format(room))
-        history = self.histories.get(room)
-        joined_at = rooms[room]
-        if history.seq < joined_at:
-            # The room's history was forgotten and restarted since: all of
-            # the new epoch has been delivered live.
-            joined_at = 0
-        messages, complete = history.after(epoch, seq, upto=joined_at)
-        for message in messages:
-            member.deliver(message)
-        return complete
+        def deliver(result):
+            messages, complete = result
+            for message in messages:
+                member.deliver(message)
+            return complete
+
+        return self.backplane.missed(room, epoch, seq, rooms[room]).addCallback(deliver)
+
+    def position(self, room: str) -> Deferred:
+        """
+        :return: a Deferred firing with ``(epoch, seq)`` of ``room`` now.
+        """
+        return self.backplane.position(room)
 
     def epoch(self, room: str) -> str:
         """
-        The current epoch of ``room``'s sequence.
+        The current epoch of ``room``'s sequence (in-process backplane).
         """
         return self.histories.get(room).epoch
+
+    def deliver(self, event: Event) -> None:
+        """
+        Fan ``event`` out to this node's members of its room: the backplane
+        calls this for every event, from this node or another.
+        """
+        if isinstance(event, TextMessage):
+            self._positions[event.room] = (event.epoch, event.seq)
+        self._fan_out(event, event.room)
 
     def _fan_out(self, event: Event, room: str) -> None:
         """

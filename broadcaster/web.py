@@ -115,6 +115,7 @@ class Health(Resource):
             "node": self._factory.hub.node_id,
             "connections": len(self._factory.hub),
             "refused_handshakes": sum(self._factory.hub.stats.refused_handshakes.values()),
+            "backplane": self._factory.hub.backplane.state(),
         }
         return json.dumps(body).encode("utf-8")
 

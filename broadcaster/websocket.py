@@ -195,24 +195,48 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         self._rate = RateLimit(factory.clock, factory.limits.rate, factory.limits.burst)
         self._schedule_ping()
         if self.codec is _JSON:
-            history = hub.histories.get(LOBBY)
-            self.sendMessage(
-                _JSON.welcome(
-                    self,
-                    hub.room_members(LOBBY) + [self],
-                    history.epoch,
-                    history.seq,
-                    factory.client_limits,
-                )
+            # The welcome says where the lobby's sequence stands; with the
+            # in-process backplane the answer is immediate.
+            hub.position(LOBBY).addCallback(self._welcome).addErrback(self._backplane_failed)
+        else:
+            self._connect()
+
+    def _welcome(self, position: Tuple[str, int]) -> None:
+        if self.state != self.STATE_OPEN:
+            return
+        epoch, seq = position
+        hub = self.factory.hub
+        self.sendMessage(
+            _JSON.welcome(
+                self, hub.room_members(LOBBY) + [self], epoch, seq, self.factory.client_limits
             )
+        )
+        self._connect()
+        if self._lobby_since is not None:
+            # Recovery of the lobby asked for in the URL: with the
+            # in-process backplane, replayed in the same turn as the
+            # connect, so before any live message.
+            epoch, seq = self._lobby_since
+            hub.replay(self, LOBBY, epoch, seq).addCallback(
+                lambda complete: self.sendMessage(_JSON.recovered(LOBBY, complete))
+            ).addErrback(self._backplane_failed)
+
+    def _connect(self) -> None:
+        hub = self.factory.hub
         hub.connect(self)
         self._joined = True
         log_connect(self._log, self.id, self.peer, self.codec.name, len(hub))
-        if self._lobby_since is not None and self.codec is _JSON:
-            # Recovery of the lobby asked for in the URL: replayed in the
-            # same turn as the connect, so before any live message.
-            epoch, seq = self._lobby_since
-            self.sendMessage(_JSON.recovered(LOBBY, hub.replay(self, LOBBY, epoch, seq)))
+
+    def _backplane_failed(self, failure, ref=None) -> None:
+        """
+        The backplane could not answer (e.g. Redis unreachable): tell the
+        client, keep the connection.
+        """
+        self._log.failure(
+            "{client}: backplane request failed", failure, client=self.id
+        )
+        if self.state == self.STATE_OPEN and self.codec is _JSON:
+            self.sendMessage(_JSON.error("temporarily unavailable, try again", ref))
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.state != self.STATE_OPEN:
@@ -246,7 +270,7 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         factory = self.factory
         try:
             request = parse_client_message(
-                payload, factory.max_name_length, factory.hub.histories.size
+                payload, factory.max_name_length, factory.hub.history_size
             )
             getattr(self, "_do_" + request["type"])(request)
         except BadRequest as e:
@@ -340,20 +364,27 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         self.sendMessage(_JSON.error(reason, ref))
 
     def _do_message(self, request) -> None:
-        event = self.factory.hub.publish_text(self.id, request["text"], request["room"])
-        if request["ref"] is not None:
-            self.sendMessage(_JSON.ack(request["ref"], event))
+        ref = request["ref"]
+        published = self.factory.hub.publish_text(self.id, request["text"], request["room"])
+        if ref is not None:
+            published.addCallback(lambda event: self.sendMessage(_JSON.ack(ref, event)))
+        published.addErrback(self._backplane_failed, ref)
 
     def _do_join(self, request) -> None:
         hub = self.factory.hub
         room = request["room"]
         hub.join(self, room)
-        history = hub.histories.get(room)
-        self.sendMessage(_JSON.presence(room, hub.room_members(room), history.epoch, history.seq))
-        if request["since"] is not None:
-            epoch, seq = request["since"]
-            complete = hub.replay(self, room, epoch, seq)
-            self.sendMessage(_JSON.recovered(room, complete))
+
+        def presence(position: Tuple[str, int]):
+            epoch, seq = position
+            self.sendMessage(_JSON.presence(room, hub.room_members(room), epoch, seq))
+            if request["since"] is not None:
+                epoch, seq = request["since"]
+                return hub.replay(self, room, epoch, seq).addCallback(
+                    lambda complete: self.sendMessage(_JSON.recovered(room, complete))
+                )
+
+        hub.position(room).addCallback(presence).addErrback(self._backplane_failed, request["ref"])
 
     def _do_leave(self, request) -> None:
         self.factory.hub.leave(self, request["room"])
@@ -365,21 +396,17 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
     def _do_who(self, request) -> None:
         hub = self.factory.hub
         room = request["room"]
-        # Asking costs nothing: no history is created for a room nobody used.
-        history = hub.histories.peek(room)
-        self.sendMessage(
-            _JSON.presence(
-                room,
-                hub.room_members(room),
-                history.epoch if history else None,
-                history.seq if history else 0,
+        hub.position(room).addCallback(
+            lambda position: self.sendMessage(
+                _JSON.presence(room, hub.room_members(room), *position)
             )
-        )
+        ).addErrback(self._backplane_failed, request["ref"])
 
     def _do_history(self, request) -> None:
         room = request["room"]
-        messages = self.factory.hub.history(self.id, room, request["limit"])
-        self.sendMessage(_JSON.history(room, messages))
+        self.factory.hub.history(self.id, room, request["limit"]).addCallback(
+            lambda messages: self.sendMessage(_JSON.history(room, messages))
+        ).addErrback(self._backplane_failed, request["ref"])
 
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
         if not self._joined:
@@ -495,7 +522,7 @@ class BroadcastServerFactory(WebSocketServerFactory):
         self.client_limits = {
             "max_message_size": limits.max_message_size,
             "max_name_length": max_name_length,
-            "history_size": hub.histories.size,
+            "history_size": hub.history_size,
             "max_rooms_per_client": hub.max_rooms_per_member,
             "rate": limits.rate,
             "burst": limits.burst,

@@ -188,7 +188,7 @@ class MessageTests(HubTestCase):
         """A text message is delivered, unchanged, to every member of the room."""
         ann = self.connect("ann")
         bob = self.connect("bob")
-        event = self.hub.publish_text("ann", "hello <b>")
+        event = self.successResultOf(self.hub.publish_text("ann", "hello <b>"))
         self.assertEqual((event.room, event.sender, event.text), ("lobby", "ann", "hello <b>"))
         self.assertIs(ann.events[-1], event)
         self.assertIs(bob.events[-1], event)
@@ -197,8 +197,10 @@ class MessageTests(HubTestCase):
         """Each room numbers its messages 1, 2, 3 ... in one epoch."""
         ann = self.connect("ann")
         self.hub.join(ann, "dev")
-        seqs = [self.hub.publish_text("ann", str(i), room).seq for i, room in
-                enumerate(["lobby", "dev", "lobby", "lobby", "dev"])]
+        seqs = [
+            self.successResultOf(self.hub.publish_text("ann", str(i), room)).seq
+            for i, room in enumerate(["lobby", "dev", "lobby", "lobby", "dev"])
+        ]
         self.assertEqual(seqs, [1, 1, 2, 3, 2])
         lobby = [e for e in ann.events if isinstance(e, TextMessage) and e.room == "lobby"]
         self.assertEqual({e.epoch for e in lobby}, {self.hub.epoch("lobby")})
@@ -251,7 +253,7 @@ class MessageTests(HubTestCase):
         ann = self.connect("ann")
         self.connect("quitter", Quitter)
         bob = self.connect("bob")
-        message = hub.publish_text("ann", "bye")
+        message = self.successResultOf(hub.publish_text("ann", "bye"))
         expected = [message, Left(1000, "lobby", "quitter")]
         self.assertEqual(ann.events[-2:], expected)
         self.assertEqual(bob.events[-2:], expected)
@@ -264,16 +266,16 @@ class HistoryTests(HubTestCase):
         self.connect("ann")
         for i in range(8):
             self.hub.publish_text("ann", str(i))
-        self.assertEqual([m.text for m in self.hub.history("ann", "lobby", 50)], list("34567"))
-        self.assertEqual([m.text for m in self.hub.history("ann", "lobby", 2)], list("67"))
+        self.assertEqual([m.text for m in self.successResultOf(self.hub.history("ann", "lobby", 50))], list("34567"))
+        self.assertEqual([m.text for m in self.successResultOf(self.hub.history("ann", "lobby", 2))], list("67"))
 
     def test_replay_delivers_what_was_missed(self) -> None:
         """A member asking for messages after a seq gets exactly those, in order."""
         self.connect("ann")
         for i in range(4):
-            last = self.hub.publish_text("ann", str(i))
+            last = self.successResultOf(self.hub.publish_text("ann", str(i)))
         bob = self.connect("bob")
-        complete = self.hub.replay(bob, "lobby", last.epoch, 2)
+        complete = self.successResultOf(self.hub.replay(bob, "lobby", last.epoch, 2))
         self.assertTrue(complete)
         self.assertEqual(bob.texts(), [("lobby", "2"), ("lobby", "3")])
 
@@ -281,9 +283,9 @@ class HistoryTests(HubTestCase):
         """When the gap is older than the history, what exists comes with complete=False."""
         self.connect("ann")
         for i in range(8):
-            last = self.hub.publish_text("ann", str(i))
+            last = self.successResultOf(self.hub.publish_text("ann", str(i)))
         bob = self.connect("bob")
-        self.assertFalse(self.hub.replay(bob, "lobby", last.epoch, 1))
+        self.assertFalse(self.successResultOf(self.hub.replay(bob, "lobby", last.epoch, 1)))
         self.assertEqual([t for _, t in bob.texts()], list("34567"))
 
     def test_replay_with_another_epoch_is_incomplete(self) -> None:
@@ -291,7 +293,7 @@ class HistoryTests(HubTestCase):
         self.connect("ann")
         self.hub.publish_text("ann", "after restart")
         bob = self.connect("bob")
-        self.assertFalse(self.hub.replay(bob, "lobby", "old-epoch", 3))
+        self.assertFalse(self.successResultOf(self.hub.replay(bob, "lobby", "old-epoch", 3)))
         self.assertEqual(bob.texts(), [("lobby", "after restart")])
 
     def test_idle_empty_rooms_are_forgotten_beyond_max_rooms(self) -> None:

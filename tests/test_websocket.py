@@ -443,7 +443,7 @@ class ProtocolUnitTests(SynchronousTestCase):
         js, js_t = self.connect(json_mode=True)
         for t in (ann_t, bob_t, js_t):
             t.clear()
-        event = self.hub.publish_text(ann.id, "hi")
+        event = self.successResultOf(self.hub.publish_text(ann.id, "hi"))
         self.assertEqual(ann_t.value(), b"\x81\x02hi")
         self.assertEqual(bob_t.value(), b"\x81\x02hi")
         self.assertIn(b'"text":"hi"', js_t.value())

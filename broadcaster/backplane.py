@@ -1,0 +1,141 @@
+"""
+The backplane: how events travel between the hubs of every node, and where
+room sequences and histories live.
+
+The hub (:mod:`broadcaster.hub`) owns the local members and hands every
+event it wants everyone to see to its backplane; the backplane numbers text
+messages, keeps history, and gives events back to the hub of *each* node
+(:meth:`Hub.deliver`) for fan-out to that node's members.  A node therefore
+delivers its own clients' messages exactly once, through the same path as
+everyone else's.
+
+:class:`LocalBackplane` is the in-process one: a single node, everything
+synchronous.  A Redis backplane implements the same interface with
+sequences and histories in Redis, so several nodes act as one server.
+Every method returns a Deferred, because a networked backplane answers
+later; the local one answers at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING, List, Optional, Protocol, Tuple
+
+from twisted.internet.defer import Deferred, succeed
+
+from broadcaster.history import Histories
+
+if TYPE_CHECKING:  # pragma: no cover
+    from broadcaster.hub import Event, Hub, TextMessage
+
+
+class Backplane(Protocol):
+    """
+    What the hub needs from a backplane.
+    """
+
+    #: Messages each room keeps (0: none).
+    history_size: int
+
+    def attach(self, hub: "Hub") -> None:
+        """
+        Deliver events to ``hub`` from now on.
+        """
+
+    def publish(self, event: "Event") -> Deferred:
+        """
+        Send ``event`` to every node's hub, numbering it first if it is a
+        text message.
+
+        :return: a Deferred firing with the event as delivered (with its
+            ``seq`` and ``epoch``).
+        """
+
+    def position(self, room: str) -> Deferred:
+        """
+        :return: a Deferred firing with ``(epoch, seq)``: where ``room``'s
+            sequence stands now.
+        """
+
+    def history(self, room: str, limit: int) -> Deferred:
+        """
+        :return: a Deferred firing with the last ``limit`` messages of
+            ``room``, oldest first.
+        """
+
+    def missed(
+        self, room: str, epoch: str, seq: int, joined_at: Optional[Tuple[str, int]]
+    ) -> Deferred:
+        """
+        :param joined_at: ``(epoch, seq)`` of the last message delivered
+            live before the member joined (``None``: none yet); later ones
+            it has received live and must not get again.
+        :return: a Deferred firing with ``(messages, complete)``: the
+            messages of ``room`` after ``seq`` of ``epoch``, up to
+            ``joined_at``, and whether that is all of them.
+        """
+
+
+class LocalBackplane:
+    """
+    A single node: sequences and histories in memory, delivery in the same
+    call.
+
+    :param history_size: text messages each room keeps.
+    :param max_rooms: rooms whose history is kept; beyond it, the least
+        recently used rooms nobody is in are forgotten.
+    """
+
+    name = "local"
+
+    def __init__(self, history_size: int = 100, max_rooms: int = 10000) -> None:
+        self.history_size = history_size
+        self._max_rooms = max_rooms
+        self._hub: Optional["Hub"] = None
+        self.histories: Optional[Histories] = None
+
+    def attach(self, hub: "Hub") -> None:
+        self._hub = hub
+        self.histories = Histories(self.history_size, self._max_rooms, hub.occupied)
+
+    def publish(self, event: "Event") -> Deferred:
+        from broadcaster.hub import TextMessage
+
+        if isinstance(event, TextMessage):
+            history = self.histories.get(event.room)
+            seq = history.next_seq()
+            event = replace(event, seq=seq, epoch=history.epoch)
+            history.record(seq, event)
+        self._hub.deliver(event)
+        return succeed(event)
+
+    def position(self, room: str) -> Deferred:
+        history = self.histories.peek(room)
+        if history is None:
+            history = self.histories.get(room)
+        return succeed((history.epoch, history.seq))
+
+    def history(self, room: str, limit: int) -> Deferred:
+        history = self.histories.peek(room)
+        return succeed(history.last(limit) if history is not None else [])
+
+    def missed(
+        self, room: str, epoch: str, seq: int, joined_at: Optional[Tuple[str, int]]
+    ) -> Deferred:
+        history = self.histories.get(room)
+        if joined_at is None:
+            upto = None
+        elif joined_at[0] == history.epoch:
+            upto = joined_at[1]
+        else:
+            # The sequence restarted since the member joined: all of the
+            # current epoch has been delivered to it live.
+            upto = 0
+        result: Tuple[List["TextMessage"], bool] = history.after(epoch, seq, upto=upto)
+        return succeed(result)
+
+    def state(self) -> dict:
+        """
+        For /healthz.
+        """
+        return {"kind": self.name, "connected": True}
