@@ -87,7 +87,8 @@ class LineBridgeProtocol(RawMemberProtocol):
             start = end + 1
             self._line_received(bytes(line), limit)
         del self._buffer[:start]
-        if len(self._buffer) > limit:
+        # A trailing \r may be the first half of a CRLF split across reads.
+        if len(self._buffer) - self._buffer.endswith(b"\r") > limit:
             reason = "no line end within {} bytes; closing".format(limit)
             self._log.warn(
                 "[BAD INPUT] {client} ({peer}): {reason}",

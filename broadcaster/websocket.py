@@ -444,6 +444,22 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
             self.closeHandshakeTimeoutCall.cancel()
             self.closeHandshakeTimeoutCall = None
 
+    def dropConnection(self, abort: bool = False) -> None:
+        """
+        Close TCP gracefully once a WebSocket was open.
+
+        Autobahn aborts (TCP reset) when a close frame arrives while it is
+        closing, even when that close frame is invalid and Autobahn has just
+        queued its own 1002/1007 answer: the reset throws that answer away,
+        and turns the peer's proper close reply into a reset too (RFC 6455
+        wants a clean TCP close).  After a completed handshake, flush and
+        FIN instead; closeHandshakeTimeout still bounds a peer that never
+        closes.
+        """
+        if abort and self.wasClean:
+            abort = False
+        super().dropConnection(abort)
+
     def shut_down(self) -> None:
         """
         The server is stopping: close with 1001 ("going away"), so clients
@@ -539,6 +555,8 @@ class BroadcastServerFactory(WebSocketServerFactory):
             # Tell a misbehaving client why it is being closed (1002, 1007,
             # 1009, ...) instead of just dropping the TCP connection.
             failByDrop=False,
+            # Answer a client's close with its own code, as RFC 6455 suggests.
+            echoCloseCodeReason=True,
             perMessageCompressionAccept=self._accept_compression,
         )
 

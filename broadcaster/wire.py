@@ -301,6 +301,16 @@ def parse_client_message(
         request = json.loads(payload)
     except ValueError as e:
         raise BadRequest("malformed JSON: {}".format(e)) from None
+    except RecursionError:
+        raise BadRequest("malformed JSON: nested too deeply") from None
+    try:
+        # JSON's \uXXXX escapes can encode lone surrogates, which are not
+        # text: they could be neither sent on to anyone nor stored.
+        json.dumps(request, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("malformed JSON: contains a lone surrogate (\\ud800-\\udfff)") from None
+    except RecursionError:
+        raise BadRequest("malformed JSON: nested too deeply") from None
     if not isinstance(request, dict):
         raise BadRequest("expected a JSON object, got {}".format(type(request).__name__))
     ref = _ref(request)
