@@ -8,10 +8,18 @@ Wire format (see :mod:`broadcaster.wire` for the events themselves):
 - A browser handshake whose ``Origin`` is neither the server's own origin nor
   one allowed with ``--allow-origin`` is refused with HTTP 403.  Handshakes
   without ``Origin`` (scripts, devices) are accepted.
-- Messages larger than ``--max-message-size`` close the connection with 1009
-  (Autobahn enforces it on frames and on reassembled messages).
+- ``?name=`` sets the display name and ``?since=<epoch>:<seq>`` recovers
+  the lobby; a bad value of either is refused with HTTP 400.  Beyond
+  ``--max-connections`` (or ``--max-connections-per-ip``) the handshake is
+  answered 503.
 - JSON mode: input that is not a valid client message gets
   ``{"type": "error", "reason": ...}`` back; the connection stays open.
+
+Close codes the server sends: 1001 shutting down; 1002 protocol error; 1007
+invalid UTF-8; 1008 kept sending past ``--rate``; 1009 a message (or frame,
+or decompressed message) larger than ``--max-message-size``; 4008 slow
+consumer, more than ``--max-buffer`` bytes behind.  A client that does not
+answer a keepalive ping within ``--ping-timeout`` is dropped.
 
 Logs: every handshake at info (peer, path, Origin, User-Agent), refusals at
 warn, connect and disconnect at info (id, close code, reason, duration).
