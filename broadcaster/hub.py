@@ -144,7 +144,27 @@ class ImageMessage(Event):
     room: str = LOBBY
 
 
-def encoded(event: Event, key: object, encode: Callable[[Event], object]) -> object:
+class EventBatch:
+    """
+    The events one room got in one reactor turn, in order, with a cache
+    (:attr:`wire`) like :class:`Event`'s, so a member kind encodes the whole
+    batch once for all its members.
+    """
+
+    __slots__ = ("events", "wire")
+
+    def __init__(self, events: List[Event]) -> None:
+        self.events = events
+        self.wire: Dict[object, object] = {}
+
+    def __iter__(self):
+        return iter(self.events)
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+
+def encoded(event, key: object, encode: Callable[..., object]) -> object:
     """
     Encode ``event`` with ``encode`` once per ``key`` and reuse the result.
 
@@ -163,6 +183,11 @@ def encoded(event: Event, key: object, encode: Callable[[Event], object]) -> obj
 
 def _random_node_id() -> str:
     return os.urandom(3).hex()
+
+
+#: The sender id and display name of messages the server itself publishes
+#: (the publish API).  Member ids always contain a "-", so it is never one.
+SERVER_ID = "server"
 
 
 class NotInRoom(ValueError):
@@ -206,6 +231,7 @@ class Hub:
         max_rooms_per_member: int = 100,
         stats: Optional[Stats] = None,
         backplane: Optional[Backplane] = None,
+        batching: bool = False,
     ) -> None:
         self._clock = clock
         self.stats = stats if stats is not None else Stats()
@@ -228,6 +254,10 @@ class Hub:
         self._pending: Deque[Tuple[Event, str]] = deque()
         self._empty_waiters: List[Deferred] = []
         self._observers: List[Callable[[Event], None]] = []
+        #: Deliver the events of one reactor turn together (see :meth:`_flush`).
+        self.batching = batching
+        self._batch: List[Tuple[Event, str]] = []
+        self._flush_call = None
         self._delivering = False
 
     def new_id(self) -> str:
@@ -431,6 +461,21 @@ class Hub:
             )
         )
 
+    def announce(self, text: str, room: str = LOBBY) -> Deferred:
+        """
+        Publish ``text`` in ``room`` from the server itself (id and name
+        :data:`SERVER_ID`): numbered, remembered and delivered like a
+        member's message, whether or not anybody is in the room.
+
+        :return: a Deferred firing with the :class:`TextMessage` as
+            delivered (with its ``seq`` and ``epoch``).
+        """
+        return self.backplane.publish(
+            TextMessage(
+                ts=self._clock.seconds(), room=room, sender=SERVER_ID, text=text, name=SERVER_ID
+            )
+        )
+
     def publish_binary(self, sender: str, data: bytes) -> BinaryMessage:
         """
         Send ``data`` from ``sender`` to everyone in the lobby, the sender included.
@@ -514,19 +559,24 @@ class Hub:
         Fan ``event`` out to this node's members of its room: the backplane
         calls this for every event, from this node or another.
         """
-        if isinstance(event, TextMessage):
-            self._positions[event.room] = (event.epoch, event.seq)
         self._fan_out(event, event.room)
 
     def _fan_out(self, event: Event, room: str) -> None:
         """
-        Deliver ``event`` to every current member of ``room``.
+        Deliver ``event`` to every current member of ``room``, now, or with
+        :attr:`batching` at the end of this reactor turn together with the
+        room's other events of the turn.
 
         A delivery can cause another event (a member whose transport fails
         synchronously leaves, and its departure is announced).  Such events
         wait until the current one has reached everyone, so every member sees
         all events in one and the same order.
         """
+        if self.batching:
+            self._batch.append((event, room))
+            if self._flush_call is None:
+                self._flush_call = self._clock.callLater(0, self._flush)
+            return
         self._pending.append((event, room))
         if self._delivering:
             return
@@ -535,6 +585,8 @@ class Hub:
         try:
             while self._pending:
                 event, room = self._pending.popleft()
+                if isinstance(event, TextMessage):
+                    self._positions[room] = (event.epoch, event.seq)
                 started = perf_counter()
                 # Copy: deliveries may change the membership under us.
                 recipients = list(self._rooms.get(room, {}).values())
@@ -556,3 +608,58 @@ class Hub:
                         self._log.failure("hub observer {observer!r} failed", observer=observer)
         finally:
             self._delivering = False
+
+    def _flush(self) -> None:
+        """
+        Deliver the events of the reactor turn that just ended, room by
+        room: each member gets all of a room's new events in one call
+        (:meth:`EventBatch`), so a WebSocket client gets them in one write,
+        framed once for every client of its kind.  Order within a room is
+        kept; events the deliveries cause go into the next batch.
+        """
+        self._flush_call = None
+        batch, self._batch = self._batch, []
+        by_room: Dict[str, List[Event]] = {}
+        for event, room in batch:
+            by_room.setdefault(room, []).append(event)
+        stats = self.stats
+        for room, events in by_room.items():
+            for event in reversed(events):
+                if isinstance(event, TextMessage):
+                    # Joining from now on, a member has had these live.
+                    self._positions[room] = (event.epoch, event.seq)
+                    break
+            started = perf_counter()
+            recipients = list(self._rooms.get(room, {}).values())
+            stats.deliveries += len(recipients) * len(events)
+            together = EventBatch(events)
+            for member in recipients:
+                try:
+                    deliver_many = getattr(member, "deliver_many", None)
+                    if deliver_many is not None:
+                        deliver_many(together)
+                    else:
+                        for event in events:
+                            member.deliver(event)
+                except Exception:
+                    self._log.failure(
+                        "delivery of {count} events to {client} failed;"
+                        " continuing with the others",
+                        count=len(events),
+                        client=member.id,
+                    )
+            stats.fan_out_seconds.observe(perf_counter() - started)
+            for event in events:
+                for observer in self._observers:
+                    try:
+                        observer(event)
+                    except Exception:
+                        self._log.failure("hub observer {observer!r} failed", observer=observer)
+
+    def flush(self) -> None:
+        """
+        Deliver pending batched events now (for shutdown and tests).
+        """
+        if self._flush_call is not None:
+            self._flush_call.cancel()
+            self._flush()

@@ -161,6 +161,13 @@ class RawMemberProtocol(Protocol):
         stats.frames_out += 1
         stats.bytes_out += size
 
+    def deliver_many(self, batch) -> None:
+        """
+        Deliver a room's events of one reactor turn, one by one.
+        """
+        for event in batch:
+            self.deliver(event)
+
     def within_rate(self, refusal: Callable[[str], bytes]) -> bool:
         """
         Whether the client may send one more message now.

@@ -76,6 +76,28 @@ def _prepare(codec) -> "callable":
 _PREPARE = {_PLAIN: _prepare(_PLAIN), _JSON: _prepare(_JSON)}
 
 
+def _frame_batch(codec):
+    """
+    Build the encoder of a whole :class:`~broadcaster.hub.EventBatch`: the
+    frames of all its events, each framed once (and shared with any other
+    batch or recipient), concatenated into the bytes of one write.
+    """
+    prepare = _PREPARE[codec]
+
+    def frame_batch(batch) -> Tuple[bytes, int]:
+        frames = [
+            prepared.payloadHybi
+            for event in batch
+            for prepared in encoded(event, codec, prepare)
+        ]
+        return b"".join(frames), len(frames)
+
+    return frame_batch
+
+
+_FRAME_BATCH = {_PLAIN: _frame_batch(_PLAIN), _JSON: _frame_batch(_JSON)}
+
+
 def _parse_since_param(value: str) -> Optional[Tuple[str, int]]:
     """
     Read ``?since=<epoch>:<seq>``; ``None`` if it is not that.
@@ -496,6 +518,32 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
             outbound.wrote(size)
             stats.frames_out += 1
             stats.bytes_out += size
+
+    def deliver_many(self, batch) -> None:
+        """
+        Send a room's events of one reactor turn in one write: the bytes
+        are built once per wire format and shared by every recipient, so
+        per recipient the cost is one ``transport.write``.
+        """
+        if self.state != self.STATE_OPEN:
+            return
+        if self._perMessageCompress is not None:
+            # Compressed connections need framing of their own.
+            for event in batch:
+                self.deliver(event)
+            return
+        outbound = self._outbound
+        if outbound.over(self.factory.limits.max_buffer):
+            self._slow_consumer()
+            return
+        data, frames = encoded(batch, self.codec, _FRAME_BATCH[self.codec])
+        if frames:
+            # What sendPreparedMessage does for each frame, in one call.
+            self.transport.write(data)
+            outbound.wrote(len(data))
+            stats = self.factory.hub.stats
+            stats.frames_out += frames
+            stats.bytes_out += len(data)
 
     def _slow_consumer(self) -> None:
         """

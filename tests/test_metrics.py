@@ -70,9 +70,12 @@ class MetricsTests(TestCase):
         self.assertEqual(
             samples[("broadcaster_refused_handshakes_total", (("reason", "origin"),))], 1
         )
-        self.assertEqual(samples[("broadcaster_fan_out_seconds_count", ())], 5)
+        # One observation per batch: the events of one room in one reactor
+        # turn (2 joins and 3 messages make 3 to 5 batches).
+        batches = samples[("broadcaster_fan_out_seconds_count", ())]
+        self.assertTrue(3 <= batches <= 5, batches)
         self.assertEqual(
-            samples[("broadcaster_fan_out_seconds_bucket", (("le", "+Inf"),))], 5
+            samples[("broadcaster_fan_out_seconds_bucket", (("le", "+Inf"),))], batches
         )
         self.assertEqual(samples[("broadcaster_slow_consumer_disconnects_total", ())], 0)
 

@@ -1,7 +1,10 @@
 """
 The chat page in a real browser: Debian's chromium, headless, driven through
-selenium against a real server on a loopback port, with ``websocket-client``
-scripts as the other people in the room.
+selenium against a real server on a loopback port, with scripts as the other
+people in the room: ``websocket-client`` in plain mode, and Autobahn clients
+in JSON mode (:func:`tests.test_rooms.join_chat`) where rooms, names and
+recovery are concerned.  Connections are cut on the server's side
+(``abortConnection``), as a network failure would.
 
 Selenium and websocket-client block, so every call to them runs in a thread
 (:func:`deferToThread`) while the reactor goes on serving the page and its
@@ -29,10 +32,13 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 from twisted.internet import reactor, tcp
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import FailTest, SkipTest, TestCase
 
+from broadcaster.hub import TextMessage
 from tests.support import start_server, wait_for
+from tests.test_rooms import join_chat, of_type, read_until
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -62,12 +68,30 @@ CHROMIUM_ARGS = [
 _READ_MESSAGES = """
 return Array.from(document.querySelectorAll('#messages .message'), (entry) => ({
   from: entry.dataset.from,
+  name: entry.querySelector('.from').textContent,
   text: entry.querySelector('.text').textContent,
   mine: entry.classList.contains('mine'),
 }));
 """
 _READ_MEMBERS = """
 return Array.from(document.querySelectorAll('#members li'), (li) => li.dataset.id);
+"""
+_READ_MEMBER_NAMES = """
+return Object.fromEntries(Array.from(
+  document.querySelectorAll('#members li'),
+  (li) => [li.dataset.id, li.querySelector('.name').textContent],
+));
+"""
+_READ_ROOMS = """
+return Array.from(document.querySelectorAll('#rooms li[data-room]'), (li) => {
+  const badge = li.querySelector('.badge');
+  return {
+    room: li.dataset.room,
+    active: li.classList.contains('active'),
+    state: li.dataset.state || null,
+    unread: badge && !badge.hidden ? badge.textContent : '',
+  };
+});
 """
 _READ_LOG = """
 return Array.from(document.querySelectorAll('#messages > li'),
@@ -154,10 +178,12 @@ class Page:
             return WebDriverWait(self.driver, WAIT).until(condition)
         except TimeoutException:
             raise FailTest(
-                "timed out after {}s waiting for {}.\nstatus: {}\nmembers: {}\nlog:\n  {}".format(
+                "timed out after {}s waiting for {}.\nstatus: {}\nrooms: {}\nmembers: {}\n"
+                "log:\n  {}".format(
                     WAIT,
                     what,
                     self.status(),
+                    self.rooms(),
                     self.members(),
                     "\n  ".join(self.log_lines()) or "(empty)",
                 )
@@ -209,6 +235,45 @@ class Page:
         """
         return self.driver.execute_script(_READ_MESSAGES)
 
+    def member_names(self) -> dict:
+        """
+        :return: the member list as ``{id: name shown}``.
+        """
+        return self.driver.execute_script(_READ_MEMBER_NAMES)
+
+    def texts(self) -> List[str]:
+        """
+        :return: the text of every chat message in the log, in order.
+        """
+        return [message["text"] for message in self.messages()]
+
+    def rooms(self) -> List[dict]:
+        """
+        :return: the room list, each ``{room, active, state, unread}``.
+        """
+        return self.driver.execute_script(_READ_ROOMS)
+
+    def active_room(self) -> Optional[str]:
+        """
+        :return: the room on view.
+        """
+        for room in self.rooms():
+            if room["active"]:
+                return room["room"]
+        return None
+
+    def text_of(self, element_id: str) -> str:
+        """
+        :return: the text of the element with this id (an error message, say).
+        """
+        return self.driver.find_element(By.ID, element_id).text
+
+    def stored(self, key: str) -> Optional[str]:
+        """
+        :return: what the page keeps under ``key`` in localStorage.
+        """
+        return self.driver.execute_script("return localStorage.getItem(arguments[0]);", key)
+
     def log_lines(self) -> List[str]:
         """
         :return: every log entry's text as one line, for failure messages.
@@ -233,6 +298,76 @@ class Page:
         else:
             what = "message {!r} from {} in #messages".format(text, sender)
         return self.wait(shown, what)
+
+    def wait_for_texts(self, expected: List[str]) -> None:
+        """
+        Wait until the log's messages are exactly ``expected``, in order.
+        """
+        self.wait(
+            lambda driver: self.texts() == expected,
+            "#messages to hold exactly {} messages ending {}".format(len(expected), expected[-3:]),
+        )
+
+    def wait_for_room(self, room: str, state: str = "joined") -> None:
+        """
+        Wait until the room list shows ``room`` in ``state``.
+        """
+        self.wait(
+            lambda driver: any(r["room"] == room and r["state"] == state for r in self.rooms()),
+            "#rooms to show {} as {}".format(room, state),
+        )
+
+    def wait_for_log(self, words: str) -> List[str]:
+        """
+        Wait until an entry of the log on view contains ``words``.
+
+        :return: the log's lines.
+        """
+
+        def shown(driver):
+            lines = self.log_lines()
+            return lines if any(words in line for line in lines) else False
+
+        return self.wait(shown, "{!r} in the log".format(words))
+
+    def join_room(self, room: str) -> None:
+        """
+        Type ``room`` into the join box and press Enter.
+        """
+        box = self.driver.find_element(By.ID, "room-name")
+        box.clear()
+        box.send_keys(room, Keys.ENTER)
+
+    def select_room(self, room: str) -> None:
+        """
+        Click ``room`` in the room list and wait until it is on view.
+        """
+        self.driver.find_element(
+            By.CSS_SELECTOR, '#rooms li[data-room="{}"] .room-select'.format(room)
+        ).click()
+        self.wait(lambda driver: self.active_room() == room, "{} to be on view".format(room))
+
+    def leave_room(self, room: str) -> None:
+        """
+        Click the leave button of ``room`` (which must be on view).
+        """
+        self.driver.find_element(
+            By.CSS_SELECTOR, '#rooms li[data-room="{}"] .room-leave'.format(room)
+        ).click()
+
+    def set_name(self, name: str) -> None:
+        """
+        Type ``name`` into the name box and press Enter.
+        """
+        box = self.driver.find_element(By.ID, "display-name")
+        box.clear()
+        box.send_keys(name, Keys.ENTER)
+
+    def send_text(self, text: str) -> None:
+        """
+        Type ``text`` into the message box and press Enter.
+        """
+        self.driver.find_element(By.ID, "text").send_keys(text, Keys.ENTER)
 
     def wait_for_members(self, expected: List[str]) -> None:
         """
@@ -338,9 +473,23 @@ def _server_connections() -> list:
     ]
 
 
-class ChatPageTests(TestCase):
+def server_args(*args: str):
     """
-    The chat page, served by a real server and shown by headless chromium.
+    Run the decorated test against a server started with these
+    ``twistd broadcaster`` arguments.
+    """
+
+    def decorate(test):
+        test.server_args = args
+        return test
+
+    return decorate
+
+
+class PageTestCase(TestCase):
+    """
+    A real server on a loopback port and a headless chromium to show its
+    page; the tests come from the subclasses.
     """
 
     @inlineCallbacks
@@ -350,7 +499,9 @@ class ChatPageTests(TestCase):
             if os.environ.get("CI"):
                 self.fail("{}; CI is set, so the browser tests must run".format(missing))
             raise SkipTest(missing)
-        self.service, port = yield start_server(self)
+        args = getattr(getattr(self, self._testMethodName), "server_args", ())
+        self.service, port = yield start_server(self, args)
+        self.port = port
         self.url = "http://127.0.0.1:{}/".format(port)
         self.ws_url = "ws://127.0.0.1:{}/".format(port)
         # Cleanups run last-added first: the browser and the script clients
@@ -374,6 +525,12 @@ class ChatPageTests(TestCase):
         client = yield deferToThread(ScriptClient, self.ws_url)
         self.addCleanup(deferToThread, client.close)
         return client
+
+
+class ChatPageTests(PageTestCase):
+    """
+    The chat page, served by a real server and shown by headless chromium.
+    """
 
     @inlineCallbacks
     def test_message_reaches_script_client(self):
@@ -491,3 +648,293 @@ class ChatPageTests(TestCase):
 
         errors = yield deferToThread(self.page.console_errors)
         self.assertEqual(errors, [], "the browser console reported errors")
+
+
+class RoomPageTests(PageTestCase):
+    """
+    Rooms, names and recovery after a reconnect on the chat page, with
+    JSON-mode script clients (Autobahn, in the reactor) as the others.
+    """
+
+    @inlineCallbacks
+    def json_client(self, name, rooms=()):
+        """
+        Connect a JSON-mode script client called ``name`` and put it in ``rooms``.
+
+        :return: a Deferred firing with ``(client, its id)``.
+        """
+        client, welcome = yield join_chat(self, self.port, name)
+        for room in rooms:
+            client.send_json({"type": "join", "room": room})
+            # The reply (presence) may come before the event (our own join).
+            seen = yield read_until(client, of_type("join", room=room, id=welcome["id"]))
+            if not [e for e in seen if e["type"] == "presence"]:
+                yield read_until(client, of_type("presence", room=room))
+        return client, welcome["id"]
+
+    @inlineCallbacks
+    def cut(self, page_id):
+        """
+        Drop the page's connection on the server's side, as a network
+        failure would, and wait until the hub has let it go.
+        """
+        self.service.hub.member(page_id).transport.abortConnection()
+        yield wait_for(
+            lambda: page_id not in self.service.hub,
+            what="the hub to drop the page's member {}".format(page_id),
+        )
+
+    @inlineCallbacks
+    def test_room_switcher(self):
+        """
+        The page joins a room by name, shows that room's messages and members
+        only in its view (with an unread badge meanwhile), sends to the room
+        on view, remembers it, and leaves it.
+        """
+        bob, bob_id = yield self.json_client("bob", ["dev"])
+        carol = yield self.script_client()
+        page_id = yield deferToThread(self.page.open, self.url)
+
+        yield deferToThread(self.page.join_room, "-dev")
+        error = yield deferToThread(self.page.text_of, "room-error")
+        self.assertIn("letter or digit", error)
+        rooms = yield deferToThread(self.page.rooms)
+        self.assertEqual([r["room"] for r in rooms], ["lobby"], "an invalid room was joined")
+
+        yield deferToThread(self.page.join_room, "dev")
+        yield deferToThread(self.page.wait_for_room, "dev")
+        joined = (yield read_until(bob, of_type("join", room="dev")))[-1]
+        self.assertEqual(joined["id"], page_id)
+        self.assertEqual((yield deferToThread(self.page.active_room)), "dev")
+        yield deferToThread(self.page.wait_for_members, [bob_id, page_id])
+        yield deferToThread(self.page.select_room, "lobby")
+        yield deferToThread(self.page.wait_for_members, [bob_id, carol.id, page_id])
+
+        bob.send_json({"type": "message", "room": "dev", "text": "only in dev"})
+        yield deferToThread(
+            self.page.wait,
+            lambda driver: {"room": "dev", "active": False, "state": "joined", "unread": "1"}
+            in self.page.rooms(),
+            "an unread badge of 1 on dev",
+        )
+        lobby = yield deferToThread(self.page.texts)
+        self.assertEqual(lobby, [], "dev's message is in the lobby")
+
+        yield deferToThread(self.page.select_room, "dev")
+        yield deferToThread(self.page.wait_for_message, bob_id, "only in dev")
+        rooms = yield deferToThread(self.page.rooms)
+        self.assertEqual([r["unread"] for r in rooms], ["", ""], "a badge outlived its reading")
+
+        yield deferToThread(self.page.send_text, "from the page")
+        message = (yield read_until(bob, of_type("message", text="from the page")))[-1]
+        self.assertEqual((message["room"], message["from"]), ("dev", page_id))
+        yield deferToThread(self.page.wait_for_message, page_id, "from the page")
+        self.assertEqual((yield deferToThread(self.page.stored, "broadcaster.rooms")), '["dev"]')
+
+        yield deferToThread(self.page.leave_room, "dev")
+        left = (yield read_until(bob, of_type("leave", room="dev")))[-1]
+        self.assertEqual(left["id"], page_id)
+        rooms = yield deferToThread(self.page.rooms)
+        self.assertEqual([(r["room"], r["active"]) for r in rooms], [("lobby", True)])
+        self.assertEqual((yield deferToThread(self.page.stored, "broadcaster.rooms")), "[]")
+
+    @inlineCallbacks
+    def test_rooms_remembered(self):
+        """
+        A page loaded again joins the rooms it had joined before.
+        """
+        bob, _ = yield self.json_client("bob", ["dev"])
+        page_id = yield deferToThread(self.page.open, self.url)
+        yield deferToThread(self.page.join_room, "dev")
+        yield deferToThread(self.page.wait_for_room, "dev")
+        yield read_until(bob, of_type("join", room="dev", id=page_id))
+
+        yield deferToThread(self.page.driver.refresh)
+        new_id = yield deferToThread(self.page.wait_connected, page_id)
+        yield read_until(bob, of_type("join", room="dev", id=new_id))
+        yield deferToThread(self.page.wait_for_room, "dev")
+
+    @inlineCallbacks
+    def test_names(self):
+        """
+        The page connects with the name in its own URL, sets another with
+        the name box (checked first), shows other people by name and
+        remembers its name for the next visit.
+        """
+        bob, bob_id = yield self.json_client("bob")
+        page_id = yield deferToThread(self.page.open, self.url + "?name=Zoe")
+        self.assertEqual(self.service.hub.member(page_id).name, "Zoe")
+
+        yield deferToThread(self.page.set_name, "   ")
+        error = yield deferToThread(self.page.text_of, "name-error")
+        self.assertIn("empty", error)
+
+        yield deferToThread(self.page.set_name, "Ann")
+        renamed = (yield read_until(bob, of_type("rename", id=page_id)))[-1]
+        self.assertEqual(renamed["name"], "Ann")
+        yield deferToThread(
+            self.page.wait,
+            lambda driver: self.page.member_names().get(page_id) == "Ann",
+            "the page to list itself as Ann",
+        )
+        yield deferToThread(self.page.send_text, "hi from Ann")
+        message = (yield read_until(bob, of_type("message", text="hi from Ann")))[-1]
+        self.assertEqual((message["from"], message["name"]), (page_id, "Ann"))
+
+        bob.send_json({"type": "message", "text": "hi from bob"})
+        shown = yield deferToThread(self.page.wait_for_message, bob_id, "hi from bob")
+        self.assertEqual(shown["name"], "bob")
+        names = yield deferToThread(self.page.member_names)
+        self.assertEqual(names, {bob_id: "bob", page_id: "Ann"})
+        self.assertEqual((yield deferToThread(self.page.stored, "broadcaster.name")), "Ann")
+
+        # The next visit, without ?name=, connects with the remembered name.
+        new_id = yield deferToThread(self.page.open, self.url)
+        self.assertEqual(self.service.hub.member(new_id).name, "Ann")
+
+    @server_args("--max-name-length", "4")
+    @inlineCallbacks
+    def test_refused_name_does_not_lock_out(self):
+        """
+        A remembered name the server refuses (here: too long) does not keep
+        the page from connecting; it connects without it and says why.
+        """
+        page_id = yield deferToThread(self.page.open, self.url)
+        yield deferToThread(
+            self.page.driver.execute_script, "localStorage.setItem('broadcaster.name', 'Annabel');"
+        )
+
+        yield deferToThread(self.page.driver.refresh)
+        new_id = yield deferToThread(self.page.wait_connected, page_id)
+        yield deferToThread(
+            self.page.wait,
+            lambda driver: "at most 4" in self.page.text_of("name-error"),
+            "the name box to say why Annabel was refused",
+        )
+        self.assertIsNone(self.service.hub.member(new_id).name)
+        self.assertIsNone((yield deferToThread(self.page.stored, "broadcaster.name")))
+
+    @inlineCallbacks
+    def test_messages_deduplicated_and_ordered(self):
+        """
+        A message that arrives twice is shown once, and one that arrives
+        after a later one of the same room and epoch goes before it.
+        """
+        bob, bob_id = yield self.json_client("bob")
+        page_id = yield deferToThread(self.page.open, self.url)
+        bob.send_json({"type": "message", "text": "one"})
+        first = (yield read_until(bob, of_type("message", text="one")))[-1]
+        yield deferToThread(self.page.wait_for_texts, ["one"])
+
+        def message(seq, text):
+            return TextMessage(
+                ts=first["ts"], room="lobby", sender=bob_id, text=text, name="bob",
+                seq=seq, epoch=first["epoch"],
+            )
+
+        # Straight to the page's connection, as a misbehaving server might.
+        member = self.service.hub.member(page_id)
+        for event in (message(3, "three"), message(2, "two"), message(3, "three")):
+            member.deliver(event)
+        member.deliver(message(4, "four"))
+        yield deferToThread(self.page.wait_for_message, bob_id, "four")
+        texts = yield deferToThread(self.page.texts)
+        self.assertEqual(texts, ["one", "two", "three", "four"])
+
+    @inlineCallbacks
+    def talk(self, client, stop):
+        """
+        Send "lobby <n>" and "dev <n>", one pair every 20 ms (within the
+        server's default rate limit), until ``stop`` is set.
+
+        :param stop: a list; the talking stops once it is not empty.
+        :return: a Deferred firing with how many pairs were sent; meanwhile
+            ``self.talked`` counts them.
+        """
+        count = 0
+        while not stop:
+            client.send_json({"type": "message", "text": "lobby {}".format(count)})
+            client.send_json({"type": "message", "room": "dev", "text": "dev {}".format(count)})
+            count += 1
+            self.talked = count
+            yield deferLater(reactor, 0.02, lambda: None)
+        return count
+
+    @inlineCallbacks
+    def test_recovery_after_a_cut(self):
+        """
+        When the page's connection is cut while a script keeps talking in the
+        lobby and in "dev", the page comes back and shows every message of
+        each room exactly once, in order.
+        """
+        talker, talker_id = yield self.json_client("talker", ["dev"])
+        page_id = yield deferToThread(self.page.open, self.url)
+        yield deferToThread(self.page.join_room, "dev")
+        yield deferToThread(self.page.wait_for_room, "dev")
+        yield deferToThread(self.page.select_room, "lobby")
+
+        stop = []
+        self.talked = 0
+        talking = self.talk(talker, stop)
+        yield deferToThread(
+            self.page.wait, lambda driver: len(self.page.texts()) >= 5, "5 messages before the cut"
+        )
+        yield self.cut(page_id)
+        talked_at_cut = self.talked
+        yield deferToThread(self.page.wait_connected, page_id)
+        talked_at_reconnect = self.talked
+        self.assertGreater(talked_at_reconnect, talked_at_cut, "nothing was said during the cut")
+        # Some messages live after the reconnect, too.
+        yield deferToThread(
+            self.page.wait_for_message, talker_id, "lobby {}".format(talked_at_reconnect + 3)
+        )
+        stop.append(True)
+        pairs = yield talking
+        talker.send_json({"type": "message", "text": "lobby end"})
+        talker.send_json({"type": "message", "room": "dev", "text": "dev end"})
+
+        for room in ("lobby", "dev"):
+            expected = ["{} {}".format(room, n) for n in range(pairs)] + ["{} end".format(room)]
+            yield deferToThread(self.page.select_room, room)
+            yield deferToThread(self.page.wait_for_texts, expected)
+            log = yield deferToThread(self.page.log_lines)
+            self.assertFalse(
+                [line for line in log if "may be missing" in line],
+                "complete recovery announced missing messages in {}".format(room),
+            )
+
+    @server_args("--history-size", "2")
+    @inlineCallbacks
+    def test_incomplete_recovery(self):
+        """
+        When more was said during a cut than the room remembers, the page
+        shows what could be replayed and says that messages may be missing.
+        """
+        talker, talker_id = yield self.json_client("talker", ["dev"])
+        page_id = yield deferToThread(self.page.open, self.url)
+        yield deferToThread(self.page.join_room, "dev")
+        yield deferToThread(self.page.wait_for_room, "dev")
+        talker.send_json({"type": "message", "room": "dev", "text": "before"})
+        yield deferToThread(self.page.wait_for_message, talker_id, "before")
+
+        yield self.cut(page_id)
+        for n in range(1, 6):
+            talker.send_json(
+                {"type": "message", "room": "dev", "text": "missed {}".format(n), "ref": n}
+            )
+        yield read_until(talker, of_type("ack", ref=5))
+        self.assertEqual(
+            self.service.hub.member_ids(), [talker_id], "the page came back before the talk ended"
+        )
+
+        yield deferToThread(self.page.wait_connected, page_id)
+        self.assertEqual((yield deferToThread(self.page.active_room)), "dev")
+        yield deferToThread(self.page.wait_for_log, "Some messages in #dev may be missing")
+        yield deferToThread(self.page.wait_for_texts, ["before", "missed 4", "missed 5"])
+        log = yield deferToThread(self.page.log_lines)
+        where = [i for i, line in enumerate(log) if "may be missing" in line or "missed" in line]
+        self.assertIn("may be missing", log[where[0]], "the notice is not before the replay")
+
+        yield deferToThread(self.page.select_room, "lobby")
+        log = yield deferToThread(self.page.log_lines)
+        self.assertFalse([line for line in log if "may be missing" in line])
