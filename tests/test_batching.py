@@ -1,0 +1,228 @@
+"""
+The batched fan-out: events of one reactor turn delivered together, in
+order, framed once, each recipient written once; checked with a fake clock
+and in-memory transports, and with real clients parsing real frames.
+"""
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from broadcaster.hub import Event, Hub, Joined, Left, TextMessage
+from broadcaster.origin import OriginPolicy
+from broadcaster.websocket import BroadcastServerFactory
+from tests.support import connect_plain_clients, parse_frames, start_server
+
+
+class BatchRecorder:
+    """A member that records the batches it is given."""
+
+    name = None
+
+    def __init__(self, member_id):
+        self.id = member_id
+        self.batches = []
+
+    def deliver(self, event: Event) -> None:
+        self.batches.append([event])
+
+    def deliver_many(self, batch) -> None:
+        self.batches.append(list(batch))
+
+    def events(self):
+        return [event for batch in self.batches for event in batch]
+
+
+class Exploding(BatchRecorder):
+    def deliver_many(self, batch) -> None:
+        raise OSError("connection reset")
+
+
+class HubBatchingTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.hub = Hub(self.clock, node_id="n", batching=True)
+
+    def connect(self, member_id, cls=BatchRecorder):
+        member = cls(member_id)
+        self.hub.connect(member)
+        return member
+
+    def test_one_turn_is_one_batch_in_order(self):
+        """Events of one turn are delivered together, at the end of the turn, in order."""
+        ann = self.connect("ann")
+        self.clock.advance(0)
+        ann.batches.clear()
+        for i in range(5):
+            self.hub.publish_text("ann", str(i))
+        self.assertEqual(ann.batches, [])
+        self.clock.advance(0)
+        self.assertEqual(len(ann.batches), 1)
+        self.assertEqual([e.text for e in ann.batches[0]], list("01234"))
+        self.assertEqual([e.seq for e in ann.batches[0]], [1, 2, 3, 4, 5])
+
+    def test_order_across_batches(self):
+        """Consecutive turns' batches arrive in order."""
+        ann = self.connect("ann")
+        for turn in range(3):
+            for i in range(3):
+                self.hub.publish_text("ann", "{}.{}".format(turn, i))
+            self.clock.advance(0)
+        texts = [e.text for e in ann.events() if isinstance(e, TextMessage)]
+        self.assertEqual(texts, ["{}.{}".format(t, i) for t in range(3) for i in range(3)])
+
+    def test_joining_mid_batch(self):
+        """A member that joins during a turn gets that turn's events published after it
+        connected, and its replay position excludes them (no duplicates on recovery)."""
+        ann = self.connect("ann")
+        self.clock.advance(0)
+        before = self.successResultOf(self.hub.publish_text("ann", "before"))
+        self.clock.advance(0)
+        self.hub.publish_text("ann", "pending")
+        bob = self.connect("bob")
+        self.hub.publish_text("ann", "after")
+        self.clock.advance(0)
+        texts = [e.text for e in bob.events() if isinstance(e, TextMessage)]
+        self.assertEqual(texts, ["pending", "after"])
+        self.successResultOf(self.hub.replay(bob, "lobby", before.epoch, 0))
+        # Bob gets only "before" replayed: the others reached him live.
+        self.assertEqual(bob.batches[-1][0].text, "before")
+        self.assertEqual(len(ann.events()), 5)
+
+    def test_leaving_mid_batch(self):
+        """A member gone before the end of the turn gets nothing of it; the others
+        see its departure after the messages published before it."""
+        ann = self.connect("ann")
+        bob = self.connect("bob")
+        self.clock.advance(0)
+        ann.batches.clear()
+        bob.batches.clear()
+        self.hub.publish_text("ann", "one")
+        self.hub.disconnect(bob)
+        self.hub.publish_text("ann", "two")
+        self.clock.advance(0)
+        self.assertEqual(bob.batches, [])
+        kinds = [(type(e).__name__, getattr(e, "text", None)) for e in ann.events()]
+        self.assertEqual(kinds, [("TextMessage", "one"), ("Left", None), ("TextMessage", "two")])
+
+    def test_failed_member_spares_the_others(self):
+        """A member whose delivery raises is logged; the rest of the batch reaches everyone else."""
+        ann = self.connect("ann")
+        self.connect("broken", Exploding)
+        bob = self.connect("bob")
+        self.clock.advance(0)
+        self.hub.publish_text("ann", "still")
+        self.clock.advance(0)
+        self.assertEqual(bob.events()[-1].text, "still")
+        self.assertEqual(ann.events()[-1].text, "still")
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 2)
+
+    def test_rooms_are_batched_separately(self):
+        """A member in two rooms gets each room's events; each room's order is kept."""
+        ann = self.connect("ann")
+        self.hub.join(ann, "dev")
+        self.clock.advance(0)
+        ann.batches.clear()
+        self.hub.publish_text("ann", "l1")
+        self.hub.publish_text("ann", "d1", "dev")
+        self.hub.publish_text("ann", "l2")
+        self.clock.advance(0)
+        by_room = {}
+        for event in ann.events():
+            by_room.setdefault(event.room, []).append(event.text)
+        self.assertEqual(by_room, {"lobby": ["l1", "l2"], "dev": ["d1"]})
+
+    def test_members_without_deliver_many_get_events_one_by_one(self):
+        """A member with only deliver() still gets every event."""
+
+        class Simple:
+            name = None
+
+            def __init__(self):
+                self.id = "simple"
+                self.events = []
+
+            def deliver(self, event):
+                self.events.append(event)
+
+        simple = Simple()
+        self.hub.connect(simple)
+        self.hub.publish_text("simple", "x")
+        self.clock.advance(0)
+        self.assertEqual(
+            [type(e) for e in simple.events], [Joined, TextMessage]
+        )
+        self.assertNotIn(Left, [type(e) for e in simple.events])
+
+
+class WebSocketBatchTests(SynchronousTestCase):
+    """Batches on the wire: one write per client, identical bytes per wire format."""
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.hub = Hub(self.reactor, node_id="t", batching=True)
+        self.factory = BroadcastServerFactory(self.hub, OriginPolicy(), self.reactor)
+
+    def connect(self):
+        protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(
+            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        transport.clear()
+        writes = []
+        original = transport.write
+
+        def write(data):
+            writes.append(data)
+            original(data)
+
+        transport.write = write
+        return protocol, transport, writes
+
+    def test_one_write_per_client_with_identical_bytes(self):
+        """Text and binary mixed: each client gets the turn's frames in one write, byte-exact."""
+        ann, ann_t, ann_writes = self.connect()
+        bob, bob_t, bob_writes = self.connect()
+        self.reactor.advance(0)
+        del ann_writes[:], bob_writes[:]
+        self.hub.publish_text(ann.id, "hi")
+        self.hub.publish_binary(ann.id, b"\x00\x01")
+        self.hub.publish_text(ann.id, "x" * 200)
+        self.reactor.advance(0)
+        self.assertEqual(len(ann_writes), 1)
+        self.assertEqual(ann_writes, bob_writes)
+        frames, rest = parse_frames(ann_writes[0])
+        self.assertEqual(rest, b"")
+        self.assertEqual(
+            [(f.opcode, f.payload) for f in frames],
+            [(1, b"hi"), (2, b"\x00\x01"), (1, b"x" * 200)],
+        )
+        self.assertTrue(all(f.fin and not f.masked for f in frames))
+
+
+class RealClientBatchTests(TestCase):
+    @inlineCallbacks
+    def test_bursts_parse_as_separate_messages_in_order(self):
+        """A real Autobahn client parses a burst of batched frames (small and
+        large, text and binary) into the same messages, in order."""
+        _, port = yield start_server(self, ["--rate", "0"])
+        (sender, _), (receiver, _) = yield connect_plain_clients(self, port, 2)
+        sent = []
+        for i in range(300):
+            if i % 3 == 2:
+                payload = bytes([i % 256]) * (i * 50)
+                sender.sendMessage(payload, isBinary=True)
+                sent.append((payload, True))
+            else:
+                text = "m{}".format(i) * (1 + i % 7)
+                sender.send_text(text)
+                sent.append((text.encode(), False))
+        got = []
+        for _ in range(300):
+            got.append((yield receiver.next()))
+        self.assertEqual(got, sent)
