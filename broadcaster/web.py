@@ -91,6 +91,9 @@ class EntryPoint(Resource):
     def render(self, request: Request):
         upgrade = request.getHeader(b"upgrade") or b""
         if upgrade.lower() == b"websocket":
+            # From here on Autobahn owns the connection (and its own
+            # timeouts); the HTTP channel's idle timer must not fire on it.
+            request.channel.setTimeout(None)
             return self._websocket.render(request)
         return self._page.render(request)
 
@@ -141,7 +144,10 @@ class BroadcasterSite(Site):
         for name, resource in static.items():
             assets.putChild(name, resource)
         root.putChild(b"static", assets)
-        super().__init__(root)
+        # An idle HTTP connection (one that never sends its request, or its
+        # WebSocket handshake) is closed after --open-handshake-timeout:
+        # twisted.web's default would keep it for 12 hours.
+        super().__init__(root, timeout=factory.limits.open_handshake_timeout)
         self.displayTracebacks = False
 
     _log = Logger()

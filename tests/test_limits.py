@@ -90,10 +90,19 @@ class StalledReader(Protocol):
         self.lost = True
 
 
+class Silent(Protocol):
+    """A TCP client that connects and says nothing."""
+
+    lost = False
+
+    def connectionLost(self, reason):
+        self.lost = True
+
+
 class SlowConsumerTests(TestCase):
     @inlineCallbacks
     def test_stalled_reader_is_closed_and_others_get_everything(self):
-        """A client that stops reading during a ~40 MB flood is closed as a
+        """A client that stops reading during a 100 MB flood is closed as a
         slow consumer; the server never queues much more than --max-buffer
         for it; the reading client gets every message."""
         logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
@@ -112,7 +121,7 @@ class SlowConsumerTests(TestCase):
 
         message = b"x" * 60000
         most_queued = 0
-        count = 600  # 36 MB to each recipient
+        count = 1700  # 100 MB to each recipient
         for i in range(count):
             flooder.sendMessage(b"%05d" % i + message)
             if i % 50 == 0:
@@ -120,7 +129,7 @@ class SlowConsumerTests(TestCase):
                 most_queued = max(most_queued, stalled_member._outbound.queued)
         received = []
         while len(received) < count:
-            payload, _ = yield reader.next(timeout=30)
+            payload, _ = yield reader.next(timeout=60)
             if not payload.endswith(b"disconnected"):
                 received.append(int(payload[:5]))
         self.assertEqual(received, list(range(count)))
@@ -171,6 +180,38 @@ class RateLimitTests(TestCase):
         # 3 refusals, closes the connection.
         self.assertEqual(len(errors), 3)
         self.assertEqual(len(warnings_containing(logged, "[RATE LIMIT]")), 2)
+
+
+class RateJustUnderTests(TestCase):
+    @inlineCallbacks
+    def test_a_burst_within_the_limit_is_untouched(self):
+        """Exactly --burst messages at once all go through, with no error."""
+        _, port = yield start_server(self, ["--rate", "1", "--burst", "20"])
+        (sender, _), (watcher, _) = yield connect_plain_clients(self, port, 2)
+        for i in range(20):
+            sender.send_text(str(i))
+        got = []
+        for _ in range(20):
+            got.append((yield watcher.next_text()))
+        self.assertEqual(got, [str(i) for i in range(20)])
+
+
+class HandshakeTimeoutTests(TestCase):
+    @inlineCallbacks
+    def test_silent_connection_is_closed_after_the_handshake_timeout(self):
+        """A TCP connection that never sends a handshake is closed after
+        --open-handshake-timeout, and costs nobody else anything."""
+        _, port = yield start_server(self, ["--open-handshake-timeout", "0.5"])
+        silent = yield TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(
+            Factory.forProtocol(Silent)
+        )
+        self.addCleanup(silent.transport.abortConnection)
+        started = reactor.seconds()
+        yield wait_for(lambda: silent.lost, timeout=10, what="the server to hang up")
+        self.assertLess(reactor.seconds() - started, 5)
+        (a, _), (b, _) = yield connect_plain_clients(self, port, 2)
+        a.send_text("fine")
+        self.assertEqual((yield b.next_text()), "fine")
 
 
 class ConnectionLimitTests(TestCase):
