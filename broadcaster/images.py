@@ -220,11 +220,11 @@ class ImageProtocol(RawMemberProtocol):
     def _decoded(self, image: NormalisedImage) -> None:
         self.factory.hub.publish_image(self.id, image.png, image.width, image.height)
         self._log.info(
-            "{client} sent a {width}x{height} {format} image ({size} bytes, {png} as PNG)",
+            "{client} sent a {width}x{height} {source_format} image ({size} bytes, {png} as PNG)",
             client=self.id,
             width=image.width,
             height=image.height,
-            format=image.source_format,
+            source_format=image.source_format,
             size=image.source_size,
             png=len(image.png),
         )

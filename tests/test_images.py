@@ -301,3 +301,24 @@ class ImagePortIntegrationTests(TestCase):
         self.assertEqual(
             (yield plain.next_text()), announcement.replace("connected", "disconnected")
         )
+
+
+class ImageLogTests(SynchronousTestCase):
+    def test_each_image_is_logged_with_its_size_not_its_bytes(self):
+        """An accepted image is logged with sender, dimensions, format and sizes."""
+        from twisted.internet.testing import EventLoggingObserver
+        from twisted.logger import globalLogPublisher
+
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        clock = Clock()
+        hub = Hub(clock, node_id="t")
+        factory = ImageFactory(hub, clock, lambda data: maybeDeferred(normalise, data))
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
+        protocol.makeConnection(StringTransport())
+        self.addCleanup(protocol.connectionLost, Failure(ConnectionDone()))
+        protocol.dataReceived(frame(make_image("JPEG", size=(6, 4))))
+        (event,) = [e for e in logged if "image (" in e.get("log_format", "")]
+        self.assertEqual(
+            (event["width"], event["height"], event["source_format"]), (6, 4, "JPEG")
+        )
+        self.assertEqual(self.flushLoggedErrors(), [])
