@@ -75,6 +75,20 @@ class Backplane(Protocol):
             ``joined_at``, and whether that is all of them.
         """
 
+    def members(self, room: str) -> list:
+        """
+        :return: who is in ``room`` on every node (objects with ``id`` and
+            ``name``): this node's hub members, then the other nodes' as
+            last heard.  Synchronous: a networked backplane keeps them up to
+            date from the join, leave and rename events it delivers.
+        """
+
+    def state(self) -> dict:
+        """
+        :return: what /healthz shows: ``kind``, ``connected`` and whatever
+            else helps an operator.
+        """
+
 
 class LocalBackplane:
     """
@@ -133,6 +147,9 @@ class LocalBackplane:
             upto = 0
         result: Tuple[List["TextMessage"], bool] = history.after(epoch, seq, upto=upto)
         return succeed(result)
+
+    def members(self, room: str) -> list:
+        return self._hub.room_members(room)
 
     def state(self) -> dict:
         """

@@ -109,6 +109,9 @@ class TextMessage(Event):
 
     :ivar seq: its number in the room's sequence (see :mod:`broadcaster.history`).
     :ivar epoch: the run of the room's sequence that ``seq`` belongs to.
+    :ivar kept: whether the backplane keeps it for replays.  A message
+        delivered on this node only (the Redis backplane while Redis is
+        unreachable) is not, and does not move the room's join position.
     """
 
     room: str
@@ -117,6 +120,7 @@ class TextMessage(Event):
     name: Optional[str] = None
     seq: int = 0
     epoch: str = ""
+    kept: bool = field(default=True, compare=False)
 
 
 @dataclass(frozen=True)
@@ -297,6 +301,15 @@ class Hub:
         The members of ``room``, in the order they joined it.
         """
         return list(self._rooms.get(room, {}).values())
+
+    def presence(self, room: str) -> list:
+        """
+        Who is in ``room`` on every node sharing the backplane, for
+        ``welcome`` and ``presence``: this node's members, then (with a
+        networked backplane) the others' as last heard from them.  Each has
+        an ``id`` and a ``name``.
+        """
+        return self.backplane.members(room)
 
     def rooms_of(self, member_id: str) -> List[str]:
         """
@@ -585,7 +598,7 @@ class Hub:
         try:
             while self._pending:
                 event, room = self._pending.popleft()
-                if isinstance(event, TextMessage):
+                if isinstance(event, TextMessage) and event.kept:
                     self._positions[room] = (event.epoch, event.seq)
                 started = perf_counter()
                 # Copy: deliveries may change the membership under us.
@@ -625,7 +638,7 @@ class Hub:
         stats = self.stats
         for room, events in by_room.items():
             for event in reversed(events):
-                if isinstance(event, TextMessage):
+                if isinstance(event, TextMessage) and event.kept:
                     # Joining from now on, a member has had these live.
                     self._positions[room] = (event.epoch, event.seq)
                     break

@@ -11,17 +11,22 @@ from typing import List, Optional
 
 import txaio
 from twisted.application import strports
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, TimeoutError, maybeDeferred, succeed
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
+from treq.client import HTTPClient
 from zope.interface import implementer
 
 from broadcaster import __version__, logs
+from broadcaster.api import api_resource, read_key_file
+from broadcaster.auth import Authenticator
 from broadcaster.coercions import non_negative_float, non_negative_int, positive_float, positive_int
+from broadcaster.fetch import ImageFetcher, fetch_client, url_problem
 from broadcaster.flow import Limits
 from broadcaster.hub import Hub
 from broadcaster.imaging import DEFAULT_MAX_PIXELS
@@ -29,7 +34,9 @@ from broadcaster.images import DecoderPool, ImageFactory
 from broadcaster.lines import LineBridgeFactory
 from broadcaster.metrics import MetricsResource, metrics_for
 from broadcaster.origin import OriginPolicy, parse_origin
+from broadcaster.redis_backplane import RedisBackplane, RedisBackplaneService, parse_redis_url
 from broadcaster.web import BroadcasterSite
+from broadcaster.webhooks import WebhookService
 from broadcaster.websocket import BroadcastServerFactory
 
 
@@ -63,6 +70,13 @@ class Options(usage.Options):
             None,
             "Also log every message and HTTP request (sizes and peers, never "
             "payloads) and Autobahn's own protocol chatter.",
+        ],
+        [
+            "allow-private-fetch",
+            None,
+            "Let image_url requests fetch from private, loopback, link-local "
+            "and other non-public addresses (refused by default: clients could "
+            "otherwise make the server reach into its own network).",
         ],
     ]
 
@@ -256,11 +270,108 @@ class Options(usage.Options):
             "Prefix of the client ids this server hands out (default: random). "
             "Must differ between servers sharing a backplane.",
         ],
+        [
+            "redis",
+            None,
+            None,
+            "Share rooms, sequences, histories and presence with every other "
+            "server using this Redis: redis://[[user]:password@]host[:port][/db] "
+            "or unix:/path/to/redis.sock[?db=N].  Without it the server is on "
+            "its own.",
+        ],
+        [
+            "redis-namespace",
+            None,
+            "default",
+            "Prefix of the Redis keys and channel, to keep apart deployments "
+            "that share one Redis.",
+        ],
+        [
+            "node-timeout",
+            None,
+            15.0,
+            "With --redis: seconds after which a server that stopped "
+            "heartbeating is declared dead and its clients announced as gone.",
+            positive_float,
+        ],
+        [
+            "webhook-secret",
+            None,
+            None,
+            "Sign webhook POSTs: X-Broadcaster-Signature: sha256=<HMAC-SHA256 "
+            "of the body with this secret>.",
+        ],
+        [
+            "webhook-timeout",
+            None,
+            10.0,
+            "Seconds a webhook receiver has to answer one POST.",
+            positive_float,
+        ],
+        [
+            "webhook-retry-for",
+            None,
+            300.0,
+            "Seconds a failed webhook batch is retried (with backoff) before "
+            "it is dropped; 0: never retried.",
+            non_negative_float,
+        ],
+        [
+            "webhook-queue",
+            None,
+            10000,
+            "Events each webhook URL may have waiting; beyond it the oldest are dropped.",
+            positive_int,
+        ],
+        [
+            "auth-url",
+            None,
+            None,
+            "Ask this HTTP(S) service about every WebSocket handshake (a JSON "
+            "POST with the client's Authorization and Cookie headers): 2xx "
+            "admits, 401/403 refuses (403), no usable answer refuses (503).",
+        ],
+        [
+            "auth-timeout",
+            None,
+            5.0,
+            "Seconds the --auth-url service has to answer.",
+            positive_float,
+        ],
+        [
+            "api-key-file",
+            None,
+            None,
+            "A file of keys for POST /api/publish, one per line (read at "
+            "start-up; blank lines and # comments skipped).",
+        ],
+        [
+            "fetch-timeout",
+            None,
+            10.0,
+            "Seconds an image_url download may take, redirects included.",
+            positive_float,
+        ],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["allow-origin"] = []
+        self["webhook"] = []
+        self["api-key"] = []
+
+    def opt_webhook(self, url: str) -> None:
+        """POST every chat event, in batches, to this http(s) URL (repeatable). See README for the format and signature."""  # noqa: E501
+        problem = url_problem(url, allow_credentials=True)
+        if problem is not None:
+            raise usage.UsageError("--webhook {!r}: {}".format(url, problem))
+        self["webhook"].append(url)
+
+    def opt_api_key(self, key: str) -> None:
+        """Accept this key for POST /api/publish (Authorization: Bearer KEY; repeatable). Without any key the API is off."""  # noqa: E501
+        if not key.strip() or key != key.strip():
+            raise usage.UsageError("--api-key must be non-empty, without surrounding spaces")
+        self["api-key"].append(key)
 
     def opt_allow_origin(self, origin: str) -> None:
         """Also accept browser handshakes from this Origin, e.g. https://chat.example.com (repeatable; '*' accepts every origin). By default only the server's own origin is accepted; clients that send no Origin (scripts) are always accepted."""  # noqa: E501
@@ -306,6 +417,48 @@ class Options(usage.Options):
             raise usage.UsageError(
                 "--node-id {!r} must be letters, digits, '_' or '.'".format(node)
             )
+        if self["redis"] is not None:
+            try:
+                self["redis-address"] = parse_redis_url(self["redis"])
+            except ValueError as e:
+                raise usage.UsageError("--redis {!r}: {}".format(self["redis"], e))
+        namespace = self["redis-namespace"]
+        if not namespace or any(c.isspace() for c in namespace):
+            raise usage.UsageError(
+                "--redis-namespace {!r} must be non-empty, without spaces".format(namespace)
+            )
+        self._check_http_options()
+
+    def _check_http_options(self) -> None:
+        """
+        Validate --auth-url, --webhook-secret and --api-key-file, and read
+        the keys (at start-up: the file may not be readable after twistd
+        drops privileges).
+        """
+        if self["auth-url"] is not None:
+            problem = url_problem(self["auth-url"], allow_credentials=True)
+            if problem is not None:
+                raise usage.UsageError("--auth-url {!r}: {}".format(self["auth-url"], problem))
+            if self["auth-timeout"] >= self["open-handshake-timeout"]:
+                raise usage.UsageError(
+                    "--auth-timeout {:g} must be shorter than --open-handshake-timeout {:g}:"
+                    " the handshake would time out first".format(
+                        self["auth-timeout"], self["open-handshake-timeout"]
+                    )
+                )
+        if self["webhook-secret"] is not None and not self["webhook-secret"]:
+            raise usage.UsageError("--webhook-secret must not be empty")
+        keys = list(self["api-key"])
+        path = self["api-key-file"]
+        if path is not None:
+            try:
+                from_file = read_key_file(path)
+            except (OSError, UnicodeDecodeError) as e:
+                raise usage.UsageError("--api-key-file {!r} cannot be read: {}".format(path, e))
+            if not from_file:
+                raise usage.UsageError("--api-key-file {!r} holds no keys".format(path))
+            keys.extend(from_file)
+        self["api-keys"] = keys
 
 
 def _check_endpoint(flag: str, description: str) -> None:
@@ -461,11 +614,24 @@ class BroadcasterService(MultiService):
         Stop accepting connections, then close every client politely and
         wait up to ``drain_timeout`` seconds for them to go before dropping
         the rest.  twistd waits for this Deferred on SIGTERM and SIGINT.
+
+        Children with a true ``stop_after_drain`` attribute (the webhooks)
+        are stopped last, once the clients are gone, so that what they
+        flush includes the clients' departures.
         """
         if not self.running:
             return succeed(None)
-        d = maybeDeferred(super().stopService)
+        children = list(self)
+        late = [child for child in children if getattr(child, "stop_after_drain", False)]
+        early = [child for child in reversed(children) if child not in late]
+        # What MultiService.stopService does, for the early children only.
+        Service.stopService(self)
+        d = DeferredList([maybeDeferred(child.stopService) for child in early])
         d.addCallback(lambda _: self._drain())
+        d.addCallback(
+            lambda _: DeferredList([maybeDeferred(child.stopService) for child in late])
+        )
+        d.addCallback(lambda _: None)
         return d
 
     def _drain(self) -> Deferred:
@@ -516,16 +682,31 @@ def makeService(options: Options, reactor=None) -> BroadcasterService:
     # Only as twistd runs us (on the global reactor): a test process that
     # builds servers on a reactor of its choosing keeps its own handlers.
     service.handle_signals = handle_signals
+    backplane = None
+    if options["redis"] is not None:
+        backplane = RedisBackplane(
+            options.get("redis-address") or parse_redis_url(options["redis"]),
+            namespace=options["redis-namespace"],
+            history_size=options["history-size"],
+            node_timeout=options["node-timeout"],
+            clock=reactor,
+        )
     service.hub = Hub(
         reactor,
         node_id=options["node-id"],
         history_size=options["history-size"],
         max_rooms=options["max-rooms"],
         max_rooms_per_member=options["max-rooms-per-client"],
+        backplane=backplane,
         # Frame each turn's messages once and write them to each client in
         # one call: the fan-out's cost per recipient (see bench/).
         batching=True,
     )
+    if backplane is not None:
+        # Before the listeners: they open once the backplane is connecting
+        # (start-up does not wait for Redis; until it answers, this server
+        # serves its own clients).
+        RedisBackplaneService(backplane, reactor).setServiceParent(service)
     limits = service.limits = Limits(
         max_buffer=options["max-buffer"],
         rate=options["rate"],
@@ -552,10 +733,21 @@ def makeService(options: Options, reactor=None) -> BroadcasterService:
         registry, service.metrics = metrics_for(service.hub)
         metrics = MetricsResource(registry)
     on_main_port = metrics if options["metrics-port"] is None else None
+    # Images are decoded in threads, for the image port and image_url alike.
+    decoder = DecoderPool(
+        reactor,
+        options["image-threads"],
+        options["image-max-pixels"],
+        max_png_size=options["max-image-size"],
+    )
+    decoder.setServiceParent(service)
+    _outbound_http(service, options, factory, decoder, reactor)
+    keys = options.get("api-keys", options["api-key"])
+    api = api_resource(service.hub, keys, options["max-message-size"]) if keys else None
     service.web_endpoint = _listen(
         service,
         options["port"],
-        BroadcasterSite(factory, debug=options["debug"], metrics=on_main_port),
+        BroadcasterSite(factory, debug=options["debug"], metrics=on_main_port, api=api),
         "WebSocket endpoint and chat page",
         reactor,
     )
@@ -567,13 +759,6 @@ def makeService(options: Options, reactor=None) -> BroadcasterService:
 
     service.image_endpoint = None
     if options["image-port"] is not None:
-        decoder = DecoderPool(
-            reactor,
-            options["image-threads"],
-            options["image-max-pixels"],
-            max_png_size=options["max-image-size"],
-        )
-        decoder.setServiceParent(service)
         images = ImageFactory(
             service.hub,
             reactor,
@@ -593,6 +778,62 @@ def makeService(options: Options, reactor=None) -> BroadcasterService:
             service, options["line-port"], lines, "Line bridge", reactor
         )
     return service
+
+
+def _outbound_http(service, options: Options, factory, decoder: DecoderPool, reactor) -> None:
+    """
+    The services that make HTTP requests, each with a treq client of its
+    own: image_url fetching (always), --auth-url and --webhook.
+    """
+    fetcher = ImageFetcher(
+        fetch_client(reactor, allow_private=bool(options["allow-private-fetch"])),
+        reactor,
+        decoder.decode,
+        max_size=options["max-image-size"],
+        timeout=options["fetch-timeout"],
+    )
+    fetcher.setServiceParent(service)
+    factory.fetcher = service.fetcher = fetcher
+
+    service.authenticator = None
+    if options["auth-url"] is not None:
+        # A new connection per handshake: a kept-alive one the service has
+        # just timed out would fail a POST (not retried) and refuse a user.
+        agent = Agent(reactor, connectTimeout=options["auth-timeout"])
+        authenticator = Authenticator(
+            options["auth-url"],
+            HTTPClient(agent),
+            reactor,
+            timeout=options["auth-timeout"],
+            max_name_length=options["max-name-length"],
+        )
+        authenticator.setServiceParent(service)
+        factory.authenticator = service.authenticator = authenticator
+
+    service.webhooks = None
+    if options["webhook"]:
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        secret = options["webhook-secret"]
+        webhooks = WebhookService(
+            service.hub,
+            options["webhook"],
+            HTTPClient(Agent(reactor, connectTimeout=options["webhook-timeout"], pool=pool)),
+            reactor,
+            secret=secret.encode("utf-8") if secret is not None else None,
+            timeout=options["webhook-timeout"],
+            retry_for=options["webhook-retry-for"],
+            max_queue=options["webhook-queue"],
+            # The last attempt at shutdown, once the clients are gone.
+            flush_timeout=min(options["webhook-timeout"], options["drain-timeout"]),
+            pool=pool,
+        )
+        webhooks.setServiceParent(service)
+        service.webhooks = webhooks
+
+    if service.metrics is not None:
+        fetcher.register_metrics(service.metrics)
+        if service.webhooks is not None:
+            service.webhooks.register_metrics(service.metrics)
 
 
 def _listen(parent, description: str, factory, what: str, reactor) -> ReportingEndpoint:

@@ -131,7 +131,11 @@ class BroadcasterSite(Site):
     """
 
     def __init__(
-        self, factory: BroadcastServerFactory, debug: bool = False, metrics: Optional[Resource] = None
+        self,
+        factory: BroadcastServerFactory,
+        debug: bool = False,
+        metrics: Optional[Resource] = None,
+        api: Optional[Resource] = None,
     ) -> None:
         self._debug = debug
         static = load_static()
@@ -140,6 +144,9 @@ class BroadcasterSite(Site):
         root.putChild(b"healthz", Health(factory))
         if metrics is not None:
             root.putChild(b"metrics", metrics)
+        if api is not None:
+            # POST /api/publish (broadcaster.api); absent, so 404, without keys.
+            root.putChild(b"api", api)
         assets = Resource()
         for name, resource in static.items():
             assets.putChild(name, resource)

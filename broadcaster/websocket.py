@@ -12,8 +12,12 @@ Wire format (see :mod:`broadcaster.wire` for the events themselves):
   the lobby; a bad value of either is refused with HTTP 400.  Beyond
   ``--max-connections`` (or ``--max-connections-per-ip``) the handshake is
   answered 503.
+- With ``--auth-url`` (see :mod:`broadcaster.auth`), after those checks the
+  auth service is asked: a refusal is answered 403, no usable answer 503.
 - JSON mode: input that is not a valid client message gets
   ``{"type": "error", "reason": ...}`` back; the connection stays open.
+  ``image_url`` requests are fetched by :mod:`broadcaster.fetch`; a failure
+  is an ``error`` to that client alone.
 
 Close codes the server sends: 1001 shutting down; 1002 protocol error; 1007
 invalid UTF-8; 1008 kept sending past ``--rate``; 1009 a message (or frame,
@@ -34,12 +38,17 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
 from autobahn.websocket.protocol import PreparedMessage
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from broadcaster import __version__
+from broadcaster.auth import AuthDenied, AuthUnavailable, Identity
+from broadcaster.fetch import MAX_FETCHES_PER_CLIENT, FetchError, describe_url
 from broadcaster.flow import Limits, OutboundBuffer, RateLimit
 from broadcaster.hub import Event, Hub, NotInRoom, TooManyRooms, encoded
+from broadcaster.imaging import ImageError, NormalisedImage
 from broadcaster.members import log_connect, log_disconnect
 from broadcaster.names import LOBBY, InvalidName, check_display_name
 from broadcaster.origin import OriginPolicy
@@ -131,6 +140,15 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
     name: Optional[str] = None
     _lobby_since: Optional[Tuple[str, int]] = None
 
+    #: Who the --auth-url service says this client is, if it said.
+    user: Optional[str] = None
+    # The auth service chose the display name: hello may not change it.
+    _name_from_auth = False
+    # The auth service's answer, while it is awaited.
+    _auth: Optional[Deferred] = None
+    # image_url downloads under way.
+    _fetches = 0
+
     def onConnect(self, request: ConnectionRequest) -> Optional[str]:
         headers = request.headers
         origin = headers.get("origin")
@@ -183,10 +201,79 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
                     ConnectionDeny.BAD_REQUEST,
                     "?since= must be <epoch>:<seq> from the last lobby message seen",
                 )
+        subprotocol = None
         if JSON_SUBPROTOCOL in request.protocols:
             self.codec = _JSON
-            return JSON_SUBPROTOCOL
-        return None
+            subprotocol = JSON_SUBPROTOCOL
+        if self.factory.authenticator is not None:
+            return self._authenticate(request, subprotocol)
+        return subprotocol
+
+    def _authenticate(self, request: ConnectionRequest, subprotocol: Optional[str]) -> Deferred:
+        """
+        Ask the --auth-url service; Autobahn completes or refuses the
+        handshake when the Deferred fires.
+        """
+        headers = request.headers
+        d = self.factory.authenticator.authenticate(
+            peer=request.peer,
+            path=request.path,
+            query=request.params,
+            origin=headers.get("origin"),
+            headers=headers,
+        )
+        self._auth = d
+        d.addCallbacks(
+            self._authenticated,
+            self._not_authenticated,
+            callbackArgs=(request.peer, subprotocol),
+            errbackArgs=(request.peer,),
+        )
+        return d
+
+    def _authenticated(self, identity: Identity, peer: str, subprotocol: Optional[str]):
+        self._auth = None
+        if self.state == self.STATE_CLOSED:
+            # The client gave up (or the handshake timed out) meanwhile.
+            raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "connection lost")
+        self.user = identity.user
+        if identity.name is not None:
+            self.name = identity.name
+            self._name_from_auth = True
+        return subprotocol
+
+    def _not_authenticated(self, failure: Failure, peer: str) -> None:
+        self._auth = None
+        stats = self.factory.hub.stats
+        if self.state == self.STATE_CLOSED or failure.check(CancelledError):
+            # Cancelled by connectionLost (treq reports that as a broken
+            # connection, not CancelledError): nobody is left to answer.
+            raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "connection lost")
+        if failure.check(AuthDenied):
+            self._log.warn(
+                "[REFUSED] {peer}: the auth service refused the credentials (HTTP {status});"
+                " answered 403",
+                peer=peer,
+                status=failure.value.status,
+            )
+            stats.refused_handshakes["auth"] += 1
+            raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "not authorised")
+        if failure.check(AuthUnavailable):
+            self._log.error(
+                "[REFUSED] {peer}: authentication failed, {reason}; answered 503",
+                peer=peer,
+                reason=str(failure.value),
+            )
+        else:
+            self._log.failure(
+                "[REFUSED] {peer}: authentication failed unexpectedly; answered 503",
+                failure,
+                peer=peer,
+            )
+        stats.refused_handshakes["auth_unavailable"] += 1
+        raise ConnectionDeny(
+            ConnectionDeny.SERVICE_UNAVAILABLE, "authentication unavailable; try again later"
+        )
 
     def _count_connection(self, peer: str) -> None:
         """
@@ -238,7 +325,7 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         hub = self.factory.hub
         self.sendMessage(
             _JSON.welcome(
-                self, hub.room_members(LOBBY) + [self], epoch, seq, self.factory.client_limits
+                self, hub.presence(LOBBY) + [self], epoch, seq, self.factory.client_limits
             )
         )
         self._connect()
@@ -255,7 +342,18 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         hub = self.factory.hub
         hub.connect(self)
         self._joined = True
-        log_connect(self._log, self.id, self.peer, self.codec.name, len(hub))
+        if self.user is None:
+            log_connect(self._log, self.id, self.peer, self.codec.name, len(hub))
+        else:
+            self._log.info(
+                "[CONNECT] {client} connected from {peer} ({kind}) as user {user!r};"
+                " {count} connected",
+                client=self.id,
+                peer=self.peer,
+                kind=self.codec.name,
+                user=self.user,
+                count=len(hub),
+            )
 
     def _backplane_failed(self, failure, ref=None) -> None:
         """
@@ -407,7 +505,7 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
 
         def presence(position: Tuple[str, int]):
             epoch, seq = position
-            self.sendMessage(_JSON.presence(room, hub.room_members(room), epoch, seq))
+            self.sendMessage(_JSON.presence(room, hub.presence(room), epoch, seq))
             if request["since"] is not None:
                 epoch, seq = request["since"]
                 return hub.replay(self, room, epoch, seq).addCallback(
@@ -420,6 +518,10 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         self.factory.hub.leave(self, request["room"])
 
     def _do_hello(self, request) -> None:
+        if self._name_from_auth:
+            raise BadRequest(
+                "your name is set by the server's sign-in and cannot be changed", request["ref"]
+            )
         self.name = request["name"]
         self.factory.hub.rename(self)
 
@@ -428,7 +530,7 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         room = request["room"]
         hub.position(room).addCallback(
             lambda position: self.sendMessage(
-                _JSON.presence(room, hub.room_members(room), *position)
+                _JSON.presence(room, hub.presence(room), *position)
             )
         ).addErrback(self._backplane_failed, request["ref"])
 
@@ -437,6 +539,68 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         self.factory.hub.history(self.id, room, request["limit"]).addCallback(
             lambda messages: self.sendMessage(_JSON.history(room, messages))
         ).addErrback(self._backplane_failed, request["ref"])
+
+    def _do_image_url(self, request) -> None:
+        ref = request["ref"]
+        fetcher = self.factory.fetcher
+        if fetcher is None:
+            raise BadRequest("image_url is not enabled on this server", ref)
+        if self._fetches >= MAX_FETCHES_PER_CLIENT:
+            raise BadRequest(
+                "at most {} image downloads at once; wait for one to finish".format(
+                    MAX_FETCHES_PER_CLIENT
+                ),
+                ref,
+            )
+        self._fetches += 1
+        host = describe_url(request["url"])
+        d = fetcher.fetch_image(request["url"])
+        d.addCallbacks(
+            self._image_fetched,
+            self._image_not_fetched,
+            callbackArgs=(host,),
+            errbackArgs=(host, ref),
+        )
+
+    def _image_fetched(self, image: NormalisedImage, host: str) -> None:
+        self._fetches -= 1
+        if not self._joined:
+            return  # gone while it downloaded: nobody to send it from
+        self.factory.hub.publish_image(self.id, image.png, image.width, image.height)
+        self._log.info(
+            "{client} fetched a {width}x{height} {source_format} image from {host}"
+            " ({size} bytes, {png} as PNG)",
+            client=self.id,
+            width=image.width,
+            height=image.height,
+            source_format=image.source_format,
+            host=host,
+            size=image.source_size,
+            png=len(image.png),
+        )
+
+    def _image_not_fetched(self, failure: Failure, host: str, ref) -> None:
+        self._fetches -= 1
+        if failure.check(ImageError, FetchError):
+            if failure.check(ImageError):
+                self.factory.hub.stats.image_decode_errors += 1
+            reason = str(failure.value)
+            self._log.warn(
+                "[IMAGE URL] {client}: image from {host} refused: {reason}",
+                client=self.id,
+                host=host,
+                reason=reason,
+            )
+        else:
+            reason = "the server could not fetch this image"
+            self._log.failure(
+                "[IMAGE URL] {client}: image from {host} failed unexpectedly",
+                failure,
+                client=self.id,
+                host=host,
+            )
+        if self.state == self.STATE_OPEN:
+            self.sendMessage(_JSON.error("image_url: {}".format(reason), ref))
 
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
         if not self._joined:
@@ -457,6 +621,9 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
     def connectionLost(self, reason) -> None:
         super().connectionLost(reason)
         self._stop_keepalive()
+        if self._auth is not None:
+            # Nobody is waiting for the auth service's answer any more.
+            self._auth.cancel()
         if self._address is not None:
             factory = self.factory
             factory.connections -= 1
@@ -572,6 +739,14 @@ class BroadcastServerFactory(WebSocketServerFactory):
     """
 
     protocol = BroadcastServerProtocol
+
+    #: An :class:`broadcaster.auth.Authenticator` asked about every
+    #: handshake (``--auth-url``), or ``None``.
+    authenticator = None
+
+    #: An :class:`broadcaster.fetch.ImageFetcher` for ``image_url``
+    #: requests, or ``None`` (refused).
+    fetcher = None
 
     def __init__(
         self,

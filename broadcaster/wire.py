@@ -15,8 +15,8 @@ JSON (subprotocol ``broadcaster.json``)
     ``leave``, ``rename``, ``message``, ``binary`` and ``image`` (each
     followed by one binary message), ``ack``, ``presence``, ``history``,
     ``recovered``, ``error``.  Client to server: ``message``, ``join``,
-    ``leave``, ``hello``, ``who``, ``history`` (see :data:`CLIENT_TYPES`),
-    or a binary message.
+    ``leave``, ``hello``, ``who``, ``history``, ``image_url`` (see
+    :data:`CLIENT_TYPES`), or a binary message.
 
 A codec turns one hub event into a list of ``(payload, is_binary)`` frames.
 These functions are pure, so they are tested without any network.
@@ -157,20 +157,23 @@ class JSONCodec:
         """
         The first message a JSON client receives: who it is, who is in the
         lobby (itself included), where the lobby's sequence stands (for
-        recovery after a reconnect) and the limits it must keep to.
+        recovery after a reconnect) and the limits it must keep to; with
+        ``--auth-url``, also the ``user`` the auth service named.
         """
-        return dumps(
-            {
-                "type": "welcome",
-                "id": member.id,
-                "name": member.name,
-                "room": LOBBY,
-                "members": [member_entry(m) for m in members],
-                "epoch": epoch,
-                "seq": seq,
-                "limits": limits,
-            }
-        )
+        welcome = {
+            "type": "welcome",
+            "id": member.id,
+            "name": member.name,
+            "room": LOBBY,
+            "members": [member_entry(m) for m in members],
+            "epoch": epoch,
+            "seq": seq,
+            "limits": limits,
+        }
+        user = getattr(member, "user", None)
+        if user is not None:
+            welcome["user"] = user
+        return dumps(welcome)
 
     def presence(
         self, room: str, members: Iterable[Member], epoch: Optional[str], seq: int
@@ -234,7 +237,10 @@ class BadRequest(ValueError):
 
 
 #: The client message types JSON mode understands.
-CLIENT_TYPES = ("message", "join", "leave", "hello", "who", "history")
+CLIENT_TYPES = ("message", "join", "leave", "hello", "who", "history", "image_url")
+
+#: Longest URL an ``image_url`` request may carry.
+MAX_IMAGE_URL_LENGTH = 2048
 
 #: Longest ``ref`` string a client may attach.
 MAX_REF_LENGTH = 128
@@ -345,4 +351,13 @@ def parse_client_message(
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise BadRequest('"limit" must be a positive integer', ref)
         parsed["limit"] = min(limit, max_history)
+    elif kind == "image_url":
+        url = request.get("url")
+        if not isinstance(url, str) or not url:
+            raise BadRequest('an "image_url" needs a "url" string', ref)
+        if len(url) > MAX_IMAGE_URL_LENGTH:
+            raise BadRequest(
+                '"url" must be at most {} characters'.format(MAX_IMAGE_URL_LENGTH), ref
+            )
+        parsed["url"] = url
     return parsed

@@ -246,8 +246,10 @@ def valid_messages(draw):
         if draw(st.booleans()):
             message["limit"] = draw(st.integers(min_value=1, max_value=10**6))
             expected["limit"] = min(message["limit"], 100)
+    elif kind == "image_url":
+        message["url"] = expected["url"] = draw(st.text(min_size=1, max_size=2048))
     # Fields the server does not know are ignored.
-    known = {"type", "ref", "room", "text", "name", "since", "limit"}
+    known = {"type", "ref", "room", "text", "name", "since", "limit", "url"}
     extra = draw(
         st.dictionaries(
             st.text().filter(lambda k: k not in known), json_of(st.text(max_size=20)), max_size=2

@@ -1,0 +1,824 @@
+"""
+Tests for :mod:`broadcaster.redis_backplane`: its pure parts (addresses, the
+wire format, presence bookkeeping) in memory, and servers sharing a real
+``redis-server`` that the tests start on a free loopback port, kill and
+restart.
+
+In CI (``CI`` set) a missing ``redis-server`` fails these tests; elsewhere
+they are skipped with the reason.
+"""
+
+import io
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+
+import treq
+from PIL import Image
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.logger import globalLogPublisher
+from twisted.python import usage
+from twisted.trial.unittest import FailTest, SkipTest, SynchronousTestCase, TestCase
+
+import txredisapi
+from broadcaster.hub import BinaryMessage, Hub, ImageMessage, Joined, Left, Renamed, TextMessage
+from broadcaster.redis_backplane import (
+    PUBLISH_TEXT,
+    Presence,
+    RedisBackplane,
+    RedisAddress,
+    RemoteMember,
+    encode_event,
+    parse_event,
+    parse_redis_url,
+)
+from broadcaster.tap import Options
+from tests.support import (
+    REPO_ROOT,
+    CollectingProcess,
+    close_client,
+    connect_client,
+    start_server,
+    wait_for,
+)
+from tests.test_hub import RecordingMember
+from tests.test_rooms import join_chat, of_type, read_until
+from tests.test_shutdown import free_port, listening
+
+REDIS_SERVER = shutil.which("redis-server") or (
+    "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
+)
+
+PASSWORD = "s3cret"
+
+
+class AddressTests(SynchronousTestCase):
+    def test_tcp_url(self):
+        """A redis:// URL gives host, port, database and credentials, defaults filled in."""
+        self.assertEqual(
+            parse_redis_url("redis://:p%40ss@redis.example:6380/3"),
+            RedisAddress(host="redis.example", port=6380, db=3, password="p@ss"),
+        )
+        self.assertEqual(parse_redis_url("redis://localhost"), RedisAddress(host="localhost"))
+        self.assertEqual(
+            parse_redis_url("redis://ann:pw@[::1]/"),
+            RedisAddress(host="::1", password="pw", username="ann"),
+        )
+
+    def test_unix_url(self):
+        """A unix: address gives the socket path and the optional db and password."""
+        self.assertEqual(
+            parse_redis_url("unix:/run/redis/redis.sock?db=2&password=x"),
+            RedisAddress(path="/run/redis/redis.sock", db=2, password="x"),
+        )
+        self.assertEqual(parse_redis_url("unix:/tmp/r.sock"), RedisAddress(path="/tmp/r.sock"))
+
+    def test_bad_urls(self):
+        """Anything else is refused with the reason."""
+        for url, reason in [
+            ("http://localhost", "expected redis://"),
+            ("redis://", "expected redis://"),
+            ("redis://localhost:99999", "out of range"),
+            ("redis://localhost/zero", "must be a number"),
+            ("redis://localhost/0?x=1", "unexpected query"),
+            ("unix:relative.sock", "absolute socket path"),
+            ("unix:/tmp/r.sock?db=x", "must be a number"),
+            ("unix:/tmp/r.sock?timeout=1", "unknown parameter"),
+        ]:
+            with self.assertRaises(ValueError) as caught:
+                parse_redis_url(url)
+            self.assertIn(reason, str(caught.exception), url)
+
+    def test_redacted(self):
+        """The URL shown in logs and /healthz never holds the password."""
+        self.assertEqual(
+            parse_redis_url("redis://:secret@127.0.0.1:6390/1").redacted(),
+            "redis://:***@127.0.0.1:6390/1",
+        )
+        self.assertEqual(parse_redis_url("redis://[::1]").redacted(), "redis://[::1]:6379/0")
+        self.assertEqual(
+            parse_redis_url("unix:/r.sock?db=4&password=secret").redacted(), "unix:/r.sock?db=4"
+        )
+
+    def test_options(self):
+        """--redis is checked at start-up, naming the flag; --node-timeout must be positive."""
+        options = Options()
+        with self.assertRaises(usage.UsageError) as caught:
+            options.parseOptions(["--redis", "redis//nowhere"])
+        self.assertIn("--redis", str(caught.exception))
+        with self.assertRaises(usage.UsageError):
+            Options().parseOptions(["--node-timeout", "0"])
+        options = Options()
+        options.parseOptions(["--redis", "redis://127.0.0.1:7000", "--node-timeout", "1.5"])
+        self.assertEqual(options["redis-address"], RedisAddress(host="127.0.0.1", port=7000))
+        self.assertEqual((options["node-timeout"], options["redis-namespace"]), (1.5, "default"))
+
+
+class MakeServiceTests(SynchronousTestCase):
+    def test_redis_backplane_starts_before_the_listeners(self):
+        """With --redis the hub gets a Redis backplane whose service comes
+        before every listening port; without it nothing changes."""
+        from broadcaster.backplane import LocalBackplane
+        from broadcaster.redis_backplane import RedisBackplaneService
+        from broadcaster.tap import makeService
+
+        options = Options()
+        options.parseOptions(
+            ["--redis", "redis://127.0.0.1:7000/2", "--redis-namespace", "chat", "--node-id", "n1"]
+        )
+        service = makeService(options, reactor=MemoryReactorClock())
+        backplane = service.hub.backplane
+        self.assertIsInstance(backplane, RedisBackplane)
+        self.assertEqual(
+            (backplane.channel, backplane.node_id, backplane.node_timeout),
+            ("broadcaster:chat:events:db2", "n1", 15.0),
+        )
+        children = list(service)
+        (position,) = [
+            i for i, child in enumerate(children) if isinstance(child, RedisBackplaneService)
+        ]
+        listeners = [i for i, child in enumerate(children) if hasattr(child, "endpoint")]
+        self.assertTrue(listeners)
+        self.assertLess(position, min(listeners))
+        plain = makeService(Options(), reactor=MemoryReactorClock())
+        self.assertIsInstance(plain.hub.backplane, LocalBackplane)
+        self.assertFalse([c for c in plain if isinstance(c, RedisBackplaneService)])
+
+
+class WireTests(SynchronousTestCase):
+    def test_round_trip(self):
+        """Every kind of event survives publication, raw bytes included."""
+        events = [
+            Joined(ts=1.5, room="dev", member="a-1", name="Ann"),
+            Left(ts=2.25, room="dev", member="a-1", name=None),
+            Renamed(ts=3.0, room="lobby", member="a-1", name="Ännchen"),
+            BinaryMessage(ts=4.0, sender="a-1", data=b"\x00 1 \n\xff\r\n"),
+            ImageMessage(
+                ts=5.0, sender="a-1", image_id="a-img1", png=b"\x89PNG\n\x00", width=2, height=3
+            ),
+        ]
+        for event in events:
+            self.assertEqual(parse_event(b"0 - " + encode_event(event, "a", 7)), event)
+
+    def test_text_is_numbered_by_its_prefix(self):
+        """A text message's seq and epoch come from the prefix the script writes."""
+        message = TextMessage(ts=1.0, room="dev", sender="a-1", text="hi\nthere \u2028", name="Ann")
+        entry = b"42 0a1b2c " + encode_event(message, "a", 1)
+        parsed = parse_event(entry)
+        self.assertEqual((parsed.seq, parsed.epoch, parsed.text), (42, "0a1b2c", message.text))
+
+    def test_garbage_is_refused(self):
+        """What is not a published event raises ValueError."""
+        for entry in [b"", b"0 - [1]", b"0 - {\"t\": \"Nope\"}", b"0 - {\"t\": \"Joined\"}"]:
+            self.assertRaises(ValueError, parse_event, entry)
+
+
+class PresenceTests(SynchronousTestCase):
+    def test_events_keep_it_current(self):
+        """Joins, renames and leaves of other nodes' members update the room lists."""
+        presence = Presence()
+        presence.apply("b", Joined(ts=0, room="lobby", member="b-1", name="Bob"))
+        presence.apply("b", Joined(ts=0, room="dev", member="b-1", name="Bob"))
+        presence.apply("c", Joined(ts=0, room="dev", member="c-1", name=None))
+        presence.apply("b", Renamed(ts=0, room="dev", member="b-1", name="Robert"))
+        self.assertEqual(
+            presence.members("dev"), [RemoteMember("b-1", "Robert"), RemoteMember("c-1", None)]
+        )
+        presence.apply("b", Left(ts=0, room="dev", member="b-1", name="Robert"))
+        presence.apply("b", Left(ts=0, room="lobby", member="b-1", name="Robert"))
+        self.assertEqual(presence.members("dev"), [RemoteMember("c-1", None)])
+        self.assertEqual(presence.members("lobby"), [])
+        self.assertEqual(presence.nodes(), ["c"])
+
+    def test_replace_announces_the_difference(self):
+        """A node's new state yields exactly the leaves, renames and joins it amounts to."""
+        presence = Presence()
+        presence.apply("b", Joined(ts=0, room="lobby", member="b-1", name="Bob"))
+        presence.apply("b", Joined(ts=0, room="dev", member="b-1", name="Bob"))
+        presence.apply("b", Joined(ts=0, room="lobby", member="b-2", name="Cy"))
+        events = presence.replace(
+            "b",
+            {"b-1": {"name": "Rob", "rooms": ["lobby"]}, "b-3": {"name": None, "rooms": ["lobby"]}},
+            9.0,
+        )
+        self.assertEqual(
+            events,
+            [
+                Left(ts=9.0, room="dev", member="b-1", name="Bob"),
+                Left(ts=9.0, room="lobby", member="b-2", name="Cy"),
+                Renamed(ts=9.0, room="lobby", member="b-1", name="Rob"),
+                Joined(ts=9.0, room="lobby", member="b-3", name=None),
+            ],
+        )
+        self.assertEqual([m.id for m in presence.members("lobby")], ["b-1", "b-3"])
+        gone = presence.replace("b", {}, 10.0)
+        self.assertEqual({(e.member, e.room) for e in gone}, {("b-1", "lobby"), ("b-3", "lobby")})
+        self.assertEqual(presence.nodes(), [])
+
+
+class FakeCommands:
+    """
+    Stands in for the command connection: every call is recorded with a
+    Deferred the test answers.
+    """
+
+    connected = 1
+
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def eval(self, script, keys, args):
+        d = Deferred()
+        self.calls.append((script, keys, args, d))
+        return d
+
+    def publish(self, channel, message):
+        d = Deferred()
+        self.calls.append(("PUBLISH", [channel], [message], d))
+        return d
+
+
+class BackplaneTests(SynchronousTestCase):
+    """
+    The backplane's bookkeeping, with fake connections: what happens to
+    this node's publications when Redis goes away at any point.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.backplane = RedisBackplane(
+            RedisAddress(host="127.0.0.1"), history_size=5, clock=self.clock
+        )
+        self.hub = Hub(self.clock, node_id="a", backplane=self.backplane)
+        self.member = RecordingMember("a-1", "ann")
+        self.backplane._running = True
+        self.backplane._begin_outage()
+        self.hub.connect(self.member)
+        self.commands = FakeCommands()
+        self.backplane._commands = self.commands
+        self.backplane._subscriber = object()
+        self.backplane._came_up()
+
+    def published(self, call, seq=0, epoch="-"):
+        """What the subscription brings back for a recorded call."""
+        script, keys, args, _ = call
+        if script is PUBLISH_TEXT:
+            return "{} {} ".format(seq, epoch).encode() + args[1]
+        return args[-1]
+
+    def texts(self):
+        return [(e.text, e.seq, e.epoch) for e in self.member.events if isinstance(e, TextMessage)]
+
+    def test_exactly_once_whenever_redis_goes(self):
+        """Whether the connection went before or after Redis answered, and
+        before or after the subscription brought a message back, each is
+        delivered once and every publication is answered."""
+        events = "broadcaster:default:events".encode()
+        acks = [self.hub.publish_text("a-1", text) for text in ("one", "two", "three", "four")]
+        one, two, three, four = self.commands.calls
+        # "one" is back through the subscription; its answer will fail.
+        self.backplane._received(events, self.published(one, 1, "e1"))
+        # "two" is answered but not back yet; "three" ran but its answer
+        # is lost; "four" never reached Redis.
+        two[3].callback([2, b"e1"])
+        self.backplane._commands_lost(self.commands)
+        self.assertFalse(self.backplane.connected)
+        for _, _, _, d in (one, three, four):
+            d.errback(txredisapi.ConnectionError("Lost connection"))
+        # The subscription outlives the command connection a little.
+        self.backplane._received(events, self.published(two, 2, "e1"))
+        self.backplane._received(events, self.published(three, 3, "e1"))
+        self.assertEqual(
+            self.texts(),
+            [
+                ("one", 1, "e1"),
+                ("two", 2, "e1"),
+                ("three", 1, "local-a-2"),
+                ("four", 2, "local-a-2"),
+            ],
+        )
+        self.assertEqual([self.successResultOf(ack).seq for ack in acks], [1, 2, 1, 2])
+        self.assertEqual(self.backplane._local_only, 2)
+        # Only Redis-numbered messages move the join position.
+        self.assertEqual(self.hub._positions["lobby"], ("e1", 2))
+
+    def test_local_numbering_during_an_outage(self):
+        """While down, messages are numbered in a local epoch, positions and
+        history answer from it, and replays of other epochs say incomplete."""
+        self.backplane._commands_lost(self.commands)
+        for text in ("x", "y"):
+            self.hub.publish_text("a-1", text)
+        self.assertEqual(self.texts(), [("x", 1, "local-a-2"), ("y", 2, "local-a-2")])
+        self.assertEqual(self.successResultOf(self.hub.position("lobby")), ("local-a-2", 2))
+        history = self.successResultOf(self.backplane.history("lobby", 10))
+        self.assertEqual([m.text for m in history], ["x", "y"])
+        self.assertEqual(
+            self.successResultOf(self.backplane.missed("lobby", "e1", 4, None)), ([], False)
+        )
+        messages, complete = self.successResultOf(
+            self.backplane.missed("lobby", "local-a-2", 1, None)
+        )
+        self.assertEqual(([m.text for m in messages], complete), (["y"], True))
+
+    def test_position_falls_back_when_redis_fails(self):
+        """A welcome never waits on a failed position: it gets the local one."""
+        d = self.hub.position("lobby")
+        self.commands.calls[-1][3].errback(txredisapi.TimeoutError("no answer"))
+        self.assertEqual(self.successResultOf(d), (self.backplane._local_epoch, 0))
+
+    def test_missed_follows_the_local_semantics(self):
+        """Replays from Redis stop at the member's join position and say
+        whether nothing was forgotten, as the in-process backplane does."""
+        entries = [
+            "{} e1 ".format(seq).encode()
+            + encode_event(TextMessage(ts=0, room="lobby", sender="b-1", text=str(seq)), "b", seq)
+            for seq in (3, 4, 5, 6)
+        ]
+        d = self.backplane.missed("lobby", "e1", 2, ("e1", 5))
+        self.commands.calls[-1][3].callback([b"e1", 6, entries])
+        messages, complete = self.successResultOf(d)
+        self.assertEqual(([m.seq for m in messages], complete), ([3, 4, 5], True))
+        d = self.backplane.missed("lobby", "e1", 1, ("e1", 5))
+        self.commands.calls[-1][3].callback([b"e1", 6, entries])
+        self.assertEqual(self.successResultOf(d)[1], False)
+        d = self.backplane.missed("lobby", "e0", 1, ("e0", 9))
+        self.commands.calls[-1][3].callback([b"e1", 6, entries])
+        self.assertEqual(self.successResultOf(d), ([], False))
+
+
+# Integration with a real redis-server
+
+
+def require_redis_server():
+    """
+    Skip (or, in CI, fail) when there is no redis-server to run.
+    """
+    if REDIS_SERVER is None:
+        if os.environ.get("CI"):
+            raise FailTest("CI is set but redis-server is not installed (.ci/run installs it)")
+        raise SkipTest("redis-server is not installed (apt-get install redis-server)")
+
+
+class _RedisProcess(ProcessProtocol):
+    def __init__(self) -> None:
+        self.output = b""
+        self.ready: Deferred = Deferred()
+        self.ended: Deferred = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        if not self.ready.called and b"Ready to accept connections" in self.output:
+            self.ready.callback(None)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason) -> None:
+        if not self.ready.called:
+            self.ready.errback(
+                FailTest("redis-server exited: {}".format(self.output.decode("utf-8", "replace")))
+            )
+        self.ended.callback(None)
+
+
+class RedisServer:
+    """
+    A throw-away redis-server on a free loopback port (and a Unix socket),
+    without persistence, with a password, stopped when the test ends.
+    """
+
+    def __init__(self, testcase) -> None:
+        self.port = free_port()
+        self.directory = tempfile.mkdtemp(prefix="redis-")
+        self.socket = os.path.join(self.directory, "redis.sock")
+        self.process = None
+        testcase.addCleanup(self._clean_up)
+
+    @property
+    def url(self) -> str:
+        return "redis://:{}@127.0.0.1:{}/0".format(PASSWORD, self.port)
+
+    @inlineCallbacks
+    def start(self):
+        """Start it; fires once it accepts connections."""
+        argv = [
+            REDIS_SERVER,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--unixsocket", self.socket,
+            "--unixsocketperm", "700",
+            "--requirepass", PASSWORD,
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", self.directory,
+            "--logfile", "",
+            "--daemonize", "no",
+        ]
+        self.process = _RedisProcess()
+        reactor.spawnProcess(self.process, REDIS_SERVER, argv, env=os.environ)
+        self.process.ready.addTimeout(20, reactor)
+        yield self.process.ready
+
+    def kill(self) -> Deferred:
+        """SIGKILL it, as a crash would; fires once it is gone."""
+        process, self.process = self.process, None
+        process.transport.signalProcess("KILL")
+        return process.ended
+
+    @inlineCallbacks
+    def _clean_up(self):
+        if self.process is not None:
+            yield self.kill()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@inlineCallbacks
+def start_node(testcase, redis, node, *args, url=None):
+    """
+    Start a server with ``--redis`` as node ``node`` and wait until it is
+    registered with Redis.
+    """
+    service, port = yield start_server(
+        testcase, ["--redis", url or redis.url, "--node-id", node, *args]
+    )
+    yield wait_for(lambda: service.hub.backplane.connected, what="node {} in Redis".format(node))
+    return service, port
+
+
+def ids(members):
+    return {member.id for member in members}
+
+
+@inlineCallbacks
+def messages_until(client, text):
+    """
+    Read events until the message ``text``; return the messages read.
+    """
+    events = yield read_until(client, of_type("message", text=text), limit=5000)
+    return [e for e in events if e["type"] == "message"]
+
+
+class RedisTestCase(TestCase):
+    timeout = 120
+
+    @inlineCallbacks
+    def setUp(self):
+        require_redis_server()
+        self.redis = RedisServer(self)
+        yield self.redis.start()
+
+
+class CrossNodeTests(RedisTestCase):
+    @inlineCallbacks
+    def setUp(self):
+        yield super().setUp()
+        self.a, self.port_a = yield start_node(self, self.redis, "alpha")
+        self.b, self.port_b = yield start_node(self, self.redis, "beta")
+
+    @inlineCallbacks
+    def test_joins_and_messages_cross_nodes_once_and_in_order(self):
+        """A join on one node is announced on the other, and 200 messages
+        from node A reach B complete and in order and A exactly once, with
+        consecutive seq numbers."""
+        ann, ann_welcome = yield join_chat(self, self.port_a, "ann")
+        yield wait_for(lambda: ann_welcome["id"] in ids(self.b.hub.presence("lobby")))
+        bob, bob_welcome = yield join_chat(self, self.port_b, "bob")
+        self.assertEqual(
+            sorted((m["id"], m["name"]) for m in bob_welcome["members"]),
+            [(ann_welcome["id"], "ann"), (bob_welcome["id"], "bob")],
+        )
+        joined = (yield read_until(ann, of_type("join", id=bob_welcome["id"])))[-1]
+        self.assertEqual(joined["name"], "bob")
+        texts = ["m{}".format(i) for i in range(200)] + ["end"]
+        for text in texts:
+            ann.send_json({"type": "message", "text": text})
+        at_b = yield messages_until(bob, "end")
+        at_a = yield messages_until(ann, "end")
+        for received in (at_a, at_b):
+            self.assertEqual([m["text"] for m in received], texts)
+            seqs = [m["seq"] for m in received]
+            self.assertEqual(seqs, list(range(seqs[0], seqs[0] + len(texts))))
+            self.assertEqual({m["epoch"] for m in received}, {at_a[0]["epoch"]})
+        self.assertEqual(at_a, at_b)
+
+    @inlineCallbacks
+    def test_presence_and_renames_cross_nodes(self):
+        """who lists a room's members on both nodes; renames and leaves cross over."""
+        ann, ann_welcome = yield join_chat(self, self.port_a, "ann")
+        bob, bob_welcome = yield join_chat(self, self.port_b, "bob")
+        for client in (ann, bob):
+            client.send_json({"type": "join", "room": "dev"})
+            yield read_until(client, of_type("presence", room="dev"))
+        yield wait_for(lambda: len(self.a.hub.presence("dev")) == 2)
+        ann.send_json({"type": "who", "room": "dev"})
+        presence = (yield read_until(ann, of_type("presence", room="dev")))[-1]
+        self.assertEqual(
+            sorted(m["name"] for m in presence["members"]), ["ann", "bob"]
+        )
+        bob.send_json({"type": "hello", "name": "Robert"})
+        rename = (yield read_until(ann, of_type("rename", room="dev")))[-1]
+        self.assertEqual((rename["id"], rename["name"]), (bob_welcome["id"], "Robert"))
+        bob.send_json({"type": "leave", "room": "dev"})
+        left = (yield read_until(ann, of_type("leave", room="dev")))[-1]
+        self.assertEqual(left["id"], bob_welcome["id"])
+        ann.send_json({"type": "who", "room": "dev"})
+        presence = (yield read_until(ann, of_type("presence", room="dev")))[-1]
+        self.assertEqual([m["id"] for m in presence["members"]], [ann_welcome["id"]])
+
+    @inlineCallbacks
+    def test_binary_and_images_cross_nodes(self):
+        """Binary messages and images from node A reach node B byte for byte."""
+        ann, ann_welcome = yield join_chat(self, self.port_a, "ann")
+        bob, _ = yield join_chat(self, self.port_b, "bob")
+        yield wait_for(lambda: len(self.a.hub.presence("lobby")) == 2)
+        data = b"\x00\xff 12 -\n\r\n" * 100
+        ann.sendMessage(data, isBinary=True)
+        header = (yield read_until(bob, of_type("binary")))[-1]
+        self.assertEqual((header["from"], header["size"]), (ann_welcome["id"], len(data)))
+        self.assertEqual((yield bob.next()), (data, True))
+        out = io.BytesIO()
+        Image.new("RGB", (5, 3), (10, 200, 30)).save(out, format="PNG")
+        png = out.getvalue()
+        self.a.hub.publish_image(ann_welcome["id"], png, 5, 3)
+        header = (yield read_until(bob, of_type("image")))[-1]
+        self.assertEqual(
+            (header["from"], header["width"], header["height"], header["size"]),
+            (ann_welcome["id"], 5, 3, len(png)),
+        )
+        self.assertEqual((yield bob.next()), (png, True))
+
+    @inlineCallbacks
+    def test_recovery_on_another_node(self):
+        """A client that saw messages on node A, reconnecting to node B
+        with since, gets exactly the ones it missed, complete."""
+        talker, _ = yield join_chat(self, self.port_a, "talker")
+        listener, _ = yield join_chat(self, self.port_a, "listener")
+        witness, _ = yield join_chat(self, self.port_b, "witness")
+        for i in range(5):
+            talker.send_json({"type": "message", "text": "before {}".format(i)})
+        seen = (yield messages_until(listener, "before 4"))[-1]
+        yield close_client(listener)
+        for i in range(3):
+            talker.send_json({"type": "message", "text": "missed {}".format(i), "ref": i})
+        yield read_until(talker, of_type("ack", ref=2))
+        # Once B has delivered them, they are behind a newcomer's join.
+        yield messages_until(witness, "missed 2")
+        again = yield connect_client(
+            self,
+            self.port_b,
+            json_mode=True,
+            path="/?since={}:{}".format(seen["epoch"], seen["seq"]),
+        )
+        events = yield read_until(again, of_type("recovered"))
+        replayed = [e for e in events if e["type"] == "message"]
+        self.assertEqual([m["text"] for m in replayed], ["missed 0", "missed 1", "missed 2"])
+        self.assertEqual([m["seq"] for m in replayed], [seen["seq"] + i for i in (1, 2, 3)])
+        self.assertTrue(events[-1]["complete"])
+
+    @inlineCallbacks
+    def test_healthz_shows_the_backplane(self):
+        """/healthz reports Redis, connected, the node, the node count and no password."""
+        yield wait_for(lambda: self.a.hub.backplane.state()["nodes"] == 2, what="beta known")
+        response = yield treq.get(
+            "http://127.0.0.1:{}/healthz".format(self.port_a), persistent=False
+        )
+        body = yield response.text()
+        self.assertNotIn(PASSWORD, body)
+        health = json.loads(body)
+        self.assertEqual(
+            health["backplane"],
+            {
+                "kind": "redis",
+                "connected": True,
+                "url": "redis://:***@127.0.0.1:{}/0".format(self.redis.port),
+                "node": "alpha",
+                "nodes": 2,
+                "namespace": "default",
+            },
+        )
+
+    @inlineCallbacks
+    def test_unix_socket(self):
+        """A node connected through the Unix socket shares the rooms of the TCP ones."""
+        c, port_c = yield start_node(
+            self, self.redis, "gamma", url="unix:{}?password={}".format(self.redis.socket, PASSWORD)
+        )
+        self.assertEqual(c.hub.backplane.state()["url"], "unix:{}".format(self.redis.socket))
+        ann, _ = yield join_chat(self, self.port_a, "ann")
+        cy, _ = yield join_chat(self, port_c, "cy")
+        yield wait_for(lambda: len(self.a.hub.presence("lobby")) == 2)
+        cy.send_json({"type": "message", "text": "through the socket"})
+        message = (yield read_until(ann, of_type("message")))[-1]
+        self.assertEqual(message["text"], "through the socket")
+
+
+class OutageTests(RedisTestCase):
+    def outage_events(self, log, node):
+        return [
+            e
+            for e in log
+            if e.get("node") == node and "unavailable" in e.get("log_format", "")
+            and "serving this node's clients locally" in e.get("log_format", "")
+        ]
+
+    def back_events(self, log, node):
+        return [
+            e
+            for e in log
+            if e.get("node") == node and "Redis back after" in e.get("log_format", "")
+        ]
+
+    @inlineCallbacks
+    def test_redis_killed_and_restarted_mid_stream(self):
+        """While Redis is down each node delivers its own clients' messages
+        exactly once; after it restarts messages cross nodes again; each
+        node logs the outage once and how many messages stayed local."""
+        log = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        a, port_a = yield start_node(self, self.redis, "alpha")
+        b, port_b = yield start_node(self, self.redis, "beta")
+        ann, ann_welcome = yield join_chat(self, port_a, "ann")
+        bob, _ = yield join_chat(self, port_b, "bob")
+        yield wait_for(lambda: len(a.hub.presence("lobby")) == 2)
+        ann.send_json({"type": "message", "text": "before"})
+        yield messages_until(bob, "before")
+
+        # Mid-stream: Redis dies once the tenth is through, while the
+        # others go on, one per reactor turn.
+        in_flight = ["in flight {}".format(i) for i in range(50)]
+        acks, killed = [], []
+        for text in in_flight:
+            acks.append(a.hub.publish_text(ann_welcome["id"], text))
+            if len(acks) == 10:
+
+                def kill(event):
+                    killed.append(self.redis.kill())
+                    return event
+
+                acks[-1].addCallback(kill)
+            yield deferLater(reactor, 0, lambda: None)
+        yield wait_for(lambda: killed, what="the kill")
+        yield killed[0]
+        yield wait_for(
+            lambda: not a.hub.backplane.connected and not b.hub.backplane.connected,
+            what="both nodes notice",
+        )
+
+        during_a = ["alone on A {}".format(i) for i in range(5)]
+        during_b = ["alone on B {}".format(i) for i in range(3)]
+        for text in during_a:
+            ann.send_json({"type": "message", "text": text})
+        for text in during_b:
+            bob.send_json({"type": "message", "text": text})
+        at_a = yield messages_until(ann, during_a[-1])
+        self.assertEqual([m["text"] for m in at_a], ["before"] + in_flight + during_a)
+        self.assertTrue(all(m["epoch"].startswith("local-alpha-") for m in at_a[-5:]))
+        at_b_during = yield messages_until(bob, during_b[-1])
+        # Every publication was answered, through Redis or locally.
+        self.assertEqual([ack.result.text for ack in acks], in_flight)
+
+        yield self.redis.start()
+        yield wait_for(
+            lambda: a.hub.backplane.connected and b.hub.backplane.connected,
+            timeout=30,
+            what="both nodes back in Redis",
+        )
+        ann.send_json({"type": "message", "text": "after"})
+        at_b_after = yield messages_until(bob, "after")
+        at_a_after = yield messages_until(ann, "after")
+        self.assertEqual([m["text"] for m in at_a_after], ["after"])
+
+        # B got a prefix of the in-flight ones (those Redis published
+        # before it died), its own, and nothing of A's outage.
+        seen_by_b = [m["text"] for m in at_b_during + at_b_after]
+        crossed = [t for t in seen_by_b if t.startswith("in flight")]
+        self.assertEqual(crossed, in_flight[: len(crossed)])
+        self.assertEqual(
+            [t for t in seen_by_b if not t.startswith("in flight")], during_b + ["after"]
+        )
+
+        for node in ("alpha", "beta"):
+            self.assertEqual(len(self.outage_events(log, node)), 1, node)
+            self.assertEqual(len(self.back_events(log, node)), 1, node)
+        self.assertEqual(self.back_events(log, "beta")[0]["count"], 3)
+        self.assertGreaterEqual(self.back_events(log, "alpha")[0]["count"], 5)
+        self.assertEqual(a.hub.backplane.state()["nodes"], 2)
+
+    @inlineCallbacks
+    def test_starts_and_serves_without_redis(self):
+        """With Redis down at start-up the server still serves its own
+        clients, says so once, and joins Redis when it comes."""
+        log = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        yield self.redis.kill()
+        a, port_a = yield start_server(self, ["--redis", self.redis.url, "--node-id", "alpha"])
+        ann, welcome = yield join_chat(self, port_a, "ann")
+        self.assertTrue(welcome["epoch"].startswith("local-alpha-"))
+        ann.send_json({"type": "message", "text": "anyone?"})
+        self.assertEqual((yield messages_until(ann, "anyone?"))[0]["seq"], 1)
+        yield wait_for(lambda: self.outage_events(log, "alpha"), what="the outage logged")
+        self.assertFalse(a.hub.backplane.state()["connected"])
+        yield self.redis.start()
+        yield wait_for(lambda: a.hub.backplane.connected, timeout=30, what="connected")
+        self.assertEqual(self.back_events(log, "alpha")[0]["count"], 1)
+        self.assertEqual(len(self.outage_events(log, "alpha")), 1)
+
+
+    @inlineCallbacks
+    def test_wrong_password(self):
+        """A wrong password is logged and the server serves its own clients."""
+        log = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        url = "redis://:wrong@127.0.0.1:{}/0".format(self.redis.port)
+        a, port_a = yield start_server(self, ["--redis", url, "--node-id", "alpha"])
+        yield wait_for(
+            lambda: [e for e in log if "giving up on Redis" in e.get("log_format", "")],
+            what="the refusal logged",
+        )
+        ann, _ = yield join_chat(self, port_a, "ann")
+        ann.send_json({"type": "message", "text": "still here"})
+        yield messages_until(ann, "still here")
+        self.assertFalse(a.hub.backplane.connected)
+
+
+class NodeDeathTests(RedisTestCase):
+    @inlineCallbacks
+    def start_twistd_node(self, node, *args):
+        """
+        Run ``twistd broadcaster --redis`` as node ``node`` in a process of
+        its own.
+        """
+        port = free_port()
+        path = [REPO_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+        argv = [
+            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+            "-n", "--pidfile=", "broadcaster",
+            "--port", "tcp:{}:interface=127.0.0.1".format(port),
+            "--image-port", "none", "--line-port", "none",
+            "--redis", self.redis.url, "--node-id", node, *args,
+        ]
+        process = CollectingProcess()
+        reactor.spawnProcess(process, sys.executable, argv, env=env)
+
+        def reap():
+            if process.result is None:
+                process.transport.signalProcess("KILL")
+            return process.ended()
+
+        self.addCleanup(reap)
+        yield wait_for(
+            lambda: listening(port) or process.result is not None, timeout=30, what="twistd"
+        )
+        self.assertIsNone(process.result, process.result)
+        # It listens before it has joined Redis (start-up does not wait).
+        deadline = reactor.seconds() + 30
+        while True:
+            response = yield treq.get(
+                "http://127.0.0.1:{}/healthz".format(port), persistent=False
+            )
+            health = yield response.json()
+            if health["backplane"]["connected"]:
+                break
+            if reactor.seconds() > deadline:
+                raise FailTest("node {} did not join Redis: {}".format(node, health))
+            yield deferLater(reactor, 0.01, lambda: None)
+        return process, port
+
+    @inlineCallbacks
+    def test_a_dead_node_s_clients_are_announced_as_gone(self):
+        """When a node dies without a word (SIGKILL), the other node
+        announces its clients as gone once --node-timeout has passed."""
+        timeout = 1.5
+        b, port_b = yield start_node(self, self.redis, "beta", "--node-timeout", str(timeout))
+        process, port_a = yield self.start_twistd_node("alpha", "--node-timeout", str(timeout))
+        bob, bob_welcome = yield join_chat(self, port_b, "bob")
+        ann, ann_welcome = yield join_chat(self, port_a, "ann")
+        yield read_until(bob, of_type("join", id=ann_welcome["id"]))
+        killed_at = reactor.seconds()
+        process.transport.signalProcess(signal.SIGKILL)
+        left = (yield read_until(bob, of_type("leave", id=ann_welcome["id"])))[-1]
+        elapsed = reactor.seconds() - killed_at
+        # Its key expires at most node-timeout after its last heartbeat,
+        # and B looks every node-timeout / 3.
+        self.assertLess(elapsed, timeout * 4 / 3 + 1.0)
+        self.assertEqual((left["room"], left["name"]), ("lobby", "ann"))
+        self.assertEqual(ids(b.hub.presence("lobby")), {bob_welcome["id"]})
+        self.assertEqual(b.hub.backplane.state()["nodes"], 1)
+
+    @inlineCallbacks
+    def test_a_stopping_node_says_goodbye(self):
+        """A node that stops cleanly has its clients announced as gone at once."""
+        a, port_a = yield start_node(self, self.redis, "alpha")
+        b, port_b = yield start_node(self, self.redis, "beta")
+        bob, _ = yield join_chat(self, port_b, "bob")
+        ann, ann_welcome = yield join_chat(self, port_a, "ann")
+        yield read_until(bob, of_type("join", id=ann_welcome["id"]))
+        yield a.stopService()
+        left = (yield read_until(bob, of_type("leave", id=ann_welcome["id"]), limit=10))[-1]
+        self.assertEqual(left["room"], "lobby")
+        self.assertEqual(b.hub.backplane.state()["nodes"], 1)
+

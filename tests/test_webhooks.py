@@ -1,0 +1,582 @@
+"""
+Tests for :mod:`broadcaster.webhooks`: batching, signing, retries with
+backoff, the bounded queue and the flush at shutdown, against a real HTTP
+receiver on loopback and against ``treq.testing.StubTreq``.
+
+Also home of :func:`serve`, the local twisted.web server the auth and
+image-fetch tests use too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import random
+from typing import Dict, List, Optional
+
+from treq.client import HTTPClient
+from treq.testing import StubTreq
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+
+from broadcaster.hub import BinaryMessage, Hub, ImageMessage, TextMessage
+from broadcaster.metrics import StatsCollector
+from broadcaster.tap import Options, makeService
+from broadcaster.webhooks import (
+    WebhookDelivery,
+    WebhookService,
+    backoff_delay,
+    sign,
+    webhook_event,
+)
+from tests.support import Inbox, connect_client, start_server, wait_for
+
+
+# A real HTTP server on loopback, shared with test_auth and test_fetch.
+
+
+class TrackingSite(Site):
+    """
+    A Site that remembers its connections, so a test can drop them all and
+    leave a clean reactor whatever the client side did.
+    """
+
+    noisy = False
+
+    def __init__(self, resource) -> None:
+        super().__init__(resource)
+        self._connections: List[list] = []
+
+    def buildProtocol(self, addr):
+        protocol = super().buildProtocol(addr)
+        lost: Deferred = Deferred()
+        connection = [None, lost]
+        make_connection, connection_lost = protocol.makeConnection, protocol.connectionLost
+
+        def made(transport):
+            connection[0] = transport
+            make_connection(transport)
+
+        def gone(reason):
+            connection_lost(reason)
+            if not lost.called:
+                lost.callback(None)
+
+        protocol.makeConnection, protocol.connectionLost = made, gone
+        self._connections.append(connection)
+        return protocol
+
+    def log(self, request) -> None:
+        pass
+
+    def drop_connections(self) -> Deferred:
+        waiting = []
+        for transport, lost in self._connections:
+            if not lost.called and transport is not None:
+                transport.abortConnection()
+                waiting.append(lost)
+        return DeferredList(waiting)
+
+
+class LocalServer:
+    """
+    :ivar url: ``http://127.0.0.1:<port>``.
+    """
+
+    def __init__(self, site: TrackingSite, port) -> None:
+        self.site = site
+        self.port = port
+        self.url = "http://127.0.0.1:{}".format(port.getHost().port)
+
+    @inlineCallbacks
+    def stop(self):
+        yield self.port.stopListening()
+        yield self.site.drop_connections()
+
+
+def serve(testcase, resource) -> LocalServer:
+    """
+    Serve ``resource`` on a free loopback port until ``testcase`` ends.
+    """
+    site = TrackingSite(resource)
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    server = LocalServer(site, port)
+    testcase.addCleanup(server.stop)
+    return server
+
+
+class Received:
+    """
+    One POST the receiver got.
+    """
+
+    def __init__(self, request) -> None:
+        self.headers: Dict[bytes, bytes] = {
+            name.lower(): values[0] for name, values in request.requestHeaders.getAllRawHeaders()
+        }
+        self.body: bytes = request.content.read()
+        self.json = json.loads(self.body)
+        self.events = self.json["events"]
+
+
+class Receiver(Resource):
+    """
+    A webhook receiver: records every POST, answers with the next of
+    :attr:`statuses` (then 200), or holds requests while :attr:`hold` is set.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.received: List[Received] = []
+        self.inbox = Inbox()
+        self.statuses: List[int] = []
+        self.hold = False
+        self.held: List = []
+
+    def render_POST(self, request):
+        received = Received(request)
+        self.received.append(received)
+        self.inbox.put(received)
+        if self.hold:
+            self.held.append(request)
+            return NOT_DONE_YET
+        request.setResponseCode(self.statuses.pop(0) if self.statuses else 200)
+        return b"{}"
+
+    def release(self, code: int = 200) -> None:
+        held, self.held = self.held, []
+        for request in held:
+            request.setResponseCode(code)
+            request.finish()
+
+    def next(self) -> Deferred:
+        """Wait for the next POST."""
+        return self.inbox.next()
+
+    def events(self) -> List[dict]:
+        return [event for received in self.received for event in received.events]
+
+
+def real_client(testcase) -> HTTPClient:
+    """
+    A treq client with kept-alive connections, closed when ``testcase`` ends.
+    """
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    testcase.addCleanup(pool.closeCachedConnections)
+    return HTTPClient(Agent(reactor, pool=pool))
+
+
+class FakeMember:
+    """A hub member that ignores what it is sent."""
+
+    def __init__(self, member_id: str, name: Optional[str] = None, user: Optional[str] = None):
+        self.id = member_id
+        self.name = name
+        if user is not None:
+            self.user = user
+
+    def deliver(self, event) -> None:
+        pass
+
+    def shut_down(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+def events_of(count: int) -> List[dict]:
+    return [{"type": "message", "text": str(i), "event_id": "e{}".format(i)} for i in range(count)]
+
+
+class RealReceiverTests(TestCase):
+    """
+    Delivery over real HTTP to a twisted.web receiver; time (batch window,
+    backoff, timeouts) from a ``task.Clock``.
+    """
+
+    def setUp(self) -> None:
+        self.receiver = Receiver()
+        self.server = serve(self, self.receiver)
+        self.clock = Clock()
+        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+    def delivery(self, **kwargs) -> WebhookDelivery:
+        kwargs.setdefault("random", lambda: 0.5)
+        return WebhookDelivery(self.server.url + "/hook", real_client(self), self.clock, **kwargs)
+
+    @inlineCallbacks
+    def test_signed_batch_of_hub_events(self):
+        """A join and a message within a second arrive in one POST, signed with the secret."""
+        hub = Hub(self.clock)
+        service = WebhookService(
+            hub, [self.server.url + "/hook"], real_client(self), self.clock, secret=b"s3cret"
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        ann = FakeMember("n-1", "ann", user="ann@example.com")
+        hub.connect(ann)
+        hub.publish_text("n-1", "hello")
+        self.assertEqual(self.receiver.received, [])
+        self.clock.advance(1)
+        received = yield self.receiver.next()
+
+        expected = "sha256=" + hmac.new(b"s3cret", received.body, hashlib.sha256).hexdigest()
+        self.assertTrue(
+            hmac.compare_digest(received.headers[b"x-broadcaster-signature"].decode(), expected)
+        )
+        self.assertEqual(received.headers[b"content-type"], b"application/json")
+        self.assertEqual(
+            received.headers[b"x-broadcaster-timestamp"], str(received.json["sent_at"]).encode()
+        )
+        join, message = received.events
+        self.assertEqual(
+            {k: join[k] for k in ("type", "room", "id", "name", "user", "ts")},
+            {"type": "join", "room": "lobby", "id": "n-1", "name": "ann",
+             "user": "ann@example.com", "ts": 0.0},
+        )
+        self.assertEqual(
+            {k: message[k] for k in ("type", "room", "from", "name", "text", "seq")},
+            {"type": "message", "room": "lobby", "from": "n-1", "name": "ann", "text": "hello",
+             "seq": 1},
+        )
+        self.assertNotEqual(join["event_id"], message["event_id"])
+        self.assertRegex(join["event_id"], "^[0-9a-f]{32}$")
+
+    @inlineCallbacks
+    def test_batches_hold_at_most_100_events(self):
+        """250 queued events go as 100 and 100 at once, then 50 when the second is up."""
+        delivery = self.delivery()
+        for event in events_of(250):
+            delivery.enqueue(event)
+        first = yield self.receiver.next()
+        second = yield self.receiver.next()
+        yield wait_for(lambda: delivery.delivered == 200, what="two batches delivered")
+        self.assertEqual(len(self.receiver.received), 2)
+        self.assertEqual(len(delivery), 50)
+        self.clock.advance(1)
+        third = yield self.receiver.next()
+        self.assertEqual(
+            [len(first.events), len(second.events), len(third.events)], [100, 100, 50]
+        )
+        self.assertEqual(
+            [e["event_id"] for e in self.receiver.events()],
+            ["e{}".format(i) for i in range(250)],
+        )
+
+    @inlineCallbacks
+    def test_500_is_retried_and_delivered_once(self):
+        """After a 500 the same events are sent again after the backoff, and only once accepted."""
+        self.receiver.statuses = [500]
+        delivery = self.delivery()
+        delivery.enqueue(events_of(1)[0])
+        self.clock.advance(1)
+        first = yield self.receiver.next()
+        yield wait_for(lambda: delivery.retries == 1, what="a retry to be scheduled")
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(0.5)  # random() 0.5 of the first backoff step, 1 s
+        second = yield self.receiver.next()
+        yield wait_for(lambda: delivery.delivered == 1, what="delivery")
+        self.assertEqual(first.events, second.events)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual((delivery.dropped, len(delivery)), (0, 0))
+        self.assertEqual(len(self.receiver.received), 2)
+
+    @inlineCallbacks
+    def test_4xx_is_not_retried(self):
+        """A 400 drops the batch with an error naming the status; later events still go."""
+        self.receiver.statuses = [400]
+        delivery = self.delivery()
+        delivery.enqueue(events_of(1)[0])
+        self.clock.advance(1)
+        yield self.receiver.next()
+        yield wait_for(lambda: delivery.dropped == 1, what="the batch to be dropped")
+        self.assertEqual((delivery.retries, self.clock.getDelayedCalls()), (0, []))
+        errors = [e for e in self.logged if e["log_level"] == LogLevel.error]
+        self.assertEqual([e.get("status") for e in errors], [400])
+        delivery.enqueue({"type": "message", "event_id": "later"})
+        self.clock.advance(1)
+        later = yield self.receiver.next()
+        self.assertEqual(later.events[0]["event_id"], "later")
+
+    @inlineCallbacks
+    def test_overflow_drops_the_oldest(self):
+        """With the queue full, the oldest waiting events are dropped and it is logged once."""
+        self.receiver.hold = True
+        delivery = self.delivery(max_queue=3)
+        events = events_of(7)
+        delivery.enqueue(events[0])
+        self.clock.advance(1)
+        yield self.receiver.next()  # e0 in flight, held by the receiver
+        for event in events[1:]:
+            delivery.enqueue(event)
+        self.assertEqual(delivery.dropped, 3)
+        overflow = [e for e in self.logged if "queue full" in e.get("log_format", "")]
+        self.assertEqual(len(overflow), 1)
+        self.receiver.hold = False
+        self.receiver.release()
+        yield wait_for(lambda: delivery.delivered == 1, what="the first batch")
+        self.clock.advance(1)
+        rest = yield self.receiver.next()
+        self.assertEqual([e["event_id"] for e in rest.events], ["e4", "e5", "e6"])
+        summary = [e for e in self.logged if "while the queue was full" in e.get("log_format", "")]
+        self.assertEqual([e["count"] for e in summary], [3])
+
+
+class ShutdownTests(TestCase):
+    @inlineCallbacks
+    def test_stopping_the_server_flushes_joins_and_leaves(self):
+        """Stopping the server closes the clients first, then sends their join and leave at once."""
+        receiver = Receiver()
+        server = serve(self, receiver)
+        service, port = yield start_server(
+            self, ["--webhook", server.url + "/hook", "--webhook-secret", "k"]
+        )
+        client = yield connect_client(self, port)
+        announcement = yield client.next_text()
+        client_id = announcement.split()[0]
+        yield service.stopService()
+        clean, code, _ = yield client.closed
+        self.assertEqual(code, 1001)
+        mine = [(e["type"], e["id"]) for e in receiver.events() if e.get("id") == client_id]
+        self.assertEqual(mine, [("join", client_id), ("leave", client_id)])
+        for received in receiver.received:
+            signature = received.headers[b"x-broadcaster-signature"]
+            self.assertEqual(signature, sign(received.body, b"k"))
+
+
+class AlwaysFailing(Resource):
+    isLeaf = True
+
+    def __init__(self, code: int = 503) -> None:
+        super().__init__()
+        self.code = code
+        self.count = 0
+
+    def render_POST(self, request):
+        self.count += 1
+        request.setResponseCode(self.code)
+        return b""
+
+
+class Silent(Resource):
+    """Never answers."""
+
+    isLeaf = True
+
+    def render_POST(self, request):
+        return NOT_DONE_YET
+
+
+class BackoffTests(SynchronousTestCase):
+    """
+    Retry timing with ``StubTreq`` (requests answered synchronously) and a ``task.Clock``.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+    def delivery(self, resource, **kwargs) -> WebhookDelivery:
+        return WebhookDelivery("http://hooks.example/h", StubTreq(resource), self.clock, **kwargs)
+
+    def next_delay(self) -> Optional[float]:
+        calls = self.clock.getDelayedCalls()
+        if not calls:
+            return None
+        (call,) = calls
+        return call.getTime() - self.clock.seconds()
+
+    def test_delays_double_up_to_the_cap_and_give_up_after_retry_for(self):
+        """Without jitter delays go 1, 2, 4 ... 60 s, the last cut to end at --webhook-retry-for."""
+        failing = AlwaysFailing()
+        delivery = self.delivery(failing, retry_for=300, random=lambda: 1.0)
+        delivery.enqueue(events_of(1)[0])
+        self.clock.advance(1)
+        delays = []
+        while (delay := self.next_delay()) is not None:
+            delays.append(delay)
+            self.clock.advance(delay)
+        self.assertEqual(delays, [1, 2, 4, 8, 16, 32, 60, 60, 60, 57])
+        self.assertEqual(failing.count, 11)
+        self.assertEqual((delivery.retries, delivery.dropped, len(delivery)), (10, 1, 0))
+        gave_up = [e for e in self.logged if "gave up" in e.get("log_format", "")]
+        self.assertEqual([(e["attempts"], e["reason"]) for e in gave_up], [(11, "HTTP 503")])
+
+    def test_jitter_stays_within_the_exponential_bound(self):
+        """Each delay is between 0 and min(60, 2 ** (failures - 1)) with an injected random."""
+        delivery = self.delivery(
+            AlwaysFailing(), retry_for=10_000, random=random.Random(1234).random
+        )
+        delivery.enqueue(events_of(1)[0])
+        self.clock.advance(1)
+        seen = []
+        for failures in range(1, 12):
+            delay = self.next_delay()
+            self.assertTrue(0 <= delay <= min(60, 2 ** (failures - 1)), (failures, delay))
+            seen.append(delay)
+            self.clock.advance(delay)
+        self.assertEqual(len(set(seen)), len(seen), "jitter should vary the delays")
+
+    def test_backoff_delay_scales_the_cap_by_random(self):
+        """backoff_delay is random() times the exponential step."""
+        self.assertEqual(backoff_delay(1, lambda: 0.0), 0.0)
+        self.assertEqual(backoff_delay(3, lambda: 0.5), 2.0)
+        self.assertEqual(backoff_delay(20, lambda: 0.5), 30.0)
+
+    def test_timeout_is_retried(self):
+        """A receiver that does not answer within the timeout counts as a failure and is retried."""
+        delivery = self.delivery(Silent(), timeout=10, random=lambda: 0.5)
+        delivery.enqueue(events_of(1)[0])
+        self.clock.advance(1)
+        self.assertEqual(delivery.retries, 0)
+        self.clock.advance(10)
+        self.assertEqual(delivery.retries, 1)
+        warnings = [e for e in self.logged if e.get("reason") == "no answer within 10 s"]
+        self.assertEqual(len(warnings), 1)
+
+    def test_no_retries_with_retry_for_0(self):
+        """--webhook-retry-for 0 drops a failed batch at once."""
+        delivery = self.delivery(AlwaysFailing(), retry_for=0)
+        delivery.enqueue(events_of(1)[0])
+        self.clock.advance(1)
+        self.assertEqual((delivery.retries, delivery.dropped), (0, 1))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class FlushTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.hub = Hub(self.clock)
+
+    def test_stop_sends_at_once(self):
+        """Stopping sends what waits without waiting for the batch window."""
+        receiver = Receiver()
+        service = WebhookService(self.hub, ["http://h.example/"], StubTreq(receiver), self.clock)
+        service.startService()
+        self.hub.connect(FakeMember("n-1"))
+        self.successResultOf(service.stopService())
+        self.assertEqual([e["type"] for e in receiver.events()], ["join"])
+
+    def test_stop_gives_up_at_the_deadline(self):
+        """A receiver that does not answer delays the stop only until flush_timeout."""
+        service = WebhookService(
+            self.hub, ["http://h.example/"], StubTreq(Silent()), self.clock, flush_timeout=3
+        )
+        service.startService()
+        self.hub.connect(FakeMember("n-1"))
+        stopped = service.stopService()
+        self.assertNoResult(stopped)
+        self.clock.advance(3)
+        self.successResultOf(stopped)
+        self.assertEqual(service.deliveries[0].dropped, 1)
+
+    def test_retry_waiting_gets_a_last_attempt(self):
+        """A batch waiting to be retried is sent once more at stop, without waiting."""
+        failing = AlwaysFailing()
+        service = WebhookService(
+            self.hub, ["http://h.example/"], StubTreq(failing), self.clock, random=lambda: 0.9
+        )
+        service.startService()
+        self.hub.connect(FakeMember("n-1"))
+        self.clock.advance(1)
+        self.assertEqual(failing.count, 1)
+        self.successResultOf(service.stopService())
+        self.assertEqual(failing.count, 2)
+        self.assertEqual(service.deliveries[0].dropped, 1)
+
+    def test_unsigned_webhooks_are_warned_about(self):
+        """Starting without a secret logs a warning that webhooks are unsigned."""
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        service = WebhookService(self.hub, ["http://h.example/"], StubTreq(Receiver()), self.clock)
+        service.startService()
+        self.addCleanup(service.stopService)
+        warnings = [e for e in logged if e["log_level"] == LogLevel.warn]
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("unsigned", warnings[0]["log_format"])
+
+
+class EventFormTests(SynchronousTestCase):
+    def test_images_and_binary_carry_sizes_not_bytes(self):
+        """Binary and image events give sizes and never the bytes."""
+        binary = webhook_event(BinaryMessage(ts=1.0, sender="n-1", data=b"\x00" * 10))
+        image = webhook_event(
+            ImageMessage(ts=2.0, sender="n-1", image_id="n-img1", png=b"P" * 20, width=4, height=5)
+        )
+        self.assertEqual(binary["size"], 10)
+        self.assertEqual(
+            {k: image[k] for k in ("type", "id", "from", "width", "height", "size")},
+            {"type": "image", "id": "n-img1", "from": "n-1", "width": 4, "height": 5, "size": 20},
+        )
+        for event in (binary, image):
+            self.assertNotIn(b"\x00" * 10, json.dumps(event).encode())
+            self.assertNotIn("P" * 20, json.dumps(event))
+
+    def test_message_event(self):
+        """A text message carries its text, sequence and a fresh event id."""
+        event = TextMessage(ts=1.23456, room="r", sender="n-1", text="hi", name="ann", seq=4,
+                            epoch="ep")
+        first, second = webhook_event(event), webhook_event(event)
+        self.assertEqual(
+            {k: first[k] for k in ("type", "room", "from", "text", "ts", "seq", "epoch")},
+            {"type": "message", "room": "r", "from": "n-1", "text": "hi", "ts": 1.235, "seq": 4,
+             "epoch": "ep"},
+        )
+        self.assertNotEqual(first["event_id"], second["event_id"])
+
+    def test_gauges_are_registered(self):
+        """The queue length, retries and drops are reported through the metrics collector."""
+        clock = Clock()
+        hub = Hub(clock)
+        service = WebhookService(hub, ["http://h.example/"], StubTreq(Silent()), clock)
+        collector = StatsCollector(hub)
+        service.register_metrics(collector)
+        service.deliveries[0].enqueue(events_of(1)[0])
+        values = {family.name: family.samples[0].value for family in collector.collect()
+                  if family.name.startswith("broadcaster_webhook")}
+        self.assertEqual(
+            values,
+            {
+                "broadcaster_webhook_queued_events": 1,
+                "broadcaster_webhook_delivered_events": 0,
+                "broadcaster_webhook_retries": 0,
+                "broadcaster_webhook_dropped_events": 0,
+            },
+        )
+
+
+class MakeServiceTests(SynchronousTestCase):
+    def test_webhooks_are_a_late_child_with_gauges(self):
+        """--webhook adds a webhook service stopped after the drain, reported on /metrics."""
+        options = Options()
+        options.parseOptions(
+            ["--webhook", "https://a.example/h", "--webhook", "https://b.example/h",
+             "--webhook-queue", "5", "--drain-timeout", "3"]
+        )
+        service = makeService(options, reactor=MemoryReactorClock())
+        webhooks = service.webhooks
+        self.assertIn(webhooks, list(service))
+        self.assertTrue(webhooks.stop_after_drain)
+        self.assertEqual([d.url for d in webhooks.deliveries],
+                         ["https://a.example/h", "https://b.example/h"])
+        self.assertEqual((webhooks.deliveries[0].max_queue, webhooks.flush_timeout), (5, 3))
+        names = {family.name for family in service.metrics.collect()}
+        self.assertIn("broadcaster_webhook_queued_events", names)
+
+    def test_webhook_urls_are_checked(self):
+        """A --webhook that is not an http(s) URL is refused, naming the flag."""
+        error = self.assertRaises(
+            UsageError, Options().parseOptions, ["--webhook", "mailto:ops@example.com"]
+        )
+        self.assertIn("--webhook", str(error))
