@@ -73,6 +73,9 @@ class Event:
     wire: Dict[object, object] = field(
         default_factory=dict, compare=False, repr=False, kw_only=True
     )
+    #: The node whose hub created the event ("" if unknown): with several
+    #: nodes, things that must happen once per event (webhooks) happen there.
+    origin: str = field(default="", compare=False, repr=False, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -421,7 +424,7 @@ class Hub:
             )
         rooms[room] = self._positions.get(room)
         self._rooms.setdefault(room, {})[member.id] = member
-        event = Joined(ts=self._clock.seconds(), room=room, member=member.id, name=member.name)
+        event = Joined(ts=self._clock.seconds(), origin=self.node_id, room=room, member=member.id, name=member.name)
         self.backplane.publish(event)
         return event
 
@@ -439,7 +442,7 @@ class Hub:
         del occupants[member.id]
         if not occupants:
             del self._rooms[room]
-        event = Left(ts=self._clock.seconds(), room=room, member=member.id, name=member.name)
+        event = Left(ts=self._clock.seconds(), origin=self.node_id, room=room, member=member.id, name=member.name)
         self.backplane.publish(event)
         return event
 
@@ -449,7 +452,7 @@ class Hub:
         """
         events = []
         for room in self.rooms_of(member.id):
-            event = Renamed(ts=self._clock.seconds(), room=room, member=member.id, name=member.name)
+            event = Renamed(ts=self._clock.seconds(), origin=self.node_id, room=room, member=member.id, name=member.name)
             self.backplane.publish(event)
             events.append(event)
         return events
@@ -470,7 +473,7 @@ class Hub:
             raise NotInRoom("not in room {!r}: join it first".format(room))
         return self.backplane.publish(
             TextMessage(
-                ts=self._clock.seconds(), room=room, sender=sender, text=text, name=member.name
+                ts=self._clock.seconds(), origin=self.node_id, room=room, sender=sender, text=text, name=member.name
             )
         )
 
@@ -485,7 +488,7 @@ class Hub:
         """
         return self.backplane.publish(
             TextMessage(
-                ts=self._clock.seconds(), room=room, sender=SERVER_ID, text=text, name=SERVER_ID
+                ts=self._clock.seconds(), origin=self.node_id, room=room, sender=SERVER_ID, text=text, name=SERVER_ID
             )
         )
 
@@ -493,7 +496,7 @@ class Hub:
         """
         Send ``data`` from ``sender`` to everyone in the lobby, the sender included.
         """
-        event = BinaryMessage(ts=self._clock.seconds(), sender=sender, data=data)
+        event = BinaryMessage(ts=self._clock.seconds(), origin=self.node_id, sender=sender, data=data)
         self.backplane.publish(event)
         return event
 
@@ -505,6 +508,7 @@ class Hub:
         """
         event = ImageMessage(
             ts=self._clock.seconds(),
+            origin=self.node_id,
             sender=sender,
             image_id="{}-img{}".format(self.node_id, next(self._image_counter)),
             png=png,

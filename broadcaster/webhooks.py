@@ -561,6 +561,10 @@ class WebhookService(Service):
             )
 
     def _observe(self, event: Event) -> None:
+        if event.origin and event.origin != self._hub.node_id:
+            # With a Redis backplane every node sees every event; the node
+            # where it happened posts it, so receivers get it once.
+            return
         payload = webhook_event(event, self._hub)
         if payload is None:
             return

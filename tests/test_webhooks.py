@@ -580,3 +580,23 @@ class MakeServiceTests(SynchronousTestCase):
             UsageError, Options().parseOptions, ["--webhook", "mailto:ops@example.com"]
         )
         self.assertIn("--webhook", str(error))
+
+
+class OriginTests(SynchronousTestCase):
+    def test_only_events_from_this_node_are_posted(self):
+        """With several nodes, each event is posted by the node it happened on, once."""
+        from twisted.internet.task import Clock
+
+        from broadcaster.hub import Hub, TextMessage
+        from broadcaster.webhooks import WebhookService
+
+        clock = Clock()
+        hub = Hub(clock, node_id="here")
+        service = WebhookService(hub, ["http://127.0.0.1:1/hook"], client=None, clock=clock)
+        service.startService()
+        self.addCleanup(setattr, service, "running", 0)
+        (delivery,) = service.deliveries
+        hub.deliver(TextMessage(1, "lobby", "there-1", "from elsewhere", origin="there"))
+        self.assertEqual(len(delivery), 0)
+        hub.deliver(TextMessage(1, "lobby", "here-1", "from here", origin="here"))
+        self.assertEqual(len(delivery), 1)
