@@ -112,6 +112,19 @@ class StatsCollector:
             "Image frames that could not be decoded or were refused.",
             value=stats.image_decode_errors,
         )
+        backplane = hub.backplane.state()
+        connected = GaugeMetricFamily(
+            "broadcaster_backplane_connected",
+            "1 while the backplane (local, or Redis) is usable, else 0.",
+            labels=["kind"],
+        )
+        connected.add_metric([backplane.get("kind", "local")], 1 if backplane.get("connected") else 0)
+        yield connected
+        yield GaugeMetricFamily(
+            "broadcaster_backplane_nodes",
+            "Nodes sharing the backplane, this one included.",
+            value=backplane.get("nodes", 1),
+        )
         histogram = stats.fan_out_seconds
         yield HistogramMetricFamily(
             "broadcaster_fan_out_seconds",

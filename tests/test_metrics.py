@@ -78,6 +78,8 @@ class MetricsTests(TestCase):
             samples[("broadcaster_fan_out_seconds_bucket", (("le", "+Inf"),))], batches
         )
         self.assertEqual(samples[("broadcaster_slow_consumer_disconnects_total", ())], 0)
+        self.assertEqual(samples[("broadcaster_backplane_connected", (("kind", "local"),))], 1)
+        self.assertEqual(samples[("broadcaster_backplane_nodes", ())], 1)
 
     @inlineCallbacks
     def test_metrics_on_their_own_port(self):
