@@ -52,6 +52,7 @@ from broadcaster.imaging import ImageError, NormalisedImage
 from broadcaster.members import log_connect, log_disconnect
 from broadcaster.names import LOBBY, InvalidName, check_display_name
 from broadcaster.origin import OriginPolicy
+from broadcaster.sending import send_now
 from broadcaster.wire import (
     JSON_SUBPROTOCOL,
     BadRequest,
@@ -706,7 +707,7 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         data, frames = encoded(batch, self.codec, _FRAME_BATCH[self.codec])
         if frames:
             # What sendPreparedMessage does for each frame, in one call.
-            self.transport.write(data)
+            send_now(self.transport, data)
             outbound.wrote(len(data))
             stats = self.factory.hub.stats
             stats.frames_out += frames
