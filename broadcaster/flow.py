@@ -31,6 +31,9 @@ class OutboundBuffer:
     :ivar queued: bytes written since the transport asked us to pause.
     """
 
+    # One per connection: slots keep tens of thousands of them small.
+    __slots__ = ("paused", "queued")
+
     def __init__(self, transport) -> None:
         self.paused = False
         self.queued = 0
@@ -76,6 +79,8 @@ class TokenBucket:
     :param rate: tokens added per second; 0 means unlimited.
     """
 
+    __slots__ = ("_clock", "rate", "burst", "_tokens", "_updated")
+
     def __init__(self, clock: IReactorTime, rate: float, burst: int) -> None:
         self._clock = clock
         self.rate = rate
@@ -109,6 +114,8 @@ class RateLimit:
     no allowance, more than ``burst`` dropped messages in a row, is not
     making a mistake but flooding, and is disconnected.
     """
+
+    __slots__ = ("_bucket", "dropped_in_a_row")
 
     def __init__(self, clock: IReactorTime, rate: float, burst: int) -> None:
         self._bucket = TokenBucket(clock, rate, burst)
