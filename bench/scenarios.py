@@ -1,0 +1,483 @@
+"""
+The benchmark's scenarios.  Each one is a :class:`Scenario` with variants
+(say, 100 and 1000 subscribers) and the figures it reports; :data:`SCENARIOS`
+lists them in order, so adding one is adding a class here.
+
+S1 throughput
+    N subscribers and one publisher keeping ``--window`` 64-byte messages
+    in flight: a new message whenever one has reached every subscriber.
+    Deliveries per second (to subscribers) and the server's CPU time per
+    delivery, measured over ``--duration`` seconds after ``--warmup``.
+S2 latency
+    1000 subscribers, the publisher offering a fixed rate (200 and 20
+    messages/s): latency percentiles, from the publisher's send to each
+    subscriber's receipt, and messages lost.
+S3 idle memory
+    Idle connections opened in two stages (a tenth, then all of them): the
+    server's RSS growth per connection between the two, and what connecting
+    cost (connections per second, server CPU per connection).
+S4 cross-node (Redis) and S5 workers
+    For later: reported as not available until broadcaster has ``--redis``
+    or ``--workers``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from bench.loadgen import LoadGen, loadgen_args
+from bench.servers import ServerProcess, ServerSpec
+
+#: Load generator CPU use (percent of its core) above which a run is flagged:
+#: the generator, not the server, may have been the limit.
+LOADGEN_CPU_LIMIT = 80.0
+
+#: Percentage points by which the server's CPU may be busier than the server
+#: process before a run is flagged as disturbed by other work on that CPU.
+OTHER_LOAD_LIMIT = 15.0
+
+
+@dataclass(frozen=True)
+class Metric:
+    """
+    A figure a scenario reports.
+
+    :ivar better: ``"higher"``, ``"lower"`` or ``None`` (for information).
+    :ivar digits: decimals shown in the table.
+    """
+
+    key: str
+    label: str
+    better: Optional[str]
+    digits: int = 1
+
+
+@dataclass
+class Settings:
+    """Everything a run depends on, from the command line."""
+
+    warmup: float = 1.0
+    duration: float = 5.0
+    messages: Optional[int] = None
+    window: int = 32
+    size: int = 64
+    s1_subscribers: Sequence[int] = (100, 1000)
+    s2_subscribers: int = 1000
+    s2_rates: Sequence[float] = (200.0, 20.0)
+    s3_connections: Sequence[int] = (5000,)
+    max_connections: int = 1000000
+    nofile_limit: Optional[int] = None
+    drain_timeout: float = 15.0
+    drain_max: float = 60.0
+    settle: float = 1.0
+    stop_grace: float = 15.0
+
+
+@dataclass
+class Context:
+    """What a run needs besides its server and variant."""
+
+    loadgen: Path
+    server_cpu: Optional[int]
+    loadgen_cpu: Optional[int]
+    log_dir: Path
+    settings: Settings
+
+    def logs(self, spec: ServerSpec, variant: "Variant", repetition: int) -> Tuple[Path, Path]:
+        stem = "{}-{}-{}-r{}".format(
+            variant.key.replace("/", "_"), spec.name, variant.slug, repetition
+        )
+        return self.log_dir / (stem + "-server.log"), self.log_dir / (stem + "-loadgen.log")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One configuration of a scenario, e.g. S1 with 1000 subscribers."""
+
+    key: str
+    label: str
+    params: Dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def slug(self) -> str:
+        return "".join(c if c.isalnum() else "-" for c in self.label)[:40]
+
+
+class Scenario:
+    """
+    A kind of measurement.  Subclasses set :attr:`id`, :attr:`title`,
+    :attr:`metrics`, and implement :meth:`variants` and :meth:`run`.
+    """
+
+    id = ""
+    title = ""
+    metrics: List[Metric] = []
+
+    def variants(self, settings: Settings) -> List[Variant]:
+        raise NotImplementedError
+
+    def unavailable(self, spec: ServerSpec) -> Optional[str]:
+        """Why this scenario cannot run on ``spec``, or ``None``."""
+        return None
+
+    def run(self, ctx: Context, spec: ServerSpec, variant: Variant, repetition: int) -> Dict:
+        """
+        Run once.
+
+        :return: ``{"figures": {metric key: value}, "ok": bool, "problems":
+            [...], "warnings": [...], ...}`` plus the raw measurements.
+        """
+        raise NotImplementedError
+
+    def headline(self, figures: Dict[str, float]) -> str:
+        """A short line for the progress log."""
+        return ", ".join(
+            "{} {}".format(_fmt(figures.get(m.key), m.digits), m.label) for m in self.metrics[:2]
+        )
+
+
+def _fmt(value, digits: int) -> str:
+    if value is None:
+        return "-"
+    return "{:,.{}f}".format(value, digits)
+
+
+def _check_problems(check: Dict, allow_loss: bool = False) -> List[str]:
+    """What went wrong in a message run's delivery check, if anything."""
+    problems = []
+    for key in ("order_errors", "duplicates", "corrupt", "protocol_errors"):
+        if check.get(key):
+            problems.append("{} {}".format(check[key], key.replace("_", " ")))
+    if check.get("lost") and not allow_loss:
+        problems.append("{} deliveries lost".format(check["lost"]))
+    if check.get("server_closes") or check.get("resets"):
+        problems.append(
+            "server closed {} and reset {} connections".format(
+                check.get("server_closes", 0), check.get("resets", 0)
+            )
+        )
+    return problems
+
+
+def _message_run(
+    ctx: Context,
+    spec: ServerSpec,
+    variant: Variant,
+    repetition: int,
+    mode: str,
+    subscribers: int,
+    window: Optional[int] = None,
+    rate: Optional[float] = None,
+) -> Dict:
+    """Start ``spec``, drive it with a publisher and subscribers, stop it."""
+    s = ctx.settings
+    server_log, loadgen_log = ctx.logs(spec, variant, repetition)
+    with ServerProcess(spec, ctx.server_cpu, server_log) as server:
+        startup = server.wait_ready()
+        rss_start = server.rss_kib()
+        args = loadgen_args(
+            port=server.port,
+            mode=mode,
+            subscribers=subscribers,
+            window=window,
+            rate=rate,
+            size=s.size,
+            warmup=s.warmup,
+            duration=s.duration,
+            messages=s.messages,
+            server_pid=server.pid,
+            server_core=ctx.server_cpu,
+            drain_timeout=s.drain_timeout,
+            drain_max=s.drain_max,
+            linger_max=s.stop_grace + 30,
+        )
+        deadline = 120 + subscribers * 0.05 + s.warmup + s.duration + s.drain_max
+        with LoadGen(ctx.loadgen, args, ctx.loadgen_cpu, loadgen_log) as lg:
+            result = lg.read_result(timeout=deadline)
+            rss_end = server.rss_kib()
+            # Stop the server while the generator still holds its
+            # connections, so that it answers close frames (broadcaster
+            # drains its clients on SIGTERM).
+            stopped = server.stop(s.stop_grace)
+        loadgen_status = lg.proc.returncode
+    measured, latency, check = result["measured"], result["latency_us"], result["check"]
+    seconds = measured["seconds"] or 1e-9
+    figures = {
+        "deliveries_per_s": measured["deliveries_per_s"],
+        "messages_per_s": measured["messages_per_s"],
+        "cpu_us_per_delivery": measured["server_cpu_us_per_delivery"]
+        if measured["server_cpu_s"] >= 0
+        else None,
+        "server_cpu_pct": 100.0 * measured["server_cpu_s"] / seconds
+        if measured["server_cpu_s"] >= 0
+        else None,
+        "core_us_per_delivery": measured["server_core_us_per_delivery"]
+        if measured["server_core_us_per_delivery"] >= 0
+        else None,
+        "server_core_busy_pct": measured["server_core_busy_pct"]
+        if measured["server_core_busy_pct"] >= 0
+        else None,
+        "server_core_softirq_pct": measured["server_core_softirq_pct"]
+        if measured["server_core_softirq_pct"] >= 0
+        else None,
+        "server_core_steal_pct": measured["server_core_steal_pct"]
+        if measured["server_core_steal_pct"] >= 0
+        else None,
+        "server_kernel_pct": 100.0 * measured["server_sys_s"] / measured["server_cpu_s"]
+        if measured["server_cpu_s"] > 0
+        else None,
+        "latency_p50_ms": latency["p50"] / 1000.0,
+        "latency_p99_ms": latency["p99"] / 1000.0,
+        "latency_max_ms": latency["max"] / 1000.0,
+        "lost": check["lost"],
+        "loadgen_cpu_pct": measured["loadgen_cpu_pct"],
+    }
+    problems = _check_problems(check, allow_loss=False)
+    if not check["complete"] and not problems:
+        problems.append("delivery check incomplete")
+    warnings = []
+    if measured["loadgen_cpu_pct"] > LOADGEN_CPU_LIMIT:
+        warnings.append(
+            "load generator at {:.0f}% of its core: it may have been the limit".format(
+                measured["loadgen_cpu_pct"]
+            )
+        )
+    if (
+        figures["server_core_busy_pct"] is not None
+        and figures["server_cpu_pct"] is not None
+        and figures["server_core_busy_pct"] - figures["server_cpu_pct"] > OTHER_LOAD_LIMIT
+    ):
+        warnings.append(
+            "the server's CPU was {:.0f}% busy but the server used {:.0f}%: something"
+            " else ran there and may have disturbed this run".format(
+                figures["server_core_busy_pct"], figures["server_cpu_pct"]
+            )
+        )
+    if (figures["server_core_steal_pct"] or 0) > 5:
+        warnings.append(
+            "{:.0f}% of the server's CPU was stolen by the hypervisor: figures are"
+            " unreliable".format(figures["server_core_steal_pct"])
+        )
+    if stopped["killed"]:
+        warnings.append("server did not exit within {:.0f} s of SIGTERM; killed".format(s.stop_grace))
+    return {
+        "figures": figures,
+        "ok": not problems,
+        "problems": problems,
+        "warnings": warnings,
+        "loadgen": result,
+        "loadgen_status": loadgen_status,
+        "server_process": {
+            "pid": server.pid,
+            "port": server.port,
+            "startup_s": round(startup, 3),
+            "rss_start_kib": rss_start,
+            "rss_end_kib": rss_end,
+            "stop": stopped,
+        },
+    }
+
+
+class Throughput(Scenario):
+    id = "S1"
+    title = "throughput: one publisher, {window} messages of {size} bytes in flight"
+    metrics = [
+        Metric("deliveries_per_s", "deliveries/s", "higher", 0),
+        Metric("cpu_us_per_delivery", "server process CPU µs/delivery", "lower", 2),
+        Metric("latency_p99_ms", "p99 latency ms (saturated)", "lower", 1),
+        Metric("server_cpu_pct", "server process CPU %", None, 0),
+        Metric("server_core_busy_pct", "server core busy %", None, 0),
+        Metric("loadgen_cpu_pct", "load generator CPU %", None, 0),
+    ]
+
+    def variants(self, settings: Settings) -> List[Variant]:
+        return [
+            Variant("S1/{}".format(n), "{} subscribers".format(n), {"subscribers": n})
+            for n in settings.s1_subscribers
+        ]
+
+    def run(self, ctx: Context, spec: ServerSpec, variant: Variant, repetition: int) -> Dict:
+        return _message_run(
+            ctx, spec, variant, repetition, "throughput",
+            subscribers=variant.params["subscribers"], window=ctx.settings.window,
+        )
+
+
+class Latency(Scenario):
+    id = "S2"
+    title = "latency at an offered rate, {size}-byte messages"
+    metrics = [
+        Metric("latency_p50_ms", "p50 latency ms", "lower", 2),
+        Metric("latency_p99_ms", "p99 latency ms", "lower", 2),
+        Metric("latency_max_ms", "max latency ms", "lower", 1),
+        Metric("lost", "deliveries lost", "lower", 0),
+        Metric("cpu_us_per_delivery", "server process CPU µs/delivery", "lower", 2),
+        Metric("server_core_busy_pct", "server core busy %", None, 0),
+        Metric("loadgen_cpu_pct", "load generator CPU %", None, 0),
+    ]
+
+    def variants(self, settings: Settings) -> List[Variant]:
+        n = settings.s2_subscribers
+        return [
+            Variant(
+                "S2/{:g}".format(rate),
+                "{} subscribers, {:g} msg/s".format(n, rate),
+                {"subscribers": n, "rate": rate},
+            )
+            for rate in settings.s2_rates
+        ]
+
+    def run(self, ctx: Context, spec: ServerSpec, variant: Variant, repetition: int) -> Dict:
+        return _message_run(
+            ctx, spec, variant, repetition, "rate",
+            subscribers=variant.params["subscribers"], rate=variant.params["rate"],
+        )
+
+
+class IdleMemory(Scenario):
+    id = "S3"
+    title = "idle connections: memory and connection cost"
+    metrics = [
+        Metric("rss_kib_per_conn", "RSS KiB/connection", "lower", 1),
+        Metric("connections_per_s", "connections/s (opening)", "higher", 0),
+        Metric("server_cpu_ms_per_conn", "server CPU ms/connection (opening)", "lower", 3),
+        Metric("rss_mib", "RSS MiB (all open)", "lower", 1),
+    ]
+
+    def variants(self, settings: Settings) -> List[Variant]:
+        variants = []
+        for asked in settings.s3_connections:
+            n = min(asked, settings.max_connections)
+            label = "{} idle connections".format(n)
+            if n < asked:
+                label += " ({} asked; open files limit {})".format(asked, settings.nofile_limit)
+            variants.append(Variant("S3/{}".format(asked), label, {"connections": n, "asked": asked}))
+        return variants
+
+    def run(self, ctx: Context, spec: ServerSpec, variant: Variant, repetition: int) -> Dict:
+        s = ctx.settings
+        n = variant.params["connections"]
+        first = max(1, n // 10)
+        connect_timeout = 120 + 3 * (n / 1000.0) ** 2
+        server_log, loadgen_log = ctx.logs(spec, variant, repetition)
+        with ServerProcess(spec, ctx.server_cpu, server_log) as server:
+            startup = server.wait_ready()
+            rss_start = server.rss_kib()
+            args = loadgen_args(
+                port=server.port,
+                mode="idle",
+                stages=[first, n],
+                server_pid=server.pid,
+                sources=1 + n // 10000,
+                concurrency=32,
+                # broadcaster announces every connection to every client:
+                # opening N costs it O(N²), minutes for 20,000.
+                connect_timeout=connect_timeout,
+                linger_max=s.stop_grace + 30,
+            )
+            deadline = connect_timeout + 60
+            with LoadGen(ctx.loadgen, args, ctx.loadgen_cpu, loadgen_log) as lg:
+                stage_a = lg.read_result(timeout=deadline)
+                time.sleep(s.settle)
+                rss_a = server.rss_kib()
+                lg.next_stage()
+                stage_b = lg.read_result(timeout=deadline)
+                time.sleep(s.settle)
+                rss_b = server.rss_kib()
+                stopped = server.stop(s.stop_grace)
+            loadgen_status = lg.proc.returncode
+        added = n - first
+        figures = {
+            "rss_kib_per_conn": (rss_b - rss_a) / added if added else None,
+            "rss_mib": rss_b / 1024.0,
+            "connections_per_s": added / stage_b["connect_seconds"]
+            if stage_b["connect_seconds"] > 0
+            else None,
+            "server_cpu_ms_per_conn": 1000.0 * stage_b["server_cpu_s"] / added
+            if added and stage_b["server_cpu_s"] >= 0
+            else None,
+            "loadgen_cpu_pct": None,
+        }
+        problems = []
+        for stage in (stage_a, stage_b):
+            if stage["open"] != stage["connections"]:
+                problems.append(
+                    "{} of {} connections open".format(stage["open"], stage["connections"])
+                )
+            if stage["protocol_errors"] or stage["server_closes"] or stage["resets"]:
+                problems.append(
+                    "{} protocol errors, {} closes, {} resets".format(
+                        stage["protocol_errors"], stage["server_closes"], stage["resets"]
+                    )
+                )
+        warnings = []
+        if stopped["killed"]:
+            warnings.append(
+                "server did not exit within {:.0f} s of SIGTERM; killed".format(s.stop_grace)
+            )
+        return {
+            "figures": figures,
+            "ok": not problems,
+            "problems": problems,
+            "warnings": warnings,
+            "loadgen": {"stages": [stage_a, stage_b]},
+            "loadgen_status": loadgen_status,
+            "server_process": {
+                "pid": server.pid,
+                "port": server.port,
+                "startup_s": round(startup, 3),
+                "rss_start_kib": rss_start,
+                "rss_stage_kib": [rss_a, rss_b],
+                "stop": stopped,
+            },
+        }
+
+    def headline(self, figures: Dict[str, float]) -> str:
+        return "{} KiB/connection, {} connections/s".format(
+            _fmt(figures.get("rss_kib_per_conn"), 1), _fmt(figures.get("connections_per_s"), 0)
+        )
+
+
+class NeedsServerOption(Scenario):
+    """
+    A scenario that needs a broadcaster option that does not exist yet.
+
+    Until broadcaster has :attr:`option`, it is reported as not available.
+    Once it has, :meth:`run` is what remains to be written (the load
+    generator already takes ``--port``; a second node's port for
+    subscribers is the missing piece for S4).
+    """
+
+    option = ""
+
+    def variants(self, settings: Settings) -> List[Variant]:
+        return [Variant(self.id, self.title, {})]
+
+    def unavailable(self, spec: ServerSpec) -> Optional[str]:
+        if spec.name != "broadcaster":
+            return "not applicable: only broadcaster could have {}".format(self.option)
+        if self.option not in spec.options():
+            return "not available: broadcaster has no {} option".format(self.option)
+        return "not implemented yet: broadcaster now has {}; write {}.run in bench/scenarios.py".format(
+            self.option, type(self).__name__
+        )
+
+
+class CrossNode(NeedsServerOption):
+    id = "S4"
+    title = "cross-node fan-out via Redis (publisher on one node, subscribers on another)"
+    option = "--redis"
+
+
+class Workers(NeedsServerOption):
+    id = "S5"
+    title = "S1 throughput with several worker processes"
+    option = "--workers"
+
+
+SCENARIOS: Dict[str, Scenario] = {
+    s.id: s for s in (Throughput(), Latency(), IdleMemory(), CrossNode(), Workers())
+}

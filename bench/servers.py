@@ -1,0 +1,318 @@
+"""
+The servers under test, and running one as a subprocess.
+
+- ``broadcaster``: as a user runs it, ``twistd -n broadcaster`` with the
+  repository on ``PYTHONPATH``, on a free loopback port, with the image port
+  and line bridge off and ``--rate 0`` (the benchmark's publisher sends far
+  more than 100 messages a second); every other option at its default
+  (JSON mode, rooms, history and metrics all on).
+- ``autobahn``: :file:`bench/ref_autobahn.py`, a minimal Autobahn broadcast
+  server that frames each message once: the floor broadcaster is compared with.
+- ``websockets``: :file:`bench/ref_websockets.py`, a minimal server on the
+  ``websockets`` library's ``broadcast`` (asyncio).
+
+Each runs in a session of its own, pinned to one CPU, with its open files
+limit raised to the hard limit, its output in a log file; :meth:`ServerProcess.stop`
+ends it with SIGTERM, then SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, FrozenSet, List, Optional
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+
+TWISTD = "from twisted.scripts.twistd import run; run()"
+
+
+class ServerError(Exception):
+    """A server did not start, or died."""
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (bound to 0, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> Dict[str, str]:
+    path = [str(REPO_ROOT)] + [
+        p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p
+    ]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(path), PYTHONUNBUFFERED="1")
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """
+    One server the benchmark can run.
+
+    :ivar name: what ``--servers`` calls it.
+    :ivar label: what the table calls it.
+    :ivar argv: the command line, given the port.
+    :ivar requires: modules it needs, each with how to install it.
+    """
+
+    name: str
+    label: str
+    description: str
+    argv: Callable[[int], List[str]]
+    requires: Dict[str, str] = field(default_factory=dict)
+
+    def missing(self) -> Optional[str]:
+        """
+        Why this server cannot run here (a module it needs is not installed,
+        with the command that installs it), or ``None``.
+        """
+        for module, install in self.requires.items():
+            if importlib.util.find_spec(module) is None:
+                return "needs the {} module: {}".format(module, install)
+        return None
+
+    def options(self) -> FrozenSet[str]:
+        """
+        The command-line flags this server accepts (from ``--help``), so
+        scenarios can tell whether it has ``--redis`` or ``--workers``.
+        Only broadcaster has any.
+        """
+        return _OPTIONS_CACHE.setdefault(self.name, self._read_options())
+
+    def _read_options(self) -> FrozenSet[str]:
+        if self.name != "broadcaster":
+            return frozenset()
+        try:
+            out = subprocess.run(
+                [sys.executable, "-c", TWISTD, "broadcaster", "--help"],
+                capture_output=True,
+                env=_env(),
+                cwd=str(REPO_ROOT),
+                timeout=60,
+            ).stdout.decode(errors="replace")
+        except (OSError, subprocess.SubprocessError):
+            return frozenset()
+        flags = set()
+        for word in out.split():
+            if word.startswith("--"):
+                flags.add(word.split("=")[0].rstrip(",:"))
+        return frozenset(flags)
+
+
+_OPTIONS_CACHE: Dict[str, FrozenSet[str]] = {}
+
+
+def _broadcaster_argv(port: int) -> List[str]:
+    return [
+        sys.executable, "-c", TWISTD, "-n", "--pidfile=", "broadcaster",
+        "--port", "tcp:{}:interface=127.0.0.1".format(port),
+        "--image-port", "none", "--line-port", "none", "--rate", "0",
+    ]
+
+
+SERVERS: Dict[str, ServerSpec] = {
+    spec.name: spec
+    for spec in (
+        ServerSpec(
+            "broadcaster",
+            "broadcaster",
+            "twistd -n broadcaster (this repository), defaults but --rate 0",
+            _broadcaster_argv,
+            {"twisted": "pip install .", "autobahn": "pip install ."},
+        ),
+        ServerSpec(
+            "autobahn",
+            "autobahn-ref",
+            "bench/ref_autobahn.py: Autobahn, prepareMessage + sendPreparedMessage",
+            lambda port: [sys.executable, str(BENCH_DIR / "ref_autobahn.py"), str(port)],
+            {"autobahn": "pip install autobahn"},
+        ),
+        ServerSpec(
+            "websockets",
+            "websockets-ref",
+            "bench/ref_websockets.py: websockets.broadcast on asyncio",
+            lambda port: [sys.executable, str(BENCH_DIR / "ref_websockets.py"), str(port)],
+            {"websockets": "pip install websockets"},
+        ),
+    )
+}
+
+#: The server every figure is compared with.
+REFERENCE = "autobahn"
+
+
+def lookup(name: str) -> ServerSpec:
+    """
+    The server called ``name`` (``autobahn-ref`` works for ``autobahn``).
+
+    :raise KeyError: if there is none.
+    """
+    for spec in SERVERS.values():
+        if name in (spec.name, spec.label):
+            return spec
+    raise KeyError(name)
+
+
+def die_with_parent() -> None:
+    """
+    In a child about to exec: have the kernel send it SIGTERM if the
+    benchmark dies (even by SIGKILL), so that no server outlives it.
+    Linux only; elsewhere nothing happens.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _preexec(cpu: Optional[int]):
+    def preexec() -> None:
+        die_with_parent()
+        # Every connection is a file descriptor.
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
+
+    return preexec
+
+
+def read_rss_kib(pid: int) -> int:
+    """The resident set size of process ``pid``, in KiB."""
+    with open("/proc/{}/status".format(pid)) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise ServerError("no VmRSS for process {}".format(pid))
+
+
+def read_cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process ``pid`` so far, in seconds."""
+    with open("/proc/{}/stat".format(pid)) as f:
+        fields = f.read().rpartition(")")[2].split()
+    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class ServerProcess:
+    """
+    A server running on a free loopback port, as a context manager that
+    always stops it.
+    """
+
+    def __init__(self, spec: ServerSpec, cpu: Optional[int], log_path: Path) -> None:
+        self.spec = spec
+        self.cpu = cpu
+        self.log_path = log_path
+        self.port = free_port()
+        self.proc: Optional[subprocess.Popen] = None
+        self.stopped: Optional[Dict] = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def __enter__(self) -> "ServerProcess":
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.spec.argv(self.port),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=str(REPO_ROOT),
+                env=_env(),
+                preexec_fn=_preexec(self.cpu),
+                start_new_session=True,
+            )
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.stopped is None:
+            self.stop(grace=2.0)
+
+    def log_tail(self, lines: int = 8) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def wait_ready(self, timeout: float = 60.0) -> float:
+        """
+        Wait until the server accepts TCP connections.
+
+        :return: seconds it took.
+        :raise ServerError: if it exits or the deadline passes first.
+        """
+        started = time.monotonic()
+        while True:
+            if self.proc.poll() is not None:
+                raise ServerError(
+                    "{} exited with status {} at start-up:\n{}".format(
+                        self.spec.label, self.proc.returncode, self.log_tail()
+                    )
+                )
+            with socket.socket() as s:
+                s.settimeout(0.5)
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return time.monotonic() - started
+            if time.monotonic() - started > timeout:
+                raise ServerError(
+                    "{} did not listen on port {} within {:.0f} s".format(
+                        self.spec.label, self.port, timeout
+                    )
+                )
+            time.sleep(0.05)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def rss_kib(self) -> int:
+        return read_rss_kib(self.pid)
+
+    def cpu_seconds(self) -> float:
+        return read_cpu_seconds(self.pid)
+
+    def stop(self, grace: float) -> Dict:
+        """
+        SIGTERM, then SIGKILL (to its whole session) if it has not exited
+        within ``grace`` seconds.
+
+        :return: ``{"status": ..., "seconds": ..., "killed": ...}``.
+        """
+        proc = self.proc
+        started = time.monotonic()
+        killed = False
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                killed = True
+        if killed:
+            # Still running (and not reaped), so its process group is ours:
+            # anything it started goes with it.
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        self.stopped = {
+            "status": proc.returncode,
+            "seconds": round(time.monotonic() - started, 3),
+            "killed": killed,
+        }
+        return self.stopped
