@@ -7,6 +7,8 @@ its settings as arguments, so tests construct the same objects directly.
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import List, Optional
 
 import txaio
@@ -38,6 +40,16 @@ from broadcaster.redis_backplane import RedisBackplane, RedisBackplaneService, p
 from broadcaster.web import BroadcasterSite
 from broadcaster.webhooks import WebhookService
 from broadcaster.websocket import BroadcastServerFactory
+from broadcaster.workers import (
+    LISTENER_FLAGS,
+    NO_REDIS,
+    InheritedPortReactor,
+    MasterService,
+    MasterWatchService,
+    find_redis_server,
+    parse_worker_fds,
+    sharing_problem,
+)
 
 
 class Options(usage.Options):
@@ -352,6 +364,22 @@ class Options(usage.Options):
             "Seconds an image_url download may take, redirects included.",
             positive_float,
         ],
+        [
+            "workers",
+            None,
+            1,
+            "Run this many worker processes sharing the listening ports, "
+            "joined through --redis or, without it, a private redis-server "
+            "that the master process starts (see README).  1: one process.",
+            positive_int,
+        ],
+        [
+            "worker-fds",
+            None,
+            None,
+            "Internal to --workers: adopt these inherited listening sockets "
+            "(port=3,image=4,...) instead of listening.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -359,6 +387,11 @@ class Options(usage.Options):
         self["allow-origin"] = []
         self["webhook"] = []
         self["api-key"] = []
+
+    def parseOptions(self, options=None) -> None:
+        # Kept for --workers, which gives each worker the same options.
+        self["args"] = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
 
     def opt_webhook(self, url: str) -> None:
         """POST every chat event, in batches, to this http(s) URL (repeatable). See README for the format and signature."""  # noqa: E501
@@ -413,6 +446,11 @@ class Options(usage.Options):
                 )
             )
         node = self["node-id"]
+        if node is not None and self["worker-fds"] is not None:
+            # A worker of --workers: <the master's node id>-w<i>[.<restarts>].
+            base, w, number = node.rpartition("-w")
+            if w and number.replace(".", "", 1).isdigit():
+                node = base
         if node is not None and (not node or not all(c.isalnum() or c in "_." for c in node)):
             raise usage.UsageError(
                 "--node-id {!r} must be letters, digits, '_' or '.'".format(node)
@@ -428,6 +466,7 @@ class Options(usage.Options):
                 "--redis-namespace {!r} must be non-empty, without spaces".format(namespace)
             )
         self._check_http_options()
+        self._check_workers()
 
     def _check_http_options(self) -> None:
         """
@@ -459,6 +498,32 @@ class Options(usage.Options):
                 raise usage.UsageError("--api-key-file {!r} holds no keys".format(path))
             keys.extend(from_file)
         self["api-keys"] = keys
+
+    def _check_workers(self) -> None:
+        """
+        Validate --workers (shareable ports; a Redis to join the workers)
+        and the internal --worker-fds.
+        """
+        self["redis-server"] = None
+        if self["worker-fds"] is not None:
+            if self["workers"] > 1:
+                raise usage.UsageError("--worker-fds is internal to --workers; give only --workers")
+            try:
+                self["worker-fds"] = parse_worker_fds(self["worker-fds"])
+            except ValueError as e:
+                raise usage.UsageError("--worker-fds {!r}: {}".format(self["worker-fds"], e))
+            return
+        if self["workers"] == 1:
+            return
+        for _, flag in LISTENER_FLAGS:
+            if self[flag] is not None:
+                problem = sharing_problem(self[flag])
+                if problem is not None:
+                    raise usage.UsageError("--{} {!r}: {}".format(flag, self[flag], problem))
+        if self["redis"] is None:
+            self["redis-server"] = find_redis_server()
+            if self["redis-server"] is None:
+                raise usage.UsageError(NO_REDIS)
 
 
 def _check_endpoint(flag: str, description: str) -> None:
@@ -598,8 +663,15 @@ class BroadcasterService(MultiService):
         import signal
 
         reactor = self.clock
+        stopping = []
 
         def stop(signum, frame):
+            if stopping:
+                # A second signal: with --workers a terminal's Ctrl-C reaches
+                # the workers and then the master's SIGTERM follows; stopping
+                # the reactor twice would only log an error.
+                return
+            stopping.append(signum)
             self._log.info(
                 "received {signal}: shutting down gracefully",
                 signal=signal.Signals(signum).name,
@@ -662,9 +734,10 @@ class BroadcasterService(MultiService):
         return gone.addErrback(too_slow)
 
 
-def makeService(options: Options, reactor=None) -> BroadcasterService:
+def makeService(options: Options, reactor=None) -> "BroadcasterService | MasterService":
     """
-    Build the server from parsed options.
+    Build the server from parsed options (with ``--workers N``, the master
+    process that runs N servers).
 
     :param reactor: the reactor to listen with and to take time from
         (default: the global one).
@@ -672,6 +745,10 @@ def makeService(options: Options, reactor=None) -> BroadcasterService:
     handle_signals = reactor is None
     if reactor is None:
         from twisted.internet import reactor
+    if options["workers"] > 1:
+        return _master(options, reactor, handle_signals)
+    # With --worker-fds (a worker of --workers): the inherited sockets.
+    fds = options["worker-fds"] or {}
 
     # Autobahn logs each refused handshake and dropped connection itself, at
     # info and warn; ours say the same with the client's id, so keep its
@@ -750,11 +827,12 @@ def makeService(options: Options, reactor=None) -> BroadcasterService:
         BroadcasterSite(factory, debug=options["debug"], metrics=on_main_port, api=api),
         "WebSocket endpoint and chat page",
         reactor,
+        fds.get("port"),
     )
     service.metrics_endpoint = None
     if metrics is not None and options["metrics-port"] is not None:
         service.metrics_endpoint = _listen(
-            service, options["metrics-port"], Site(metrics), "Metrics", reactor
+            service, options["metrics-port"], Site(metrics), "Metrics", reactor, fds.get("metrics")
         )
 
     service.image_endpoint = None
@@ -768,16 +846,52 @@ def makeService(options: Options, reactor=None) -> BroadcasterService:
             image_timeout=options["image-timeout"],
         )
         service.image_endpoint = _listen(
-            service, options["image-port"], images, "Image protocol", reactor
+            service, options["image-port"], images, "Image protocol", reactor, fds.get("image")
         )
 
     service.line_endpoint = None
     if options["line-port"] is not None:
         lines = LineBridgeFactory(service.hub, reactor, options["max-line-length"], limits)
         service.line_endpoint = _listen(
-            service, options["line-port"], lines, "Line bridge", reactor
+            service, options["line-port"], lines, "Line bridge", reactor, fds.get("line")
         )
+    if fds and handle_signals:
+        # A worker's standard input ends when its master does.
+        MasterWatchService(reactor).setServiceParent(service)
     return service
+
+
+def _master(options: Options, reactor, handle_signals: bool) -> MasterService:
+    """
+    The master process of ``--workers N`` (see :mod:`broadcaster.workers`):
+    it binds the ports the workers accept on and serves nobody itself.
+    """
+    listeners = [("port", options["port"], "WebSocket endpoint and chat page")]
+    if options["image-port"] is not None:
+        listeners.append(("image", options["image-port"], "Image protocol"))
+    if options["line-port"] is not None:
+        listeners.append(("line", options["line-port"], "Line bridge"))
+    if not options["no-metrics"] and options["metrics-port"] is not None:
+        listeners.append(("metrics", options["metrics-port"], "Metrics"))
+    # A worker drains for up to --drain-timeout, flushes its webhooks for up
+    # to as long again, then says goodbye to Redis.
+    drain = options["drain-timeout"] * (2 if options["webhook"] else 1)
+    master = MasterService(
+        reactor,
+        options["workers"],
+        listeners,
+        options.get("args", []),
+        node_id=options["node-id"] or os.urandom(3).hex(),
+        stop_timeout=drain + WORKER_STOP_MARGIN,
+        redis_server=options.get("redis-server"),
+    )
+    master.handle_signals = handle_signals
+    return master
+
+
+#: Seconds a --workers master gives its workers beyond their drain (and
+#: webhook flush) before killing them.
+WORKER_STOP_MARGIN = 5.0
 
 
 def _outbound_http(service, options: Options, factory, decoder: DecoderPool, reactor) -> None:
@@ -836,10 +950,18 @@ def _outbound_http(service, options: Options, factory, decoder: DecoderPool, rea
             service.webhooks.register_metrics(service.metrics)
 
 
-def _listen(parent, description: str, factory, what: str, reactor) -> ReportingEndpoint:
+def _listen(
+    parent, description: str, factory, what: str, reactor, fd: Optional[int] = None
+) -> ReportingEndpoint:
     """
     Add a child service listening on ``description``; return its endpoint.
+
+    :param fd: an inherited listening socket to adopt instead of listening
+        (a worker of ``--workers``); ``description`` still says how to serve
+        it (``ssl:`` and its certificate).
     """
+    if fd is not None:
+        reactor = InheritedPortReactor(reactor, fd)
     listener = strports.service(description, factory, reactor=reactor)
     listener.endpoint = endpoint = ReportingEndpoint(listener.endpoint, what)
     listener.setServiceParent(parent)
