@@ -36,6 +36,7 @@ from broadcaster.images import DecoderPool, ImageFactory
 from broadcaster.lines import LineBridgeFactory
 from broadcaster.metrics import MetricsResource, metrics_for
 from broadcaster.origin import OriginPolicy, parse_origin
+from broadcaster.signals import handle_stop_signals
 from broadcaster.redis_backplane import RedisBackplane, RedisBackplaneService, parse_redis_url
 from broadcaster.web import BroadcasterSite
 from broadcaster.webhooks import WebhookService
@@ -651,35 +652,7 @@ class BroadcasterService(MultiService):
             self.clock.callWhenRunning(self._handle_stop_signals)
 
     def _handle_stop_signals(self) -> None:
-        """
-        Stop the reactor on SIGTERM and SIGINT, which makes twistd stop this
-        service (and so drain the clients) and then exit with status 0.
-
-        Twisted's own handlers do the same but have twistd re-raise the
-        signal afterwards, so the process would end "killed by SIGTERM"
-        even after a clean drain; init systems and scripts expect a clean
-        stop to exit 0.
-        """
-        import signal
-
-        reactor = self.clock
-        stopping = []
-
-        def stop(signum, frame):
-            if stopping:
-                # A second signal: with --workers a terminal's Ctrl-C reaches
-                # the workers and then the master's SIGTERM follows; stopping
-                # the reactor twice would only log an error.
-                return
-            stopping.append(signum)
-            self._log.info(
-                "received {signal}: shutting down gracefully",
-                signal=signal.Signals(signum).name,
-            )
-            reactor.callFromThread(reactor.stop)
-
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
+        handle_stop_signals(self.clock, self._log, "shutting down gracefully")
 
     def stopService(self) -> Deferred:
         """

@@ -65,6 +65,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from broadcaster.signals import handle_stop_signals
 from broadcaster import __version__
 
 #: The listening ports a worker may be handed, as named in ``--worker-fds``,
@@ -518,26 +519,8 @@ class MasterService(Service):
         self._poll_redis(deadline)
 
     def _handle_stop_signals(self) -> None:
-        """
-        Stop the reactor on SIGTERM and SIGINT, so that twistd stops this
-        service (and so the workers) and exits 0; see
-        ``BroadcasterService._handle_stop_signals``.
-        """
-        reactor = self._reactor
-        stopping = []
-
-        def stop(signum, frame):
-            if stopping:
-                return
-            stopping.append(signum)
-            self._log.info(
-                "received {signal}: stopping the workers",
-                signal=signal.Signals(signum).name,
-            )
-            reactor.callFromThread(reactor.stop)
-
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
+        # As BroadcasterService does: drain (here: the workers), exit 0.
+        handle_stop_signals(self._reactor, self._log, "stopping the workers")
 
     # The private Redis
 
