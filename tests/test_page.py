@@ -17,6 +17,7 @@ environment variable ``CI`` is set: there, a missing browser is a failure.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
@@ -24,6 +25,7 @@ import time
 from typing import Callable, List, Optional
 
 import websocket
+from PIL import Image
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException, WebDriverException
 from selenium.webdriver.chrome.service import Service
@@ -37,7 +39,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import FailTest, SkipTest, TestCase
 
 from broadcaster.hub import TextMessage
-from tests.support import start_server, wait_for
+from tests.support import FrameClient, connect_raw, port_of, start_server, wait_for
 from tests.test_rooms import join_chat, of_type, read_until
 
 CHROMIUM = "/usr/bin/chromium"
@@ -938,3 +940,27 @@ class RoomPageTests(PageTestCase):
         yield deferToThread(self.page.select_room, "lobby")
         log = yield deferToThread(self.page.log_lines)
         self.assertFalse([line for line in log if "may be missing" in line])
+
+
+class ImagePageTests(PageTestCase):
+    """Images from the raw-TCP image port, as the page shows them."""
+
+    @inlineCallbacks
+    def test_image_from_the_image_port_is_displayed(self):
+        """A PNG a camera sends on the image port appears in the page as an
+        image of the right size, decoded by the browser."""
+        yield deferToThread(self.page.open, self.url)
+        camera = yield connect_raw(self, port_of(self.service.image_endpoint), FrameClient)
+        picture = io.BytesIO()
+        Image.new("RGB", (37, 23), (10, 200, 30)).save(picture, format="JPEG")
+        camera.send_frame(picture.getvalue())
+
+        def shown(driver):
+            for image in driver.find_elements(By.CSS_SELECTOR, "#messages img"):
+                width = driver.execute_script("return arguments[0].naturalWidth", image)
+                height = driver.execute_script("return arguments[0].naturalHeight", image)
+                if (width, height) == (37, 23):
+                    return True
+            return False
+
+        yield deferToThread(self.page.wait, shown, "a 37x23 image in #messages")
