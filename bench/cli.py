@@ -89,6 +89,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--s2-subscribers", type=int, default=1000, help="S2 subscribers (default 1000)")
     p.add_argument("--s2-rates", type=_floats, default=[200.0, 20.0], help="S2 offered messages/s (default 200,20)")
     p.add_argument(
+        "--s45-subscribers", type=int, default=1000,
+        help="subscribers of S4 (cross-node) and S5 (workers) (default 1000)",
+    )
+    p.add_argument(
         "--idle-connections", type=_ints, default=[5000],
         help="S3 variants (default 5000; e.g. 5000,20000: counts above the open files"
         " limit are lowered to fit)",
@@ -174,6 +178,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         s2_subscribers=args.s2_subscribers,
         s2_rates=args.s2_rates,
         s3_connections=args.idle_connections,
+        s45_subscribers=args.s45_subscribers,
         # The server needs a few descriptors of its own besides its clients.
         max_connections=max(1, nofile - 64),
         nofile_limit=nofile,
@@ -188,6 +193,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             s2_subscribers=20,
             s2_rates=[200.0],
             s3_connections=[200],
+            s45_subscribers=20,
             drain_max=20.0,
             settle=0.3,
         )
@@ -221,6 +227,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 unavailable.append({"scenario": scenario.id, "server": name, "reason": reason})
                 _log("{} on {}: {}".format(scenario.id, SERVERS[name].label, reason))
         if able:
+            for note in getattr(scenario, "notes", lambda ctx: [])(ctx):
+                notes.append(note)
+                _log("note: " + note)
             for variant in scenario.variants(settings):
                 plan.append((scenario, variant, able))
 
@@ -287,6 +296,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         signal.signal(signal.SIGTERM, previous)
 
     rows = report.summarize([(s, v) for s, v, _ in plan], runs, servers)
+    comparisons = report.comparisons(rows, len(os.sched_getaffinity(0)))
     ok = not interrupted and all(r.get("ok") for r in runs)
     document = {
         "benchmark": "broadcaster fan-out (python -m bench)",
@@ -316,6 +326,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "unavailable": unavailable,
         "runs": runs,
         "summary": rows,
+        "comparisons": comparisons,
         "ok": ok,
         "interrupted": interrupted,
         "elapsed_s": round(time.monotonic() - started, 1),
@@ -324,6 +335,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     print()
     print(report.format_table(rows, unavailable))
+    for line in report.format_comparisons(comparisons) + notes:
+        print(line)
     print()
     print("results: {}".format(args.json_out))
     if ok and not keep_logs:

@@ -166,6 +166,75 @@ def format_table(rows: Sequence[Dict], unavailable: Sequence[Dict]) -> str:
     return "\n".join(out)
 
 
+#: The issue's targets: cross-node at least 0.8x one node; --workers 2 at
+#: least 1.7x one process (with 4 cores or more).
+CROSS_NODE_TARGET = 0.8
+WORKERS_TARGET = 1.7
+
+
+def _median(rows: Sequence[Dict], variant: str, metric: str = "deliveries_per_s") -> Optional[float]:
+    for row in rows:
+        if row["variant"] == variant and row["metric"] == metric and row["server"] == "broadcaster":
+            return row["median"]
+    return None
+
+
+def comparisons(rows: Sequence[Dict], cores: Optional[int] = None) -> List[Dict]:
+    """
+    broadcaster against itself: S4 (cross-node) over S1 with as many
+    subscribers (single node) from the same run, and S5's ``--workers 2``
+    over one process.  Only those whose figures both exist.  S5's target
+    is only judged with ``cores`` of 4 or more.
+    """
+    found = []
+    for row in rows:
+        if row["server"] != "broadcaster" or row["metric"] != "deliveries_per_s":
+            continue
+        if row["scenario"] == "S4":
+            n = row["variant"].split("/")[1]
+            single = _median(rows, "S1/{}".format(n))
+            if single:
+                found.append({
+                    "what": "S4 cross-node / S1 single node, {} subscribers, deliveries/s".format(n),
+                    "numerator": row["median"],
+                    "denominator": single,
+                    "ratio": row["median"] / single,
+                    "target": CROSS_NODE_TARGET,
+                })
+        elif row["scenario"] == "S5" and row["variant"].endswith("/w2"):
+            one = _median(rows, row["variant"][: -len("/w2")] + "/w1")
+            if one:
+                found.append({
+                    "what": "S5 --workers 2 / one process, {} subscribers, deliveries/s".format(
+                        row["variant"].split("/")[1]
+                    ),
+                    "numerator": row["median"],
+                    "denominator": one,
+                    "ratio": row["median"] / one,
+                    "target": WORKERS_TARGET,
+                })
+    for item in found:
+        item["meets_target"] = item["ratio"] >= item["target"]
+        if item["target"] == WORKERS_TARGET and cores is not None and cores < 4:
+            item["meets_target"] = None
+            item["why_not_judged"] = "{} usable CPUs; the target assumes 4 or more".format(cores)
+    return found
+
+
+def format_comparisons(items: Sequence[Dict]) -> List[str]:
+    """Lines for the terminal, one per comparison."""
+    return [
+        "{}: {:,.0f} / {:,.0f} = ×{:.2f} (target ≥ ×{:.1f}: {})".format(
+            item["what"], item["numerator"], item["denominator"], item["ratio"],
+            item["target"],
+            "met" if item["meets_target"]
+            else "not met" if item["meets_target"] is False
+            else "not judged: " + item["why_not_judged"],
+        )
+        for item in items
+    ]
+
+
 def write_json(path: Path, document: Dict) -> None:
     """Write the results file (creating its directory), atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)

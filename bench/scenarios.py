@@ -16,20 +16,33 @@ S3 idle memory
     Idle connections opened in two stages (a tenth, then all of them): the
     server's RSS growth per connection between the two, and what connecting
     cost (connections per second, server CPU per connection).
-S4 cross-node (Redis) and S5 workers
-    For later: reported as not available until broadcaster has ``--redis``
-    or ``--workers``.
+S4 cross-node (Redis)
+    A redis-server and two broadcaster nodes on it, all on the server CPU:
+    S1 at 1000 subscribers with the publisher on node A and every
+    subscriber on node B.
+S5 workers
+    S1 at 1000 subscribers on broadcaster as one process and with
+    ``--workers 2``, the server unpinned (the workers need every core).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from bench.loadgen import LoadGen, loadgen_args
-from bench.servers import ServerProcess, ServerSpec
+from bench.servers import (
+    RedisProcess,
+    ServerProcess,
+    ServerSpec,
+    descendants,
+    redis_server_path,
+    wait_backplane,
+    with_args,
+)
 
 #: Load generator CPU use (percent of its core) above which a run is flagged:
 #: the generator, not the server, may have been the limit.
@@ -68,6 +81,7 @@ class Settings:
     s2_subscribers: int = 1000
     s2_rates: Sequence[float] = (200.0, 20.0)
     s3_connections: Sequence[int] = (5000,)
+    s45_subscribers: int = 1000
     max_connections: int = 1000000
     nofile_limit: Optional[int] = None
     drain_timeout: float = 15.0
@@ -173,13 +187,51 @@ def _message_run(
     rate: Optional[float] = None,
 ) -> Dict:
     """Start ``spec``, drive it with a publisher and subscribers, stop it."""
-    s = ctx.settings
     server_log, loadgen_log = ctx.logs(spec, variant, repetition)
     with ServerProcess(spec, ctx.server_cpu, server_log) as server:
         startup = server.wait_ready()
+        return _drive(
+            ctx, server, startup, loadgen_log, mode, subscribers, window=window, rate=rate
+        )
+
+
+def _drive(
+    ctx: Context,
+    server: ServerProcess,
+    startup: float,
+    loadgen_log: Path,
+    mode: str,
+    subscribers: int,
+    window: Optional[int] = None,
+    rate: Optional[float] = None,
+    publisher_port: Optional[int] = None,
+    server_core: Any = "pinned",
+    loadgen_cpu: Any = "pinned",
+    stop: Optional[Callable[[], Dict]] = None,
+    shared_core: bool = False,
+) -> Dict:
+    """
+    Drive a running ``server`` (subscribers on its port, the publisher on
+    ``publisher_port`` if given) and stop it with ``stop`` (default: SIGTERM
+    to ``server``) while the generator still holds its connections.
+
+    :param server_core: the CPU whose busy time is measured (default the
+        server CPU; ``None``: none, the server being unpinned).
+    :param shared_core: other processes of the run share the server's CPU
+        on purpose (S4), so its being busier than ``server`` is no warning.
+    """
+    s = ctx.settings
+    if server_core == "pinned":
+        server_core = ctx.server_cpu
+    if loadgen_cpu == "pinned":
+        loadgen_cpu = ctx.loadgen_cpu
+    if stop is None:
+        stop = lambda: server.stop(s.stop_grace)  # noqa: E731
+    if True:  # (indented as when this was inside _message_run's ``with``)
         rss_start = server.rss_kib()
         args = loadgen_args(
             port=server.port,
+            publisher_port=publisher_port,
             mode=mode,
             subscribers=subscribers,
             window=window,
@@ -189,19 +241,19 @@ def _message_run(
             duration=s.duration,
             messages=s.messages,
             server_pid=server.pid,
-            server_core=ctx.server_cpu,
+            server_core=server_core,
             drain_timeout=s.drain_timeout,
             drain_max=s.drain_max,
             linger_max=s.stop_grace + 30,
         )
         deadline = 120 + subscribers * 0.05 + s.warmup + s.duration + s.drain_max
-        with LoadGen(ctx.loadgen, args, ctx.loadgen_cpu, loadgen_log) as lg:
+        with LoadGen(ctx.loadgen, args, loadgen_cpu, loadgen_log) as lg:
             result = lg.read_result(timeout=deadline)
             rss_end = server.rss_kib()
             # Stop the server while the generator still holds its
             # connections, so that it answers close frames (broadcaster
             # drains its clients on SIGTERM).
-            stopped = server.stop(s.stop_grace)
+            stopped = stop()
         loadgen_status = lg.proc.returncode
     measured, latency, check = result["measured"], result["latency_us"], result["check"]
     seconds = measured["seconds"] or 1e-9
@@ -246,7 +298,8 @@ def _message_run(
             )
         )
     if (
-        figures["server_core_busy_pct"] is not None
+        not shared_core
+        and figures["server_core_busy_pct"] is not None
         and figures["server_cpu_pct"] is not None
         and figures["server_core_busy_pct"] - figures["server_cpu_pct"] > OTHER_LOAD_LIMIT
     ):
@@ -443,39 +496,196 @@ class IdleMemory(Scenario):
 
 class NeedsServerOption(Scenario):
     """
-    A scenario that needs a broadcaster option that does not exist yet.
-
-    Until broadcaster has :attr:`option`, it is reported as not available.
-    Once it has, :meth:`run` is what remains to be written (the load
-    generator already takes ``--port``; a second node's port for
-    subscribers is the missing piece for S4).
+    A scenario of broadcaster only, needing one of its options (and
+    ``redis-server``): not applicable to the reference servers, not
+    available while broadcaster lacks :attr:`option` or there is no
+    ``redis-server``.
     """
 
     option = ""
 
-    def variants(self, settings: Settings) -> List[Variant]:
-        return [Variant(self.id, self.title, {})]
-
     def unavailable(self, spec: ServerSpec) -> Optional[str]:
         if spec.name != "broadcaster":
-            return "not applicable: only broadcaster could have {}".format(self.option)
+            return "not applicable: only broadcaster has {}".format(self.option)
         if self.option not in spec.options():
             return "not available: broadcaster has no {} option".format(self.option)
-        return "not implemented yet: broadcaster now has {}; write {}.run in bench/scenarios.py".format(
-            self.option, type(self).__name__
-        )
+        if redis_server_path() is None:
+            return "not available: needs redis-server (apt-get install redis-server)"
+        return None
+
+    def notes(self, ctx: Context) -> List[str]:
+        """Where this scenario's processes ran, for the results' notes."""
+        return []
+
+
+#: S1's figures that S4 and S5 report.
+_FAN_OUT_METRICS = [
+    Metric("deliveries_per_s", "deliveries/s", "higher", 0),
+    Metric("latency_p99_ms", "p99 latency ms (saturated)", "lower", 1),
+    Metric("latency_p50_ms", "p50 latency ms (saturated)", "lower", 1),
+]
 
 
 class CrossNode(NeedsServerOption):
+    """
+    S4: a redis-server and two broadcaster nodes on it, all three on the
+    server CPU; the publisher on node A, every subscriber on node B.
+    """
+
     id = "S4"
-    title = "cross-node fan-out via Redis (publisher on one node, subscribers on another)"
+    title = "cross-node fan-out via Redis (publisher on node A, subscribers on node B)"
     option = "--redis"
+    metrics = _FAN_OUT_METRICS + [
+        Metric("core_us_per_delivery", "server core µs/delivery (A + B + Redis)", "lower", 2),
+        Metric("cpu_us_per_delivery", "node B process CPU µs/delivery", "lower", 2),
+        Metric("server_core_busy_pct", "server core busy %", None, 0),
+        Metric("loadgen_cpu_pct", "load generator CPU %", None, 0),
+    ]
+
+    def variants(self, settings: Settings) -> List[Variant]:
+        n = settings.s45_subscribers
+        return [Variant("S4/{}".format(n), "{} subscribers".format(n), {"subscribers": n})]
+
+    def notes(self, ctx: Context) -> List[str]:
+        return [
+            "S4: redis-server and both broadcaster nodes on CPU {} (the one core S1's single"
+            " node has), the load generator on CPU {}: the cross-node figure is what the same"
+            " core does with the Redis hop added, comparable with S1".format(
+                ctx.server_cpu, ctx.loadgen_cpu
+            )
+        ]
+
+    def run(self, ctx: Context, spec: ServerSpec, variant: Variant, repetition: int) -> Dict:
+        s = ctx.settings
+        server_log, loadgen_log = ctx.logs(spec, variant, repetition)
+        redis_log = server_log.with_name(server_log.name.replace("-server.log", "-redis.log"))
+        node_a_log = server_log.with_name(server_log.name.replace("-server.log", "-node-a.log"))
+        with RedisProcess(ctx.server_cpu, redis_log) as redis:
+            redis.wait_ready()
+
+            def node(name: str) -> ServerSpec:
+                return with_args(
+                    spec, ["--redis", redis.url, "--node-id", name],
+                    label="{} node {}".format(spec.label, name),
+                )
+
+            with ServerProcess(node("a"), ctx.server_cpu, node_a_log) as node_a, \
+                    ServerProcess(node("b"), ctx.server_cpu, server_log) as node_b:
+                t0 = time.monotonic()
+                node_a.wait_ready()
+                node_b.wait_ready()
+                wait_backplane(node_a, nodes=2)
+                wait_backplane(node_b, nodes=2)
+                startup = time.monotonic() - t0
+
+                def stop() -> Dict:
+                    # B holds the subscribers: it drains while they are open.
+                    stopped = node_b.stop(s.stop_grace)
+                    stopped_a = node_a.stop(s.stop_grace)
+                    return dict(
+                        stopped, node_a=stopped_a, killed=stopped["killed"] or stopped_a["killed"]
+                    )
+
+                record = _drive(
+                    ctx, node_b, startup, loadgen_log, "throughput",
+                    subscribers=variant.params["subscribers"], window=s.window,
+                    publisher_port=node_a.port, stop=stop, shared_core=True,
+                )
+            record["redis_status"] = redis.stop()
+        record["server_process"]["node_a"] = {"pid": node_a.pid, "port": node_a.port}
+        record["server_process"]["redis"] = {"pid": redis.pid, "port": redis.port}
+        record["placement"] = {
+            "redis": ctx.server_cpu, "node_a": ctx.server_cpu, "node_b": ctx.server_cpu,
+            "loadgen": ctx.loadgen_cpu,
+        }
+        return record
 
 
 class Workers(NeedsServerOption):
+    """
+    S5: S1 at 1000 subscribers on broadcaster as one process and with
+    ``--workers 2`` (and its private redis-server), the server unpinned.
+    """
+
     id = "S5"
-    title = "S1 throughput with several worker processes"
+    title = "S1 throughput, one process vs --workers 2 (server unpinned)"
     option = "--workers"
+    metrics = _FAN_OUT_METRICS + [
+        Metric("loadgen_cpu_pct", "load generator CPU %", None, 0),
+    ]
+
+    def variants(self, settings: Settings) -> List[Variant]:
+        n = settings.s45_subscribers
+        return [
+            Variant(
+                "S5/{}/w{}".format(n, workers),
+                "{} subscribers, {}".format(
+                    n, "one process" if workers == 1 else "--workers {}".format(workers)
+                ),
+                {"subscribers": n, "workers": workers},
+            )
+            for workers in (1, 2)
+        ]
+
+    def notes(self, ctx: Context) -> List[str]:
+        cores = len(os.sched_getaffinity(0))
+        notes = [
+            "S5: the server (master, workers and their private redis-server) is not pinned:"
+            " the workers need every core; the load generator stays on CPU {}, so on this"
+            " machine ({} usable CPUs) the workers share its core".format(ctx.loadgen_cpu, cores)
+        ]
+        if cores < 4:
+            notes.append(
+                "S5: the issue's target (--workers 2 at least 1.7x one process) applies with"
+                " 4 or more cores; with {} the load generator, Redis and two workers compete"
+                " for them, so the ratio here is not a test of it".format(cores)
+            )
+        return notes
+
+    def run(self, ctx: Context, spec: ServerSpec, variant: Variant, repetition: int) -> Dict:
+        s = ctx.settings
+        workers = variant.params["workers"]
+        server_log, loadgen_log = ctx.logs(spec, variant, repetition)
+        if workers > 1:
+            spec = with_args(
+                spec, ["--workers", str(workers), "--node-id", "bench"],
+                label="{} --workers {}".format(spec.label, workers),
+            )
+        with ServerProcess(spec, None, server_log) as server:
+            t0 = time.monotonic()
+            server.wait_ready()
+            if workers > 1:
+                # The master listens before its workers run: wait until
+                # /healthz has been answered by every worker.
+                seen = wait_backplane(server, nodes=workers, distinct=workers)
+            startup = time.monotonic() - t0
+            pids = descendants(server.pid)
+            record = _drive(
+                ctx, server, startup, loadgen_log, "throughput",
+                subscribers=variant.params["subscribers"], window=s.window, server_core=None,
+            )
+        if workers > 1:
+            # The generator measured the master's CPU only: drop the
+            # process figures rather than show a master that does nothing.
+            for key in ("cpu_us_per_delivery", "server_cpu_pct", "server_kernel_pct"):
+                record["figures"][key] = None
+            record["server_process"]["workers"] = sorted(seen)
+        record["server_process"]["descendants"] = pids
+        left = [pid for pid in pids if _running(pid)]
+        if left:
+            record["problems"].append("processes left running after the stop: {}".format(left))
+            record["ok"] = False
+        record["placement"] = {"server": None, "loadgen": ctx.loadgen_cpu}
+        return record
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live (not zombie) process."""
+    try:
+        with open("/proc/{}/stat".format(pid)) as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 SCENARIOS: Dict[str, Scenario] = {

@@ -18,14 +18,19 @@ ends it with SIGTERM, then SIGKILL after a grace period.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, FrozenSet, List, Optional
@@ -316,3 +321,168 @@ class ServerProcess:
             "killed": killed,
         }
         return self.stopped
+
+
+def with_args(spec: ServerSpec, extra: List[str], label: Optional[str] = None) -> ServerSpec:
+    """``spec`` with ``extra`` appended to its command line."""
+    base = spec.argv
+    return dataclasses.replace(
+        spec, label=label or spec.label, argv=lambda port: base(port) + list(extra)
+    )
+
+
+def redis_server_path() -> Optional[str]:
+    """The ``redis-server`` executable, or ``None`` if there is none."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    return "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
+
+
+def healthz(port: int, timeout: float = 2.0) -> Optional[Dict]:
+    """broadcaster's ``/healthz`` on ``port`` as a dict, or ``None`` if it did not answer."""
+    try:
+        # No proxy: an http_proxy in the environment must not see loopback.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open("http://127.0.0.1:{}/healthz".format(port), timeout=timeout) as response:
+            return json.loads(response.read().decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def wait_backplane(
+    server: "ServerProcess", nodes: int = 1, distinct: int = 1, timeout: float = 60.0
+) -> Dict:
+    """
+    Wait until ``server``'s ``/healthz`` says its backplane is connected and
+    sees ``nodes`` nodes, from ``distinct`` different nodes (``--workers``:
+    each request reaches one worker, whichever accepts it).
+
+    :return: the last answer per node.
+    :raise ServerError: if the server exits or the deadline passes first.
+    """
+    started = time.monotonic()
+    seen: Dict[str, Dict] = {}
+    while True:
+        if not server.alive():
+            raise ServerError(
+                "{} exited at start-up:\n{}".format(server.spec.label, server.log_tail())
+            )
+        state = healthz(server.port)
+        if state is not None:
+            backplane = state.get("backplane") or {}
+            if backplane.get("connected") and backplane.get("nodes", 1) >= nodes:
+                seen[state.get("node")] = state
+                if len(seen) >= distinct:
+                    return seen
+        if time.monotonic() - started > timeout:
+            raise ServerError(
+                "{} on port {}: backplane not ready within {:.0f} s (saw {}; last {}):\n{}".format(
+                    server.spec.label, server.port, timeout, sorted(seen), state,
+                    server.log_tail(),
+                )
+            )
+        time.sleep(0.05 if state is not None else 0.2)
+
+
+def descendants(pid: int) -> List[int]:
+    """Every process below ``pid`` (children, their children ...), from /proc."""
+    children: Dict[int, List[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/{}/stat".format(entry)) as f:
+                ppid = int(f.read().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+class RedisProcess:
+    """
+    A throw-away ``redis-server`` on a free loopback port, without
+    persistence, in a temporary directory; a context manager that always
+    stops it (SIGTERM, then SIGKILL) and removes the directory.
+    """
+
+    def __init__(self, cpu: Optional[int], log_path: Path) -> None:
+        self.cpu = cpu
+        self.log_path = log_path
+        self.port = free_port()
+        self.directory: Optional[str] = None
+        self.proc: Optional[subprocess.Popen] = None
+
+    @property
+    def url(self) -> str:
+        return "redis://127.0.0.1:{}/0".format(self.port)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def __enter__(self) -> "RedisProcess":
+        exe = redis_server_path()
+        if exe is None:
+            raise ServerError("redis-server is not installed (apt-get install redis-server)")
+        self.directory = tempfile.mkdtemp(prefix="broadcaster-bench-redis-")
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    exe, "--port", str(self.port), "--bind", "127.0.0.1",
+                    "--save", "", "--appendonly", "no", "--dir", self.directory,
+                    "--logfile", "",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_preexec(self.cpu),
+                start_new_session=True,
+            )
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def wait_ready(self, timeout: float = 30.0) -> float:
+        """Wait until it answers PING; :return: seconds it took."""
+        started = time.monotonic()
+        while True:
+            if self.proc.poll() is not None:
+                raise ServerError(
+                    "redis-server exited with status {}:\n{}".format(
+                        self.proc.returncode, self.log_path.read_text(errors="replace")[-800:]
+                    )
+                )
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith(b"+PONG"):
+                        return time.monotonic() - started
+            except OSError:
+                pass
+            if time.monotonic() - started > timeout:
+                raise ServerError("redis-server did not answer within {:.0f} s".format(timeout))
+            time.sleep(0.05)
+
+    def stop(self, grace: float = 5.0) -> Optional[int]:
+        proc = self.proc
+        if proc is not None and proc.returncode is None:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(grace)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        if self.directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = None
+        return proc.returncode if proc is not None else None

@@ -549,6 +549,18 @@ class _Factory(txredisapi.RedisFactory):
 
     def buildProtocol(self, addr):
         protocol = super().buildProtocol(addr)
+        connection_made = protocol.connectionMade
+
+        def no_delay() -> None:
+            # txredisapi leaves Nagle's algorithm on: a small command
+            # written while another is unacknowledged waits for the ACK.
+            try:
+                protocol.transport.setTcpNoDelay(True)
+            except Exception:  # Unix sockets have no Nagle to turn off
+                pass
+            connection_made()
+
+        protocol.connectionMade = no_delay
         ready, lost = (
             (self.backplane._subscriber_ready, self.backplane._subscriber_lost)
             if self._subscriber

@@ -88,3 +88,52 @@ class BenchSmokeTests(TestCase):
             self.assertEqual(check[error], 0, error)
         self.assertTrue(check["complete"])
         self.assertIn("deliveries/s", out)
+
+    @inlineCallbacks
+    def test_quick_cross_node_and_workers(self):
+        """
+        Quick S4 (two nodes through Redis) and S5 (one process, --workers 2)
+        runs check every delivery and leave no process behind.
+        """
+        from bench.servers import redis_server_path
+
+        if redis_server_path() is None:
+            message = "redis-server is not installed (apt-get install redis-server)"
+            if os.environ.get("CI"):
+                self.fail(message)
+            raise SkipTest(message)
+        results = os.path.abspath(self.mktemp() + ".json")
+        out, err, status = yield self.run_bench(
+            "--quick", "--servers", "broadcaster", "--scenarios", "S4,S5",
+            "--json-out", results, "--cache-dir", os.path.abspath(self.mktemp()),
+        )
+        self.assertEqual(status, 0, "stdout:\n{}\nstderr:\n{}".format(out, err))
+        with open(results) as f:
+            document = json.load(f)
+        self.assertTrue(document["ok"])
+        self.assertEqual(
+            [r["variant"] for r in document["runs"]], ["S4/20", "S5/20/w1", "S5/20/w2"]
+        )
+        for run in document["runs"]:
+            self.assertEqual(run["problems"], [], run["variant"])
+            check = run["loadgen"]["check"]
+            self.assertEqual(check["deliveries"], check["expected_deliveries"], run["variant"])
+            self.assertTrue(check["complete"], run["variant"])
+        s4 = document["runs"][0]["server_process"]
+        pids = [s4["pid"], s4["node_a"]["pid"], s4["redis"]["pid"]]
+        pids += document["runs"][2]["server_process"]["descendants"]
+        for pid in pids:
+            self.assertFalse(os.path.exists("/proc/{}/cmdline".format(pid)) and _alive(pid), pid)
+        self.assertEqual(
+            [c["what"].split(",")[0] for c in document["comparisons"]],
+            ["S5 --workers 2 / one process"],
+        )
+
+
+def _alive(pid):
+    """Whether ``pid`` is a live, not zombie, process."""
+    try:
+        with open("/proc/{}/stat".format(pid)) as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
