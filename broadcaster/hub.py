@@ -263,6 +263,10 @@ class Hub:
         self._observers: List[Callable[[Event], None]] = []
         #: Deliver the events of one reactor turn together (see :meth:`_flush`).
         self.batching = batching
+        #: Seconds to wait before delivering a batch: 0 is the end of this
+        #: reactor turn; a networked backplane hands over events one read
+        #: at a time, and a millisecond lets them go out together.
+        self.batch_delay = 0.0
         self._batch: List[Tuple[Event, str]] = []
         self._flush_call = None
         self._delivering = False
@@ -592,7 +596,7 @@ class Hub:
         if self.batching:
             self._batch.append((event, room))
             if self._flush_call is None:
-                self._flush_call = self._clock.callLater(0, self._flush)
+                self._flush_call = self._clock.callLater(self.batch_delay, self._flush)
             return
         self._pending.append((event, room))
         if self._delivering:

@@ -226,3 +226,37 @@ class RealClientBatchTests(TestCase):
         for _ in range(300):
             got.append((yield receiver.next()))
         self.assertEqual(got, sent)
+
+
+class BatchDelayTests(SynchronousTestCase):
+    def test_batch_waits_for_the_delay(self):
+        """With a batch delay, events published within it go out together, after it."""
+        clock = Clock()
+        hub = Hub(clock, node_id="n", batching=True)
+        hub.batch_delay = 0.003
+        ann = BatchRecorder("ann")
+        hub.connect(ann)
+        clock.advance(0.003)
+        ann.batches.clear()
+        hub.publish_text("ann", "one")
+        clock.advance(0.002)
+        hub.publish_text("ann", "two")
+        self.assertEqual(ann.batches, [])
+        clock.advance(0.001)
+        self.assertEqual([[e.text for e in batch] for batch in ann.batches], [["one", "two"]])
+
+    def test_option_and_redis_default(self):
+        """--batch-delay sets the delay; with --redis it defaults to 3 ms, else 0."""
+        from broadcaster.tap import Options, makeService
+
+        def hub_for(*args):
+            options = Options()
+            options.parseOptions(["--image-port", "none", "--line-port", "none", *args])
+            return makeService(options, reactor=MemoryReactorClock()).hub
+
+        self.assertEqual(hub_for().batch_delay, 0)
+        self.assertEqual(hub_for("--redis", "redis://127.0.0.1:1/0").batch_delay, 0.003)
+        self.assertEqual(
+            hub_for("--redis", "redis://127.0.0.1:1/0", "--batch-delay", "0").batch_delay, 0
+        )
+        self.assertEqual(hub_for("--batch-delay", "0.01").batch_delay, 0.01)
