@@ -57,16 +57,8 @@ from twisted.python.failure import Failure
 
 from broadcaster import __version__
 from broadcaster.fetch import describe_http_failure, describe_url, read_body, with_timeout
-from broadcaster.hub import (
-    BinaryMessage,
-    Event,
-    Hub,
-    ImageMessage,
-    Joined,
-    Left,
-    Renamed,
-    TextMessage,
-)
+from broadcaster.hub import Event, Hub
+from broadcaster.wire import event_json
 
 #: Most events in one POST.
 BATCH_SIZE = 100
@@ -112,63 +104,21 @@ def backoff_delay(failures: int, random: Callable[[], float], base: float = BASE
     return random() * min(cap, base * 2 ** (failures - 1))
 
 
-def _ts(event: Event) -> float:
-    return round(event.ts, 3)
-
-
 def webhook_event(event: Event, hub: Optional[Hub] = None) -> Optional[Dict[str, Any]]:
     """
     The webhook form of a hub event, or ``None`` for events webhooks do not carry.
 
     :param hub: looked up for the member's ``user`` (set by ``--auth-url``).
     """
-    if isinstance(event, (Joined, Left, Renamed)):
-        kind = {Joined: "join", Left: "leave", Renamed: "rename"}[type(event)]
-        payload: Dict[str, Any] = {
-            "type": kind,
-            "room": event.room,
-            "id": event.member,
-            "name": event.name,
-        }
-        member_id = event.member
-    elif isinstance(event, TextMessage):
-        payload = {
-            "type": "message",
-            "room": event.room,
-            "from": event.sender,
-            "name": event.name,
-            "text": event.text,
-            "seq": event.seq,
-            "epoch": event.epoch,
-        }
-        member_id = event.sender
-    elif isinstance(event, BinaryMessage):
-        payload = {
-            "type": "binary",
-            "room": event.room,
-            "from": event.sender,
-            "size": len(event.data),
-        }
-        member_id = event.sender
-    elif isinstance(event, ImageMessage):
-        payload = {
-            "type": "image",
-            "room": event.room,
-            "id": event.image_id,
-            "from": event.sender,
-            "width": event.width,
-            "height": event.height,
-            "format": "png",
-            "size": len(event.png),
-        }
-        member_id = event.sender
-    else:
+    payload = event_json(event)
+    if payload is None:
         return None
+    # Images carry their own "id"; their member is "from".
+    member_id = payload["from"] if "from" in payload else payload["id"]
     if hub is not None:
         user = getattr(hub.member(member_id), "user", None)
         if user is not None:
             payload["user"] = user
-    payload["ts"] = _ts(event)
     payload["event_id"] = uuid.uuid4().hex
     return payload
 

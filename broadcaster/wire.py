@@ -98,53 +98,63 @@ def member_entry(member: Member) -> Dict[str, Any]:
     return {"id": member.id, "name": member.name}
 
 
+def event_json(event: Event) -> Optional[Dict[str, Any]]:
+    """
+    The JSON-mode object for a hub event (for ``binary`` and ``image``, the
+    header that precedes the bytes), or ``None`` for an event JSON clients
+    do not get.  Webhooks post the same objects.
+    """
+    if isinstance(event, TextMessage):
+        return message_event(event)
+    if isinstance(event, BinaryMessage):
+        return {
+            "type": "binary",
+            "room": event.room,
+            "from": event.sender,
+            "size": len(event.data),
+            "ts": _ts(event),
+        }
+    if isinstance(event, ImageMessage):
+        return {
+            "type": "image",
+            "room": event.room,
+            "id": event.image_id,
+            "from": event.sender,
+            "width": event.width,
+            "height": event.height,
+            "format": "png",
+            "size": len(event.png),
+            "ts": _ts(event),
+        }
+    if isinstance(event, (Joined, Left, Renamed)):
+        return {
+            "type": _MEMBER_EVENT_TYPES[type(event)],
+            "room": event.room,
+            "id": event.member,
+            "name": event.name,
+            "ts": _ts(event),
+        }
+    return None
+
+
+_MEMBER_EVENT_TYPES = {Joined: "join", Left: "leave", Renamed: "rename"}
+
+
 class JSONCodec:
     """The ``broadcaster.json`` format: one JSON object per event."""
 
     name = "json"
 
     def encode(self, event: Event) -> List[Frame]:
-        if isinstance(event, TextMessage):
-            return [(dumps(message_event(event)), False)]
+        obj = event_json(event)
+        if obj is None:
+            return []
+        frames = [(dumps(obj), False)]
         if isinstance(event, BinaryMessage):
-            header = {
-                "type": "binary",
-                "room": event.room,
-                "from": event.sender,
-                "size": len(event.data),
-                "ts": _ts(event),
-            }
-            return [(dumps(header), False), (event.data, True)]
-        if isinstance(event, ImageMessage):
-            header = {
-                "type": "image",
-                "room": event.room,
-                "id": event.image_id,
-                "from": event.sender,
-                "width": event.width,
-                "height": event.height,
-                "format": "png",
-                "size": len(event.png),
-                "ts": _ts(event),
-            }
-            return [(dumps(header), False), (event.png, True)]
-        if isinstance(event, (Joined, Left, Renamed)):
-            kind = {Joined: "join", Left: "leave", Renamed: "rename"}[type(event)]
-            return [
-                (
-                    dumps(
-                        {
-                            "type": kind,
-                            "room": event.room,
-                            "id": event.member,
-                            "name": event.name,
-                            "ts": _ts(event),
-                        }
-                    ),
-                    False,
-                )
-            ]
-        return []
+            frames.append((event.data, True))
+        elif isinstance(event, ImageMessage):
+            frames.append((event.png, True))
+        return frames
 
     def welcome(
         self,
