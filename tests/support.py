@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
 import sys
 import time
@@ -21,6 +22,7 @@ from twisted.internet.task import deferLater
 
 from twisted.trial.unittest import FailTest
 
+from broadcaster.workers import TWISTD
 from broadcaster.tap import BroadcasterService, Options, makeService
 
 
@@ -373,6 +375,61 @@ def connect_raw(testcase, port: int, protocol_class):
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def checkout_env() -> dict:
+    """
+    The environment for a child process that must run this checkout (its
+    root first on PYTHONPATH) rather than an installed copy.
+    """
+    path = [REPO_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (bound to 0, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listening(port: int) -> bool:
+    """Whether something accepts connections on loopback ``port``."""
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@inlineCallbacks
+def start_twistd(testcase, args: Iterable[str] = ()):
+    """
+    Run ``twistd -n broadcaster`` on this checkout in a process of its own,
+    on a free loopback port (no raw-TCP ports unless ``args`` add them),
+    killed and reaped when ``testcase`` ends; wait until it listens.
+
+    :return: a Deferred firing with ``(process, port)``.
+    """
+    port = free_port()
+    argv = [
+        sys.executable, "-c", TWISTD, "-n", "--pidfile=", "broadcaster",
+        "--port", "tcp:{}:interface=127.0.0.1".format(port),
+        "--image-port", "none", "--line-port", "none", *args,
+    ]
+    process = CollectingProcess()
+    reactor.spawnProcess(process, sys.executable, argv, env=checkout_env())
+
+    def reap():
+        if process.result is None:
+            process.transport.signalProcess("KILL")
+        return process.ended()
+
+    testcase.addCleanup(reap)
+    yield wait_for(
+        lambda: listening(port) or process.result is not None, timeout=30, what="twistd"
+    )
+    if process.result is not None:
+        raise FailTest("twistd exited at start-up: {}".format(process.result))
+    return process, port
+
+
 class CollectingProcess(ProcessProtocol):
     """
     A child process that is fed ``stdin`` (then EOF) and whose output and
@@ -426,8 +483,7 @@ def run_module(testcase, module: str, args: Iterable[str], stdin: Optional[bytes
 
     :return: the :class:`CollectingProcess`.
     """
-    path = [REPO_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+    env = checkout_env()
     process = CollectingProcess(stdin)
     argv = [sys.executable, "-m", module, *args]
     reactor.spawnProcess(process, sys.executable, argv, env=env)

@@ -13,7 +13,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SkipTest, TestCase
 
 from bench.loadgen import find_compiler
-from tests.support import REPO_ROOT, CollectingProcess
+from tests.support import REPO_ROOT, CollectingProcess, checkout_env
 
 #: Seconds the quick run may take (it takes a few); then it is killed.
 DEADLINE = 240
@@ -40,8 +40,7 @@ class BenchSmokeTests(TestCase):
 
         :return: a Deferred firing with ``(stdout, stderr, exit status)``.
         """
-        path = [REPO_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+        env = checkout_env()
         process = CollectingProcess()
         reactor.spawnProcess(
             process, sys.executable, [sys.executable, "-m", "bench", *args], env=env, path=REPO_ROOT

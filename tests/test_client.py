@@ -13,7 +13,6 @@ import base64
 import hashlib
 import json
 import os
-import socket
 from typing import List, Optional, Sequence, Tuple
 
 from twisted.internet.address import IPv4Address
@@ -40,6 +39,7 @@ from broadcaster.client import (
 )
 from tests.support import (
     connect_client,
+    free_port,
     run_module,
     self_signed_certificate,
     start_server,
@@ -491,13 +491,6 @@ def run_client(testcase, args: Sequence[str], stdin: bytes = b"") -> Deferred:
     return run_module(testcase, "broadcaster.client", args, stdin).ended()
 
 
-def _unused_port() -> int:
-    """A loopback port that nothing listens on (bound, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class ClientScriptTests(TestCase):
     """
     Tests for ``python -m broadcaster.client`` against a real server.
@@ -584,7 +577,7 @@ class ClientScriptTests(TestCase):
     @inlineCallbacks
     def test_connection_refused(self) -> None:
         """With nothing listening the client exits 1, naming the URL on stderr."""
-        url = "ws://127.0.0.1:{}/".format(_unused_port())
+        url = "ws://127.0.0.1:{}/".format(free_port())
         out, err, status = yield run_client(self, ["--send", "x", url])
         self.assertEqual((out, status), ("", EXIT_CANNOT_CONNECT))
         self.assertIn("cannot connect to {}".format(url), err)

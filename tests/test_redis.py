@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 import tempfile
 
 import treq
@@ -41,16 +40,15 @@ from broadcaster.redis_backplane import (
 )
 from broadcaster.tap import Options
 from tests.support import (
-    REPO_ROOT,
-    CollectingProcess,
     close_client,
     connect_client,
+    free_port,
     start_server,
+    start_twistd,
     wait_for,
 )
 from tests.test_hub import RecordingMember
 from tests.test_rooms import join_chat, of_type, read_until
-from tests.test_shutdown import free_port, listening
 
 REDIS_SERVER = shutil.which("redis-server") or (
     "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
@@ -751,29 +749,9 @@ class NodeDeathTests(RedisTestCase):
         Run ``twistd broadcaster --redis`` as node ``node`` in a process of
         its own.
         """
-        port = free_port()
-        path = [REPO_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
-        argv = [
-            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-            "-n", "--pidfile=", "broadcaster",
-            "--port", "tcp:{}:interface=127.0.0.1".format(port),
-            "--image-port", "none", "--line-port", "none",
-            "--redis", self.redis.url, "--node-id", node, *args,
-        ]
-        process = CollectingProcess()
-        reactor.spawnProcess(process, sys.executable, argv, env=env)
-
-        def reap():
-            if process.result is None:
-                process.transport.signalProcess("KILL")
-            return process.ended()
-
-        self.addCleanup(reap)
-        yield wait_for(
-            lambda: listening(port) or process.result is not None, timeout=30, what="twistd"
+        process, port = yield start_twistd(
+            self, ["--redis", self.redis.url, "--node-id", node, *args]
         )
-        self.assertIsNone(process.result, process.result)
         # It listens before it has joined Redis (start-up does not wait).
         deadline = reactor.seconds() + 30
         while True:

@@ -4,10 +4,7 @@ clients are told the server is going away (1001) and the process exits 0
 within the drain timeout, even when a client never answers.
 """
 
-import os
 import signal
-import socket
-import sys
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
@@ -15,49 +12,13 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.trial.unittest import TestCase
 
-from tests.support import CollectingProcess, REPO_ROOT, connect_plain_clients, wait_for
+from tests.support import connect_plain_clients, start_twistd, wait_for
 from tests.test_limits import StalledReader
 
 
-def free_port() -> int:
-    """A loopback port nothing listens on now (bound to 0, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def listening(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 class SIGTERMTests(TestCase):
-    @inlineCallbacks
     def start_twistd(self, *args):
-        port = free_port()
-        path = [REPO_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
-        argv = [
-            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-            "-n", "--pidfile=", "broadcaster",
-            "--port", "tcp:{}:interface=127.0.0.1".format(port),
-            "--image-port", "none", "--line-port", "none", *args,
-        ]
-        process = CollectingProcess()
-        reactor.spawnProcess(process, sys.executable, argv, env=env)
-
-        def reap():
-            if process.result is None:
-                process.transport.signalProcess("KILL")
-            return process.ended()
-
-        self.addCleanup(reap)
-        yield wait_for(
-            lambda: listening(port) or process.result is not None, timeout=30, what="twistd"
-        )
-        self.assertIsNone(process.result, process.result)
-        return process, port
+        return start_twistd(self, args)
 
     @inlineCallbacks
     def test_clients_get_1001_and_the_process_exits_0(self):

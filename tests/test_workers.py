@@ -41,14 +41,15 @@ from broadcaster.workers import (
     restart_delay,
 )
 from tests.support import (
-    REPO_ROOT,
     CollectingProcess,
+    checkout_env,
     connect_client,
+    free_port,
+    listening,
     self_signed_certificate,
     wait_for,
 )
 from tests.test_redis import require_redis_server
-from tests.test_shutdown import free_port, listening
 
 
 def parse(*args):
@@ -670,8 +671,7 @@ class EndToEndTests(TestCase):
     def start_master(self, *args):
         require_redis_server()
         port = free_port()
-        path = [REPO_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+        env = checkout_env()
         argv = [
             sys.executable, "-c", TWISTD, "-n", "--pidfile=", "broadcaster",
             "--port", "tcp:{}:interface=127.0.0.1".format(port),
