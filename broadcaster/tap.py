@@ -157,6 +157,17 @@ class Options(usage.Options):
             positive_int,
         ],
         [
+            "listen-backlog",
+            None,
+            1024,
+            "Connections the kernel may hold waiting to be accepted, for every "
+            "tcp:, ssl: and unix: listener whose description sets no backlog= "
+            "of its own.  Twisted's default of 50 makes clients retry (seconds "
+            "late) when many reconnect at once, after a restart; the kernel caps "
+            "it at net.core.somaxconn.",
+            positive_int,
+        ],
+        [
             "max-connections",
             None,
             50000,
@@ -426,14 +437,13 @@ class Options(usage.Options):
         self["allow-origin"].append(origin)
 
     def postOptions(self) -> None:
-        _check_endpoint("port", self["port"])
-        for flag in ("image-port", "line-port"):
-            if self[flag].lower() == "none":
+        for flag in ("port", "image-port", "line-port", "metrics-port"):
+            if self[flag] is None:
+                continue
+            if flag in ("image-port", "line-port") and self[flag].lower() == "none":
                 self[flag] = None
-            else:
-                _check_endpoint(flag, self[flag])
-        if self["metrics-port"] is not None:
-            _check_endpoint("metrics-port", self["metrics-port"])
+                continue
+            _check_endpoint(flag, self[flag])
         if self["log-format"] not in ("text", "json"):
             raise usage.UsageError(
                 "--log-format must be text or json, not {!r}".format(self["log-format"])
@@ -477,6 +487,10 @@ class Options(usage.Options):
             )
         self._check_http_options()
         self._check_workers()
+        # Last, so that every error above quotes the description as given.
+        for flag in ("port", "image-port", "line-port", "metrics-port"):
+            if self[flag] is not None:
+                self[flag] = with_backlog(self[flag], self["listen-backlog"])
 
     def _check_http_options(self) -> None:
         """
@@ -534,6 +548,23 @@ class Options(usage.Options):
             self["redis-server"] = find_redis_server()
             if self["redis-server"] is None:
                 raise usage.UsageError(NO_REDIS)
+
+
+#: Endpoint types that take a ``backlog=`` parameter.
+_BACKLOG_TYPES = ("tcp", "tcp6", "ssl", "unix")
+
+
+def with_backlog(description: str, backlog: int) -> str:
+    """
+    ``description`` with ``backlog=`` added, if its endpoint type takes one
+    and it does not already say.
+    """
+    kind, _, rest = description.partition(":")
+    if kind.lower() not in _BACKLOG_TYPES or not rest:
+        return description
+    if any(part.strip().lower().startswith("backlog=") for part in rest.split(":")):
+        return description
+    return "{}:backlog={}".format(description, backlog)
 
 
 def _check_endpoint(flag: str, description: str) -> None:

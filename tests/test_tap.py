@@ -13,7 +13,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
-from broadcaster.tap import Options, makeService
+from broadcaster.tap import Options, makeService, with_backlog
 
 
 def parse(*args):
@@ -24,12 +24,28 @@ def parse(*args):
 
 class OptionsTests(SynchronousTestCase):
     def test_defaults(self):
-        """With no arguments the server listens on tcp:9999 with safe limits."""
+        """With no arguments the server listens on tcp:9999 with safe limits,
+        and a listen backlog that survives a reconnect storm."""
         options = parse()
-        self.assertEqual(options["port"], "tcp:9999")
+        self.assertEqual(options["port"], "tcp:9999:backlog=1024")
         self.assertEqual(options["allow-origin"], [])
         self.assertEqual(options["max-message-size"], 65536)
         self.assertFalse(options["debug"])
+
+    def test_listen_backlog_applies_where_none_is_given(self):
+        """--listen-backlog goes to every tcp:, ssl: and unix: listener that
+        names no backlog= of its own; other endpoint types are left alone."""
+        options = parse(
+            "--listen-backlog", "4096",
+            "--port", "unix:/tmp/chat.sock",
+            "--image-port", "tcp:9998:backlog=10",
+            "--line-port", "none",
+        )
+        self.assertEqual(options["port"], "unix:/tmp/chat.sock:backlog=4096")
+        self.assertEqual(options["image-port"], "tcp:9998:backlog=10")
+        self.assertIsNone(options["line-port"])
+        self.assertEqual(with_backlog("systemd:domain=INET:index=0", 5), "systemd:domain=INET:index=0")
+        self.assertEqual(with_backlog("SSL:9443:privateKey=k.pem", 5), "SSL:9443:privateKey=k.pem:backlog=5")
 
     def test_allow_origin_is_repeatable(self):
         """--allow-origin collects every value given."""
@@ -85,6 +101,7 @@ class MakeServiceTests(SynchronousTestCase):
             ports,
             {(9999, "BroadcasterSite"), (9998, "ImageFactory"), (9997, "LineBridgeFactory")},
         )
+        self.assertEqual({backlog for _, _, backlog, _ in reactor.tcpServers}, {1024})
 
     def test_listens_where_the_options_say(self):
         """Each port option is an endpoint description, honoured with its interface."""

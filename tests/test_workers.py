@@ -508,7 +508,8 @@ class OptionsTests(SynchronousTestCase):
 
     def test_make_service_returns_the_master(self):
         """makeService with --workers 2 builds the master: it listens on every
-        port the options name and hands the workers the user's options."""
+        port the options name (with the listen backlog) and hands the workers
+        the user's options."""
         args = [
             "--workers", "2", "--redis", "redis://127.0.0.1:6379", "--port", "tcp:9001",
             "--line-port", "none", "--metrics-port", "tcp:9100", "--drain-timeout", "3",
@@ -518,7 +519,11 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(master.count, 2)
         self.assertEqual(
             [(name, description) for name, description, _ in master._listeners],
-            [("port", "tcp:9001"), ("image", "tcp:9998"), ("metrics", "tcp:9100")],
+            [
+                ("port", "tcp:9001:backlog=1024"),
+                ("image", "tcp:9998:backlog=1024"),
+                ("metrics", "tcp:9100:backlog=1024"),
+            ],
         )
         self.assertEqual(master._worker_args, args)
         self.assertEqual(master.stop_timeout, 8.0)
