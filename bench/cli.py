@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from bench import machine, report
+from bench.floor import describe_floor, send_floor
 from bench.loadgen import BuildError, LoadGenError, build
 from bench.scenarios import SCENARIOS, Context, Settings
 from bench.servers import BENCH_DIR, REFERENCE, SERVERS, ServerError, lookup
@@ -57,8 +58,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
         description=(
-            "broadcaster's fan-out benchmark: runs broadcaster and two reference"
-            " servers (Autobahn, websockets) in turn, pinned to one CPU, against a"
+            "broadcaster's fan-out benchmark: runs broadcaster and the reference"
+            " servers (Autobahn, websockets, picows) in turn, pinned to one CPU, against a"
             " C load generator pinned to another, and reports medians and the"
             " ratio to the Autobahn reference.  See bench/README.rst."
         ),
@@ -235,13 +236,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     description = machine.describe()
     _log(
-        "machine: {} ({} cores), Python {}, Twisted {}, Autobahn {}, websockets {}".format(
+        "machine: {} ({} cores), Python {}, Twisted {}, Autobahn {}, websockets {}, picows {}".format(
             description["cpu_model"], description["cores"], description["python"],
             description["packages"]["twisted"], description["packages"]["autobahn"],
-            description["packages"]["websockets"],
+            description["packages"]["websockets"], description["packages"]["picows"],
         )
     )
     _log("servers on CPU {}, load generator on CPU {}; logs in {}".format(server_cpu, loadgen_cpu, log_dir))
+
+    floor = None
+    if any(scenario.id in ("S1", "S2") for scenario, _, _ in plan):
+        # What no server can beat here: printed beside the latencies.
+        try:
+            floor = send_floor(
+                count=settings.s2_subscribers, size=settings.size,
+                sender_cpu=server_cpu, reader_cpu=loadgen_cpu,
+            )
+        except OSError as e:
+            _log("system floor not measured: {}".format(e))
+        else:
+            notes.append(describe_floor(floor))
+            _log(notes[-1])
 
     # SIGTERM as Ctrl-C: the context managers then stop every process started.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -303,6 +318,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "format": 1,
         "command": ["python", "-m", "bench", *(argv if argv is not None else sys.argv[1:])],
         "machine": description,
+        "floor": floor,
         "settings": dict(
             dataclasses.asdict(settings),
             repeat=args.repeat,

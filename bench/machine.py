@@ -17,7 +17,7 @@ from typing import Dict, Optional
 from bench.loadgen import compiler_version
 from bench.servers import REPO_ROOT
 
-PACKAGES = ("twisted", "autobahn", "txaio", "websockets")
+PACKAGES = ("twisted", "autobahn", "txaio", "websockets", "picows")
 
 
 def _read(path: str) -> Optional[str]:

@@ -10,6 +10,9 @@ The servers under test, and running one as a subprocess.
   server that frames each message once: the floor broadcaster is compared with.
 - ``websockets``: :file:`bench/ref_websockets.py`, a minimal server on the
   ``websockets`` library's ``broadcast`` (asyncio).
+- ``picows``: :file:`bench/ref_picows.py`, a minimal server on picows, whose
+  framing is compiled (Cython): what one send per client costs with almost
+  no Python in the way.
 
 Each runs in a session of its own, pinned to one CPU, with its open files
 limit raised to the hard limit, its output in a log file; :meth:`ServerProcess.stop`
@@ -148,6 +151,13 @@ SERVERS: Dict[str, ServerSpec] = {
             "bench/ref_websockets.py: websockets.broadcast on asyncio",
             lambda port: [sys.executable, str(BENCH_DIR / "ref_websockets.py"), str(port)],
             {"websockets": "pip install websockets"},
+        ),
+        ServerSpec(
+            "picows",
+            "picows-ref",
+            "bench/ref_picows.py: picows (Cython) on asyncio, one send per client",
+            lambda port: [sys.executable, str(BENCH_DIR / "ref_picows.py"), str(port)],
+            {"picows": "pip install picows"},
         ),
     )
 }

@@ -87,6 +87,11 @@ class BenchSmokeTests(TestCase):
             self.assertEqual(check[error], 0, error)
         self.assertTrue(check["complete"])
         self.assertIn("deliveries/s", out)
+        # The floor no server can beat is measured beside the figures.
+        floor = document["floor"]
+        self.assertEqual(floor["connections"], document["settings"]["s2_subscribers"])
+        self.assertGreater(floor["us_per_send"], 0)
+        self.assertIn("system floor: a bare send()", out)
 
     @inlineCallbacks
     def test_quick_cross_node_and_workers(self):
