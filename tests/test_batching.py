@@ -157,6 +157,142 @@ class HubBatchingTests(SynchronousTestCase):
         self.assertNotIn(Left, [type(e) for e in simple.events])
 
 
+class SlowMember(BatchRecorder):
+    """A member whose delivery takes ``cost`` seconds of the hub's timer."""
+
+    def __init__(self, member_id, timer, cost=0.0004):
+        super().__init__(member_id)
+        self.timer = timer
+        self.cost = cost
+
+    def deliver_many(self, batch) -> None:
+        super().deliver_many(batch)
+        self.timer.now += self.cost
+
+
+class FakeTimer:
+    """The hub's perf_counter, moved by the members' deliveries."""
+
+    now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def turn(clock):
+    """
+    One reactor turn on ``clock``: run the calls due when it begins, as the
+    reactor does (``Clock.advance`` would also run the calls they schedule
+    for now, which a real reactor leaves for its next turn, after reading).
+    """
+    due = [call for call in clock.getDelayedCalls() if call.getTime() <= clock.seconds()]
+    for call in due:
+        if call.active():
+            func, args, kw = call.func, call.args, call.kw
+            call.cancel()
+            func(*args, **kw)
+
+
+class SlicedSweepTests(SynchronousTestCase):
+    """
+    A round to many members takes several reactor turns of
+    ``hub.sweep_slice`` each, and what arrives meanwhile joins it.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.timer = FakeTimer()
+        self.hub = Hub(self.clock, node_id="n", batching=True)
+        self.hub._timer = self.timer
+        self.hub.sweep_slice = 0.001
+        self.hub.SLICE_CHECK = 1
+        self.members = [self.connect("m{}".format(i)) for i in range(10)]
+        self.hub.flush()
+        for member in self.members:
+            member.batches.clear()
+
+    def connect(self, member_id):
+        member = SlowMember(member_id, self.timer)
+        self.hub.connect(member)
+        return member
+
+    def texts(self, member):
+        return [[e.text for e in batch if isinstance(e, TextMessage)] for batch in member.batches]
+
+    def test_a_round_is_delivered_in_slices(self):
+        """After sweep_slice seconds of sending the reactor gets a turn; the
+        rest of the members follow in the next turns."""
+        self.hub.publish_text("m0", "one")
+        turn(self.clock)
+        # 0.4 ms each: the third delivery passes the 1 ms slice.
+        self.assertEqual([len(m.batches) for m in self.members], [1] * 3 + [0] * 7)
+        self.assertEqual(self.clock.getDelayedCalls()[0].getTime(), self.clock.seconds())
+        turn(self.clock)
+        turn(self.clock)
+        turn(self.clock)
+        self.assertEqual([self.texts(m) for m in self.members], [[["one"]]] * 10)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_message_arriving_mid_round_joins_it(self):
+        """Members still waiting get the new message in the same delivery as
+        the first; those already served get it next; all in order."""
+        self.hub.publish_text("m0", "one")
+        turn(self.clock)
+        self.hub.publish_text("m0", "two")
+        for _ in range(6):
+            turn(self.clock)
+        self.assertEqual([self.texts(m) for m in self.members[:3]], [[["one"], ["two"]]] * 3)
+        self.assertEqual([self.texts(m) for m in self.members[3:]], [[["one", "two"]]] * 7)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_joining_mid_round(self):
+        """A member joining while a round is under way gets only later
+        messages live, and its position makes a replay give it the rest
+        exactly: nothing missed, nothing twice."""
+        first = self.successResultOf(self.hub.publish_text("m0", "one"))
+        turn(self.clock)
+        late = self.connect("late")
+        self.hub.publish_text("m0", "two")
+        self.hub.flush()
+        self.assertEqual([e.text for e in late.events() if isinstance(e, TextMessage)], ["two"])
+        self.successResultOf(self.hub.replay(late, "lobby", first.epoch, 0))
+        self.assertEqual(
+            [e.text for e in late.events() if isinstance(e, TextMessage)], ["two", "one"]
+        )
+        self.assertEqual([self.texts(m)[-1] for m in self.members[3:]], [["one", "two"]] * 7)
+
+    def test_leaving_mid_round(self):
+        """A member that leaves while a round is under way gets nothing more
+        of the room, even if it comes back before the round ends."""
+        self.hub.join(self.members[8], "dev")
+        self.hub.join(self.members[9], "dev")
+        self.hub.flush()
+        for member in self.members:
+            member.batches.clear()
+        self.hub.publish_text("m0", "one")
+        turn(self.clock)
+        self.hub.disconnect(self.members[5])
+        self.hub.leave(self.members[8], "lobby")
+        self.hub.leave(self.members[9], "lobby")
+        self.hub.join(self.members[9], "lobby")
+        self.hub.flush()
+        self.assertEqual(self.texts(self.members[5]), [])
+        self.assertEqual(self.texts(self.members[8]), [])
+        self.assertNotIn(["one"], self.texts(self.members[9]))
+        self.assertEqual(self.texts(self.members[7]), [["one"]])
+
+    def test_flush_finishes_every_round(self):
+        """flush() (shutdown) delivers everything at once and leaves no timer."""
+        self.hub.publish_text("m0", "one")
+        turn(self.clock)
+        self.hub.publish_text("m0", "two")
+        self.hub.flush()
+        self.assertEqual(
+            [sum(self.texts(m), []) for m in self.members], [["one", "two"]] * 10
+        )
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
 class WebSocketBatchTests(SynchronousTestCase):
     """Batches on the wire: one write per client, identical bytes per wire format."""
 
