@@ -304,8 +304,9 @@ class Hub:
         #: Deliver the events of one reactor turn together (see :meth:`_flush`).
         self.batching = batching
         #: Seconds to wait before delivering a batch: 0 is the end of this
-        #: reactor turn; a networked backplane hands over events one read
-        #: at a time, and a millisecond lets them go out together.
+        #: reactor turn, which holds every event of one network read.  A
+        #: backplane that hands over events a turn apart needs a few
+        #: milliseconds for them to go out together.
         self.batch_delay = 0.0
         self._batch: List[Tuple[Event, str]] = []
         self._flush_call = None

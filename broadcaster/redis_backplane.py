@@ -98,6 +98,15 @@ REPLY_TIMEOUT = 5.0
 #: Seconds a connection attempt may take.
 CONNECT_TIMEOUT = 5.0
 
+#: Whether txredisapi parses replies with hiredis (a dependency).  Its
+#: pure-Python parser, the fallback, handles one bulk string of a reply per
+#: reactor turn (it pauses the connection and goes on with a ``callLater(0)``,
+#: two epoll changes each time), so the events of one read reach the hub
+#: turns apart, and each goes out on its own unless the hub waits for the
+#: next.  With hiredis a read's events reach the hub in the turn that read
+#: them, and go out together as a single node's do.
+HIREDIS = txredisapi.hiredis is not None
+
 _EVENT_CLASSES = {
     cls.__name__: cls for cls in (Joined, Left, Renamed, TextMessage, BinaryMessage, ImageMessage)
 }
@@ -696,6 +705,11 @@ class RedisBackplane:
             node=self.node_id,
             namespace=self.namespace,
         )
+        if not HIREDIS:
+            self._log.warn(
+                "hiredis is not installed: Redis replies are parsed in Python, one"
+                " at a time (pip install hiredis for the cross-node throughput)"
+            )
 
     def stop(self) -> Deferred:
         """

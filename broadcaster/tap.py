@@ -37,7 +37,12 @@ from broadcaster.lines import LineBridgeFactory
 from broadcaster.metrics import MetricsResource, metrics_for
 from broadcaster.origin import OriginPolicy, parse_origin
 from broadcaster.signals import handle_stop_signals
-from broadcaster.redis_backplane import RedisBackplane, RedisBackplaneService, parse_redis_url
+from broadcaster.redis_backplane import (
+    HIREDIS,
+    RedisBackplane,
+    RedisBackplaneService,
+    parse_redis_url,
+)
 from broadcaster.web import BroadcasterSite
 from broadcaster.webhooks import WebhookService
 from broadcaster.websocket import BroadcastServerFactory
@@ -255,8 +260,9 @@ class Options(usage.Options):
             None,
             None,
             "Seconds the fan-out waits to send events together (default: 0, "
-            "the end of the current reactor turn; 0.003 with --redis, where "
-            "events arrive one by one).  More throughput, that much more latency.",
+            "the end of the current reactor turn; 0.003 with --redis when "
+            "hiredis is not installed, as events then arrive one by one).  "
+            "More throughput under bursts, that much more latency.",
             non_negative_float,
         ],
         [
@@ -806,9 +812,11 @@ def makeService(options: Options, reactor=None) -> "BroadcasterService | MasterS
         # (start-up does not wait for Redis; until it answers, this server
         # serves its own clients).
         RedisBackplaneService(backplane, reactor).setServiceParent(service)
-        # Events from Redis arrive one read at a time; without a short wait
-        # each goes out on its own (a send per client per message).
-        service.hub.batch_delay = 0.003
+        if not HIREDIS:
+            # Without hiredis, events from Redis reach the hub one reactor
+            # turn apart; without a short wait each would go out on its own
+            # (a send per client per message).
+            service.hub.batch_delay = 0.003
     if options["batch-delay"] is not None:
         service.hub.batch_delay = options["batch-delay"]
     limits = service.limits = Limits(

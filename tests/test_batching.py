@@ -382,7 +382,9 @@ class BatchDelayTests(SynchronousTestCase):
         self.assertEqual([[e.text for e in batch] for batch in ann.batches], [["one", "two"]])
 
     def test_option_and_redis_default(self):
-        """--batch-delay sets the delay; with --redis it defaults to 3 ms, else 0."""
+        """--batch-delay sets the delay; it defaults to 0, and to 3 ms with
+        --redis when hiredis is missing."""
+        from broadcaster import tap
         from broadcaster.tap import Options, makeService
 
         def hub_for(*args):
@@ -390,9 +392,13 @@ class BatchDelayTests(SynchronousTestCase):
             options.parseOptions(["--image-port", "none", "--line-port", "none", *args])
             return makeService(options, reactor=MemoryReactorClock()).hub
 
+        redis = ("--redis", "redis://127.0.0.1:1/0")
+        self.patch(tap, "HIREDIS", True)
         self.assertEqual(hub_for().batch_delay, 0)
-        self.assertEqual(hub_for("--redis", "redis://127.0.0.1:1/0").batch_delay, 0.003)
-        self.assertEqual(
-            hub_for("--redis", "redis://127.0.0.1:1/0", "--batch-delay", "0").batch_delay, 0
-        )
+        self.assertEqual(hub_for(*redis).batch_delay, 0)
+        self.assertEqual(hub_for(*redis, "--batch-delay", "0.002").batch_delay, 0.002)
         self.assertEqual(hub_for("--batch-delay", "0.01").batch_delay, 0.01)
+        self.patch(tap, "HIREDIS", False)
+        self.assertEqual(hub_for().batch_delay, 0)
+        self.assertEqual(hub_for(*redis).batch_delay, 0.003)
+        self.assertEqual(hub_for(*redis, "--batch-delay", "0").batch_delay, 0)

@@ -22,13 +22,15 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
-from twisted.logger import globalLogPublisher
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python import usage
 from twisted.trial.unittest import FailTest, SkipTest, SynchronousTestCase, TestCase
 
 import txredisapi
 from broadcaster.hub import BinaryMessage, Hub, ImageMessage, Joined, Left, Renamed, TextMessage
+from broadcaster import redis_backplane
 from broadcaster.redis_backplane import (
+    HIREDIS,
     PUBLISH_TEXT,
     Presence,
     RedisBackplane,
@@ -47,6 +49,7 @@ from tests.support import (
     start_twistd,
     wait_for,
 )
+from tests.test_batching import BatchRecorder
 from tests.test_hub import RecordingMember
 from tests.test_rooms import join_chat, of_type, read_until
 
@@ -241,6 +244,67 @@ class FakeCommands:
         d = Deferred()
         self.calls.append(("PUBLISH", [channel], [message], d))
         return d
+
+
+def pubsub_message(channel: bytes, payload: bytes) -> bytes:
+    """A pub/sub message as Redis writes it to a subscriber (RESP)."""
+    parts = [b"message", channel, payload]
+    return b"*3\r\n" + b"".join(
+        b"$%d\r\n%s\r\n" % (len(part), part) for part in parts
+    )
+
+
+class SubscriptionParsingTests(SynchronousTestCase):
+    """
+    How events read from the subscription reach a batching hub.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.backplane = RedisBackplane(RedisAddress(host="127.0.0.1"), clock=self.clock)
+        self.hub = Hub(self.clock, node_id="b", backplane=self.backplane, batching=True)
+        self.backplane._running = True
+        self.backplane._begin_outage()
+        self.member = BatchRecorder("b-1")
+        self.hub.connect(self.member)
+        self.backplane._came_up()
+        self.clock.advance(0)
+        self.member.batches.clear()
+
+    def test_one_read_is_one_batch(self):
+        """With hiredis, the events of one read from Redis reach the hub in
+        that turn and go out to each member in one batch, in order."""
+        if not HIREDIS:
+            raise SkipTest("hiredis is not installed (it is a dependency)")
+        protocol = redis_backplane._Factory(self.backplane, subscriber=True).buildProtocol(None)
+        channel = self.backplane.channel.encode()
+        read = b"".join(
+            pubsub_message(
+                channel,
+                b"%d e1 " % seq
+                + encode_event(TextMessage(ts=1.0, room="lobby", sender="a-1", text=str(seq)), "a", seq),
+            )
+            for seq in (1, 2, 3)
+        )
+        protocol.dataReceived(read)
+        self.clock.advance(0)
+        self.assertEqual(
+            [[(e.text, e.seq, e.epoch) for e in batch] for batch in self.member.batches],
+            [[("1", 1, "e1"), ("2", 2, "e1"), ("3", 3, "e1")]],
+        )
+
+    def test_without_hiredis_a_warning(self):
+        """Without hiredis, starting the backplane logs a warning that says
+        what to install."""
+        self.patch(redis_backplane, "HIREDIS", False)
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        backplane = RedisBackplane(RedisAddress(host="127.0.0.1"), clock=self.clock)
+        backplane.attach(Hub(self.clock, node_id="c", backplane=backplane))
+        backplane.start(MemoryReactorClock())
+        self.addCleanup(lambda: [f.stopTrying() for f in backplane._factories])
+        warnings = [e for e in logged if "hiredis" in e.get("log_format", "")]
+        self.assertEqual([e["log_level"] for e in warnings], [LogLevel.warn])
+        self.assertIn("pip install hiredis", warnings[0]["log_format"])
 
 
 class BackplaneTests(SynchronousTestCase):
