@@ -373,7 +373,7 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
             # what it still sends until it answers our close is ignored.
             return
         if not self._rate.allow():
-            self._rate_limited()
+            self._rate_limited(payload if not isBinary else None)
             return
         self.factory.hub.stats.received(self.codec.name, len(payload))
         if self.factory.debug:
@@ -407,7 +407,11 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         except (NotInRoom, TooManyRooms) as e:
             self._refuse(str(e), request["ref"])
 
-    def _rate_limited(self) -> None:
+    def _rate_limited(self, payload: Optional[bytes]) -> None:
+        """
+        Drop a message sent past the client's rate; a JSON client is told,
+        with the message's ``ref`` if it had one, so it knows which to resend.
+        """
         limits = self.factory.limits
         self.factory.hub.stats.rate_limited += 1
         if self._rate.abusive:
@@ -433,9 +437,22 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
             self.sendMessage(
                 _JSON.error(
                     "rate limit exceeded: at most {:g} messages per second (bursts of {});"
-                    " message dropped".format(limits.rate, limits.burst)
+                    " message dropped".format(limits.rate, limits.burst),
+                    self._ref_of(payload),
                 )
             )
+
+    def _ref_of(self, payload: Optional[bytes]):
+        """The ``ref`` of a JSON request, or ``None`` (binary, or no valid ref)."""
+        if payload is None:
+            return None
+        factory = self.factory
+        try:
+            return parse_client_message(
+                payload, factory.max_name_length, factory.hub.history_size
+            )["ref"]
+        except BadRequest as e:
+            return e.ref
 
     def _close(self, code: int, reason: str) -> None:
         """

@@ -4,6 +4,7 @@ keepalive, compression and the open files limit.  Each limit is crossed by
 a real client while another client keeps receiving everything.
 """
 
+import json
 import resource
 
 from autobahn.twisted.websocket import WebSocketClientFactory
@@ -165,7 +166,7 @@ class RateLimitTests(TestCase):
         yield flooder.next_json()
         yield watcher.next_text()
         for i in range(10):
-            flooder.send_json({"type": "message", "text": str(i)})
+            flooder.send_json({"type": "message", "text": str(i), "ref": "r{}".format(i)})
         _, code, _ = yield flooder.closed
         self.assertEqual(code, 1008)
         texts = []
@@ -176,9 +177,10 @@ class RateLimitTests(TestCase):
         errors = [
             p for p, _ in flooder.received if b'"error"' in p and b"rate limit exceeded" in p
         ]
-        # Dropped 3, 4 and 5 are answered; the next one, past the burst of
-        # 3 refusals, closes the connection.
-        self.assertEqual(len(errors), 3)
+        # Dropped 3, 4 and 5 are answered, each with its ref so the client
+        # knows what to resend; the next one, past the burst of 3 refusals,
+        # closes the connection.
+        self.assertEqual([json.loads(p)["ref"] for p in errors], ["r3", "r4", "r5"])
         self.assertEqual(len(warnings_containing(logged, "[RATE LIMIT]")), 2)
 
 
