@@ -49,6 +49,7 @@ from broadcaster.fetch import MAX_FETCHES_PER_CLIENT, FetchError, describe_url
 from broadcaster.flow import Limits, OutboundBuffer, RateLimit
 from broadcaster.hub import Event, Hub, NotInRoom, TooManyRooms, encoded
 from broadcaster.imaging import ImageError, NormalisedImage
+from broadcaster.keepalive import Keepalive
 from broadcaster.members import log_connect, log_disconnect
 from broadcaster.names import LOBBY, InvalidName, check_display_name
 from broadcaster.origin import OriginPolicy
@@ -311,7 +312,8 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         self._opened_at = factory.clock.seconds()
         self._outbound = OutboundBuffer(self.transport)
         self._rate = RateLimit(factory.clock, factory.limits.rate, factory.limits.burst)
-        self._schedule_ping()
+        if factory.keepalive is not None:
+            factory.keepalive.add(self)
         if self.codec is _JSON:
             # The welcome says where the lobby's sequence stands; with the
             # in-process backplane the answer is immediate.
@@ -445,34 +447,22 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         if self.state == self.STATE_OPEN:
             self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8"), isReply=False)
 
-    # Keepalive: a peer that vanished without a FIN (dead Wi-Fi, a phone
-    # that went to sleep) is only noticed by asking it something.
+    # Keepalive (see broadcaster.keepalive): a peer that vanished without a
+    # FIN (dead Wi-Fi, a phone that went to sleep) is only noticed by asking
+    # it something.
 
-    _ping_call = None
-    _pong_deadline = None
-
-    def _schedule_ping(self) -> None:
-        interval = self.factory.limits.ping_interval
-        if interval:
-            self._ping_call = self.factory.clock.callLater(interval, self._ping)
-
-    def _ping(self) -> None:
-        self._ping_call = None
+    def keepalive_ping(self) -> bool:
         if self.state != self.STATE_OPEN:
-            return
+            return False
         self.sendPing()
-        self._pong_deadline = self.factory.clock.callLater(
-            self.factory.limits.ping_timeout, self._pong_missing
-        )
+        return True
 
     def onPong(self, payload: bytes) -> None:
-        if self._pong_deadline is not None and self._pong_deadline.active():
-            self._pong_deadline.cancel()
-            self._pong_deadline = None
-            self._schedule_ping()
+        keepalive = self.factory.keepalive
+        if keepalive is not None:
+            keepalive.pong(self)
 
-    def _pong_missing(self) -> None:
-        self._pong_deadline = None
+    def keepalive_timed_out(self) -> None:
         self._log.info(
             "[DEAD PEER] {client} did not answer a ping within {timeout:g}s; dropping it",
             client=self.id,
@@ -480,12 +470,6 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         )
         self.wasNotCleanReason = "no answer to a ping (dead peer)"
         self.transport.abortConnection()
-
-    def _stop_keepalive(self) -> None:
-        for call in (self._ping_call, self._pong_deadline):
-            if call is not None and call.active():
-                call.cancel()
-        self._ping_call = self._pong_deadline = None
 
     def _refuse(self, reason: str, ref) -> None:
         self.factory.hub.stats.bad_input[self.codec.name] += 1
@@ -621,7 +605,8 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
 
     def connectionLost(self, reason) -> None:
         super().connectionLost(reason)
-        self._stop_keepalive()
+        if self.factory.keepalive is not None:
+            self.factory.keepalive.remove(self)
         if self._auth is not None:
             # Nobody is waiting for the auth service's answer any more.
             self._auth.cancel()
@@ -749,6 +734,10 @@ class BroadcastServerFactory(WebSocketServerFactory):
     #: requests, or ``None`` (refused).
     fetcher = None
 
+    #: The :class:`broadcaster.keepalive.Keepalive` pinging every client,
+    #: or ``None`` (``--ping-interval 0``).
+    keepalive = None
+
     def __init__(
         self,
         hub: Hub,
@@ -763,6 +752,8 @@ class BroadcastServerFactory(WebSocketServerFactory):
         self.origin_policy = origin_policy
         self.clock = clock
         self.limits = limits
+        if limits.ping_interval:
+            self.keepalive = Keepalive(clock, limits.ping_interval, limits.ping_timeout)
         self.connections = 0
         self.connections_per_ip: Dict[str, int] = {}
         self.max_name_length = max_name_length

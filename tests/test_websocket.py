@@ -412,6 +412,13 @@ class TLSTests(TestCase):
         return path
 
 
+def _masked(opcode: int, payload: bytes) -> bytes:
+    """A client frame (FIN set, short payload), masked as RFC 6455 requires."""
+    mask = b"\x01\x02\x03\x04"
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + body
+
+
 class ProtocolUnitTests(SynchronousTestCase):
     """The protocol over in-memory transports: what bytes go where."""
 
@@ -498,6 +505,27 @@ class ProtocolUnitTests(SynchronousTestCase):
         ann.connectionLost(Failure(ConnectionDone()))
         self.assertIsNone(ann.closeHandshakeTimeoutCall)
         self.assertEqual(len(self.hub), 0)
+
+    def test_connections_share_one_keepalive_timer(self):
+        """Opening more connections schedules no more timers; a dead peer
+        among them is dropped and the others are pinged on."""
+        ann, ann_t = self.connect()
+        calls = len(self.reactor.getDelayedCalls())
+        others = [self.connect() for _ in range(5)]
+        self.assertEqual(len(self.reactor.getDelayedCalls()), calls)
+        for _, transport in others:
+            transport.clear()
+        self.reactor.advance(25)
+        for protocol, transport in others:
+            self.assertEqual(transport.value()[:1], b"\x89")
+            transport.clear()
+            protocol.dataReceived(_masked(0xA, b""))
+        self.reactor.advance(10)
+        self.assertTrue(ann_t.disconnecting)
+        self.assertFalse(any(t.disconnecting for _, t in others))
+        self.reactor.advance(15)
+        for _, transport in others:
+            self.assertEqual(transport.value()[:1], b"\x89")
 
 
 class ShutdownIntegrationTests(TestCase):
