@@ -32,6 +32,7 @@ Per-message logs are debug only and never include payloads.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Dict, List, Optional, Tuple
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -49,6 +50,7 @@ from broadcaster.fetch import MAX_FETCHES_PER_CLIENT, FetchError, describe_url
 from broadcaster.flow import Limits, OutboundBuffer, RateLimit
 from broadcaster.hub import Event, Hub, NotInRoom, TooManyRooms, encoded
 from broadcaster.imaging import ImageError, NormalisedImage
+from broadcaster.keepalive import Keepalive
 from broadcaster.members import log_connect, log_disconnect
 from broadcaster.names import LOBBY, InvalidName, check_display_name
 from broadcaster.origin import OriginPolicy
@@ -118,10 +120,54 @@ def _parse_since_param(value: str) -> Optional[Tuple[str, int]]:
     return epoch, int(seq)
 
 
+#: The opening handshake's request and response, kept by Autobahn for its
+#: own test suite: dropped once the connection is open
+#: (:meth:`BroadcastServerProtocol._forget_handshake`).
+_HANDSHAKE_STATE = (
+    "http_request_data", "http_status_line", "http_headers", "http_request_uri",
+    "http_request_path", "http_request_params", "http_request_host", "websocket_protocols",
+    "websocket_origin", "websocket_extensions", "_wskey", "http_response_data",
+)
+
+#: What Autobahn sets on every connection, in ``_connectionMade`` and the
+#: opening handshake, none of it with a class-level default.  As slots they
+#: cost 8 bytes each; as instance attributes, with the options Autobahn
+#: also copies onto each connection, they made an instance dict of over 90
+#: keys (3.3 KB, too many for Python's key-sharing dicts).  A name Autobahn
+#: stops using is merely an unused slot; one it adds lands in the instance
+#: dict as before.
+_AUTOBAHN_STATE = _HANDSHAKE_STATE + (
+    "is_closed", "is_open", "_transport_details", "_perMessageCompress", "trackedTimings",
+    "trafficStats", "state", "send_state", "data", "send_queue", "triggered", "utf8validator",
+    "wasMaxFramePayloadSizeExceeded", "wasMaxMessagePayloadSizeExceeded", "closedByMe",
+    "failedByMe", "droppedByMe", "wasClean", "wasNotCleanReason",
+    "wasServerConnectionDropTimeout", "wasOpenHandshakeTimeout", "wasCloseHandshakeTimeout",
+    "wasServingFlashSocketPolicyFile", "localCloseCode", "localCloseReason",
+    "remoteCloseCode", "remoteCloseReason", "openHandshakeTimeoutCall",
+    "closeHandshakeTimeoutCall", "autoPingTimeoutCall", "autoPingPending",
+    "autoPingPendingCall", "autoPingPendingSeq", "autoPingPendingSent", "inside_message",
+    "current_frame", "websocket_version", "websocket_protocol_in_use",
+    "websocket_extensions_in_use",
+)
+
+#: ``send_queue`` until a chopped or synchronous write needs a real queue
+#: (we make none): Autobahn only ever takes its length then, and an empty
+#: deque per connection is 624 bytes.
+_NO_SEND_QUEUE = ()
+
+
 class BroadcastServerProtocol(WebSocketServerProtocol):
     """
     One WebSocket client.  It is a hub member between ``onOpen`` and ``onClose``.
+
+    Idle connections are what a broadcast server holds most of, so their
+    size is kept down (``python -m bench --scenarios S3``): Autobahn's
+    per-connection state lives in slots, its options on a per-factory
+    subclass (:meth:`BroadcastServerFactory.setProtocolOptions`), and the
+    handshake is forgotten once the connection is open.
     """
+
+    __slots__ = _AUTOBAHN_STATE + ("_outbound", "_rate")
 
     # Autobahn already uses ``self.log``.
     _log = Logger()
@@ -304,14 +350,36 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         factory.connections += 1
         factory.connections_per_ip[address] = factory.connections_per_ip.get(address, 0) + 1
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.send_queue = _NO_SEND_QUEUE
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: Optional[int] = None) -> None:
+        if (sync or chopsize) and self.send_queue is _NO_SEND_QUEUE:
+            self.send_queue = deque()
+        super().sendData(data, sync, chopsize)
+
+    def _forget_handshake(self) -> None:
+        """
+        Drop what Autobahn keeps of the opening handshake (request, headers,
+        response: about 1.5 KB), which nothing reads once the connection is
+        open; and the transport details, which only WAMP reads.
+        """
+        for name in _HANDSHAKE_STATE:
+            if hasattr(self, name):
+                delattr(self, name)
+        self._transport_details = None
+
     def onOpen(self) -> None:
+        self._forget_handshake()
         factory = self.factory
         hub = factory.hub
         self.id = hub.new_id()
         self._opened_at = factory.clock.seconds()
         self._outbound = OutboundBuffer(self.transport)
         self._rate = RateLimit(factory.clock, factory.limits.rate, factory.limits.burst)
-        self._schedule_ping()
+        if factory.keepalive is not None:
+            factory.keepalive.add(self)
         if self.codec is _JSON:
             # The welcome says where the lobby's sequence stands; with the
             # in-process backplane the answer is immediate.
@@ -462,34 +530,22 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         if self.state == self.STATE_OPEN:
             self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8"), isReply=False)
 
-    # Keepalive: a peer that vanished without a FIN (dead Wi-Fi, a phone
-    # that went to sleep) is only noticed by asking it something.
+    # Keepalive (see broadcaster.keepalive): a peer that vanished without a
+    # FIN (dead Wi-Fi, a phone that went to sleep) is only noticed by asking
+    # it something.
 
-    _ping_call = None
-    _pong_deadline = None
-
-    def _schedule_ping(self) -> None:
-        interval = self.factory.limits.ping_interval
-        if interval:
-            self._ping_call = self.factory.clock.callLater(interval, self._ping)
-
-    def _ping(self) -> None:
-        self._ping_call = None
+    def keepalive_ping(self) -> bool:
         if self.state != self.STATE_OPEN:
-            return
+            return False
         self.sendPing()
-        self._pong_deadline = self.factory.clock.callLater(
-            self.factory.limits.ping_timeout, self._pong_missing
-        )
+        return True
 
     def onPong(self, payload: bytes) -> None:
-        if self._pong_deadline is not None and self._pong_deadline.active():
-            self._pong_deadline.cancel()
-            self._pong_deadline = None
-            self._schedule_ping()
+        keepalive = self.factory.keepalive
+        if keepalive is not None:
+            keepalive.pong(self)
 
-    def _pong_missing(self) -> None:
-        self._pong_deadline = None
+    def keepalive_timed_out(self) -> None:
         self._log.info(
             "[DEAD PEER] {client} did not answer a ping within {timeout:g}s; dropping it",
             client=self.id,
@@ -497,12 +553,6 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         )
         self.wasNotCleanReason = "no answer to a ping (dead peer)"
         self.transport.abortConnection()
-
-    def _stop_keepalive(self) -> None:
-        for call in (self._ping_call, self._pong_deadline):
-            if call is not None and call.active():
-                call.cancel()
-        self._ping_call = self._pong_deadline = None
 
     def _refuse(self, reason: str, ref) -> None:
         self.factory.hub.stats.bad_input[self.codec.name] += 1
@@ -638,7 +688,8 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
 
     def connectionLost(self, reason) -> None:
         super().connectionLost(reason)
-        self._stop_keepalive()
+        if self.factory.keepalive is not None:
+            self.factory.keepalive.remove(self)
         if self._auth is not None:
             # Nobody is waiting for the auth service's answer any more.
             self._auth.cancel()
@@ -766,6 +817,10 @@ class BroadcastServerFactory(WebSocketServerFactory):
     #: requests, or ``None`` (refused).
     fetcher = None
 
+    #: The :class:`broadcaster.keepalive.Keepalive` pinging every client,
+    #: or ``None`` (``--ping-interval 0``).
+    keepalive = None
+
     def __init__(
         self,
         hub: Hub,
@@ -780,6 +835,8 @@ class BroadcastServerFactory(WebSocketServerFactory):
         self.origin_policy = origin_policy
         self.clock = clock
         self.limits = limits
+        if limits.ping_interval:
+            self.keepalive = Keepalive(clock, limits.ping_interval, limits.ping_timeout)
         self.connections = 0
         self.connections_per_ip: Dict[str, int] = {}
         self.max_name_length = max_name_length
@@ -808,6 +865,25 @@ class BroadcastServerFactory(WebSocketServerFactory):
             echoCloseCodeReason=True,
             perMessageCompressionAccept=self._accept_compression,
         )
+
+    def setProtocolOptions(self, **options) -> None:
+        """
+        Set Autobahn's options, and make :attr:`protocol` a subclass of the
+        class's own holding them as class attributes.
+
+        Autobahn copies every option (29 of them) onto each connection
+        unless its class already has them; on the class they are stored
+        once.  A new subclass per call keeps Autobahn's semantics: a
+        connection keeps the options it was made with.
+        """
+        super().setProtocolOptions(**options)
+        base = type(self).protocol
+        namespace = {"__slots__": ()}
+        for name in base.CONFIG_ATTRS:
+            value = getattr(self, name)
+            # A function as a class attribute would become a method.
+            namespace[name] = staticmethod(value) if callable(value) else value
+        self.protocol = type(base.__name__, (base,), namespace)
 
     def _accept_compression(self, offers):
         """

@@ -16,9 +16,10 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from broadcaster.flow import Limits
 from broadcaster.hub import Hub
 from broadcaster.origin import OriginPolicy
-from broadcaster.websocket import BroadcastServerFactory
+from broadcaster.websocket import BroadcastServerFactory, BroadcastServerProtocol
 
 from tests.support import (
     LineClient,
@@ -412,6 +413,13 @@ class TLSTests(TestCase):
         return path
 
 
+def _masked(opcode: int, payload: bytes) -> bytes:
+    """A client frame (FIN set, short payload), masked as RFC 6455 requires."""
+    mask = b"\x01\x02\x03\x04"
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + body
+
+
 class ProtocolUnitTests(SynchronousTestCase):
     """The protocol over in-memory transports: what bytes go where."""
 
@@ -498,6 +506,83 @@ class ProtocolUnitTests(SynchronousTestCase):
         ann.connectionLost(Failure(ConnectionDone()))
         self.assertIsNone(ann.closeHandshakeTimeoutCall)
         self.assertEqual(len(self.hub), 0)
+
+    def test_handshake_is_forgotten_once_open(self):
+        """The request, headers and response of the handshake are dropped
+        when the connection opens."""
+        ann, _ = self.connect()
+        for name in ("http_headers", "http_request_data", "http_response_data", "_wskey"):
+            self.assertFalse(hasattr(ann, name), name)
+        self.assertEqual(ann.websocket_version, 13)
+
+    def test_open_connection_still_broadcasts_pongs_and_closes(self):
+        """After the handshake is forgotten, a client's messages are
+        broadcast, its ping is answered and its close is echoed."""
+        ann, ann_t = self.connect()
+        bob, bob_t = self.connect()
+        ann_t.clear()
+        bob.dataReceived(_masked(0x1, b"yo"))
+        self.assertEqual(ann_t.value(), b"\x81\x02yo")
+        ann_t.clear()
+        ann.dataReceived(_masked(0x9, b"are you there"))
+        self.assertEqual(ann_t.value(), b"\x8a\x0dare you there")
+        ann_t.clear()
+        ann.dataReceived(_masked(0x8, b"\x03\xe8"))
+        self.assertEqual(ann_t.value(), b"\x88\x02\x03\xe8")
+        self.assertTrue(ann_t.disconnecting)
+
+    def test_slow_consumer_is_still_closed(self):
+        """A client that stops reading is closed with 4008 once it is more
+        than --max-buffer behind."""
+        self.factory = BroadcastServerFactory(
+            self.hub, OriginPolicy(), self.reactor, limits=Limits(max_buffer=10)
+        )
+        ann, ann_t = self.connect()
+        self.addCleanup(ann.connectionLost, Failure(ConnectionDone()))
+        ann_t.producer.pauseProducing()
+        self.hub.publish_text(ann.id, "x" * 20)
+        self.hub.publish_text(ann.id, "x" * 20)
+        self.assertTrue(ann_t.value().endswith(b"\x88\x1f\x0f\xa8slow consumer: too far behind"))
+
+    def test_options_live_on_the_protocol_class(self):
+        """Autobahn's options are read from the factory's protocol class, not
+        copied onto each connection; a connection keeps the options it was
+        made with."""
+        ann, _ = self.connect()
+        self.assertNotIn("maxMessagePayloadSize", vars(ann))
+        self.assertEqual(ann.maxMessagePayloadSize, 65536)
+        self.factory.setProtocolOptions(maxMessagePayloadSize=1000)
+        bob, _ = self.connect()
+        self.assertEqual(bob.maxMessagePayloadSize, 1000)
+        self.assertEqual(ann.maxMessagePayloadSize, 65536)
+
+    def test_slots_hide_no_class_attribute(self):
+        """No slot shadows a default that Autobahn or Twisted defines on a
+        base class (reading it before it is set would raise instead)."""
+        for name in BroadcastServerProtocol.__slots__:
+            for base in BroadcastServerProtocol.__mro__[1:]:
+                self.assertNotIn(name, vars(base), "{} on {}".format(name, base))
+
+    def test_connections_share_one_keepalive_timer(self):
+        """Opening more connections schedules no more timers; a dead peer
+        among them is dropped and the others are pinged on."""
+        ann, ann_t = self.connect()
+        calls = len(self.reactor.getDelayedCalls())
+        others = [self.connect() for _ in range(5)]
+        self.assertEqual(len(self.reactor.getDelayedCalls()), calls)
+        for _, transport in others:
+            transport.clear()
+        self.reactor.advance(25)
+        for protocol, transport in others:
+            self.assertEqual(transport.value()[:1], b"\x89")
+            transport.clear()
+            protocol.dataReceived(_masked(0xA, b""))
+        self.reactor.advance(10)
+        self.assertTrue(ann_t.disconnecting)
+        self.assertFalse(any(t.disconnecting for _, t in others))
+        self.reactor.advance(15)
+        for _, transport in others:
+            self.assertEqual(transport.value()[:1], b"\x89")
 
 
 class ShutdownIntegrationTests(TestCase):
