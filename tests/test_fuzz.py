@@ -729,7 +729,9 @@ class WebSocketFuzzTests(FuzzTestCase):
                     self.assertIn("type", json.loads(text))
             if f.opcode == OP_CLOSE:
                 self.assertEqual(i, len(frames) - 1, "frames after a close: {!r}".format(frames))
-                self.assertIn(f.close_code, SENDABLE_CLOSE_CODES, f)
+                # No code at all is what answers a client's close without
+                # one (RFC 6455 5.5.1: the reply echoes the status, if any).
+                self.assertIn(f.close_code, SENDABLE_CLOSE_CODES | {None}, f)
                 f.close_reason.decode("utf-8")
         return frames
 
@@ -737,6 +739,7 @@ class WebSocketFuzzTests(FuzzTestCase):
     @FUZZ
     @given(websocket_streams, cut_points, st.booleans())
     @example([build_frame(OP_TEXT, b'{"type": "message", "text": "\\ud800"}')], [], True)
+    @example([build_frame(OP_CLOSE, b"")], [], False)
     @example([build_frame(OP_TEXT, b'{"type": "dance", "ref": "\\udfff"}')], [], True)
     @example([build_frame(OP_TEXT, b"[" * 50_000)], [], True)
     @example(
