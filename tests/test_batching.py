@@ -6,7 +6,8 @@ and in-memory transports, and with real clients parsing real frames.
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.task import Clock
+from twisted.internet import reactor
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -362,6 +363,48 @@ class RealClientBatchTests(TestCase):
         for _ in range(300):
             got.append((yield receiver.next()))
         self.assertEqual(got, sent)
+
+
+class RealClientSlicedSweepTests(TestCase):
+    @inlineCallbacks
+    def test_rounds_in_slices_reach_real_clients_in_order_once(self):
+        """With a round yielding after every client, text and binary
+        messages published while rounds are under way (merged into them)
+        still reach every real client exactly once, in order, as separate
+        messages."""
+        service, port = yield start_server(self, ["--rate", "0"])
+        service.hub.sweep_slice = 0
+        service.hub.SLICE_CHECK = 1
+        clients = yield connect_plain_clients(self, port, 40)
+        slices = []
+        sweep = service.hub._sweep
+
+        def counted(*args, **kwargs):
+            slices.append(None)
+            return sweep(*args, **kwargs)
+
+        service.hub._sweep = counted
+        sender = clients[0][0]
+        sent = []
+        for i in range(30):
+            if i % 4 == 3:
+                payload = bytes([i]) * (100 + i)
+                sender.sendMessage(payload, isBinary=True)
+                sent.append((payload, True))
+            else:
+                text = "burst {}".format(i)
+                sender.send_text(text)
+                sent.append((text.encode(), False))
+            # One message per turn or two: each arrives mid-round.
+            yield deferLater(reactor, 0, lambda: None)
+        for client, _ in clients:
+            got = []
+            for _ in sent:
+                got.append((yield client.next()))
+            self.assertEqual(got, sent)
+        self.assertEqual(service.hub._sweeps, {})
+        # Rounds did take many reactor turns: about one per client.
+        self.assertGreater(len(slices), 40)
 
 
 class BatchDelayTests(SynchronousTestCase):
