@@ -226,10 +226,11 @@ def _random_node_id() -> str:
     return os.urandom(3).hex()
 
 
-#: Seconds the fan-out delivers before letting the reactor read again.
-#: One send() to a loopback client costs about 10 µs on a virtual machine,
-#: so a message to 1000 clients takes 10 ms: in 1 ms slices, a message
-#: arriving meanwhile joins the round under way instead of waiting for it.
+#: Seconds the fan-out delivers before letting the reactor read again,
+#: when messages come faster than rounds end.  One send() to a loopback
+#: client costs about 10 µs on a virtual machine, so a message to 1000
+#: clients takes 10 ms: in 1 ms slices, a message arriving meanwhile joins
+#: the round under way instead of waiting for it.
 SWEEP_SLICE = 0.001
 
 #: The sender id and display name of messages the server itself publishes
@@ -317,6 +318,8 @@ class Hub:
         #: Seconds of delivering before the reactor gets to read again.
         self.sweep_slice = SWEEP_SLICE
         self._timer = perf_counter
+        # When the last round ended (None: none yet).
+        self._quiet_since: Optional[float] = None
         self._delivering = False
 
     def new_id(self) -> str:
@@ -693,6 +696,13 @@ class Hub:
         deliveries cause go into the next batch.
         """
         self._flush_call = None
+        # Under load: a round is under way, or one ended just now (these
+        # events arrived while it ran).  Only then is slicing worth its
+        # reactor turns; a lone message goes out in one go.
+        busy = bool(self._sweeps) or (
+            self._quiet_since is not None
+            and self._timer() - self._quiet_since < self.sweep_slice
+        )
         batch, self._batch = self._batch, []
         by_room: Dict[str, List[Event]] = {}
         for event, room in batch:
@@ -716,7 +726,7 @@ class Hub:
         if self._sweep_call is not None:
             # Continue the round here, with the new events merged in.
             self._sweep_call.cancel()
-        self._sweep()
+        self._sweep(sliced=busy)
 
     def _commit(self, room: str, events: List[Event]) -> None:
         """
@@ -742,14 +752,14 @@ class Hub:
         if rest:
             queue.append(_Sweep(events, rest))
 
-    def _sweep(self, until_done: bool = False) -> None:
+    def _sweep(self, until_done: bool = False, sliced: bool = True) -> None:
         """
         Deliver the queued sweeps: each member gets a room's events in one
         call (:class:`EventBatch`), so a WebSocket client gets them in one
         write, framed once for every client of its kind.
 
-        After :attr:`sweep_slice` seconds, the rest waits for the next
-        reactor turn: the reactor reads what arrived meanwhile, and
+        If ``sliced``, after :attr:`sweep_slice` seconds the rest waits for
+        the next reactor turn: the reactor reads what arrived meanwhile, and
         :meth:`_commit` merges it into the members' turns still to come.
         """
         self._sweep_call = None
@@ -760,7 +770,7 @@ class Hub:
             self._flush()
             return
         timer = self._timer
-        deadline = None if until_done else timer() + self.sweep_slice
+        deadline = None if until_done or not sliced else timer() + self.sweep_slice
         log = self._log
         for room in list(self._sweeps):
             queue = self._sweeps[room]
@@ -801,6 +811,7 @@ class Hub:
                 queue.popleft()
                 self.stats.fan_out_seconds.observe(sweep.seconds)
             del self._sweeps[room]
+        self._quiet_since = timer()
 
     #: Members served between looks at the clock.
     SLICE_CHECK = 16
