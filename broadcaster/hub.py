@@ -771,9 +771,13 @@ class Hub:
             return
         timer = self._timer
         deadline = None if until_done or not sliced else timer() + self.sweep_slice
+        check = self.SLICE_CHECK
         log = self._log
         for room in list(self._sweeps):
             queue = self._sweeps[room]
+            # Members leave this dict when they leave the room; one coming
+            # back is taken out of the sweeps (join), so this one will do.
+            occupants = self._rooms.get(room, _NOBODY)
             while queue:
                 sweep = queue[0]
                 members = sweep.members
@@ -785,7 +789,7 @@ class Hub:
                     member = members[index]
                     index += 1
                     # Gone from the room since (a leave, or a failed delivery).
-                    if self._rooms.get(room, _NOBODY).get(member.id) is not member:
+                    if occupants.get(member.id) is not member:
                         continue
                     try:
                         deliver_many = getattr(member, "deliver_many", None)
@@ -801,7 +805,7 @@ class Hub:
                             count=len(events),
                             client=member.id,
                         )
-                    if deadline is not None and not index % self.SLICE_CHECK and timer() > deadline:
+                    if deadline is not None and not index % check and timer() > deadline:
                         break
                 sweep.next = index
                 sweep.seconds += timer() - started

@@ -768,18 +768,27 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
             for event in batch:
                 self.deliver(event)
             return
+        # The hot path of a broadcast, run for every recipient: what
+        # OutboundBuffer.over/wrote and encoded() do, inline.
         outbound = self._outbound
-        if outbound.over(self.factory.limits.max_buffer):
+        paused = outbound.paused
+        if paused and outbound.queued > self.factory.limits.max_buffer:
             self._slow_consumer()
             return
-        data, frames = encoded(batch, self.codec, _FRAME_BATCH[self.codec])
+        codec = self.codec
+        try:
+            data, frames = batch.wire[codec]
+        except KeyError:
+            data, frames = batch.wire[codec] = _FRAME_BATCH[codec](batch)
         if frames:
             # What sendPreparedMessage does for each frame, in one call.
             send_now(self.transport, data)
-            outbound.wrote(len(data))
+            size = len(data)
+            if paused:
+                outbound.queued += size
             stats = self.factory.hub.stats
             stats.frames_out += frames
-            stats.bytes_out += len(data)
+            stats.bytes_out += size
 
     def _slow_consumer(self) -> None:
         """
