@@ -322,12 +322,18 @@ class Hub:
         # room -> deliveries under way there, oldest first; each member of
         # the room is waiting in at most one of them.
         self._sweeps: Dict[str, Deque[_Sweep]] = {}
+        # room -> its members in none of its sweeps while some are under
+        # way: served by one that is done, or joined since they began.
+        self._outside: Dict[str, List[Member]] = {}
         self._sweep_call = None
         #: Seconds of delivering before the reactor gets to read again.
         self.sweep_slice = SWEEP_SLICE
         self._timer = perf_counter
-        # When the last round ended (None: none yet).
+        # When the last round began and ended (None: none yet), and how
+        # long it took.
+        self._round_started = 0.0
         self._quiet_since: Optional[float] = None
+        self._last_round = 0.0
         self._delivering = False
 
     def new_id(self) -> str:
@@ -443,7 +449,7 @@ class Hub:
             raise ValueError("member {!r} is already connected".format(member.id))
         self._members[member.id] = member
         self._memberships[member.id] = {}
-        joined = self.join(member, LOBBY)
+        joined = self._join(member, LOBBY, fresh=True)
         assert joined is not None
         return joined
 
@@ -478,6 +484,13 @@ class Hub:
         :return: the announcement, or ``None`` if it was already there.
         :raise TooManyRooms: if the member is in as many rooms as allowed.
         """
+        return self._join(member, room, fresh=False)
+
+    def _join(self, member: Member, room: str, fresh: bool) -> Optional[Joined]:
+        """
+        :meth:`join`; ``fresh`` if the member has just connected, and so
+        cannot be in any round under way.
+        """
         rooms = self._memberships[member.id]
         if room in rooms:
             return None
@@ -487,14 +500,24 @@ class Hub:
             )
         rooms[room] = self._positions.get(room)
         self._rooms.setdefault(room, {})[member.id] = member
-        # Back in a room it left while a delivery there was under way: it
-        # must not get that delivery's events, older than its position.
-        for sweep in self._sweeps.get(room, ()):
-            try:
-                index = sweep.members.index(member, sweep.next)
-            except ValueError:
-                continue
-            del sweep.members[index]
+        queue = self._sweeps.get(room)
+        if queue:
+            outside = self._outside.setdefault(room, [])
+            if not fresh:
+                # Back in a room it left while a round there was under way:
+                # it must not get that round's events, older than its
+                # position; it is a newcomer to the room.
+                for sweep in queue:
+                    try:
+                        index = sweep.members.index(member)
+                    except ValueError:
+                        continue
+                    del sweep.members[index]
+                    if index < sweep.next:
+                        sweep.next -= 1
+                if member in outside:
+                    outside.remove(member)
+            outside.append(member)
         event = Joined(ts=self._clock.seconds(), origin=self.node_id, room=room, member=member.id, name=member.name)
         self.backplane.publish(event)
         return event
@@ -704,13 +727,17 @@ class Hub:
         deliveries cause go into the next batch.
         """
         self._flush_call = None
-        # Under load: a round is under way, or one ended just now (these
-        # events arrived while it ran).  Only then is slicing worth its
-        # reactor turns; a lone message goes out in one go.
+        # Under load: a round is under way, or the last one ended less time
+        # ago than it took (the fan-out has been busy more than half the
+        # time).  Only then is slicing worth its reactor turns; a lone
+        # message goes out in one go.
+        now = self._timer()
         busy = bool(self._sweeps) or (
             self._quiet_since is not None
-            and self._timer() - self._quiet_since < self.sweep_slice
+            and now - self._quiet_since < max(self.sweep_slice, self._last_round)
         )
+        if not self._sweeps:
+            self._round_started = now
         batch, self._batch = self._batch, []
         by_room: Dict[str, List[Event]] = {}
         for event, room in batch:
@@ -746,17 +773,22 @@ class Hub:
         members takes several slices, a message arriving meanwhile waits for
         the member's next turn, not for the end of the whole round.
         """
-        occupants = self._rooms.get(room, _NOBODY)
         queue = self._sweeps.get(room)
         if not queue:
+            self._outside.pop(room, None)
+            occupants = self._rooms.get(room, _NOBODY)
             if occupants:
                 self._sweeps[room] = deque([_Sweep(events, list(occupants.values()))])
             return
-        waiting = set()
+        # Everyone in the room is either waiting in a sweep, served already
+        # by the one under way, or outside them (served by one that is
+        # done, or joined since they began).  Only the last two are listed
+        # here, so this costs what was served since the last commit, not
+        # the size of the room.
+        rest: List[Member] = self._outside.pop(room, [])
         for sweep in queue:
+            rest.extend(sweep.members[: sweep.next])
             sweep.extend(events)
-            waiting.update(map(id, sweep.members))
-        rest = [member for member in occupants.values() if id(member) not in waiting]
         if rest:
             queue.append(_Sweep(events, rest))
 
@@ -822,8 +854,12 @@ class Hub:
                     return
                 queue.popleft()
                 self.stats.fan_out_seconds.observe(sweep.seconds)
+                if queue:
+                    self._outside.setdefault(room, []).extend(members)
             del self._sweeps[room]
+            self._outside.pop(room, None)
         self._quiet_since = timer()
+        self._last_round = self._quiet_since - self._round_started
 
     #: Members served between looks at the clock.
     SLICE_CHECK = 16

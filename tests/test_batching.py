@@ -262,6 +262,35 @@ class SlicedSweepTests(SynchronousTestCase):
         self.assertEqual([self.texts(m) for m in self.members[3:]], [[["one", "two"]]] * 7)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_members_of_a_finished_sweep_get_what_comes_next(self):
+        """While a later sweep is still under way, the members of one that
+        has finished get the next messages too, each once, in order."""
+        self.hub.publish_text("m0", "one")
+        turn(self.clock)
+        self.hub.publish_text("m0", "two")
+        turn(self.clock)
+        turn(self.clock)
+        turn(self.clock)
+        # The first sweep is done; the one taking "two" to m0-m2 is under way.
+        self.assertEqual([len(m.batches) for m in self.members], [2, 2, 1] + [1] * 7)
+        self.hub.publish_text("m0", "three")
+        self.hub.flush()
+        self.assertEqual(
+            [sum(self.texts(m), []) for m in self.members], [["one", "two", "three"]] * 10
+        )
+
+    def test_rejoining_after_being_served(self):
+        """A member served in the round under way that leaves and comes back
+        gets later messages once, not once per list it was in."""
+        self.hub.publish_text("m0", "one")
+        turn(self.clock)
+        self.hub.leave(self.members[1], "lobby")
+        self.hub.join(self.members[1], "lobby")
+        self.hub.publish_text("m0", "two")
+        self.hub.flush()
+        self.assertEqual(sum(self.texts(self.members[1]), []), ["one", "two"])
+        self.assertEqual(sum(self.texts(self.members[7]), []), ["one", "two"])
+
     def test_joining_mid_round(self):
         """A member joining while a round is under way gets only later
         messages live, and its position makes a replay give it the rest
