@@ -443,7 +443,7 @@ class Options(usage.Options):
         self["allow-origin"].append(origin)
 
     def postOptions(self) -> None:
-        for flag in ("port", "image-port", "line-port", "metrics-port"):
+        for _, flag in LISTENER_FLAGS:
             if self[flag] is None:
                 continue
             if flag in ("image-port", "line-port") and self[flag].lower() == "none":
@@ -494,7 +494,7 @@ class Options(usage.Options):
         self._check_http_options()
         self._check_workers()
         # Last, so that every error above quotes the description as given.
-        for flag in ("port", "image-port", "line-port", "metrics-port"):
+        for _, flag in LISTENER_FLAGS:
             if self[flag] is not None:
                 self[flag] = with_backlog(self[flag], self["listen-backlog"])
 
