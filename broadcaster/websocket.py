@@ -464,11 +464,8 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         """
         Carry out one JSON-mode request; refuse bad ones with an ``error``.
         """
-        factory = self.factory
         try:
-            request = parse_client_message(
-                payload, factory.max_name_length, factory.hub.history_size
-            )
+            request = self._parse_request(payload)
             getattr(self, "_do_" + request["type"])(request)
         except BadRequest as e:
             self._refuse(str(e), e.ref)
@@ -510,15 +507,21 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
                 )
             )
 
+    def _parse_request(self, payload: bytes) -> dict:
+        """
+        A JSON-mode request, checked against this server's limits.
+
+        :raise BadRequest: if it is not one.
+        """
+        factory = self.factory
+        return parse_client_message(payload, factory.max_name_length, factory.hub.history_size)
+
     def _ref_of(self, payload: Optional[bytes]):
         """The ``ref`` of a JSON request, or ``None`` (binary, or no valid ref)."""
         if payload is None:
             return None
-        factory = self.factory
         try:
-            return parse_client_message(
-                payload, factory.max_name_length, factory.hub.history_size
-            )["ref"]
+            return self._parse_request(payload)["ref"]
         except BadRequest as e:
             return e.ref
 
