@@ -22,7 +22,12 @@ from broadcaster.origin import OriginPolicy
 from broadcaster.websocket import BroadcastServerFactory, BroadcastServerProtocol
 
 from tests.support import (
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
     LineClient,
+    build_frame,
     connect_client,
     connect_raw,
     port_of,
@@ -413,13 +418,6 @@ class TLSTests(TestCase):
         return path
 
 
-def _masked(opcode: int, payload: bytes) -> bytes:
-    """A client frame (FIN set, short payload), masked as RFC 6455 requires."""
-    mask = b"\x01\x02\x03\x04"
-    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + body
-
-
 class ProtocolUnitTests(SynchronousTestCase):
     """The protocol over in-memory transports: what bytes go where."""
 
@@ -521,13 +519,13 @@ class ProtocolUnitTests(SynchronousTestCase):
         ann, ann_t = self.connect()
         bob, bob_t = self.connect()
         ann_t.clear()
-        bob.dataReceived(_masked(0x1, b"yo"))
+        bob.dataReceived(build_frame(OP_TEXT, b"yo"))
         self.assertEqual(ann_t.value(), b"\x81\x02yo")
         ann_t.clear()
-        ann.dataReceived(_masked(0x9, b"are you there"))
+        ann.dataReceived(build_frame(OP_PING, b"are you there"))
         self.assertEqual(ann_t.value(), b"\x8a\x0dare you there")
         ann_t.clear()
-        ann.dataReceived(_masked(0x8, b"\x03\xe8"))
+        ann.dataReceived(build_frame(OP_CLOSE, b"\x03\xe8"))
         self.assertEqual(ann_t.value(), b"\x88\x02\x03\xe8")
         self.assertTrue(ann_t.disconnecting)
 
@@ -576,7 +574,7 @@ class ProtocolUnitTests(SynchronousTestCase):
         for protocol, transport in others:
             self.assertEqual(transport.value()[:1], b"\x89")
             transport.clear()
-            protocol.dataReceived(_masked(0xA, b""))
+            protocol.dataReceived(build_frame(OP_PONG, b""))
         self.reactor.advance(10)
         self.assertTrue(ann_t.disconnecting)
         self.assertFalse(any(t.disconnecting for _, t in others))
