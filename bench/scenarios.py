@@ -195,6 +195,11 @@ def _message_run(
         )
 
 
+def _known(figure: float) -> Optional[float]:
+    """A load generator figure, or ``None`` where it reports -1 (not measured)."""
+    return figure if figure >= 0 else None
+
+
 def _drive(
     ctx: Context,
     server: ServerProcess,
@@ -266,18 +271,10 @@ def _drive(
         "server_cpu_pct": 100.0 * measured["server_cpu_s"] / seconds
         if measured["server_cpu_s"] >= 0
         else None,
-        "core_us_per_delivery": measured["server_core_us_per_delivery"]
-        if measured["server_core_us_per_delivery"] >= 0
-        else None,
-        "server_core_busy_pct": measured["server_core_busy_pct"]
-        if measured["server_core_busy_pct"] >= 0
-        else None,
-        "server_core_softirq_pct": measured["server_core_softirq_pct"]
-        if measured["server_core_softirq_pct"] >= 0
-        else None,
-        "server_core_steal_pct": measured["server_core_steal_pct"]
-        if measured["server_core_steal_pct"] >= 0
-        else None,
+        "core_us_per_delivery": _known(measured["server_core_us_per_delivery"]),
+        "server_core_busy_pct": _known(measured["server_core_busy_pct"]),
+        "server_core_softirq_pct": _known(measured["server_core_softirq_pct"]),
+        "server_core_steal_pct": _known(measured["server_core_steal_pct"]),
         "server_kernel_pct": 100.0 * measured["server_sys_s"] / measured["server_cpu_s"]
         if measured["server_cpu_s"] > 0
         else None,
