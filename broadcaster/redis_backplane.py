@@ -87,6 +87,7 @@ from broadcaster.hub import (
     Renamed,
     TextMessage,
 )
+from broadcaster.redis_commands import CommandProtocol, Script
 
 if TYPE_CHECKING:  # pragma: no cover
     from broadcaster.hub import Hub
@@ -109,6 +110,14 @@ HIREDIS = txredisapi.hiredis is not None
 
 _EVENT_CLASSES = {
     cls.__name__: cls for cls in (Joined, Left, Renamed, TextMessage, BinaryMessage, ImageMessage)
+}
+#: Each event class's fields, and those :func:`encode_event` sends (the
+#: rest are the wire cache and what the publishing script sets), looked up
+#: once rather than per message.
+_FIELDS = {cls: tuple(field.name for field in fields(cls)) for cls in _EVENT_CLASSES.values()}
+_SENT_FIELDS = {
+    cls: tuple(name for name in names if name not in ("wire", "seq", "epoch", "kept"))
+    for cls, names in _FIELDS.items()
 }
 _PRESENCE = (Joined, Left, Renamed)
 _MESSAGES = (TextMessage, BinaryMessage, ImageMessage)
@@ -212,23 +221,27 @@ def encode_event(event: Event, node: str, pid: int) -> bytes:
     prefix; a text message's ``seq`` and ``epoch`` are left out (the
     publishing script sets them in the prefix).
     """
-    body: Dict[str, Any] = {"t": type(event).__name__, "o": node, "p": pid}
+    cls = type(event)
+    body: Dict[str, Any] = {"t": cls.__name__, "o": node, "p": pid}
     blob = None
-    for field in fields(event):
-        if field.name in ("wire", "seq", "epoch", "kept"):
-            continue
-        value = getattr(event, field.name)
+    for name in _SENT_FIELDS[cls]:
+        value = getattr(event, name)
         if isinstance(value, bytes):
-            body["blob"] = field.name
+            body["blob"] = name
             blob = value
         else:
-            body[field.name] = value
+            body[name] = value
     head = _dumps(body)
     return head if blob is None else head + b"\n" + blob
 
 
+#: One encoder for every event: ``json.dumps`` with options builds a new
+#: one per call.
+_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return _encode_json(obj).encode("utf-8")
 
 
 def decode_entry(entry: bytes) -> Tuple[Dict[str, Any], Optional[bytes], int, str]:
@@ -255,7 +268,7 @@ def event_from(body: Dict[str, Any], blob: Optional[bytes], seq: int, epoch: str
     cls = _EVENT_CLASSES.get(body.get("t"))
     if cls is None:
         raise ValueError("unknown event type {!r}".format(body.get("t")))
-    values = {field.name: body[field.name] for field in fields(cls) if field.name in body}
+    values = {name: body[name] for name in _FIELDS[cls] if name in body}
     if "blob" in body:
         values[body["blob"]] = blob or b""
     if cls is TextMessage:
@@ -399,7 +412,7 @@ end
 """
 
 # KEYS: seq, epoch, history.  ARGV: channel, body, candidate epoch, history size.
-PUBLISH_TEXT = _CURRENT_EPOCH + """
+PUBLISH_TEXT = Script(_CURRENT_EPOCH + """
 local epoch = current_epoch(KEYS[1], KEYS[2], KEYS[3], ARGV[3])
 local seq = redis.call('INCR', KEYS[1])
 local entry = string.format('%d %s ', seq, epoch) .. ARGV[2]
@@ -410,24 +423,24 @@ if size > 0 then
 end
 redis.call('PUBLISH', ARGV[1], entry)
 return {seq, epoch}
-"""
+""")
 
 # KEYS: seq, epoch, history.  ARGV: candidate epoch.
-POSITION = _CURRENT_EPOCH + """
+POSITION = Script(_CURRENT_EPOCH + """
 local epoch = current_epoch(KEYS[1], KEYS[2], KEYS[3], ARGV[1])
 return {epoch, tonumber(redis.call('GET', KEYS[1]) or '0')}
-"""
+""")
 
 # KEYS: seq, epoch, history.  ARGV: candidate epoch.
-MISSED = _CURRENT_EPOCH + """
+MISSED = Script(_CURRENT_EPOCH + """
 local epoch = current_epoch(KEYS[1], KEYS[2], KEYS[3], ARGV[1])
 return {epoch, tonumber(redis.call('GET', KEYS[1]) or '0'), redis.call('LRANGE', KEYS[3], 0, -1)}
-"""
+""")
 
 # KEYS: alive, members.  ARGV: token, channel, member id, entry ('' once
 # it is in no room), event.  Refused (0) unless this node is registered, so
 # a node declared dead cannot leave members behind.
-PRESENCE = """
+PRESENCE = Script("""
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if ARGV[4] == '' then
   redis.call('HDEL', KEYS[2], ARGV[3])
@@ -436,12 +449,12 @@ else
 end
 redis.call('PUBLISH', ARGV[2], ARGV[5])
 return 1
-"""
+""")
 
 # KEYS: nodes, alive, members.  ARGV: node, token, ttl (ms), channel, state
 # event, private channel, key prefix, then member id and entry pairs.
 # Returns {0} if another live server holds this node id, else {1, nodes}.
-REGISTER = """
+REGISTER = Script("""
 local holder = redis.call('GET', KEYS[2])
 if holder and holder ~= ARGV[2] then return {0} end
 redis.call('SADD', KEYS[1], ARGV[1])
@@ -461,11 +474,11 @@ for _, node in ipairs(redis.call('SMEMBERS', KEYS[1])) do
 end
 redis.call('PUBLISH', ARGV[6], '0 - ' .. cjson.encode({t = 'snapshot', nodes = nodes}))
 return {1, redis.call('SCARD', KEYS[1])}
-"""
+""")
 
 # KEYS: nodes, alive.  ARGV: node, token, ttl (ms), channel, key prefix.
 # Returns {-1} if this node is no longer registered, else {nodes, {dead...}}.
-HEARTBEAT = """
+HEARTBEAT = Script("""
 if redis.call('GET', KEYS[2]) ~= ARGV[2] then return {-1} end
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 local dead = {}
@@ -481,16 +494,16 @@ for _, node in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   end
 end
 return {redis.call('SCARD', KEYS[1]), dead}
-"""
+""")
 
 # KEYS: nodes, alive, members.  ARGV: node, token, channel, empty state event.
-DEREGISTER = """
+DEREGISTER = Script("""
 if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
 redis.call('SREM', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[2], KEYS[3])
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
-"""
+""")
 
 
 # Connections
@@ -548,8 +561,8 @@ class _Factory(txredisapi.RedisFactory):
             convertNumbers=False,
             username=address.username,
         )
-        if subscriber:
-            self.protocol = _Subscriber
+        self.protocol = _Subscriber if subscriber else CommandProtocol
+        self.clock = backplane._clock
         self.backplane = backplane
         self._subscriber = subscriber
         # Fires once the first connection is ready, fails only if txredisapi
@@ -784,22 +797,26 @@ class RedisBackplane:
             node=self.node_id,
         )
 
-    def _command(self, name: str, *args) -> Deferred:
+    def _run(self, *args) -> Deferred:
         """
         Send a command on the command connection.
         """
         protocol = self._commands
         if protocol is None:
             return fail(txredisapi.ConnectionError("not connected to Redis"))
-        return maybeDeferred(getattr(protocol, name), *args)
+        return maybeDeferred(protocol.run, *args)
 
-    def _eval(self, script: str, keys: List[str], args: List[Any]) -> Deferred:
+    def _eval(self, script: Script, keys: List[str], args: List[Any]) -> Deferred:
         """
-        Run a script: EVALSHA once this connection has run it, else EVAL
-        (txredisapi remembers per connection, so a script always runs in
-        the order it was sent, even right after Redis restarted).
+        Run a script on the command connection.
         """
-        return self._command("eval", script, keys, args)
+        protocol = self._commands
+        if protocol is None:
+            return fail(txredisapi.ConnectionError("not connected to Redis"))
+        try:
+            return protocol.run_script(script, keys, args)
+        except Exception:
+            return fail()
 
     # Registration and heartbeat
 
@@ -1022,7 +1039,7 @@ class RedisBackplane:
                 ],
             )
         else:
-            d = self._command("publish", self.channel, b"0 - " + body)
+            d = self._run("PUBLISH", self.channel, b"0 - " + body)
         d.addCallbacks(
             self._published,
             self._publish_failed,
@@ -1140,7 +1157,7 @@ class RedisBackplane:
         if not self.connected:
             history = self._fallback.get(room)
             return succeed(history.last(limit) if history is not None else [])
-        d = self._command("lrange", self._room_keys(room)[2], -limit, -1)
+        d = self._run("LRANGE", self._room_keys(room)[2], -limit, -1)
         return d.addCallback(lambda entries: [parse_event(entry) for entry in entries])
 
     def missed(

@@ -435,6 +435,20 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         if self.state == self.STATE_OPEN and self.codec is _JSON:
             self.sendMessage(_JSON.error("temporarily unavailable, try again", ref))
 
+    def onMessageEnd(self) -> None:
+        """
+        Autobahn's, less the ``message`` observer event when nothing
+        observes it (nothing here does): firing it anyway builds a Deferred
+        and its callbacks for every message a client sends.
+        """
+        if self._listeners or self._parent is not None:
+            return super().onMessageEnd()
+        if not self.failedByMe:
+            if self.trackedTimings:
+                self.trackedTimings.track("onMessage")
+            self._onMessage(b"".join(self.message_data), self.message_is_binary)
+        self.message_data = None
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.state != self.STATE_OPEN:
             # We are closing this client (slow consumer, flooding, shutdown):

@@ -235,14 +235,14 @@ class FakeCommands:
     def __init__(self) -> None:
         self.calls: list = []
 
-    def eval(self, script, keys, args):
+    def run_script(self, script, keys, args):
         d = Deferred()
         self.calls.append((script, keys, args, d))
         return d
 
-    def publish(self, channel, message):
+    def run(self, command, *args):
         d = Deferred()
-        self.calls.append(("PUBLISH", [channel], [message], d))
+        self.calls.append((command, [], list(args), d))
         return d
 
 
@@ -697,11 +697,13 @@ class OutageTests(RedisTestCase):
         ]
 
     @inlineCallbacks
-    def test_redis_killed_and_restarted_mid_stream(self):
-        """While Redis is down each node delivers its own clients' messages
-        exactly once; after it restarts messages cross nodes again; each
-        node logs the outage once and how many messages stayed local."""
-        log = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+    def chatting_across(self):
+        """
+        Nodes alpha and beta with ann on alpha and bob on beta, once a
+        message has crossed.
+
+        :return: ``(a, b, ann, ann_welcome, bob)``.
+        """
         a, port_a = yield start_node(self, self.redis, "alpha")
         b, port_b = yield start_node(self, self.redis, "beta")
         ann, ann_welcome = yield join_chat(self, port_a, "ann")
@@ -709,6 +711,15 @@ class OutageTests(RedisTestCase):
         yield wait_for(lambda: len(a.hub.presence("lobby")) == 2)
         ann.send_json({"type": "message", "text": "before"})
         yield messages_until(bob, "before")
+        return a, b, ann, ann_welcome, bob
+
+    @inlineCallbacks
+    def test_redis_killed_and_restarted_mid_stream(self):
+        """While Redis is down each node delivers its own clients' messages
+        exactly once; after it restarts messages cross nodes again; each
+        node logs the outage once and how many messages stayed local."""
+        log = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        a, b, ann, ann_welcome, bob = yield self.chatting_across()
 
         # Mid-stream: Redis dies once the tenth is through, while the
         # others go on, one per reactor turn.
@@ -770,6 +781,26 @@ class OutageTests(RedisTestCase):
         self.assertEqual(self.back_events(log, "beta")[0]["count"], 3)
         self.assertGreaterEqual(self.back_events(log, "alpha")[0]["count"], 5)
         self.assertEqual(a.hub.backplane.state()["nodes"], 2)
+
+    @inlineCallbacks
+    def test_scripts_flushed_under_a_node(self):
+        """SCRIPT FLUSH makes the next publication fail: the node logs it,
+        delivers that message to its own clients, reconnects, and messages
+        cross nodes again."""
+        log = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        a, _, ann, _, bob = yield self.chatting_across()
+
+        yield a.hub.backplane._commands.run("SCRIPT", "FLUSH")
+        ann.send_json({"type": "message", "text": "unknown script"})
+        at_a = yield messages_until(ann, "unknown script")
+        self.assertEqual([m["text"] for m in at_a], ["before", "unknown script"])
+        self.assertTrue(
+            [e for e in log if "SCRIPT FLUSH" in e.get("log_format", "")], "not logged"
+        )
+        yield wait_for(lambda: a.hub.backplane.connected, timeout=30, what="alpha back in Redis")
+        ann.send_json({"type": "message", "text": "after"})
+        at_b = yield messages_until(bob, "after")
+        self.assertEqual([m["text"] for m in at_b], ["after"])
 
     @inlineCallbacks
     def test_starts_and_serves_without_redis(self):
