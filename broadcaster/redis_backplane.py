@@ -87,7 +87,7 @@ from broadcaster.hub import (
     Renamed,
     TextMessage,
 )
-from broadcaster.redis_commands import CommandProtocol, Script
+from broadcaster.redis_commands import CommandProtocol, Script, VerbatimReplies
 
 if TYPE_CHECKING:  # pragma: no cover
     from broadcaster.hub import Hub
@@ -533,7 +533,7 @@ class _WatchedEndpoint:
         return self._endpoint.connect(factory).addErrback(failed)
 
 
-class _Subscriber(txredisapi.SubscriberProtocol):
+class _Subscriber(VerbatimReplies, txredisapi.SubscriberProtocol):
     def messageReceived(self, pattern, channel, message) -> None:
         self.factory.backplane._received(channel, message)
 

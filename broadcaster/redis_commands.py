@@ -78,7 +78,18 @@ def encode_command(args: Sequence[Any]) -> bytes:
     return b"".join(parts)
 
 
-class CommandProtocol(txredisapi.RedisProtocol):
+class VerbatimReplies:
+    """
+    Replies as the parser made them, for connections made with no charset
+    and no number conversion: txredisapi's ``tryConvertData`` would copy
+    every array and test every element only to change nothing.
+    """
+
+    def tryConvertData(self, data: Any) -> Any:
+        return data
+
+
+class CommandProtocol(VerbatimReplies, txredisapi.RedisProtocol):
     """
     txredisapi's protocol with :meth:`run` and :meth:`run_script`.
 
