@@ -116,9 +116,12 @@ class CommandProtocol(VerbatimReplies, txredisapi.RedisProtocol):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        # The factory's clock (the backplane's), else the reactor's.
         clock = getattr(self.factory, "clock", None)
-        if self.reply_timeout and clock is not None:
-            self._seconds = clock.seconds
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self._seconds = clock.seconds
+        if self.reply_timeout:
             self._watch = LoopingCall(self._check_progress)
             self._watch.clock = clock
             self._watch.start(max(self.reply_timeout / 5, 0.05), now=False)
@@ -127,9 +130,6 @@ class CommandProtocol(VerbatimReplies, txredisapi.RedisProtocol):
         if self._watch is not None and self._watch.running:
             self._watch.stop()
         super().connectionLost(reason)
-
-    def _seconds(self) -> float:
-        return 0.0
 
     def run(self, *args: Any) -> Deferred:
         """
