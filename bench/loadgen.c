@@ -42,14 +42,6 @@
  * seconds without progress, or --drain-max seconds in all), and prints one
  * JSON line with every figure.
  *
- * With --busy-poll 1 the measuring loop polls without sleeping, for a load
- * generator that has a core of its own: asleep in epoll_wait, every
- * delivery has to wake it (on a virtual machine an interrupt to another
- * CPU, tens of microseconds on both sides), which adds its own latency to
- * every figure and its cost to the server's sends.  The time spent in
- * polls that found nothing is then subtracted from the CPU use it reports
- * (loadgen_cpu_pct is the work done; loadgen_spin_s the rest).
- *
  * After its last line it keeps serving the connections (answering close
  * frames, so servers can drain) until stdin reaches end of file, then exits.
  * Exit status: 0 when it ran (check the JSON for delivery errors), 2 for
@@ -372,7 +364,6 @@ static struct {
     int stages[16];
     int nstages;
     double linger_max; /* seconds to wait for stdin EOF after the last report */
-    int busy_poll;     /* 1: never sleep in the measuring loop */
 } cfg = {
     .host = "127.0.0.1",
     .port = 0,
@@ -940,23 +931,14 @@ static void on_stdin(void)
     }
 }
 
-/* Time spent in busy polls that found nothing (--busy-poll). */
-static int64_t spin_ns;
-
-/* Our CPU time, less the polls that found nothing. */
-static double work_cpu_s(void)
-{
-    return self_cpu_s() - spin_ns / 1e9;
-}
-
-/* One epoll round; wait at most timeout_ms.  Returns the events handled. */
-static int poll_once(int timeout_ms)
+/* One epoll round; wait at most timeout_ms. */
+static void poll_once(int timeout_ms)
 {
     static struct epoll_event evs[1024];
     int n = epoll_wait(epfd, evs, 1024, timeout_ms);
     if (n < 0) {
         if (errno == EINTR)
-            return 0;
+            return;
         die("epoll_wait: %s", strerror(errno));
     }
     for (int i = 0; i < n; i++) {
@@ -965,7 +947,6 @@ static int poll_once(int timeout_ms)
         else
             on_event(evs[i].data.ptr, evs[i].events);
     }
-    return n;
 }
 
 static void check_stdin_alive(void)
@@ -1079,19 +1060,18 @@ static void run_messages(void)
         measure_from_seq = 0;
         srv_cpu0 = proc_cpu2_s(cfg.server_pid, &srv_sys0);
         core_ok0 = read_core(cfg.server_core, &core0);
-        self_cpu0 = work_cpu_s();
+        self_cpu0 = self_cpu_s();
     }
     int64_t last_progress = t0, last_completed = -1, drain_start = 0;
     uint64_t last_received = 0;
     while (1) {
         int64_t now = now_ns();
-        int64_t seq_before = next_seq;
         if (t_measure_start == INT64_MAX && now >= warm_end) {
             t_measure_start = now;
             measure_from_seq = next_seq;
             srv_cpu0 = proc_cpu2_s(cfg.server_pid, &srv_sys0);
             core_ok0 = read_core(cfg.server_core, &core0);
-            self_cpu0 = work_cpu_s();
+            self_cpu0 = self_cpu_s();
         }
         if (sending && (now >= run_end || (cfg.messages && next_seq >= cfg.messages))) {
             sending = 0;
@@ -1100,7 +1080,7 @@ static void run_messages(void)
                 t_measure_end = now;
                 srv_cpu1 = proc_cpu2_s(cfg.server_pid, &srv_sys1);
                 core_ok1 = read_core(cfg.server_core, &core1);
-                self_cpu1 = work_cpu_s();
+                self_cpu1 = self_cpu_s();
             }
             last_progress = drain_start = now;
         }
@@ -1138,13 +1118,7 @@ static void run_messages(void)
             if (now - drain_start > (int64_t)(cfg.drain_max * 1e9))
                 break;
         }
-        if (cfg.busy_poll) {
-            /* A round that sent nothing and found nothing was spinning. */
-            if (!poll_once(0) && next_seq == seq_before)
-                spin_ns += now_ns() - now;
-        } else {
-            poll_once(timeout);
-        }
+        poll_once(timeout);
         check_stdin_alive();
     }
     int64_t t_done = now_ns();
@@ -1153,13 +1127,13 @@ static void run_messages(void)
         t_measure_end = t_done;
         srv_cpu1 = proc_cpu2_s(cfg.server_pid, &srv_sys1);
         core_ok1 = read_core(cfg.server_core, &core1);
-        self_cpu1 = work_cpu_s();
+        self_cpu1 = self_cpu_s();
     }
     measuring = 0;
     if (srv_cpu1 < 0 && srv_cpu0 >= 0) {
         srv_cpu1 = proc_cpu2_s(cfg.server_pid, &srv_sys1);
         core_ok1 = read_core(cfg.server_core, &core1);
-        self_cpu1 = work_cpu_s();
+        self_cpu1 = self_cpu_s();
         t_measure_end = t_done;
     }
 
@@ -1194,7 +1168,7 @@ static void run_messages(void)
            ",\"publisher_echoes\":%" PRIu64 ",\"announcements\":%" PRIu64
            ",\"server_closes\":%" PRIu64 ",\"resets\":%" PRIu64 ",\"open_at_end\":%d,"
            "\"complete\":%s},"
-           "\"loadgen_total_cpu_s\":%.3f,\"loadgen_busy_poll\":%s,\"loadgen_spin_s\":%.3f}\n",
+           "\"loadgen_total_cpu_s\":%.3f}\n",
            cfg.mode == MODE_RATE ? "rate" : "throughput", cfg.subscribers,
            cfg.mode == MODE_THROUGHPUT ? cfg.window : 0, cfg.mode == MODE_RATE ? cfg.rate : 0.0,
            cfg.size, connect_s, settle_total, ann_setup, next_seq, completed, win_s,
@@ -1209,8 +1183,7 @@ static void run_messages(void)
            hist_count ? hist_sum / hist_count / 1e3 : 0.0, expected, deliveries,
            expected > deliveries ? expected - deliveries : 0, short_subs, order_errors,
            duplicates, corrupt, protocol_errors, pub->received, announcements, server_closes,
-           resets, count_open(), complete ? "true" : "false", self_cpu_s(),
-           cfg.busy_poll ? "true" : "false", spin_ns / 1e9);
+           resets, count_open(), complete ? "true" : "false", self_cpu_s());
     fflush(stdout);
     linger();
 }
@@ -1224,7 +1197,7 @@ static void usage(void)
             "  [--messages M] [--size BYTES] [--server-pid PID] [--server-core CPU]\n"
             "  [--concurrency C]\n"
             "  [--sources K] [--drain-timeout S] [--drain-max S] [--connect-timeout S] [--settle-ms MS]\n"
-            "  [--settle-max S] [--stages N1,N2,...] [--linger-max S] [--busy-poll 0|1]\n");
+            "  [--settle-max S] [--stages N1,N2,...] [--linger-max S]\n");
     exit(2);
 }
 
@@ -1280,8 +1253,6 @@ int main(int argc, char **argv)
             cfg.settle_max = atof(v);
         else if (!strcmp(a, "--linger-max"))
             cfg.linger_max = atof(v);
-        else if (!strcmp(a, "--busy-poll"))
-            cfg.busy_poll = atoi(v);
         else if (!strcmp(a, "--stages")) {
             char *s = strdup(v), *tok, *save;
             for (tok = strtok_r(s, ",", &save); tok && cfg.nstages < 16;

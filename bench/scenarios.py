@@ -224,12 +224,6 @@ def _drive(
         server CPU; ``None``: none, the server being unpinned).
     :param shared_core: other processes of the run share the server's CPU
         on purpose (S4), so its being busier than ``server`` is no warning.
-
-    The generator busy-polls when it has a CPU of its own (the server
-    pinned to another): asleep, every delivery would have to wake it, and
-    on a virtual machine that interrupt costs tens of microseconds on both
-    CPUs and shows up in every latency (``loadgen.c``).  Its reported CPU
-    use is then the work it did, without the empty polls.
     """
     s = ctx.settings
     if server_core == "pinned":
@@ -238,7 +232,6 @@ def _drive(
         loadgen_cpu = ctx.loadgen_cpu
     if stop is None:
         stop = lambda: server.stop(s.stop_grace)  # noqa: E731
-    own_cpu = loadgen_cpu is not None and server_core is not None and loadgen_cpu != server_core
     if True:  # (indented as when this was inside _message_run's ``with``)
         rss_start = server.rss_kib()
         args = loadgen_args(
@@ -257,7 +250,6 @@ def _drive(
             drain_timeout=s.drain_timeout,
             drain_max=s.drain_max,
             linger_max=s.stop_grace + 30,
-            busy_poll=1 if own_cpu else None,
         )
         deadline = 120 + subscribers * 0.05 + s.warmup + s.duration + s.drain_max
         with LoadGen(ctx.loadgen, args, loadgen_cpu, loadgen_log) as lg:
@@ -328,7 +320,6 @@ def _drive(
         "warnings": warnings,
         "loadgen": result,
         "loadgen_status": loadgen_status,
-        "loadgen_busy_poll": own_cpu,
         "server_process": {
             "pid": server.pid,
             "port": server.port,
