@@ -30,7 +30,6 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 
-
 class Script:
     """
     A Lua script, with the SHA1 Redis knows it by.
@@ -169,13 +168,18 @@ class CommandProtocol(VerbatimReplies, txredisapi.RedisProtocol):
         if self._awaiting:
             self._progress = self._seconds()
         if isinstance(reply, Exception):
-            if isinstance(reply, txredisapi.ResponseError) and str(reply).startswith("NOSCRIPT"):
+            if (
+                isinstance(reply, txredisapi.ResponseError)
+                and str(reply).startswith("NOSCRIPT")
+                and self.transport is not None
+                and not self.transport.disconnecting
+            ):
+                # Once, however many commands in flight get the same answer.
                 self._log.error(
                     "Redis forgot this connection's scripts (SCRIPT FLUSH?): reconnecting"
                 )
                 self.script_hashes.clear()
-                if self.transport is not None:
-                    self.transport.loseConnection()
+                self.transport.loseConnection()
             raise reply
         return reply
 

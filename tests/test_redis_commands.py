@@ -10,7 +10,8 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet import reactor
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import EventLoggingObserver, StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 import txredisapi
@@ -95,10 +96,15 @@ class ProtocolTests(SynchronousTestCase):
         self.protocol.run_script(ECHO, ["k"], ["v"])
         self.protocol.dataReceived(b"*2\r\n$1\r\nk\r\n$1\r\nv\r\n")
         self.sent()
-        d = self.protocol.run_script(ECHO, ["k"], ["w"])
-        self.protocol.dataReceived(b"-NOSCRIPT No matching script.\r\n")
-        self.failureResultOf(d, txredisapi.ResponseError)
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        in_flight = [self.protocol.run_script(ECHO, ["k"], [v]) for v in ("w", "x")]
+        self.protocol.dataReceived(b"-NOSCRIPT No matching script.\r\n" * 2)
+        for d in in_flight:
+            self.failureResultOf(d, txredisapi.ResponseError)
         self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(
+            len([e for e in logged if "SCRIPT FLUSH" in e.get("log_format", "")]), 1
+        )
 
         again, transport = connected_protocol(self.clock)
         unanswered = again.run_script(ECHO, ["k"], ["x"])
