@@ -87,7 +87,7 @@ from broadcaster.hub import (
     Renamed,
     TextMessage,
 )
-from broadcaster.redis_commands import CommandProtocol, Script, VerbatimReplies
+from broadcaster.redis_commands import BackplaneConnection, CommandProtocol, Script
 
 if TYPE_CHECKING:  # pragma: no cover
     from broadcaster.hub import Hub
@@ -533,7 +533,7 @@ class _WatchedEndpoint:
         return self._endpoint.connect(factory).addErrback(failed)
 
 
-class _Subscriber(VerbatimReplies, txredisapi.SubscriberProtocol):
+class _Subscriber(BackplaneConnection, txredisapi.SubscriberProtocol):
     def messageReceived(self, pattern, channel, message) -> None:
         self.factory.backplane._received(channel, message)
 
@@ -571,18 +571,6 @@ class _Factory(txredisapi.RedisFactory):
 
     def buildProtocol(self, addr):
         protocol = super().buildProtocol(addr)
-        connection_made = protocol.connectionMade
-
-        def no_delay() -> None:
-            # txredisapi leaves Nagle's algorithm on: a small command
-            # written while another is unacknowledged waits for the ACK.
-            try:
-                protocol.transport.setTcpNoDelay(True)
-            except Exception:  # Unix sockets have no Nagle to turn off
-                pass
-            connection_made()
-
-        protocol.connectionMade = no_delay
         ready, lost = (
             (self.backplane._subscriber_ready, self.backplane._subscriber_lost)
             if self._subscriber
@@ -801,22 +789,19 @@ class RedisBackplane:
         """
         Send a command on the command connection.
         """
-        protocol = self._commands
-        if protocol is None:
-            return fail(txredisapi.ConnectionError("not connected to Redis"))
-        return maybeDeferred(protocol.run, *args)
+        return self._on_commands("run", *args)
 
     def _eval(self, script: Script, keys: List[str], args: List[Any]) -> Deferred:
         """
         Run a script on the command connection.
         """
+        return self._on_commands("run_script", script, keys, args)
+
+    def _on_commands(self, method: str, *args) -> Deferred:
         protocol = self._commands
         if protocol is None:
             return fail(txredisapi.ConnectionError("not connected to Redis"))
-        try:
-            return protocol.run_script(script, keys, args)
-        except Exception:
-            return fail()
+        return maybeDeferred(getattr(protocol, method), *args)
 
     # Registration and heartbeat
 

@@ -77,18 +77,32 @@ def encode_command(args: Sequence[Any]) -> bytes:
     return b"".join(parts)
 
 
-class VerbatimReplies:
+class BackplaneConnection:
     """
-    Replies as the parser made them, for connections made with no charset
-    and no number conversion: txredisapi's ``tryConvertData`` would copy
-    every array and test every element only to change nothing.
+    What both of the backplane's connections to Redis (commands and
+    subscription) change in txredisapi's protocols.
     """
 
+    def connectionMade(self) -> None:
+        # txredisapi leaves Nagle's algorithm on: a small command written
+        # while another is unacknowledged waits for the ACK.
+        try:
+            self.transport.setTcpNoDelay(True)
+        except Exception:  # Unix sockets have no Nagle to turn off
+            pass
+        super().connectionMade()
+
     def tryConvertData(self, data: Any) -> Any:
+        """
+        Replies as the parser made them: these connections are made with no
+        charset and no number conversion, and txredisapi's own version
+        would copy every array and test every element only to change
+        nothing.
+        """
         return data
 
 
-class CommandProtocol(VerbatimReplies, txredisapi.RedisProtocol):
+class CommandProtocol(BackplaneConnection, txredisapi.RedisProtocol):
     """
     txredisapi's protocol with :meth:`run` and :meth:`run_script`.
 
@@ -100,15 +114,14 @@ class CommandProtocol(VerbatimReplies, txredisapi.RedisProtocol):
     already knows how to recover from a lost connection without losing or
     reordering anything.
 
-    :ivar reply_timeout: seconds without any reply, while replies are
-        awaited, after which the connection is given up as hung.
+    Its ``replyTimeout`` is how long Redis may send no reply at all while
+    replies are awaited before the connection is given up as hung.
     """
 
     _log = Logger()
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.reply_timeout = self.replyTimeout
         self._awaiting = 0
         self._progress = 0.0
         self._watch = None
@@ -120,10 +133,10 @@ class CommandProtocol(VerbatimReplies, txredisapi.RedisProtocol):
         if clock is None:
             from twisted.internet import reactor as clock
         self._seconds = clock.seconds
-        if self.reply_timeout:
+        if self.replyTimeout:
             self._watch = LoopingCall(self._check_progress)
             self._watch.clock = clock
-            self._watch.start(max(self.reply_timeout / 5, 0.05), now=False)
+            self._watch.start(max(self.replyTimeout / 5, 0.05), now=False)
 
     def connectionLost(self, reason) -> None:
         if self._watch is not None and self._watch.running:
@@ -184,13 +197,13 @@ class CommandProtocol(VerbatimReplies, txredisapi.RedisProtocol):
         return reply
 
     def _check_progress(self) -> None:
-        if self._awaiting and self._seconds() - self._progress > self.reply_timeout:
+        if self._awaiting and self._seconds() - self._progress > self.replyTimeout:
             error = txredisapi.TimeoutError(
-                "Not received Redis response in {0} seconds".format(self.reply_timeout)
+                "Not received Redis response in {0} seconds".format(self.replyTimeout)
             )
             self._log.error(
                 "Redis sent no reply in {timeout} seconds to {count} commands: reconnecting",
-                timeout=self.reply_timeout,
+                timeout=self.replyTimeout,
                 count=self._awaiting,
             )
             while self.replyQueue.waiting:
