@@ -55,6 +55,21 @@ class Member(Protocol):
     is stopping (a WebSocket sends close code 1001); ``abort`` drops it
     when it has not gone in time.  Either way the member leaves the hub
     when its connection is lost.
+
+    Optionally, with ``batching``:
+
+    - ``deliver_many(batch)`` takes a room's events of one reactor turn (an
+      :class:`EventBatch`) at once; without it they come one by one.
+    - ``fan_out``, a function on the member's class, delivers a batch to a
+      whole run of members of that class, where one call per member would
+      cost more than the delivery itself:
+      ``fan_out(hub, batch, members, index, occupants, deadline)`` serves
+      ``members[index:]`` while they are of its class, skipping those no
+      longer in ``occupants`` (the room), and returns the index of the
+      first member it did not serve.  It looks at ``hub.timer()`` every
+      ``hub.SLICE_CHECK`` members and stops once past ``deadline`` (if not
+      ``None``); a member's failure goes to ``hub.delivery_failed`` and
+      the others are still served.
     """
 
     id: str
@@ -328,7 +343,9 @@ class Hub:
         self._sweep_call = None
         #: Seconds of delivering before the reactor gets to read again.
         self.sweep_slice = SWEEP_SLICE
-        self._timer = perf_counter
+        #: What slices are timed with (a member kind's ``fan_out`` looks at
+        #: it too); tests put a fake one here.
+        self.timer = perf_counter
         # When the last round began and ended (None: none yet), and how
         # long it took.
         self._round_started = 0.0
@@ -731,7 +748,7 @@ class Hub:
         # ago than it took (the fan-out has been busy more than half the
         # time).  Only then is slicing worth its reactor turns; a lone
         # message goes out in one go.
-        now = self._timer()
+        now = self.timer()
         busy = bool(self._sweeps) or (
             self._quiet_since is not None
             and now - self._quiet_since < max(self.sweep_slice, self._last_round)
@@ -809,10 +826,9 @@ class Hub:
             self._flush_call.cancel()
             self._flush()
             return
-        timer = self._timer
+        timer = self.timer
         deadline = None if until_done or not sliced else timer() + self.sweep_slice
         check = self.SLICE_CHECK
-        log = self._log
         for room in list(self._sweeps):
             queue = self._sweeps[room]
             # Members leave this dict when they leave the room; one coming
@@ -827,6 +843,13 @@ class Hub:
                 started = timer()
                 while index < len(members):
                     member = members[index]
+                    fan_out = getattr(member, "fan_out", None)
+                    if fan_out is not None:
+                        # The run of members of this kind that starts here.
+                        index = fan_out(self, batch, members, index, occupants, deadline)
+                        if deadline is not None and timer() > deadline:
+                            break
+                        continue
                     index += 1
                     # Gone from the room since (a leave, or a failed delivery).
                     if occupants.get(member.id) is not member:
@@ -839,12 +862,7 @@ class Hub:
                             for event in events:
                                 member.deliver(event)
                     except Exception:
-                        log.failure(
-                            "delivery of {count} events to {client} failed;"
-                            " continuing with the others",
-                            count=len(events),
-                            client=member.id,
-                        )
+                        self.delivery_failed(member, batch)
                     if deadline is not None and not index % check and timer() > deadline:
                         break
                 sweep.next = index
@@ -863,6 +881,17 @@ class Hub:
 
     #: Members served between looks at the clock.
     SLICE_CHECK = 16
+
+    def delivery_failed(self, member: Member, batch: EventBatch) -> None:
+        """
+        Log the exception being handled: delivering ``batch`` to ``member``
+        raised.  The round goes on with the other members.
+        """
+        self._log.failure(
+            "delivery of {count} events to {client} failed; continuing with the others",
+            count=len(batch),
+            client=member.id,
+        )
 
     def flush(self) -> None:
         """

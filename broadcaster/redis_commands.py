@@ -13,7 +13,7 @@ connection.  Commands are written through the transport, which sends all
 of a reactor turn's commands in one system call: Redis then runs them, and
 publishes their messages, in one go, which is what lets the other nodes
 fan several messages out per round.  (Sending each at once, as
-:func:`~broadcaster.sending.send_now` does for clients, measured slower on
+the WebSocket fan-out does for clients, measured slower on
 every node.)  Replies still come through
 txredisapi's parser (hiredis) and its reply queue, so its own commands and
 these stay in one order.

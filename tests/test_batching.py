@@ -5,6 +5,7 @@ and in-memory transports, and with real clients parsing real frames.
 """
 
 import itertools
+import socket
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import inlineCallbacks
@@ -13,10 +14,18 @@ from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from broadcaster.hub import Event, Hub, Joined, Left, TextMessage
+from broadcaster.hub import Event, EventBatch, Hub, Joined, Left, TextMessage
 from broadcaster.origin import OriginPolicy
 from broadcaster.websocket import BroadcastServerFactory
-from tests.support import connect_plain_clients, parse_frames, start_server
+from tests.support import (
+    LineClient,
+    connect_client,
+    connect_plain_clients,
+    connect_raw,
+    parse_frames,
+    port_of,
+    start_server,
+)
 
 
 class BatchRecorder:
@@ -206,7 +215,7 @@ class SlicedSweepTests(SynchronousTestCase):
         self.clock = Clock()
         self.timer = FakeTimer()
         self.hub = Hub(self.clock, node_id="n", batching=True)
-        self.hub._timer = self.timer
+        self.hub.timer = self.timer
         self.hub.sweep_slice = 0.001
         self.hub.SLICE_CHECK = 1
         self.members = [self.connect("m{}".format(i)) for i in range(10)]
@@ -420,7 +429,7 @@ class RealClientSlicedSweepTests(TestCase):
         service, port = yield start_server(self, ["--rate", "0"])
         # A clock that says each delivery took a second, and 5 s slices:
         # every round is under load, and takes eight reactor turns.
-        service.hub._timer = itertools.count().__next__
+        service.hub.timer = itertools.count().__next__
         service.hub.sweep_slice = 5
         service.hub.SLICE_CHECK = 1
         clients = yield connect_plain_clients(self, port, 40)
@@ -493,3 +502,144 @@ class BatchDelayTests(SynchronousTestCase):
         self.assertEqual(hub_for().batch_delay, 0)
         self.assertEqual(hub_for(*redis).batch_delay, 0.003)
         self.assertEqual(hub_for(*redis, "--batch-delay", "0").batch_delay, 0)
+
+
+class FanOutUnitTests(SynchronousTestCase):
+    """
+    ``BroadcastServerProtocol.fan_out``'s contract with the hub, on
+    in-memory transports (which it hands to ``deliver_many``).
+    """
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.hub = Hub(self.reactor, node_id="t", batching=True)
+        self.factory = BroadcastServerFactory(self.hub, OriginPolicy(), self.reactor)
+        self.clients = [WebSocketBatchTests.connect(self) for _ in range(4)]
+        self.reactor.advance(0)
+        for _, transport, writes in self.clients:
+            transport.clear()
+            del writes[:]
+        self.protocols = [protocol for protocol, _, _ in self.clients]
+        self.hub.publish_text(self.protocols[0].id, "hi")
+        self.hub._fan_out = lambda event, room: None
+        self.batch = EventBatch([self.hub._batch[0][0]])
+
+    def fan_out(self, members, index=0, occupants=None, deadline=None):
+        if occupants is None:
+            occupants = {member.id: member for member in members}
+        return type(self.protocols[0]).fan_out(
+            self.hub, self.batch, members, index, occupants, deadline
+        )
+
+    def written(self):
+        return [len(writes) for _, _, writes in self.clients]
+
+    def test_serves_the_run_and_stops_at_another_kind(self):
+        """It serves its own kind from ``index`` on and returns where another kind begins."""
+        other = BatchRecorder("line-1")
+        members = [self.protocols[0], self.protocols[1], other, self.protocols[2]]
+        self.assertEqual(self.fan_out(members), 2)
+        self.assertEqual(other.batches, [])
+        self.assertEqual(self.written(), [1, 1, 0, 0])
+        self.assertEqual(self.fan_out(members, 3), 4)
+        self.assertEqual(self.written(), [1, 1, 1, 0])
+
+    def test_skips_members_gone_from_the_room(self):
+        """A member no longer in the room (or replaced under its id) gets nothing."""
+        occupants = {p.id: p for p in self.protocols}
+        del occupants[self.protocols[1].id]
+        self.assertEqual(self.fan_out(self.protocols, occupants=occupants), 4)
+        self.assertEqual(self.written(), [1, 0, 1, 1])
+
+    def test_stops_after_the_deadline(self):
+        """Every SLICE_CHECK members it looks at hub.timer and returns once past the deadline."""
+        timer = FakeTimer()
+        self.hub.timer = timer
+        self.hub.SLICE_CHECK = 2
+        timer.now = 10.0
+        self.assertEqual(self.fan_out(self.protocols, deadline=5.0), 2)
+        self.assertEqual(self.written(), [1, 1, 0, 0])
+        self.assertEqual(self.fan_out(self.protocols, 2, deadline=None), 4)
+        self.assertEqual(self.written(), [1, 1, 1, 1])
+
+    def test_a_failure_is_logged_and_the_rest_served(self):
+        """A member whose delivery raises goes to hub.delivery_failed; the others still get it."""
+
+        class Broken:
+            @property
+            def paused(self):
+                raise RuntimeError("broken buffer")
+
+        self.protocols[1]._outbound = Broken()
+        self.assertEqual(self.fan_out(self.protocols), 4)
+        self.assertEqual(self.written(), [1, 0, 1, 1])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_counts_frames_and_bytes(self):
+        """What it sends is counted in the hub's statistics."""
+        frames, size = self.hub.stats.frames_out, self.hub.stats.bytes_out
+        self.fan_out(self.protocols)
+        sent = sum(len(writes[0]) for _, _, writes in self.clients)
+        self.assertEqual(self.hub.stats.frames_out - frames, 4)
+        self.assertEqual(self.hub.stats.bytes_out - size, sent)
+
+
+class RealClientFanOutTests(TestCase):
+    """The fan-out's direct send() on real TCP connections."""
+
+    @inlineCallbacks
+    def setUp(self):
+        self.service, port = yield start_server(self, ["--rate", "0"])
+        self.hub = self.service.hub
+        self.clients = yield connect_plain_clients(self, port, 3)
+
+    @inlineCallbacks
+    def test_a_broadcast_waits_behind_what_is_already_queued(self):
+        """Bytes still queued in a client's transport go out before the broadcast."""
+        (ann, ann_id), (bob, bob_id), (cat, _) = self.clients
+        queued = b"q" * 5000
+        # Queued in the transport, not yet sent: the socket itself is empty.
+        self.hub.member(bob_id).sendMessage(queued, isBinary=True)
+        self.hub.publish_text(ann_id, "after")
+        self.hub.flush()
+        self.assertEqual((yield bob.next()), (queued, True))
+        self.assertEqual((yield bob.next_text()), "after")
+        self.assertEqual((yield cat.next_text()), "after")
+        self.assertEqual((yield ann.next_text()), "after")
+
+    @inlineCallbacks
+    def test_what_the_socket_does_not_take_follows_in_order(self):
+        """A batch larger than the socket takes at once is queued for the
+        rest, and arrives whole, before the next one."""
+        (ann, ann_id), (bob, bob_id), _ = self.clients
+        bob_transport = self.hub.member(bob_id).transport
+        bob_transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        big = bytes(range(256)) * 2000
+        self.hub.publish_binary(ann_id, big)
+        self.hub.flush()
+        # The socket took part; the transport holds the rest.
+        self.assertTrue(bob_transport.dataBuffer or bob_transport._tempDataLen)
+        self.hub.publish_text(ann_id, "next")
+        self.hub.flush()
+        self.assertEqual((yield bob.next()), (big, True))
+        self.assertEqual((yield bob.next_text()), "next")
+        self.assertEqual((yield ann.next()), (big, True))
+
+    @inlineCallbacks
+    def test_kinds_interleaved_in_a_room_all_hear_it(self):
+        """WebSocket and line clients joined in turn: the fan-out's runs of
+        one kind and the hub's per-member delivery reach everyone."""
+        (ann, ann_id), (bob, _), (cat, _) = self.clients
+        line = yield connect_raw(self, port_of(self.service.line_endpoint), LineClient)
+        yield line.next()
+        for client, _ in self.clients:
+            yield client.next_text()
+        dan = yield connect_client(self, self.service.web_endpoint.port.getHost().port)
+        yield dan.next_text()
+        for client, _ in self.clients:
+            yield client.next_text()
+        yield line.next()
+        ann.send_text("all of you")
+        for client in (ann, bob, cat, dan):
+            self.assertEqual((yield client.next_text()), "all of you")
+        self.assertEqual((yield line.next()), "{}: all of you".format(ann_id))
