@@ -312,6 +312,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     rows = report.summarize([(s, v) for s, v, _ in plan], runs, servers)
     comparisons = report.comparisons(rows, len(os.sched_getaffinity(0)))
+    targets = report.targets(rows, settings.s2_subscribers, floor)
     ok = not interrupted and all(r.get("ok") for r in runs)
     document = {
         "benchmark": "broadcaster fan-out (python -m bench)",
@@ -343,6 +344,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "runs": runs,
         "summary": rows,
         "comparisons": comparisons,
+        "targets": targets,
         "ok": ok,
         "interrupted": interrupted,
         "elapsed_s": round(time.monotonic() - started, 1),
@@ -351,7 +353,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     print()
     print(report.format_table(rows, unavailable))
-    for line in report.format_comparisons(comparisons) + notes:
+    for line in report.format_targets(targets) + report.format_comparisons(comparisons) + notes:
         print(line)
     print()
     print("results: {}".format(args.json_out))

@@ -172,11 +172,16 @@ CROSS_NODE_TARGET = 0.8
 WORKERS_TARGET = 1.7
 
 
-def _median(rows: Sequence[Dict], variant: str, metric: str = "deliveries_per_s") -> Optional[float]:
+def _row(rows: Sequence[Dict], variant: str, metric: str) -> Optional[Dict]:
     for row in rows:
         if row["variant"] == variant and row["metric"] == metric and row["server"] == "broadcaster":
-            return row["median"]
+            return row
     return None
+
+
+def _median(rows: Sequence[Dict], variant: str, metric: str = "deliveries_per_s") -> Optional[float]:
+    row = _row(rows, variant, metric)
+    return None if row is None else row["median"]
 
 
 def comparisons(rows: Sequence[Dict], cores: Optional[int] = None) -> List[Dict]:
@@ -219,6 +224,73 @@ def comparisons(rows: Sequence[Dict], cores: Optional[int] = None) -> List[Dict]
             item["meets_target"] = None
             item["why_not_judged"] = "{} usable CPUs; the target assumes 4 or more".format(cores)
     return found
+
+
+#: The issue's targets for one server against the references: S1 at 1000
+#: subscribers at least 3x the Autobahn reference's deliveries/s; S2 at 200
+#: messages/s to 1000 subscribers nothing lost and a p99 of at most 10 ms;
+#: S3 at most 8 KiB per idle connection.
+THROUGHPUT_TARGET = 3.0
+LATENCY_TARGET_MS = 10.0
+IDLE_MEMORY_TARGET_KIB = 8.0
+
+
+def targets(
+    rows: Sequence[Dict], s2_subscribers: int, floor: Optional[Dict] = None
+) -> List[Dict]:
+    """
+    broadcaster's S1, S2 and S3 figures against the issue's targets, for
+    those the run measured under the targets' conditions (S1 with the
+    Autobahn reference beside it, S2 with 1000 subscribers).  S2's verdict
+    carries this run's system floor (one round of bare ``send()``\ s to
+    as many sockets), which is most of its p99 on a slow machine.
+    """
+    found = []
+    s1 = _row(rows, "S1/1000", "deliveries_per_s")
+    if s1 is not None and s1["ratio_to_reference"] is not None:
+        ratio = s1["ratio_to_reference"]
+        found.append({
+            "what": "S1 1000 subscribers, deliveries/s over the Autobahn reference's",
+            "figure": "×{:.2f}".format(ratio),
+            "target": "≥ ×{:.1f}".format(THROUGHPUT_TARGET),
+            "meets_target": ratio >= THROUGHPUT_TARGET,
+        })
+    p99 = _row(rows, "S2/200", "latency_p99_ms")
+    lost = _row(rows, "S2/200", "lost")
+    if s2_subscribers == 1000 and p99 is not None and lost is not None:
+        item = {
+            "what": "S2 1000 subscribers, 200 msg/s, p99 latency and deliveries lost",
+            "figure": "{:.1f} ms, {:,.0f} lost".format(p99["median"], lost["max"]),
+            "target": "≤ {:.0f} ms, none lost".format(LATENCY_TARGET_MS),
+            "meets_target": p99["median"] <= LATENCY_TARGET_MS and lost["max"] == 0,
+        }
+        if floor and floor.get("connections") == s2_subscribers:
+            item["note"] = "a round of bare send()s to {} sockets takes {:.1f} ms here".format(
+                floor["connections"], floor["round_ms"]
+            )
+        found.append(item)
+    idle = [row for row in rows if row["scenario"] == "S3" and row["metric"] == "rss_kib_per_conn"
+            and row["server"] == "broadcaster"]
+    for row in idle:
+        found.append({
+            "what": "S3 {}, RSS per idle connection".format(row["variant_label"]),
+            "figure": "{:.1f} KiB".format(row["median"]),
+            "target": "≤ {:.0f} KiB".format(IDLE_MEMORY_TARGET_KIB),
+            "meets_target": row["median"] <= IDLE_MEMORY_TARGET_KIB,
+        })
+    return found
+
+
+def format_targets(items: Sequence[Dict]) -> List[str]:
+    """Lines for the terminal, one per target."""
+    return [
+        "{}: {} (target {}: {}){}".format(
+            item["what"], item["figure"], item["target"],
+            "met" if item["meets_target"] else "not met",
+            "; " + item["note"] if item.get("note") else "",
+        )
+        for item in items
+    ]
 
 
 def format_comparisons(items: Sequence[Dict]) -> List[str]:

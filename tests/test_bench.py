@@ -1,7 +1,9 @@
 """
 The fan-out benchmark (``python -m bench``) runs in the suite: a tiny S1 run
 against a real ``twistd broadcaster``, whose every delivery the C load
-generator counts and checks.  The figures themselves are not judged here.
+generator counts and checks.  The figures themselves are not judged here;
+how a run's figures are judged against the issue's targets is, on figures
+made up for the purpose.
 """
 
 import json
@@ -10,8 +12,9 @@ import sys
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
+from bench import report
 from bench.loadgen import find_compiler
 from tests.support import REPO_ROOT, CollectingProcess, checkout_env
 
@@ -141,3 +144,64 @@ def _alive(pid):
             return f.read().rpartition(")")[2].split()[0] != "Z"
     except OSError:
         return False
+
+
+def _row(variant, metric, median, label="", ratio=None, values=None):
+    values = values if values is not None else [median]
+    return {
+        "scenario": variant.split("/")[0], "variant": variant, "variant_label": label,
+        "metric": metric, "server": "broadcaster", "median": median, "values": values,
+        "min": min(values), "max": max(values), "ratio_to_reference": ratio,
+    }
+
+
+class TargetsTests(SynchronousTestCase):
+    """A run's figures against the issue's targets (``report.targets``)."""
+
+    floor = {"connections": 1000, "size": 64, "rounds": 30, "us_per_send": 9.2, "round_ms": 9.2}
+
+    def verdicts(self, rows, s2_subscribers=1000):
+        return {
+            item["what"].split(",")[0]: item["meets_target"]
+            for item in report.targets(rows, s2_subscribers, self.floor)
+        }
+
+    def test_each_target_met_or_not(self):
+        """S1's ratio, S2's p99 and loss, and S3's memory at each count are judged."""
+        rows = [
+            _row("S1/1000", "deliveries_per_s", 2.4e6, ratio=3.1),
+            _row("S2/200", "latency_p99_ms", 10.0),
+            _row("S2/200", "lost", 0),
+            _row("S3/5000", "rss_kib_per_conn", 4.6, "5000 idle connections"),
+            _row("S3/20000", "rss_kib_per_conn", 8.2, "20000 idle connections"),
+        ]
+        self.assertEqual(
+            self.verdicts(rows),
+            {
+                "S1 1000 subscribers": True,
+                "S2 1000 subscribers": True,
+                "S3 5000 idle connections": True,
+                "S3 20000 idle connections": False,
+            },
+        )
+
+    def test_a_loss_in_any_run_fails_latency(self):
+        """S2 is not met if any run lost a delivery, however good the p99."""
+        rows = [
+            _row("S2/200", "latency_p99_ms", 4.0),
+            _row("S2/200", "lost", 0, values=[0, 0, 3]),
+        ]
+        self.assertEqual(self.verdicts(rows), {"S2 1000 subscribers": False})
+        (line,) = report.format_targets(report.targets(rows, 1000, self.floor))
+        self.assertIn("4.0 ms, 3 lost (target ≤ 10 ms, none lost: not met)", line)
+        self.assertIn("bare send()s to 1000 sockets takes 9.2 ms here", line)
+
+    def test_only_under_the_targets_conditions(self):
+        """No S1 verdict without the reference beside it, none for S2 with
+        another subscriber count."""
+        rows = [
+            _row("S1/1000", "deliveries_per_s", 2.4e6, ratio=None),
+            _row("S2/200", "latency_p99_ms", 4.0),
+            _row("S2/200", "lost", 0),
+        ]
+        self.assertEqual(self.verdicts(rows, s2_subscribers=20), {})
