@@ -110,18 +110,6 @@ def _frame_batch(codec):
 _FRAME_BATCH = {_PLAIN: _frame_batch(_PLAIN), _JSON: _frame_batch(_JSON)}
 
 
-def _batch_frames(batch, codec) -> Tuple[bytes, int]:
-    """
-    The bytes of ``batch`` in ``codec``'s format and how many frames they
-    are, built by the first recipient of that format and reused by the rest.
-    """
-    try:
-        return batch.wire[codec]
-    except KeyError:
-        framed = batch.wire[codec] = _FRAME_BATCH[codec](batch)
-        return framed
-
-
 def _parse_since_param(value: str) -> Optional[Tuple[str, int]]:
     """
     Read ``?since=<epoch>:<seq>``; ``None`` if it is not that.
@@ -801,14 +789,15 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         if outbound.over(self.factory.limits.max_buffer):
             self._slow_consumer()
             return
-        data, frames = _batch_frames(batch, self.codec)
+        data, frames = encoded(batch, self.codec, _FRAME_BATCH[self.codec])
         if frames:
             # What sendPreparedMessage does for each frame, in one call.
             self.transport.write(data)
-            outbound.wrote(len(data))
+            size = len(data)
+            outbound.wrote(size)
             stats = self.factory.hub.stats
             stats.frames_out += frames
-            stats.bytes_out += len(data)
+            stats.bytes_out += size
 
     @staticmethod
     def fan_out(hub: Hub, batch, members: List, index: int, occupants: Dict, deadline) -> int:
@@ -840,7 +829,7 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         timer = hub.timer
         check = hub.SLICE_CHECK
         frames_out = bytes_out = 0
-        codec = data = None
+        codec = None
         count = len(members)
         while index < count:
             member = members[index]
@@ -864,7 +853,8 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
                         and not transport.dataBuffer
                     ):
                         if member.codec is not codec:
-                            data, frames = _batch_frames(batch, member.codec)
+                            # Framed once per wire format (see encoded()).
+                            data, frames = encoded(batch, member.codec, _FRAME_BATCH[member.codec])
                             size = len(data)
                             codec = member.codec
                         if frames:
