@@ -25,7 +25,7 @@ from bench import machine, report
 from bench.floor import describe_floor, send_floor
 from bench.loadgen import BuildError, LoadGenError, build
 from bench.scenarios import SCENARIOS, Context, Settings
-from bench.servers import BENCH_DIR, REFERENCE, SERVERS, ServerError, lookup
+from bench.servers import BENCH_DIR, REFERENCE, SERVERS, ServerError, add_baseline, lookup
 
 DEFAULT_JSON = BENCH_DIR / "results" / "latest.json"
 
@@ -98,6 +98,11 @@ def parser() -> argparse.ArgumentParser:
         help="S3 variants (default 5000; e.g. 5000,20000: counts above the open files"
         " limit are lowered to fit)",
     )
+    p.add_argument(
+        "--baseline", default=None, metavar="REV",
+        help="also run broadcaster as of this git revision (as broadcaster@REV), to"
+        " compare a change before and after in one run",
+    )
     p.add_argument("--server-cpu", type=int, default=None, help="CPU for the servers (default: the first usable)")
     p.add_argument("--loadgen-cpu", type=int, default=None, help="CPU for the load generator (default: the second usable)")
     p.add_argument(
@@ -154,6 +159,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyError as e:
         parser().error("unknown scenario {} (known: {})".format(e, ", ".join(SCENARIOS)))
 
+    if args.baseline is not None:
+        try:
+            baseline = add_baseline(args.baseline)
+        except ServerError as e:
+            _log("python -m bench: {}".format(e))
+            return 2
+        servers.insert(servers.index("broadcaster") + 1 if "broadcaster" in servers else 0,
+                       baseline.name)
     notes: List[str] = []
     runnable = []
     for name in servers:

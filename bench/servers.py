@@ -162,6 +162,41 @@ SERVERS: Dict[str, ServerSpec] = {
     )
 }
 
+def add_baseline(revision: str) -> ServerSpec:
+    """
+    Register ``broadcaster@REVISION``: broadcaster as it was at a git
+    revision of this repository, unpacked into a temporary directory, so that
+    one run measures a change before and after on the same machine in the
+    same minutes (figures vary twofold between machines and hours).
+
+    :raise ServerError: if the revision cannot be unpacked.
+    """
+    directory = tempfile.mkdtemp(prefix="broadcaster-bench-baseline-")
+    try:
+        archive = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "archive", "--format=tar", revision],
+            capture_output=True, check=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", directory], input=archive, check=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise ServerError("--baseline {}: cannot unpack it ({})".format(revision, e))
+
+    def argv(port: int) -> List[str]:
+        # Its directory first on the path: its broadcaster package and its
+        # plugin shadow this checkout's.
+        return ["env", "PYTHONPATH=" + directory] + _broadcaster_argv(port)
+
+    spec = ServerSpec(
+        "baseline",
+        "broadcaster@{}".format(revision),
+        "twistd -n broadcaster as of git revision {}, defaults but --rate 0".format(revision),
+        argv,
+        {"twisted": "pip install .", "autobahn": "pip install ."},
+    )
+    SERVERS[spec.name] = spec
+    return spec
+
+
 #: The server every figure is compared with.
 REFERENCE = "autobahn"
 

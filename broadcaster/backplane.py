@@ -57,10 +57,10 @@ class Backplane(Protocol):
             sequence stands now.
         """
 
-    def history(self, room: str, limit: int) -> Deferred:
+    def history(self, room: str, limit: int, before: Optional[int] = None) -> Deferred:
         """
         :return: a Deferred firing with the last ``limit`` messages of
-            ``room``, oldest first.
+            ``room`` (those numbered below ``before``, if given), oldest first.
         """
 
     def missed(
@@ -129,9 +129,9 @@ class LocalBackplane:
             history = self.histories.get(room)
         return succeed((history.epoch, history.seq))
 
-    def history(self, room: str, limit: int) -> Deferred:
+    def history(self, room: str, limit: int, before: Optional[int] = None) -> Deferred:
         history = self.histories.peek(room)
-        return succeed(history.last(limit) if history is not None else [])
+        return succeed(history.last(limit, before) if history is not None else [])
 
     def missed(
         self, room: str, epoch: str, seq: int, joined_at: Optional[Tuple[str, int]]

@@ -67,13 +67,16 @@ class RoomHistory(Generic[T]):
         """
         self._messages.append((seq, message))
 
-    def last(self, limit: int) -> List[T]:
+    def last(self, limit: int, before: Optional[int] = None) -> List[T]:
         """
-        Up to ``limit`` most recent messages, oldest first.
+        Up to ``limit`` most recent messages (numbered below ``before``, if
+        given), oldest first.
         """
         if limit <= 0:
             return []
         kept = list(self._messages)
+        if before is not None:
+            kept = [entry for entry in kept if entry[0] < before]
         return [message for _, message in kept[-limit:]]
 
     def after(self, epoch: str, seq: int, upto: Optional[int] = None) -> Tuple[List[T], bool]:

@@ -631,16 +631,19 @@ class Hub:
 
     # History
 
-    def history(self, member_id: str, room: str, limit: int) -> Deferred:
+    def history(
+        self, member_id: str, room: str, limit: int, before: Optional[int] = None
+    ) -> Deferred:
         """
-        The last ``limit`` messages of a room the member is in, oldest first.
+        The last ``limit`` messages of a room the member is in (those
+        numbered below ``before``, if given), oldest first.
 
         :return: a Deferred firing with the list.
         :raise NotInRoom: if the member is not in ``room``.
         """
         if room not in self._memberships.get(member_id, ()):
             raise NotInRoom("not in room {!r}: join it first".format(room))
-        return self.backplane.history(room, limit)
+        return self.backplane.history(room, limit, before)
 
     def replay(self, member: Member, room: str, epoch: str, seq: int) -> Deferred:
         """

@@ -15,7 +15,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from broadcaster.flow import OutboundBuffer, RateLimit
+from broadcaster.flow import Outbound, RateLimit
 
 
 #: Seconds a connection the server hangs up on may keep sending (unread)
@@ -114,13 +114,20 @@ class RawMemberProtocol(Protocol):
         or after :data:`LINGER_SECONDS`.
         """
         self.closing = True
-        self.transport.write(last_words)
+        outbound = self._outbound
+        outbound.spent = True
+        outbound.write(last_words, 0)
         # Plain TCP can half-close; TLS and other transports just close.
         lose_write = getattr(self.transport, "loseWriteConnection", None)
         if lose_write is None:
-            self.transport.loseConnection()
+            outbound.lose_connection()
             return
-        lose_write()
+
+        def half_close() -> None:
+            outbound.step_aside()
+            lose_write()
+
+        outbound.when_drained(half_close)
         self._linger = self.factory.clock.callLater(LINGER_SECONDS, self.transport.abortConnection)
 
     def connectionMade(self) -> None:
@@ -128,7 +135,7 @@ class RawMemberProtocol(Protocol):
         self.peer = peer2str(self.transport)
         self.id = factory.hub.new_id()
         self._connected_at = factory.clock.seconds()
-        self._outbound = OutboundBuffer(self.transport)
+        self._outbound = Outbound(self.transport)
         self._rate = RateLimit(factory.clock, factory.limits.rate, factory.limits.burst)
         factory.hub.connect(self)
         log_connect(self._log, self.id, self.peer, self.kind, len(factory.hub))
@@ -142,24 +149,43 @@ class RawMemberProtocol(Protocol):
         if self.closing:
             return
         limit = self.factory.limits.max_buffer
-        if self._outbound.over(limit):
-            self._log.warn(
-                "[SLOW CONSUMER] {client} is {queued} bytes behind (--max-buffer {limit});"
-                " disconnecting",
-                client=self.id,
-                queued=self._outbound.queued,
-                limit=limit,
-            )
-            self.factory.hub.stats.slow_consumers += 1
-            self.closing = True
-            self.transport.abortConnection()
-            return
-        self.transport.writeSequence(chunks)
+        outbound = self._outbound
         size = sum(len(chunk) for chunk in chunks)
-        self._outbound.wrote(size)
+        # The budget is checked for the whole message, so that it is never
+        # sent in part.
+        if outbound.queued and outbound.queued + size > limit:
+            self._slow_consumer(size)
+            return
+        for chunk in chunks:
+            outbound.write(chunk, limit + size)
         stats = self.factory.hub.stats
         stats.frames_out += 1
         stats.bytes_out += size
+
+    def _slow_consumer(self, size: int) -> None:
+        """
+        ``size`` more bytes would take the client past ``--max-buffer``:
+        disconnect it, and forget what waits for it.
+        """
+        limit = self.factory.limits.max_buffer
+        self._log.warn(
+            "[SLOW CONSUMER] {client} is {queued} bytes behind and {size} more would pass"
+            " --max-buffer {limit}; disconnecting",
+            client=self.id,
+            queued=self._outbound.cut(),
+            size=size,
+            limit=limit,
+        )
+        self.factory.hub.stats.slow_consumers += 1
+        self.closing = True
+        self.transport.abortConnection()
+
+    def send_error(self, data: bytes) -> None:
+        """
+        Tell the client its input was refused (an error line or frame),
+        through the same budget as everything else it is sent.
+        """
+        self.send(data)
 
     def deliver_many(self, batch) -> None:
         """
@@ -198,14 +224,14 @@ class RawMemberProtocol(Protocol):
                 peer=self.peer,
                 rate=limits.rate,
             )
-        self.transport.write(refusal(reason + "; message dropped"))
+        self.send_error(refusal(reason + "; message dropped"))
         return False
 
     def shut_down(self) -> None:
         """
         The server is stopping: send what is queued, then close.
         """
-        self.transport.loseConnection()
+        self._outbound.lose_connection()
 
     def abort(self) -> None:
         """

@@ -1136,14 +1136,23 @@ class RedisBackplane:
         history = self._fallback.get(room)
         return self._local_epoch, (history.seq if history is not None else 0)
 
-    def history(self, room: str, limit: int) -> Deferred:
+    def history(self, room: str, limit: int, before: Optional[int] = None) -> Deferred:
         if limit <= 0:
             return succeed([])
         if not self.connected:
             history = self._fallback.get(room)
-            return succeed(history.last(limit) if history is not None else [])
-        d = self._run("LRANGE", self._room_keys(room)[2], -limit, -1)
-        return d.addCallback(lambda entries: [parse_event(entry) for entry in entries])
+            return succeed(history.last(limit, before) if history is not None else [])
+        if before is None:
+            d = self._run("LRANGE", self._room_keys(room)[2], -limit, -1)
+            return d.addCallback(lambda entries: [parse_event(entry) for entry in entries])
+
+        def older(entries):
+            # The whole kept history (--history-size entries) is read, then
+            # those before the cursor picked.
+            messages = [parse_event(entry) for entry in entries]
+            return [m for m in messages if m.seq < before][-limit:]
+
+        return self._run("LRANGE", self._room_keys(room)[2], 0, -1).addCallback(older)
 
     def missed(
         self, room: str, epoch: str, seq: int, joined_at: Optional[Tuple[str, int]]

@@ -139,10 +139,11 @@ class Options(usage.Options):
         [
             "max-buffer",
             None,
-            1024 * 1024,
-            "Bytes a client may fall behind (queued for it because it reads "
-            "slowly) before it is closed as a slow consumer (code 4008).  At "
-            "least --max-message-size.",
+            16 * 1024 * 1024,
+            "Bytes that may wait for a client that reads slowly, whatever "
+            "produced them (messages, replies, images); a write that would "
+            "pass it closes the client as a slow consumer (code 4008).  At "
+            "least --max-message-size and --max-image-size.",
             positive_int,
         ],
         [
@@ -469,6 +470,14 @@ class Options(usage.Options):
                 "--max-buffer {} is smaller than --max-message-size {}: a client "
                 "could not be sent one message of the largest allowed size".format(
                     self["max-buffer"], self["max-message-size"]
+                )
+            )
+        if self["max-buffer"] < self["max-image-size"]:
+            raise usage.UsageError(
+                "--max-buffer {} is smaller than --max-image-size {}: a client "
+                "that keeps up could be cut as a slow consumer by the next message "
+                "after one image of the largest allowed size".format(
+                    self["max-buffer"], self["max-image-size"]
                 )
             )
         node = self["node-id"]

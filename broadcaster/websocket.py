@@ -48,7 +48,7 @@ from twisted.python.failure import Failure
 from broadcaster import __version__
 from broadcaster.auth import AuthDenied, AuthUnavailable, Identity
 from broadcaster.fetch import MAX_FETCHES_PER_CLIENT, FetchError, describe_url
-from broadcaster.flow import Limits, OutboundBuffer, RateLimit
+from broadcaster.flow import Limits, Outbound, RateLimit
 from broadcaster.hub import Event, Hub, NotInRoom, TooManyRooms, encoded
 from broadcaster.imaging import ImageError, NormalisedImage
 from broadcaster.keepalive import Keepalive
@@ -56,7 +56,9 @@ from broadcaster.members import log_connect, log_disconnect
 from broadcaster.names import LOBBY, InvalidName, check_display_name
 from broadcaster.origin import OriginPolicy
 from broadcaster.wire import (
+    HISTORY_REPLY_SIZE,
     JSON_SUBPROTOCOL,
+    MEMBERS_PAGE,
     BadRequest,
     JSONCodec,
     PlainCodec,
@@ -351,13 +353,63 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         factory.connections_per_ip[address] = factory.connections_per_ip.get(address, 0) + 1
 
     def connectionMade(self) -> None:
+        self._outbound = None
         super().connectionMade()
         self.send_queue = _NO_SEND_QUEUE
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: Optional[int] = None) -> None:
+        """
+        Where Autobahn writes every frame it makes (messages, pings, pongs,
+        close frames): once the connection is open, through the client's
+        :class:`~broadcaster.flow.Outbound`, like everything else.
+        """
+        if self._outbound is not None:
+            self._write(data)
+            return
         if (sync or chopsize) and self.send_queue is _NO_SEND_QUEUE:
             self.send_queue = deque()
         super().sendData(data, sync, chopsize)
+
+    def _write(self, data) -> bool:
+        """
+        Send ``data`` to the client through its one budgeted outbound path,
+        or close it as a slow consumer if that would take it past
+        ``--max-buffer``.
+
+        :return: whether the bytes were queued.
+        """
+        if self._outbound.write(data, self.factory.limits.max_buffer):
+            return True
+        self._slow_consumer(len(data))
+        return False
+
+    def _reply(self, payload: bytes, is_binary: bool = False) -> None:
+        """
+        Send the client a message of the server's own (welcome, presence,
+        history, ack, error, ...).  ``--max-message-size`` limits what
+        clients send, not this: the server's replies are bounded by design
+        (see :mod:`broadcaster.wire`), and go out through the same budget
+        as the fan-out.
+        """
+        if self.state != self.STATE_OPEN:
+            return
+        if self._perMessageCompress is not None:
+            self._send_compressed(payload, is_binary)
+            return
+        self._write(PreparedMessage(payload, is_binary, False, True).payloadHybi)
+
+    def _send_compressed(self, payload: bytes, is_binary: bool) -> bool:
+        """
+        Compress and frame one message for this client alone (a
+        permessage-deflate context is per connection), without Autobahn's
+        ``sendMessage``, which refuses to send anything larger than the
+        limit on what clients may send.
+        """
+        compressor = self._perMessageCompress
+        compressor.start_compress_message()
+        data = compressor.compress_message_data(payload) + compressor.end_compress_message()
+        self.sendFrame(opcode=2 if is_binary else 1, payload=data, rsv=4)
+        return self.state == self.STATE_OPEN
 
     def _forget_handshake(self) -> None:
         """
@@ -376,7 +428,7 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         hub = factory.hub
         self.id = hub.new_id()
         self._opened_at = factory.clock.seconds()
-        self._outbound = OutboundBuffer(self.transport)
+        self._outbound = Outbound(self.transport)
         self._rate = RateLimit(factory.clock, factory.limits.rate, factory.limits.burst)
         if factory.keepalive is not None:
             factory.keepalive.add(self)
@@ -392,7 +444,7 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
             return
         epoch, seq = position
         hub = self.factory.hub
-        self.sendMessage(
+        self._reply(
             _JSON.welcome(
                 self, hub.presence(LOBBY) + [self], epoch, seq, self.factory.client_limits
             )
@@ -404,7 +456,7 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
             # connect, so before any live message.
             epoch, seq = self._lobby_since
             hub.replay(self, LOBBY, epoch, seq).addCallback(
-                lambda complete: self.sendMessage(_JSON.recovered(LOBBY, complete))
+                lambda complete: self._reply(_JSON.recovered(LOBBY, complete))
             ).addErrback(self._backplane_failed)
 
     def _connect(self) -> None:
@@ -433,7 +485,7 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
             "{client}: backplane request failed", failure, client=self.id
         )
         if self.state == self.STATE_OPEN and self.codec is _JSON:
-            self.sendMessage(_JSON.error("temporarily unavailable, try again", ref))
+            self._reply(_JSON.error("temporarily unavailable, try again", ref))
 
     def onMessageEnd(self) -> None:
         """
@@ -513,7 +565,7 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
                 burst=limits.burst,
             )
         if self.codec is _JSON:
-            self.sendMessage(
+            self._reply(
                 _JSON.error(
                     "rate limit exceeded: at most {:g} messages per second (bursts of {});"
                     " message dropped".format(limits.rate, limits.burst),
@@ -574,13 +626,13 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
     def _refuse(self, reason: str, ref) -> None:
         self.factory.hub.stats.bad_input[self.codec.name] += 1
         self._log.warn("[BAD INPUT] {client}: {reason}", client=self.id, reason=reason)
-        self.sendMessage(_JSON.error(reason, ref))
+        self._reply(_JSON.error(reason, ref))
 
     def _do_message(self, request) -> None:
         ref = request["ref"]
         published = self.factory.hub.publish_text(self.id, request["text"], request["room"])
         if ref is not None:
-            published.addCallback(lambda event: self.sendMessage(_JSON.ack(ref, event)))
+            published.addCallback(lambda event: self._reply(_JSON.ack(ref, event)))
         published.addErrback(self._backplane_failed, ref)
 
     def _do_join(self, request) -> None:
@@ -590,11 +642,11 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
 
         def presence(position: Tuple[str, int]):
             epoch, seq = position
-            self.sendMessage(_JSON.presence(room, hub.presence(room), epoch, seq))
+            self._reply(_JSON.presence(room, hub.presence(room), epoch, seq))
             if request["since"] is not None:
                 epoch, seq = request["since"]
                 return hub.replay(self, room, epoch, seq).addCallback(
-                    lambda complete: self.sendMessage(_JSON.recovered(room, complete))
+                    lambda complete: self._reply(_JSON.recovered(room, complete))
                 )
 
         hub.position(room).addCallback(presence).addErrback(self._backplane_failed, request["ref"])
@@ -614,15 +666,27 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         hub = self.factory.hub
         room = request["room"]
         hub.position(room).addCallback(
-            lambda position: self.sendMessage(
-                _JSON.presence(room, hub.presence(room), *position)
+            lambda position: self._reply(
+                _JSON.presence(
+                    room, hub.presence(room), *position,
+                    after=request["cursor"], limit=request["limit"],
+                )
             )
         ).addErrback(self._backplane_failed, request["ref"])
 
     def _do_history(self, request) -> None:
         room = request["room"]
-        self.factory.hub.history(self.id, room, request["limit"]).addCallback(
-            lambda messages: self.sendMessage(_JSON.history(room, messages))
+        limit = request["limit"]
+
+        def answer(messages) -> None:
+            # One more than asked for tells whether older ones are kept.
+            more = len(messages) > limit
+            self._reply(
+                _JSON.history(room, messages[-limit:], more, self.factory.history_reply_size)
+            )
+
+        self.factory.hub.history(self.id, room, limit + 1, request["before"]).addCallback(
+            answer
         ).addErrback(self._backplane_failed, request["ref"])
 
     def _do_image_url(self, request) -> None:
@@ -685,7 +749,7 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
                 host=host,
             )
         if self.state == self.STATE_OPEN:
-            self.sendMessage(_JSON.error("image_url: {}".format(reason), ref))
+            self._reply(_JSON.error("image_url: {}".format(reason), ref))
 
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
         if not self._joined:
@@ -760,17 +824,17 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         if self.state != self.STATE_OPEN:
             # Closing: RFC 6455 allows no data frames after our close frame.
             return
-        outbound = self._outbound
-        if outbound.over(self.factory.limits.max_buffer):
-            self._slow_consumer()
-            return
         stats = self.factory.hub.stats
+        compressed = self._perMessageCompress is not None
         for prepared in encoded(event, self.codec, _PREPARE[self.codec]):
-            self.sendPreparedMessage(prepared)
-            size = len(prepared.payloadHybi)
-            outbound.wrote(size)
+            if compressed:
+                sent = self._send_compressed(prepared.payload, prepared.binary)
+            else:
+                sent = self._write(prepared.payloadHybi)
+            if not sent:
+                return  # cut as a slow consumer
             stats.frames_out += 1
-            stats.bytes_out += size
+            stats.bytes_out += len(prepared.payloadHybi)
 
     def deliver_many(self, batch) -> None:
         """
@@ -785,19 +849,11 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
             for event in batch:
                 self.deliver(event)
             return
-        outbound = self._outbound
-        if outbound.over(self.factory.limits.max_buffer):
-            self._slow_consumer()
-            return
         data, frames = encoded(batch, self.codec, _FRAME_BATCH[self.codec])
-        if frames:
-            # What sendPreparedMessage does for each frame, in one call.
-            self.transport.write(data)
-            size = len(data)
-            outbound.wrote(size)
+        if frames and self._write(data):
             stats = self.factory.hub.stats
             stats.frames_out += frames
-            stats.bytes_out += size
+            stats.bytes_out += len(data)
 
     @staticmethod
     def fan_out(hub: Hub, batch, members: List, index: int, occupants: Dict, deadline) -> int:
@@ -865,7 +921,9 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
                                 # own write path deals with both.
                                 sent = 0
                             if sent != size:
-                                transport.write(data[sent:])
+                                # The rest waits in the client's outbound
+                                # queue, shared with the others, not copied.
+                                member._outbound.write(memoryview(data)[sent:], 0)
                             frames_out += frames
                             bytes_out += size
                     else:
@@ -879,22 +937,37 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         stats.bytes_out += bytes_out
         return index
 
-    def _slow_consumer(self) -> None:
+    def _slow_consumer(self, size: int) -> None:
         """
-        The client reads more slowly than the chat goes: close it rather
-        than hold an ever-growing backlog for it.  The broadcast goes on
-        without waiting; its close handshake has closeHandshakeTimeout to
-        complete before the connection is dropped.
+        The client reads more slowly than the chat goes: ``size`` more
+        bytes would take it past ``--max-buffer``.  Close it rather than
+        hold an ever-growing backlog for it: what waits for it is dropped,
+        and the close frame follows the last frame it had begun to receive.
+        The broadcast goes on without waiting; the close handshake has
+        closeHandshakeTimeout to complete before the connection is dropped.
         """
+        queued = self._outbound.cut()
         self._log.warn(
-            "[SLOW CONSUMER] {client} is {queued} bytes behind (--max-buffer {limit});"
-            " closing with 4008",
+            "[SLOW CONSUMER] {client} is {queued} bytes behind and {size} more would pass"
+            " --max-buffer {limit}; closing with 4008",
             client=self.id,
-            queued=self._outbound.queued,
+            queued=queued,
+            size=size,
             limit=self.factory.limits.max_buffer,
         )
         self.factory.hub.stats.slow_consumers += 1
         self._close(SLOW_CONSUMER, "slow consumer: too far behind")
+
+    def _closeConnection(self, abort: bool = False) -> None:
+        """
+        Autobahn's last step: close TCP, after what waits in the outbound
+        queue (a close frame, say) when the close is not an abort.
+        """
+        outbound = self._outbound
+        if abort or outbound is None:
+            super()._closeConnection(abort)
+        else:
+            outbound.lose_connection()
 
 
 class BroadcastServerFactory(WebSocketServerFactory):
@@ -938,6 +1011,9 @@ class BroadcastServerFactory(WebSocketServerFactory):
         self.connections = 0
         self.connections_per_ip: Dict[str, int] = {}
         self.max_name_length = max_name_length
+        #: Bytes of messages one history reply holds: one message of the
+        #: largest size always fits.
+        self.history_reply_size = max(HISTORY_REPLY_SIZE, limits.max_message_size + 1024)
         #: Told to JSON clients in their welcome, so they can check first.
         self.client_limits = {
             "max_message_size": limits.max_message_size,
@@ -946,6 +1022,8 @@ class BroadcastServerFactory(WebSocketServerFactory):
             "max_rooms_per_client": hub.max_rooms_per_member,
             "rate": limits.rate,
             "burst": limits.burst,
+            "members_page": MEMBERS_PAGE,
+            "history_reply_size": self.history_reply_size,
         }
         #: Log per-message lines (sizes only).  Checked before formatting an
         #: event at all, since this is on the fan-out's hot path.

@@ -24,6 +24,7 @@ These functions are pure, so they are tested without any network.
 
 from __future__ import annotations
 
+import heapq
 import json
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -89,6 +90,42 @@ def message_event(event: TextMessage) -> Dict[str, Any]:
         "seq": event.seq,
         "epoch": event.epoch,
     }
+
+
+#: Most members listed in one ``welcome`` or ``presence``; ``who`` pages
+#: through the rest (see :func:`members_page`).
+MEMBERS_PAGE = 100
+
+#: Bytes of message events one ``history`` reply holds at most (but one
+#: message of any allowed size always fits); ``before`` pages further back.
+HISTORY_REPLY_SIZE = 256 * 1024
+
+
+def _member_id(member: Member) -> str:
+    return member.id
+
+
+def members_page(
+    members: Iterable[Member], after: Optional[str] = None, limit: int = MEMBERS_PAGE
+) -> Tuple[List[Member], Optional[str]]:
+    """
+    One page of a room's members: those whose id sorts after ``after``, in
+    id order, at most ``limit`` of them.
+
+    Ids are stable for a connection's life, so paging by them lists every
+    member that stays in the room exactly once, whoever comes and goes
+    between pages; a member who joins meanwhile is listed if its id sorts
+    after the cursor, and announced by its ``join`` event either way.
+
+    :return: the page and the cursor of the next one (``None``: this is the last).
+    """
+    if after is not None:
+        members = [m for m in members if m.id > after]
+    page = heapq.nsmallest(limit + 1, members, key=_member_id)
+    if len(page) > limit:
+        del page[limit:]
+        return page, page[-1].id
+    return page, None
 
 
 def member_entry(member: Member) -> Dict[str, Any]:
@@ -159,23 +196,27 @@ class JSONCodec:
     def welcome(
         self,
         member: Member,
-        members: Iterable[Member],
+        members: List[Member],
         epoch: str,
         seq: int,
         limits: Dict[str, int],
     ) -> bytes:
         """
-        The first message a JSON client receives: who it is, who is in the
-        lobby (itself included), where the lobby's sequence stands (for
-        recovery after a reconnect) and the limits it must keep to; with
-        ``--auth-url``, also the ``user`` the auth service named.
+        The first message a JSON client receives: who it is, the lobby's
+        member count and first page of members (itself included), where the
+        lobby's sequence stands (for recovery after a reconnect) and the
+        limits it must keep to; with ``--auth-url``, also the ``user`` the
+        auth service named.
         """
+        page, cursor = members_page(members)
         welcome = {
             "type": "welcome",
             "id": member.id,
             "name": member.name,
             "room": LOBBY,
-            "members": [member_entry(m) for m in members],
+            "members": [member_entry(m) for m in page],
+            "count": len(members),
+            "next": cursor,
             "epoch": epoch,
             "seq": seq,
             "limits": limits,
@@ -186,29 +227,58 @@ class JSONCodec:
         return dumps(welcome)
 
     def presence(
-        self, room: str, members: Iterable[Member], epoch: Optional[str], seq: int
+        self,
+        room: str,
+        members: List[Member],
+        epoch: Optional[str],
+        seq: int,
+        after: Optional[str] = None,
+        limit: int = MEMBERS_PAGE,
     ) -> bytes:
         """
-        Who is in ``room``, and where its sequence stands (``epoch`` is
-        ``None`` for a room that has no sequence yet).
+        Who is in ``room`` (its member count, and one page of its members:
+        those after the cursor ``after``), and where its sequence stands
+        (``epoch`` is ``None`` for a room that has no sequence yet).
         """
+        page, cursor = members_page(members, after, limit)
         return dumps(
             {
                 "type": "presence",
                 "room": room,
-                "members": [member_entry(m) for m in members],
+                "members": [member_entry(m) for m in page],
+                "count": len(members),
+                "next": cursor,
+                "cursor": after,
                 "epoch": epoch,
                 "seq": seq,
             }
         )
 
-    def history(self, room: str, messages: Iterable[TextMessage]) -> bytes:
+    def history(
+        self,
+        room: str,
+        messages: List[TextMessage],
+        more: bool,
+        max_size: int = HISTORY_REPLY_SIZE,
+    ) -> bytes:
         """
-        The answer to a ``history`` request: message events, oldest first.
+        The answer to a ``history`` request: message events, oldest first,
+        the newest of ``messages`` that fit in ``max_size`` bytes (at least
+        one), and whether older ones are kept (``more``: ask again with
+        ``before`` set to the oldest ``seq`` received).
         """
-        return dumps(
-            {"type": "history", "room": room, "messages": [message_event(m) for m in messages]}
-        )
+        encoded: List[bytes] = []
+        size = 0
+        for message in reversed(messages):
+            entry = dumps(message_event(message))
+            size += len(entry) + 1
+            if encoded and size > max_size:
+                more = True
+                break
+            encoded.append(entry)
+        encoded.reverse()
+        head = dumps({"type": "history", "room": room, "more": more})
+        return head[:-1] + b',"messages":[' + b",".join(encoded) + b"]}"
 
     def ack(self, ref: Any, event: TextMessage) -> bytes:
         """
@@ -298,6 +368,13 @@ def _since(value: Any, ref: Any) -> Optional[Tuple[str, int]]:
     return value["epoch"], value["seq"]
 
 
+def _positive_int(request: Dict[str, Any], field: str, default: Any, ref: Any) -> int:
+    value = request.get(field, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value > 2**53:
+        raise BadRequest('"{}" must be a positive integer'.format(field), ref)
+    return value
+
+
 def parse_client_message(
     payload: bytes, max_name_length: int = 32, max_history: int = 100
 ) -> Dict[str, Any]:
@@ -355,12 +432,19 @@ def parse_client_message(
             raise BadRequest(str(e), ref) from None
     elif kind == "who":
         parsed["room"] = _room(request, required=False, ref=ref)
+        cursor = request.get("cursor")
+        if cursor is not None and (not isinstance(cursor, str) or len(cursor) > MAX_REF_LENGTH):
+            raise BadRequest(
+                '"cursor" must be the "next" of an earlier presence (a string)', ref
+            )
+        parsed["cursor"] = cursor
+        parsed["limit"] = min(_positive_int(request, "limit", MEMBERS_PAGE, ref), MEMBERS_PAGE)
     elif kind == "history":
         parsed["room"] = _room(request, required=False, ref=ref)
-        limit = request.get("limit", max_history)
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise BadRequest('"limit" must be a positive integer', ref)
-        parsed["limit"] = min(limit, max_history)
+        parsed["limit"] = min(_positive_int(request, "limit", max_history, ref), max_history)
+        parsed["before"] = None
+        if request.get("before") is not None:
+            parsed["before"] = _positive_int(request, "before", None, ref)
     elif kind == "image_url":
         url = request.get("url")
         if not isinstance(url, str) or not url:

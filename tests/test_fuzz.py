@@ -240,16 +240,28 @@ def valid_messages(draw):
         expected["name"] = message["name"].strip()
     elif kind == "who":
         optional_room()
+        expected["cursor"] = None
+        if draw(st.booleans()):
+            message["cursor"] = expected["cursor"] = draw(st.text(max_size=128) | st.none())
+        expected["limit"] = 100
+        if draw(st.booleans()):
+            message["limit"] = draw(st.integers(min_value=1, max_value=10**6))
+            expected["limit"] = min(message["limit"], 100)
     elif kind == "history":
         optional_room()
         expected["limit"] = 100
         if draw(st.booleans()):
             message["limit"] = draw(st.integers(min_value=1, max_value=10**6))
             expected["limit"] = min(message["limit"], 100)
+        expected["before"] = None
+        if draw(st.booleans()):
+            message["before"] = expected["before"] = draw(
+                st.integers(min_value=1, max_value=2**53) | st.none()
+            )
     elif kind == "image_url":
         message["url"] = expected["url"] = draw(st.text(min_size=1, max_size=2048))
     # Fields the server does not know are ignored.
-    known = {"type", "ref", "room", "text", "name", "since", "limit", "url"}
+    known = {"type", "ref", "room", "text", "name", "since", "limit", "url", "cursor", "before"}
     extra = draw(
         st.dictionaries(
             st.text().filter(lambda k: k not in known), json_of(st.text(max_size=20)), max_size=2

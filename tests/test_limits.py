@@ -108,7 +108,9 @@ class SlowConsumerTests(TestCase):
         for it; the reading client gets every message."""
         logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         service, port = yield start_server(
-            self, ["--rate", "0", "--max-buffer", "262144", "--max-message-size", "65536"]
+            self,
+            ["--rate", "0", "--max-buffer", "262144", "--max-message-size", "65536",
+             "--max-image-size", "262144"],
         )
         (reader, _), (flooder, _) = yield connect_plain_clients(self, port, 2)
         stalled = yield TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(
@@ -134,11 +136,15 @@ class SlowConsumerTests(TestCase):
             if not payload.endswith(b"disconnected"):
                 received.append(int(payload[:5]))
         self.assertEqual(received, list(range(count)))
-        self.assertLessEqual(most_queued, 262144 + 65536 + 100)
         yield wait_for(lambda: warnings_containing(logged, "[SLOW CONSUMER]"), what="the warning")
         (warning,) = warnings_containing(logged, "[SLOW CONSUMER]")
         self.assertEqual(warning["client"], stalled_member.id)
-        self.assertGreater(warning["queued"], 262144)
+        # Cut when the next write would have passed the budget, not later:
+        # what was queued then is within --max-buffer, and never more than
+        # one message (plus its framing) beyond it.
+        self.assertGreater(warning["queued"] + warning["size"], 262144)
+        self.assertLessEqual(warning["queued"], 262144)
+        self.assertLessEqual(most_queued, 262144 + 65536 + 14)
         self.assertEqual(service.hub.stats.slow_consumers, 1)
 
     def test_max_buffer_below_max_message_size_is_refused(self):
@@ -146,9 +152,18 @@ class SlowConsumerTests(TestCase):
         error = self.assertRaises(
             UsageError,
             Options().parseOptions,
-            ["--max-buffer", "1000", "--max-message-size", "2000"],
+            ["--max-buffer", "1000", "--max-message-size", "2000", "--max-image-size", "1000"],
         )
-        self.assertIn("--max-buffer", str(error))
+        self.assertIn("--max-message-size", str(error))
+
+    def test_max_buffer_below_max_image_size_is_refused(self):
+        """A client that keeps up must survive the largest image:
+        --max-buffer < --max-image-size is an error."""
+        error = self.assertRaises(
+            UsageError, Options().parseOptions, ["--max-buffer", "1048576"]
+        )
+        self.assertIn("--max-image-size 16777216", str(error))
+        Options().parseOptions(["--max-buffer", "1048576", "--max-image-size", "1048576"])
 
 
 class RateLimitTests(TestCase):

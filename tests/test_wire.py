@@ -8,7 +8,14 @@ import json
 from twisted.trial.unittest import SynchronousTestCase
 
 from broadcaster.hub import BinaryMessage, ImageMessage, Joined, Left, Renamed, TextMessage
-from broadcaster.wire import BadRequest, JSONCodec, PlainCodec, parse_client_message
+from broadcaster.wire import (
+    MEMBERS_PAGE,
+    BadRequest,
+    JSONCodec,
+    PlainCodec,
+    members_page,
+    parse_client_message,
+)
 
 
 class Someone:
@@ -119,9 +126,22 @@ class JSONCodecTests(SynchronousTestCase):
             {
                 "type": "welcome", "id": "n-2", "name": "Bo", "room": "lobby",
                 "members": [{"id": "n-1", "name": None}, {"id": "n-2", "name": "Bo"}],
+                "count": 2, "next": None,
                 "epoch": "e1", "seq": 4, "limits": {"max_message_size": 9},
             },
         )
+
+    def test_welcome_of_a_big_lobby_lists_one_page(self) -> None:
+        """In a lobby of 20,000 members with the longest names, the welcome
+        carries the count and the first page of members, and stays small."""
+        name = "\u00e9" * 32
+        me = Someone("n-20000", name)
+        lobby = [Someone("n-{}".format(i), name) for i in range(19999)] + [me]
+        welcome = json.loads(self.codec.welcome(me, lobby, "e1", 4, {}))
+        self.assertEqual(welcome["count"], 20000)
+        self.assertEqual(len(welcome["members"]), MEMBERS_PAGE)
+        self.assertEqual(welcome["next"], welcome["members"][-1]["id"])
+        self.assertLess(len(self.codec.welcome(me, lobby, "e1", 4, {})), 16 * 1024)
 
     def test_replies(self) -> None:
         """Acks, presence, history, recovered and errors have their documented shapes."""
@@ -133,16 +153,53 @@ class JSONCodecTests(SynchronousTestCase):
         self.assertEqual(
             json.loads(self.codec.presence("dev", [Someone("n-1", "A")], "e1", 3)),
             {"type": "presence", "room": "dev", "members": [{"id": "n-1", "name": "A"}],
-             "epoch": "e1", "seq": 3},
+             "count": 1, "next": None, "cursor": None, "epoch": "e1", "seq": 3},
         )
-        history = json.loads(self.codec.history("dev", [message]))
+        history = json.loads(self.codec.history("dev", [message], False))
         self.assertEqual(history["messages"][0]["seq"], 3)
+        self.assertIs(history["more"], False)
         self.assertEqual(
             json.loads(self.codec.recovered("dev", False)),
             {"type": "recovered", "room": "dev", "complete": False},
         )
         self.assertEqual(json.loads(self.codec.error("nope")), {"type": "error", "reason": "nope"})
         self.assertEqual(json.loads(self.codec.error("nope", 5))["ref"], 5)
+
+
+class PagingTests(SynchronousTestCase):
+    def test_pages_list_every_member_once_whoever_comes_and_goes(self) -> None:
+        """Following ``next`` lists each member who stays exactly once, in
+        id order, while others leave and join between pages."""
+        room = [Someone("n-{}".format(i)) for i in range(250)]
+        stayers = {m.id for m in room if int(m.id[2:]) % 3}
+        seen = []
+        cursor = None
+        pages = 0
+        while True:
+            page, cursor = members_page(room, cursor, 40)
+            seen.extend(m.id for m in page)
+            pages += 1
+            # Between pages: a third of the room leaves, newcomers arrive.
+            room = [m for m in room if m.id in stayers] + [Someone("z-{}".format(pages))]
+            if cursor is None:
+                break
+        self.assertEqual(seen, sorted(seen))
+        self.assertEqual(len(seen), len(set(seen)))
+        self.assertLessEqual(stayers, set(seen))
+
+    def test_history_reply_is_bounded_and_says_there_is_more(self) -> None:
+        """A history reply holds the newest messages that fit in its size
+        bound, says ``more``, and always holds at least one message."""
+        messages = [
+            TextMessage(1, "dev", "n-1", "x" * 60000, None, seq, "e1") for seq in range(1, 101)
+        ]
+        reply = JSONCodec().history("dev", messages, False, max_size=256 * 1024)
+        self.assertLessEqual(len(reply), 256 * 1024 + 200)
+        history = json.loads(reply)
+        self.assertIs(history["more"], True)
+        self.assertEqual([m["seq"] for m in history["messages"]], [97, 98, 99, 100])
+        one = json.loads(JSONCodec().history("dev", messages, False, max_size=10))
+        self.assertEqual([m["seq"] for m in one["messages"]], [100])
 
 
 class ParseClientMessageTests(SynchronousTestCase):
@@ -189,6 +246,23 @@ class ParseClientMessageTests(SynchronousTestCase):
         self.assertEqual(self.parse({"type": "history", "limit": 500}, max_history=100)["limit"], 100)
         self.assertEqual(self.parse({"type": "history"}, max_history=100)["limit"], 100)
         self.assertRefused({"type": "history", "limit": 0}, '"limit"')
+
+    def test_history_pages_back_with_before(self) -> None:
+        """``before`` asks for messages numbered below it; a bad one is refused."""
+        self.assertEqual(self.parse({"type": "history", "before": 42})["before"], 42)
+        self.assertIsNone(self.parse({"type": "history"})["before"])
+        for bad in (0, -1, "42", 1.5, True, 2**60):
+            self.assertRefused({"type": "history", "before": bad}, '"before"')
+
+    def test_who_takes_a_cursor_and_a_limit(self) -> None:
+        """``who`` pages with ``cursor`` (a string) and ``limit`` (capped at
+        one page); bad ones are refused."""
+        who = self.parse({"type": "who", "cursor": "n-7", "limit": 1000})
+        self.assertEqual((who["cursor"], who["limit"]), ("n-7", MEMBERS_PAGE))
+        self.assertEqual(self.parse({"type": "who"})["cursor"], None)
+        self.assertRefused({"type": "who", "cursor": 7}, '"cursor"')
+        self.assertRefused({"type": "who", "cursor": "x" * 500}, '"cursor"')
+        self.assertRefused({"type": "who", "limit": 0}, '"limit"')
 
     def test_bad_rooms(self) -> None:
         """Rooms must be short names of letters, digits, '_', '.' and '-'."""

@@ -5,17 +5,23 @@
  * "broadcaster.json" subprotocol (broadcaster/wire.py and README.rst
  * describe every field):
  *
- *   server -> page   welcome {id, name, room, members, epoch, seq, limits}   first
+ *   server -> page   welcome {id, name, room, members, count, next, epoch, seq, limits}   first
  *                    join | leave | rename {room, id, name, ts}
  *                    message {room, from, name, text, ts, seq, epoch}
  *                    binary {room, from, size, ts} | image {room, from, width, height, ...}
  *                        each followed by one binary WebSocket message: the bytes
- *                    presence {room, members, epoch, seq}   the answer to every join
+ *                    presence {room, members, count, next, cursor, epoch, seq}
+ *                        the answer to every join, and to who
  *                    ack {ref, room, seq, epoch}            a message of ours was numbered
  *                    recovered {room, complete}             a replay is over
  *                    error {reason, ref?}
  *   page -> server   message {room, text, ref}, join {room, since?, ref},
- *                    leave {room}, hello {name, ref}
+ *                    leave {room}, hello {name, ref}, who {room, cursor}
+ *
+ * Members.  A room's welcome or presence lists its first members (a page)
+ * and how many there are; "Show more" asks for the next page with who and
+ * the "next" cursor, and join and leave events keep the list and the count
+ * up to date in between.
  *
  * Rooms.  Every connection starts in the lobby.  The page also joins the
  * rooms it remembers (localStorage) and those the user asks for; each room
@@ -91,6 +97,7 @@
   const peopleTitleEl = document.getElementById('people-room');
   const membersEl = document.getElementById('members');
   const memberCountEl = document.getElementById('member-count');
+  const moreMembersEl = document.getElementById('more-members');
   const roomTitleEl = document.getElementById('room-title');
   const messagesEl = document.getElementById('messages');
   const composeEl = document.getElementById('compose');
@@ -277,8 +284,12 @@
       state: 'joining',
       /** The log's entries, oldest first; shown in #messages when selected. */
       entries: [],
-      /** Member id -> name (or null), in the order they came. */
+      /** Member id -> name (or null), of those listed so far. */
       members: new Map(),
+      /** How many members the room has, listed or not. */
+      count: 0,
+      /** The cursor of the next page of members, or null: all are listed. */
+      next: null,
       unread: 0,
       /**
        * {epoch, seq} up to which this room's log is complete: the last
@@ -792,7 +803,8 @@
       if (me) item.append(el('span', 'you', 'you'));
       return item;
     }));
-    memberCountEl.textContent = String(room.members.size);
+    memberCountEl.textContent = String(Math.max(room.count, room.members.size));
+    moreMembersEl.hidden = room.next === null || !connected();
     // Until the server confirms the room, its list is only who was here last.
     membersEl.classList.toggle('stale', !connected() || room.state !== 'joined');
   }
@@ -800,6 +812,22 @@
   function membersChanged(room) {
     if (room.name === activeRoom) renderMembers();
   }
+
+  /** The server's member count, or the list's length if it sent none. */
+  function memberCount(event, map) {
+    return Number.isInteger(event.count) && event.count >= map.size ? event.count : map.size;
+  }
+
+  function pageCursor(value) {
+    return typeof value === 'string' ? value : null;
+  }
+
+  moreMembersEl.addEventListener('click', () => {
+    const room = rooms.get(activeRoom);
+    if (!room || room.next === null || !connected()) return;
+    send({ type: 'who', room: room.name, cursor: room.next });
+    moreMembersEl.hidden = true;
+  });
 
   function memberMap(list) {
     const map = new Map();
@@ -854,6 +882,8 @@
     const lobby = rooms.get(LOBBY);
     // A new connection's welcome is the whole truth: forget the old list.
     lobby.members = memberMap(event.members);
+    lobby.count = memberCount(event, lobby.members);
+    lobby.next = pageCursor(event.next);
     lobby.members.set(myId, myName);
     lobby.state = 'joined';
     lobby.joinPoint = null;
@@ -881,6 +911,7 @@
     if (!room) return;
     const id = String(event.id);
     const name = typeof event.name === 'string' ? event.name : null;
+    if (!room.members.has(id)) room.count += 1;
     room.members.set(id, name);
     membersChanged(room);
     // Our own joins: the welcome and the room's presence tell of them.
@@ -893,6 +924,7 @@
     const id = String(event.id);
     const name = room.members.get(id) || (typeof event.name === 'string' ? event.name : null);
     room.members.delete(id);
+    room.count = Math.max(0, room.count - 1);
     membersChanged(room);
     notice(room, `${label(id, name)} left`);
   }
@@ -920,8 +952,21 @@
   function onPresence(event) {
     const room = rooms.get(String(event.room));
     if (!room) return;
+    if (pageCursor(event.cursor) !== null) {
+      // A further page of members, asked for with "Show more".
+      for (const [id, name] of memberMap(event.members)) room.members.set(id, name);
+      room.count = memberCount(event, room.members);
+      room.next = pageCursor(event.next);
+      membersChanged(room);
+      return;
+    }
     room.members = memberMap(event.members);
-    if (myId !== null && !room.members.has(myId)) room.members.set(myId, myName);
+    room.count = memberCount(event, room.members);
+    room.next = pageCursor(event.next);
+    if (myId !== null && !room.members.has(myId)) {
+      room.members.set(myId, myName);
+      room.count = Math.max(room.count, room.members.size);
+    }
     room.state = 'joined';
     joinedAt(room, event.epoch, event.seq);
     for (const [ref, request] of requests) {
