@@ -464,6 +464,12 @@ class CollectingProcess(ProcessProtocol):
         for d in waiting:
             d.callback(self.result)
 
+    def output(self) -> str:
+        """
+        What the process has written so far, standard output then error.
+        """
+        return b"".join(self._out + self._err).decode("utf-8", "replace")
+
     def ended(self) -> Deferred:
         """
         :return: a Deferred firing with ``(stdout, stderr, exit_status)``.

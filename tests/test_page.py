@@ -40,6 +40,7 @@ from twisted.trial.unittest import FailTest, SkipTest, TestCase
 
 from broadcaster.hub import TextMessage
 from tests.support import FrameClient, connect_raw, port_of, start_server, wait_for
+from tests.test_bounds import fill_lobby
 from tests.test_rooms import join_chat, of_type, read_until
 
 CHROMIUM = "/usr/bin/chromium"
@@ -964,3 +965,35 @@ class ImagePageTests(PageTestCase):
             return False
 
         yield deferToThread(self.page.wait, shown, "a 37x23 image in #messages")
+
+
+class BigLobbyPageTests(PageTestCase):
+    """The page in a lobby far larger than one page of members."""
+
+    @inlineCallbacks
+    def test_connects_to_a_lobby_of_two_thousand(self):
+        """With 2,000 members in the lobby the page connects at once, shows
+        the whole count and the first page of members, and lists more on
+        "Show more"."""
+        yield fill_lobby(self, self.port, 2000)
+        yield wait_for(lambda: len(self.service.hub) == 2000, timeout=30, what="2,000 members")
+        page_id = yield deferToThread(self.page.open, self.url)
+        yield deferToThread(
+            self.page.wait,
+            lambda driver: self.page.text_of("member-count") == "2001",
+            "the member count to be 2001",
+        )
+        # The first page, and the page itself wherever its id sorts.
+        first = yield deferToThread(self.page.members)
+        self.assertIn(page_id, first)
+        self.assertIn(len(first), (100, 101))
+        yield deferToThread(self.page.driver.find_element(By.ID, "more-members").click)
+        yield deferToThread(
+            self.page.wait,
+            lambda driver: len(self.page.members()) in (200, 201),
+            "200 members listed",
+        )
+        listed = yield deferToThread(self.page.members)
+        self.assertEqual(len(listed), len(set(listed)))
+        errors = yield deferToThread(self.page.console_errors)
+        self.assertEqual(errors, [])
