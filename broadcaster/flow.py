@@ -274,12 +274,13 @@ class Limits:
     :ivar rate: messages per second a client may send on average (0: no limit).
     :ivar burst: messages a client may send at once above ``rate``.
     :ivar max_message_size: largest WebSocket message or frame accepted.
-    :ivar max_connections: WebSocket connections at once (0: no limit).
-    :ivar max_connections_per_ip: WebSocket connections from one address (0: no limit).
+    :ivar max_connections: connections at once, every port (0: no limit).
+    :ivar max_connections_per_ip: connections from one address (0: no limit).
     :ivar ping_interval: seconds between keepalive pings (0: none).
     :ivar ping_timeout: seconds a client has to answer a ping.
     :ivar open_handshake_timeout: seconds a client has to finish the handshake.
     :ivar compression: whether permessage-deflate may be negotiated.
+    :ivar raw_idle_timeout: seconds a raw-TCP client may send nothing (0: no limit).
     """
 
     max_buffer: int = 16 * 1024 * 1024
@@ -292,3 +293,4 @@ class Limits:
     ping_timeout: float = 10.0
     open_handshake_timeout: float = 10.0
     compression: bool = False
+    raw_idle_timeout: float = 900.0

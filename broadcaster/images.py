@@ -22,6 +22,9 @@ Errors
     - A frame not completed within ``--image-timeout`` seconds of its first
       byte is answered with an error frame and the connection is closed.
     - A frame cut short by the client disconnecting is dropped.
+    - Over ``--max-connections`` (see :mod:`broadcaster.admission`), or
+      silent for ``--raw-idle-timeout``: an error frame, then the
+      connection is closed.
 
 Images are decoded off the reactor thread (see :mod:`broadcaster.imaging`)
 one at a time per connection, so each client's images are broadcast in the
@@ -48,6 +51,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from broadcaster.admission import Admission, AdmittingFactory
 from broadcaster.flow import Limits
 from broadcaster.hub import Event, Hub, ImageMessage, encoded
 from broadcaster.imaging import ImageError, NormalisedImage, normalise
@@ -88,6 +92,7 @@ class ImageProtocol(RawMemberProtocol):
 
     _log = Logger()
     kind = "image"
+    error = staticmethod(error_frame)
 
     def __init__(self) -> None:
         self._buffer = bytearray()
@@ -117,6 +122,7 @@ class ImageProtocol(RawMemberProtocol):
     def dataReceived(self, data: bytes) -> None:
         if self.closing:
             return
+        self.touched()
         if not self._buffer and self._expected is None:
             self._start_deadline()
         self._buffer += data
@@ -192,6 +198,9 @@ class ImageProtocol(RawMemberProtocol):
         self._cancel_deadline()
         self.close_with(error_frame(reason))
 
+    def busy(self) -> bool:
+        return self._decoding or bool(self._queue)
+
     # Decoding, in order, off the reactor thread
 
     def _frame_received(self, body: bytes) -> None:
@@ -266,7 +275,7 @@ class ImageProtocol(RawMemberProtocol):
         self.send(encoded(event, ImageProtocol, _png_frame_header), event.png)
 
 
-class ImageFactory(ServerFactory):
+class ImageFactory(AdmittingFactory, ServerFactory):
     """
     Builds :class:`ImageProtocol` instances sharing a hub and a decoder.
 
@@ -280,6 +289,8 @@ class ImageFactory(ServerFactory):
 
     protocol = ImageProtocol
     noisy = False
+    listener = "image port"
+    refusal = staticmethod(lambda reason: error_frame(reason + "; closing"))
 
     def __init__(
         self,
@@ -289,8 +300,10 @@ class ImageFactory(ServerFactory):
         max_image_size: int = 16 * 1024 * 1024,
         image_timeout: float = 30.0,
         limits: Limits = Limits(),
+        admission: Optional[Admission] = None,
     ) -> None:
         self.hub = hub
+        self.admission = admission
         self.limits = limits
         self.clock = clock
         self.decode = decode

@@ -10,7 +10,9 @@ Client to server
     UTF-8 is answered with ``ERROR <reason>`` and not broadcast; the
     connection stays up.  If ``--max-line-length`` bytes arrive without any
     line end, the client gets ``ERROR ...`` and is disconnected (there is no
-    telling where its next line would start).
+    telling where its next line would start).  A client over
+    ``--max-connections`` (see :mod:`broadcaster.admission`), or silent for
+    ``--raw-idle-timeout``, gets one ``ERROR ...`` line and is disconnected.
 
 Server to client
     Every text message broadcast in the lobby, one per line, as ``<sender
@@ -30,6 +32,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
+from broadcaster.admission import Admission, AdmittingFactory
 from broadcaster.flow import Limits
 from broadcaster.hub import Event, Hub, Joined, Left, TextMessage, encoded
 from broadcaster.members import RawMemberProtocol
@@ -67,6 +70,7 @@ class LineBridgeProtocol(RawMemberProtocol):
 
     _log = Logger()
     kind = "line"
+    error = staticmethod(_error_line)
 
     def __init__(self) -> None:
         self._buffer = bytearray()
@@ -74,6 +78,7 @@ class LineBridgeProtocol(RawMemberProtocol):
     def dataReceived(self, data: bytes) -> None:
         if self.closing:
             return
+        self.touched()
         limit = self.factory.max_line_length
         self._buffer += data
         start = 0
@@ -128,7 +133,7 @@ class LineBridgeProtocol(RawMemberProtocol):
             self.send(line)
 
 
-class LineBridgeFactory(ServerFactory):
+class LineBridgeFactory(AdmittingFactory, ServerFactory):
     """
     Builds :class:`LineBridgeProtocol` instances on a shared hub.
 
@@ -137,6 +142,8 @@ class LineBridgeFactory(ServerFactory):
 
     protocol = LineBridgeProtocol
     noisy = False
+    listener = "line bridge"
+    refusal = staticmethod(lambda reason: _error_line(reason + "; closing"))
 
     def __init__(
         self,
@@ -144,8 +151,10 @@ class LineBridgeFactory(ServerFactory):
         clock: IReactorTime,
         max_line_length: int = 64 * 1024,
         limits: Limits = Limits(),
+        admission: Optional[Admission] = None,
     ) -> None:
         self.hub = hub
+        self.admission = admission
         self.clock = clock
         self.max_line_length = max_line_length
         self.limits = limits

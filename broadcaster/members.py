@@ -101,6 +101,10 @@ class RawMemberProtocol(Protocol):
     #: and nothing more is delivered.
     closing = False
     _linger = None
+    _idle = None
+    #: The connection's place under --max-connections (see
+    #: :mod:`broadcaster.admission`), if the factory admits connections.
+    ticket = None
 
     def close_with(self, last_words: bytes) -> None:
         """
@@ -137,8 +141,46 @@ class RawMemberProtocol(Protocol):
         self._connected_at = factory.clock.seconds()
         self._outbound = Outbound(self.transport)
         self._rate = RateLimit(factory.clock, factory.limits.rate, factory.limits.burst)
+        timeout = factory.limits.raw_idle_timeout
+        if timeout:
+            self._idle = factory.clock.callLater(timeout, self._idle_timed_out)
         factory.hub.connect(self)
         log_connect(self._log, self.id, self.peer, self.kind, len(factory.hub))
+
+    #: How this kind of client is told of an error (an ``ERROR`` line, an
+    #: error frame), given the reason.
+    error: Callable[[str], bytes] = staticmethod(lambda reason: b"")
+
+    def touched(self) -> None:
+        """
+        The client sent something: it is not idle.
+        """
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self.factory.limits.raw_idle_timeout)
+
+    def busy(self) -> bool:
+        """
+        Whether the server is still working on what the client sent (so
+        that its silence is the server's doing, not idleness).
+        """
+        return False
+
+    def _idle_timed_out(self) -> None:
+        timeout = self.factory.limits.raw_idle_timeout
+        if self.busy():
+            self._idle = self.factory.clock.callLater(timeout, self._idle_timed_out)
+            return
+        self._idle = None
+        self._log.info(
+            "[IDLE] {client} ({peer}) sent nothing for {timeout:g}s (--raw-idle-timeout);"
+            " disconnecting",
+            client=self.id,
+            peer=self.peer,
+            timeout=timeout,
+        )
+        self.close_with(
+            self.error("idle for {:g} s (--raw-idle-timeout); closing".format(timeout))
+        )
 
     def send(self, *chunks: bytes) -> None:
         """
@@ -242,6 +284,10 @@ class RawMemberProtocol(Protocol):
     def connectionLost(self, reason: Optional[Failure] = None) -> None:
         if self._linger is not None and self._linger.active():
             self._linger.cancel()
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        if self.ticket is not None:
+            self.ticket.release()
         hub = self.factory.hub
         hub.disconnect(self)
         log_disconnect(

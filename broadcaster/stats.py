@@ -60,6 +60,8 @@ class Stats:
         self.bytes_out = 0
         self.deliveries = 0
         self.refused_handshakes: Counter = Counter()
+        #: HTTP requests refused before they were read, by status code.
+        self.refused_requests: Counter = Counter()
         self.slow_consumers = 0
         self.rate_limited = 0
         self.bad_input: Counter = Counter()

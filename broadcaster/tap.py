@@ -25,6 +25,7 @@ from treq.client import HTTPClient
 from zope.interface import implementer
 
 from broadcaster import __version__, logs
+from broadcaster.admission import Admission
 from broadcaster.api import api_resource, read_key_file
 from broadcaster.auth import Authenticator
 from broadcaster.coercions import non_negative_float, non_negative_int, positive_float, positive_int
@@ -96,6 +97,14 @@ class Options(usage.Options):
             "and other non-public addresses (refused by default: clients could "
             "otherwise make the server reach into its own network).",
         ],
+        [
+            "anonymous-raw-ports",
+            None,
+            "With --auth-url, still open the image port and the line bridge: "
+            "their clients cannot sign in, so they are anonymous members of "
+            "the lobby.  Without this flag those ports stay off when "
+            "--auth-url is set.",
+        ],
     ]
 
     optParameters = [
@@ -133,7 +142,10 @@ class Options(usage.Options):
             "open-handshake-timeout",
             None,
             10.0,
-            "Seconds a client may take to complete the WebSocket handshake.",
+            "Seconds a client may take from connecting to the end of its HTTP "
+            "request (its WebSocket handshake, or any other request; one "
+            "deadline for the whole request, not an idle timer), and then to "
+            "complete the WebSocket handshake (sign-in included).",
             positive_float,
         ],
         [
@@ -177,16 +189,18 @@ class Options(usage.Options):
             "max-connections",
             None,
             50000,
-            "WebSocket connections at once; more are answered 503.  0 means no limit.",
+            "Connections at once on every port (WebSocket, HTTP requests, line "
+            "bridge, image port), counted from accept; more are refused (HTTP "
+            "503, or an error line or frame).  0 means no limit.",
             non_negative_int,
         ],
         [
             "max-connections-per-ip",
             None,
             0,
-            "WebSocket connections at once from one IP address; more are "
-            "answered 503.  0 (the default) means no limit: behind a reverse "
-            "proxy every client has the proxy's address.",
+            "Connections at once from one IP address, on every port, counted "
+            "like --max-connections.  0 (the default) means no limit: behind a "
+            "reverse proxy every client has the proxy's address.",
             non_negative_int,
         ],
         [
@@ -219,6 +233,15 @@ class Options(usage.Options):
             30.0,
             "Seconds an image frame may take from its first byte to its last.",
             positive_float,
+        ],
+        [
+            "raw-idle-timeout",
+            None,
+            900.0,
+            "Seconds a line-bridge or image-port client may send nothing before "
+            "it is told so and disconnected (raw TCP has no keepalive ping).  0 "
+            "means no limit.",
+            non_negative_float,
         ],
         [
             "image-max-pixels",
@@ -451,6 +474,13 @@ class Options(usage.Options):
                 self[flag] = None
                 continue
             _check_endpoint(flag, self[flag])
+        #: The raw ports that --auth-url closed (their clients cannot sign in).
+        self["closed-for-auth"] = []
+        if self["auth-url"] is not None and not self["anonymous-raw-ports"]:
+            for flag in ("image-port", "line-port"):
+                if self[flag] is not None:
+                    self["closed-for-auth"].append(flag)
+                    self[flag] = None
         if self["log-format"] not in ("text", "json"):
             raise usage.UsageError(
                 "--log-format must be text or json, not {!r}".format(self["log-format"])
@@ -839,6 +869,17 @@ def makeService(options: Options, reactor=None) -> "BroadcasterService | MasterS
         ping_timeout=options["ping-timeout"],
         open_handshake_timeout=options["open-handshake-timeout"],
         compression=bool(options["compression"]),
+        raw_idle_timeout=options["raw-idle-timeout"],
+    )
+    for flag in options.get("closed-for-auth", ()):
+        service._log.warn(
+            "[CONFIG] --{flag} is off: with --auth-url every client must sign in, and"
+            " raw-TCP clients cannot (--anonymous-raw-ports opens it to anonymous clients)",
+            flag=flag,
+        )
+    # Every listener's connections count under the same limits, from accept.
+    service.admission = admission = Admission(
+        options["max-connections"], options["max-connections-per-ip"], service.hub.stats
     )
     factory = BroadcastServerFactory(
         service.hub,
@@ -868,7 +909,14 @@ def makeService(options: Options, reactor=None) -> "BroadcasterService | MasterS
     service.web_endpoint = _listen(
         service,
         options["port"],
-        BroadcasterSite(factory, debug=options["debug"], metrics=on_main_port, api=api),
+        BroadcasterSite(
+            factory,
+            debug=options["debug"],
+            metrics=on_main_port,
+            api=api,
+            admission=admission,
+            api_body_limit=options["max-message-size"],
+        ),
         "WebSocket endpoint and chat page",
         reactor,
         fds.get("port"),
@@ -888,6 +936,7 @@ def makeService(options: Options, reactor=None) -> "BroadcasterService | MasterS
             limits=limits,
             max_image_size=options["max-image-size"],
             image_timeout=options["image-timeout"],
+            admission=admission,
         )
         service.image_endpoint = _listen(
             service, options["image-port"], images, "Image protocol", reactor, fds.get("image")
@@ -895,7 +944,9 @@ def makeService(options: Options, reactor=None) -> "BroadcasterService | MasterS
 
     service.line_endpoint = None
     if options["line-port"] is not None:
-        lines = LineBridgeFactory(service.hub, reactor, options["max-line-length"], limits)
+        lines = LineBridgeFactory(
+            service.hub, reactor, options["max-line-length"], limits, admission
+        )
         service.line_endpoint = _listen(
             service, options["line-port"], lines, "Line bridge", reactor, fds.get("line")
         )

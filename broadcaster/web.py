@@ -9,6 +9,20 @@ any other ``GET /`` gets the page.
 
 The page's files are small and read once when the site is built, so serving
 them never touches the disk on the reactor thread.
+
+Every HTTP request is bounded before it is read (:class:`BoundedChannel`):
+
+- the connection counts under ``--max-connections`` from the moment it is
+  accepted (:mod:`broadcaster.admission`); over a limit it is answered 503;
+- from the connection (or the end of its previous request) to the end of
+  its request, body included, a client has ``--open-handshake-timeout``
+  seconds, however it trickles its bytes; then 408;
+- methods other than GET, HEAD and POST get 405, and a body larger than the
+  path accepts (``POST /api/publish``: ``--max-message-size``; anything
+  else: :data:`SMALL_BODY`) gets 413, from its ``Content-Length`` before
+  any of it is read, or as soon as a chunked body passes the limit; bodies
+  are kept in memory (they are small), never spooled to a file;
+- a WebSocket upgrade in HTTP/1.0 gets 400 (RFC 6455 4.1 requires 1.1).
 """
 
 from __future__ import annotations
@@ -16,15 +30,22 @@ from __future__ import annotations
 import json
 import mimetypes
 from importlib import resources
+from io import BytesIO
 from typing import Optional
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from broadcaster import __version__
+from broadcaster.admission import Admission, AdmittingFactory, http_refusal, say_and_hang_up
 from broadcaster.websocket import BroadcastServerFactory
+
+#: The largest body accepted on any path but ``POST /api/publish``: none
+#: of them reads one.
+SMALL_BODY = 1024
 
 # A strict policy for our own page: scripts and styles only from this server,
 # WebSocket only back to it, no framing by other sites.
@@ -83,19 +104,200 @@ class EntryPoint(Resource):
 
     isLeaf = True
 
-    def __init__(self, websocket: WebSocketResource, page: Resource) -> None:
+    def __init__(self, factory: BroadcastServerFactory, page: Resource) -> None:
         super().__init__()
-        self._websocket = websocket
+        self._factory = factory
+        self._websocket = WebSocketResource(factory)
         self._page = page
 
     def render(self, request: Request):
         upgrade = request.getHeader(b"upgrade") or b""
         if upgrade.lower() == b"websocket":
+            if request.clientproto != b"HTTP/1.1":
+                # RFC 6455 4.1: "The method of the request MUST be GET, and
+                # the HTTP version MUST be at least 1.1."
+                self._log.warn(
+                    "[REFUSED] {peer}: WebSocket upgrade in {version}; answered 400",
+                    peer=_peer(request),
+                    version=request.clientproto.decode("ascii", "replace"),
+                )
+                request.setResponseCode(400)
+                request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+                request.setHeader(b"Connection", b"close")
+                return b"a WebSocket handshake needs HTTP/1.1 (RFC 6455 section 4.1)\n"
             # From here on Autobahn owns the connection (and its own
-            # timeouts); the HTTP channel's idle timer must not fire on it.
-            request.channel.setTimeout(None)
-            return self._websocket.render(request)
+            # timeouts); the HTTP channel's timers must not fire on it,
+            # and the protocol the upgrade makes takes over its place
+            # under the connection limits.
+            channel = request.channel
+            channel.setTimeout(None)
+            channel.handed_over()
+            factory = self._factory
+            factory.adopt(channel.ticket)
+            try:
+                return self._websocket.render(request)
+            finally:
+                if factory.adopt(None) is None:
+                    channel.ticket = None
+                else:
+                    channel.handed_back()
         return self._page.render(request)
+
+    _log = Logger()
+
+
+def _peer(request: Request) -> str:
+    address = request.getClientAddress()
+    return str(getattr(address, "host", address))
+
+
+class BoundedRequest(Request):
+    """
+    A request whose body is bounded (:meth:`BoundedChannel.allHeadersReceived`
+    sets :attr:`body_limit`) and kept in memory.
+    """
+
+    body_limit = SMALL_BODY
+    _body_size = 0
+
+    def gotLength(self, length: Optional[int]) -> None:
+        # Twisted spools bodies over 100 kB to a temporary file: on the
+        # reactor thread, and without a bound.  Ours are bounded and small.
+        self.content = BytesIO()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._body_size += len(data)
+        if self._body_size > self.body_limit:
+            self.channel.refuse(
+                b"413 Content Too Large",
+                "the body is larger than {} bytes".format(self.body_limit),
+            )
+            return
+        super().handleContentChunk(data)
+
+
+class BoundedChannel(HTTPChannel):
+    """
+    An HTTP connection to the main port, bounded before it is read (see
+    the module docstring): under the connection limits from accept, one
+    deadline for each whole request, no body larger than its path takes.
+    """
+
+    _log = Logger()
+
+    #: The connection's place under --max-connections (see
+    #: :class:`broadcaster.admission.AdmittingFactory`).
+    ticket = None
+    _deadline = None
+    _refused = False
+    _upgraded = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._start_deadline()
+
+    def _start_deadline(self) -> None:
+        self._cancel_deadline()
+        timeout = self.site.request_timeout
+        if timeout:
+            self._deadline = self.callLater(timeout, self._too_slow)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        self.refuse(
+            b"408 Request Timeout",
+            "the request did not arrive within {:g} s".format(self.site.request_timeout),
+        )
+
+    def refuse(self, status: bytes, reason: str) -> None:
+        """
+        Answer ``status`` and hang up, reading nothing more of this
+        connection: what the client still sends is discarded until it
+        closes, or for a few seconds.
+        """
+        if self._refused or self.transport is None:
+            return
+        self._refused = True
+        self._cancel_deadline()
+        self.setTimeout(None)
+        address = self.transport.getPeer()
+        self._log.warn(
+            "[REFUSED] {peer}: {reason}; answered {status}",
+            peer=getattr(address, "host", address),
+            reason=reason,
+            status=status.decode("ascii"),
+        )
+        self.site.stats.refused_requests[status[:3].decode("ascii")] += 1
+        self._deadline = say_and_hang_up(
+            self.transport, http_refusal(reason, status), self.site.clock
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._refused:
+            super().dataReceived(data)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if not self._refused:
+            super().rawDataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        method = self._command
+        if method not in (b"GET", b"HEAD", b"POST"):
+            self.refuse(
+                b"405 Method Not Allowed",
+                "{} is not served here (GET, HEAD and POST are)".format(
+                    method.decode("ascii", "replace")
+                ),
+            )
+            return
+        limit = self.site.body_limit(method, self._path)
+        if self.length is not None and self.length > limit:
+            self.refuse(
+                b"413 Content Too Large",
+                "a body of {} bytes is larger than the {} bytes {} takes".format(
+                    self.length, limit, self._path.split(b"?")[0].decode("ascii", "replace")
+                ),
+            )
+            return
+        self.requests[-1].body_limit = limit
+        super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        if self._refused:
+            return
+        self._cancel_deadline()
+        super().allContentReceived()
+
+    def requestDone(self, request) -> None:
+        super().requestDone(request)
+        if not self._refused and not self._upgraded and self.transport is not None:
+            # The next request on this connection has a deadline of its own.
+            self._start_deadline()
+
+    def handed_over(self) -> None:
+        """
+        A WebSocket upgrade takes this connection over: its own timeouts
+        apply from now on.
+        """
+        self._upgraded = True
+        self._cancel_deadline()
+
+    def handed_back(self) -> None:
+        """
+        The upgrade failed before a WebSocket protocol took the connection.
+        """
+        self._upgraded = False
+
+    def connectionLost(self, reason) -> None:
+        self._cancel_deadline()
+        if self.ticket is not None and not self._upgraded:
+            self.ticket.release()
+        super().connectionLost(reason)
 
 
 class Health(Resource):
@@ -123,12 +325,17 @@ class Health(Resource):
         return json.dumps(body).encode("utf-8")
 
 
-class BroadcasterSite(Site):
+class BroadcasterSite(AdmittingFactory, Site):
     """
     The site on the main port.  Twisted's per-request access log is only
     written with ``--debug``: handshakes are already logged where they mean
     something, and a busy server should not drown its log in request lines.
     """
+
+    protocol = BoundedChannel
+    requestFactory = BoundedRequest
+    listener = "main port"
+    refusal = staticmethod(http_refusal)
 
     def __init__(
         self,
@@ -136,11 +343,19 @@ class BroadcasterSite(Site):
         debug: bool = False,
         metrics: Optional[Resource] = None,
         api: Optional[Resource] = None,
+        admission: Optional[Admission] = None,
+        api_body_limit: int = 0,
     ) -> None:
         self._debug = debug
+        self.admission = admission
+        self.clock = factory.clock
+        self.stats = factory.hub.stats
+        #: Seconds a client has for each whole request (see BoundedChannel).
+        self.request_timeout = factory.limits.open_handshake_timeout
+        self._api_body_limit = api_body_limit if api is not None else 0
         static = load_static()
         root = Resource()
-        root.putChild(b"", EntryPoint(WebSocketResource(factory), static[b"index.html"]))
+        root.putChild(b"", EntryPoint(factory, static[b"index.html"]))
         root.putChild(b"healthz", Health(factory))
         if metrics is not None:
             root.putChild(b"metrics", metrics)
@@ -154,8 +369,18 @@ class BroadcasterSite(Site):
         # An idle HTTP connection (one that never sends its request, or its
         # WebSocket handshake) is closed after --open-handshake-timeout:
         # twisted.web's default would keep it for 12 hours.
-        super().__init__(root, timeout=factory.limits.open_handshake_timeout)
+        super().__init__(
+            root, timeout=factory.limits.open_handshake_timeout, reactor=factory.clock
+        )
         self.displayTracebacks = False
+
+    def body_limit(self, method: bytes, target: bytes) -> int:
+        """
+        The largest body a request for ``target`` (path and query) may have.
+        """
+        if method == b"POST" and target.split(b"?", 1)[0] == b"/api/publish":
+            return max(self._api_body_limit, SMALL_BODY)
+        return SMALL_BODY
 
     _log = Logger()
     noisy = False

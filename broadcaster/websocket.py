@@ -10,8 +10,9 @@ Wire format (see :mod:`broadcaster.wire` for the events themselves):
   without ``Origin`` (scripts, devices) are accepted.
 - ``?name=`` sets the display name and ``?since=<epoch>:<seq>`` recovers
   the lobby; a bad value of either is refused with HTTP 400.  Beyond
-  ``--max-connections`` (or ``--max-connections-per-ip``) the handshake is
-  answered 503.
+  ``--max-connections`` (or ``--max-connections-per-ip``) the connection
+  is answered 503 as soon as it is accepted (:mod:`broadcaster.admission`,
+  :mod:`broadcaster.web`).
 - With ``--auth-url`` (see :mod:`broadcaster.auth`), after those checks the
   auth service is asked: a refusal is answered 403, no usable answer 503.
 - JSON mode: input that is not a valid client message gets
@@ -182,7 +183,9 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         """``plain`` or ``json``, as in the logs and metrics."""
         return self.codec.name
 
-    _address: Optional[str] = None
+    #: The connection's place under --max-connections, taken over from
+    #: the HTTP channel it upgraded (see broadcaster.admission).
+    ticket = None
     _opened_at: float = 0.0
     _joined = False
 
@@ -222,7 +225,6 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
                 ConnectionDeny.FORBIDDEN,
                 "Origin {} is not allowed to connect to this server".format(origin),
             )
-        self._count_connection(request.peer)
         names = request.params.get("name")
         if names:
             try:
@@ -323,34 +325,6 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         raise ConnectionDeny(
             ConnectionDeny.SERVICE_UNAVAILABLE, "authentication unavailable; try again later"
         )
-
-    def _count_connection(self, peer: str) -> None:
-        """
-        Admit the connection under --max-connections and
-        --max-connections-per-ip, or refuse it with 503.
-        """
-        factory = self.factory
-        limits = factory.limits
-        address = getattr(self.transport.getPeer(), "host", peer)
-        reason = None
-        if limits.max_connections and factory.connections >= limits.max_connections:
-            reason = "the server is full ({} connections)".format(limits.max_connections)
-            label = "max_connections"
-        elif (
-            limits.max_connections_per_ip
-            and factory.connections_per_ip.get(address, 0) >= limits.max_connections_per_ip
-        ):
-            reason = "too many connections from {} ({})".format(
-                address, limits.max_connections_per_ip
-            )
-            label = "max_connections_per_ip"
-        if reason is not None:
-            self._log.warn("[REFUSED] {peer}: {reason}; answered 503", peer=peer, reason=reason)
-            factory.hub.stats.refused_handshakes[label] += 1
-            raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, reason)
-        self._address = address
-        factory.connections += 1
-        factory.connections_per_ip[address] = factory.connections_per_ip.get(address, 0) + 1
 
     def connectionMade(self) -> None:
         self._outbound = None
@@ -774,15 +748,8 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         if self._auth is not None:
             # Nobody is waiting for the auth service's answer any more.
             self._auth.cancel()
-        if self._address is not None:
-            factory = self.factory
-            factory.connections -= 1
-            remaining = factory.connections_per_ip[self._address] - 1
-            if remaining:
-                factory.connections_per_ip[self._address] = remaining
-            else:
-                del factory.connections_per_ip[self._address]
-            self._address = None
+        if self.ticket is not None:
+            self.ticket.release()
         # Autobahn cancels its close-handshake timer only when the peer's
         # close frame arrives; a peer that drops the TCP connection instead
         # would leave it pending for closeHandshakeTimeout seconds per
@@ -1008,8 +975,6 @@ class BroadcastServerFactory(WebSocketServerFactory):
         self.limits = limits
         if limits.ping_interval:
             self.keepalive = Keepalive(clock, limits.ping_interval, limits.ping_timeout)
-        self.connections = 0
-        self.connections_per_ip: Dict[str, int] = {}
         self.max_name_length = max_name_length
         #: Bytes of messages one history reply holds: one message of the
         #: largest size always fits.
@@ -1041,6 +1006,24 @@ class BroadcastServerFactory(WebSocketServerFactory):
             echoCloseCodeReason=True,
             perMessageCompressionAccept=self._accept_compression,
         )
+
+    _adopted = None
+
+    def adopt(self, ticket):
+        """
+        The next protocol built takes ``ticket``: the place under the
+        connection limits of the HTTP connection it upgrades.
+
+        :return: the ticket given before, if no protocol took it.
+        """
+        previous, self._adopted = self._adopted, ticket
+        return previous
+
+    def buildProtocol(self, addr):
+        protocol = super().buildProtocol(addr)
+        if protocol is not None:
+            protocol.ticket, self._adopted = self._adopted, None
+        return protocol
 
     def setProtocolOptions(self, **options) -> None:
         """

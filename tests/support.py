@@ -234,6 +234,19 @@ def connect_plain_clients(testcase, port: int, count: int):
     return clients
 
 
+@inlineCallbacks
+def assert_refused_503(testcase, port: int):
+    """
+    Try a WebSocket handshake on ``port`` and fail ``testcase`` unless it is
+    refused with HTTP 503.
+    """
+    factory = WebSocketClientFactory("ws://127.0.0.1:{}/".format(port))
+    factory.protocol = RecordingClientProtocol
+    client = yield TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
+    yield testcase.assertFailure(client.opened, ConnectionError)
+    testcase.assertIn("503", client.wasNotCleanReason or "")
+
+
 def close_client(client: RecordingClientProtocol) -> Deferred:
     """Close ``client`` if it is still open; fires once it is closed."""
     if not client.closed.called:

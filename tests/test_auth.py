@@ -176,7 +176,7 @@ class HandshakeTests(TestCase):
         yield client.closed
         (request,) = auth.held
         yield wait_for(lambda: request._disconnected, what="the question to be abandoned")
-        yield wait_for(lambda: service.websocket_factory.connections == 0, what="the count")
+        yield wait_for(lambda: service.admission.connections == 0, what="the count")
         self.assertEqual(len(service.hub), 0)
         self.assertEqual([e for e in self.logged if "log_failure" in e], [])
         self.assertEqual([e for e in self.logged if e["log_level"] == LogLevel.error], [])

@@ -169,7 +169,9 @@ class ImageProtocolTests(SynchronousTestCase):
             self.clock.advance(20)
         self.assertEqual(len(self.recorder.images), 3)
         self.assertFalse(transport.disconnecting)
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+        # No frame deadline is left: only the idle limit, from the last byte.
+        (idle,) = self.clock.getDelayedCalls()
+        self.assertEqual(idle.getTime(), self.clock.seconds() - 20 + 900)
 
     def test_truncated_frame_on_disconnect_is_dropped(self):
         """Half a frame followed by a disconnect broadcasts nothing and leaves no timer."""

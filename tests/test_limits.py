@@ -33,6 +33,7 @@ from tests.support import (
     RecordingClientProtocol,
     close_client,
     connect_client,
+    assert_refused_503,
     connect_plain_clients,
     start_server,
     wait_for,
@@ -232,13 +233,8 @@ class HandshakeTimeoutTests(TestCase):
 
 
 class ConnectionLimitTests(TestCase):
-    @inlineCallbacks
     def assertRefused503(self, port):
-        factory = WebSocketClientFactory("ws://127.0.0.1:{}/".format(port))
-        factory.protocol = RecordingClientProtocol
-        client = yield TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
-        yield self.assertFailure(client.opened, ConnectionError)
-        self.assertIn("503", client.wasNotCleanReason or "")
+        return assert_refused_503(self, port)
 
     @inlineCallbacks
     def test_max_connections(self):
