@@ -4,7 +4,10 @@ keepalive, compression and the open files limit.  Each limit is crossed by
 a real client while another client keeps receiving everything.
 """
 
+import base64
+import io
 import json
+import os
 import resource
 
 from autobahn.twisted.websocket import WebSocketClientFactory
@@ -23,6 +26,7 @@ from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, S
 from twisted.logger import Logger, LogLevel, globalLogPublisher
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from PIL import Image
 
 from broadcaster.flow import Limits, RateLimit, TokenBucket
 from broadcaster.hub import Hub
@@ -34,7 +38,10 @@ from tests.support import (
     close_client,
     connect_client,
     assert_refused_503,
+    FrameClient,
     connect_plain_clients,
+    connect_raw,
+    port_of,
     start_server,
     wait_for,
 )
@@ -303,8 +310,11 @@ class KeepaliveTests(SynchronousTestCase):
 
 class CompressionTests(TestCase):
     @inlineCallbacks
-    def connect_deflate(self, port):
-        factory = WebSocketClientFactory("ws://127.0.0.1:{}/".format(port))
+    def connect_deflate(self, port, json_mode=False):
+        factory = WebSocketClientFactory(
+            "ws://127.0.0.1:{}/".format(port),
+            protocols=["broadcaster.json"] if json_mode else None,
+        )
         factory.protocol = RecordingClientProtocol
 
         def accept(response):
@@ -340,6 +350,70 @@ class CompressionTests(TestCase):
         client.sendMessage(b"a" * (65536 * 16))
         _, code, _ = yield client.closed
         self.assertEqual(code, 1009)
+
+    @inlineCallbacks
+    def test_compressed_clients_get_server_messages_of_any_size(self):
+        """With --compression, a history reply and an image far larger than
+        --max-message-size (even compressed) reach a compressed client."""
+        service, port = yield start_server(self, ["--compression", "--rate", "0"])
+        client = yield self.connect_deflate(port, json_mode=True)
+        self.assertIsNotNone(client._perMessageCompress)
+        welcome = yield client.next_json()
+        self.assertEqual(welcome["type"], "welcome")
+        # Random text compresses little: 3 x 40 kB stays over 64 KiB.
+        texts = [base64.b64encode(os.urandom(30000)).decode() for _ in range(3)]
+        for text in texts:
+            client.send_json({"type": "message", "text": text})
+        client.send_json({"type": "history"})
+        while True:
+            event = yield client.next_json()
+            if event["type"] == "history":
+                break
+        self.assertEqual([m["text"] for m in event["messages"]], texts)
+        camera = yield connect_raw(self, port_of(service.image_endpoint), FrameClient)
+        noise = Image.frombytes("RGB", (200, 200), os.urandom(200 * 200 * 3))
+        picture = io.BytesIO()
+        noise.save(picture, format="PNG")
+        camera.send_frame(picture.getvalue())
+        while True:
+            payload, is_binary = yield client.next()
+            if is_binary:
+                break
+        self.assertGreater(len(payload), 65536)
+        self.assertEqual(Image.open(io.BytesIO(payload)).size, (200, 200))
+
+    @inlineCallbacks
+    def test_a_compressed_client_that_stops_reading_is_cut(self):
+        """A compressed client that stops reading is cut at --max-buffer
+        like any other, while a reader gets everything."""
+        service, port = yield start_server(
+            self,
+            ["--compression", "--rate", "0", "--max-buffer", "262144",
+             "--max-image-size", "262144"],
+        )
+        (reader, _), (sender, _) = yield connect_plain_clients(self, port, 2)
+        stalled = yield self.connect_deflate(port)
+        yield stalled.next_text()
+        yield reader.next_text()
+        yield sender.next_text()
+        stalled.transport.pauseProducing()
+        count = 400  # 16 MB of random text
+        for i in range(count):
+            sender.sendMessage(b"%05d" % i + base64.b64encode(os.urandom(30000)))
+            if i % 20 == 0:
+                yield deferLater(reactor, 0, lambda: None)
+        received = []
+        while len(received) < count:
+            payload, _ = yield reader.next(timeout=60)
+            if not payload.endswith(b"disconnected"):
+                received.append(int(payload[:5]))
+        self.assertEqual(received, list(range(count)))
+        yield wait_for(lambda: service.hub.stats.slow_consumers == 1, what="the cut")
+        # Reading again, it finds the rest of what it had begun to receive,
+        # then the server's close frame.
+        stalled.transport.resumeProducing()
+        _, code, _ = yield stalled.closed
+        self.assertEqual(code, 4008)
 
 
 class OpenFilesLimitTests(SynchronousTestCase):
