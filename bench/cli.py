@@ -94,6 +94,10 @@ def parser() -> argparse.ArgumentParser:
         help="subscribers of S4 (cross-node) and S5 (workers) (default 1000)",
     )
     p.add_argument(
+        "--big-room-members", type=_ints, default=[20000],
+        help="S6 variants: idle members in the lobby (default 20000)",
+    )
+    p.add_argument(
         "--idle-connections", type=_ints, default=[5000],
         help="S3 variants (default 5000; e.g. 5000,20000: counts above the open files"
         " limit are lowered to fit)",
@@ -193,6 +197,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         s2_rates=args.s2_rates,
         s3_connections=args.idle_connections,
         s45_subscribers=args.s45_subscribers,
+        s6_members=args.big_room_members,
         # The server needs a few descriptors of its own besides its clients.
         max_connections=max(1, nofile - 64),
         nofile_limit=nofile,
@@ -208,6 +213,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             s2_rates=[200.0],
             s3_connections=[200],
             s45_subscribers=20,
+            s6_members=[200],
             drain_max=20.0,
             settle=0.3,
         )

@@ -364,6 +364,7 @@ static struct {
     int stages[16];
     int nstages;
     double linger_max; /* seconds to wait for stdin EOF after the last report */
+    int name_length;   /* >0: connect as /?name=<this many characters> */
 } cfg = {
     .host = "127.0.0.1",
     .port = 0,
@@ -589,9 +590,18 @@ static void send_handshake(conn *c)
         memcpy(raw + i, &r, 8);
     }
     base64(raw, 16, c->key);
-    char req[512];
+    /* A display name of cfg.name_length characters, unique per connection. */
+    char path[160] = "/";
+    if (cfg.name_length > 0) {
+        int len = cfg.name_length < 128 ? cfg.name_length : 128;
+        int n = snprintf(path, sizeof path, "/?name=c%d-", c->id);
+        while (n < 7 + len && n < (int)sizeof path - 1)
+            path[n++] = 'x';
+        path[n] = 0;
+    }
+    char req[640];
     int n = snprintf(req, sizeof req,
-                     "GET / HTTP/1.1\r\n"
+                     "GET %s HTTP/1.1\r\n"
                      "Host: %s:%d\r\n"
                      "Upgrade: websocket\r\n"
                      "Connection: Upgrade\r\n"
@@ -599,7 +609,7 @@ static void send_handshake(conn *c)
                      "Sec-WebSocket-Version: 13\r\n"
                      "User-Agent: broadcaster-bench-loadgen\r\n"
                      "\r\n",
-                     cfg.host, cfg.port, c->key);
+                     path, cfg.host, cfg.port, c->key);
     c->state = ST_HANDSHAKE;
     conn_send(c, (uint8_t *)req, n);
 }
@@ -1197,7 +1207,7 @@ static void usage(void)
             "  [--messages M] [--size BYTES] [--server-pid PID] [--server-core CPU]\n"
             "  [--concurrency C]\n"
             "  [--sources K] [--drain-timeout S] [--drain-max S] [--connect-timeout S] [--settle-ms MS]\n"
-            "  [--settle-max S] [--stages N1,N2,...] [--linger-max S]\n");
+            "  [--settle-max S] [--stages N1,N2,...] [--linger-max S] [--name-length N]\n");
     exit(2);
 }
 
@@ -1253,6 +1263,8 @@ int main(int argc, char **argv)
             cfg.settle_max = atof(v);
         else if (!strcmp(a, "--linger-max"))
             cfg.linger_max = atof(v);
+        else if (!strcmp(a, "--name-length"))
+            cfg.name_length = atoi(v);
         else if (!strcmp(a, "--stages")) {
             char *s = strdup(v), *tok, *save;
             for (tok = strtok_r(s, ",", &save); tok && cfg.nstages < 16;

@@ -23,6 +23,11 @@ S4 cross-node (Redis)
 S5 workers
     S1 at 1000 subscribers on broadcaster as one process and with
     ``--workers 2``, the server unpinned (the workers need every core).
+S6 a big room
+    20,000 idle members with 32-character names in the lobby (the load
+    generator's), then one JSON client: how long its welcome takes and how
+    large it is, and what listing every member with ``who`` costs (time
+    and bytes); broadcaster only.
 """
 
 from __future__ import annotations
@@ -82,6 +87,7 @@ class Settings:
     s2_rates: Sequence[float] = (200.0, 20.0)
     s3_connections: Sequence[int] = (5000,)
     s45_subscribers: int = 1000
+    s6_members: Sequence[int] = (20000,)
     max_connections: int = 1000000
     nofile_limit: Optional[int] = None
     drain_timeout: float = 15.0
@@ -685,6 +691,116 @@ def _running(pid: int) -> bool:
         return False
 
 
+class BigRoom(Scenario):
+    """
+    S6: a lobby of thousands, and one JSON client joining and listing it.
+    """
+
+    id = "S6"
+    title = "a big room: joining it and listing its members"
+    metrics = [
+        Metric("welcome_ms", "welcome ms (connect to welcome)", "lower", 1),
+        Metric("welcome_kib", "welcome KiB", "lower", 1),
+        Metric("list_ms", "ms to list every member (who)", "lower", 0),
+        Metric("list_kib", "KiB to list every member (who)", "lower", 0),
+        Metric("rss_mib", "RSS MiB (all in)", "lower", 1),
+    ]
+
+    def variants(self, settings: Settings) -> List[Variant]:
+        variants = []
+        for asked in settings.s6_members:
+            # The JSON client and the server's own descriptors need room too.
+            n = min(asked, settings.max_connections - 1)
+            variants.append(
+                Variant("S6/{}".format(asked), "{} members".format(n), {"members": n})
+            )
+        return variants
+
+    def unavailable(self, spec: ServerSpec) -> Optional[str]:
+        if spec.name != "broadcaster":
+            return "not applicable: only broadcaster has rooms and who"
+        return None
+
+    def run(self, ctx: Context, spec: ServerSpec, variant: Variant, repetition: int) -> Dict:
+        from bench.wsclient import JSONClient, WSError
+
+        s = ctx.settings
+        n = variant.params["members"]
+        connect_timeout = 120 + 3 * (n / 1000.0) ** 2
+        server_log, loadgen_log = ctx.logs(spec, variant, repetition)
+        problems: List[str] = []
+        figures: Dict[str, Optional[float]] = {"loadgen_cpu_pct": None}
+        with ServerProcess(spec, ctx.server_cpu, server_log) as server:
+            startup = server.wait_ready()
+            args = loadgen_args(
+                port=server.port,
+                mode="idle",
+                stages=[n],
+                server_pid=server.pid,
+                sources=1 + n // 10000,
+                concurrency=32,
+                connect_timeout=connect_timeout,
+                linger_max=s.stop_grace + 30,
+                name_length=32,
+            )
+            with LoadGen(ctx.loadgen, args, ctx.loadgen_cpu, loadgen_log) as lg:
+                stage = lg.read_result(timeout=connect_timeout + 60)
+                if stage["open"] != n:
+                    problems.append("{} of {} members connected".format(stage["open"], n))
+                time.sleep(s.settle)
+                figures["rss_mib"] = server.rss_kib() / 1024.0
+                deadline = time.monotonic() + 120
+                try:
+                    started = time.monotonic()
+                    client = JSONClient(server.port)
+                    welcome, size = client.receive_type("welcome", deadline)
+                    figures["welcome_ms"] = 1000 * (time.monotonic() - started)
+                    figures["welcome_kib"] = size / 1024.0
+                    listed = {m["id"] for m in welcome["members"]}
+                    cursor = welcome.get("next")
+                    before = client.received
+                    started = time.monotonic()
+                    while cursor is not None:
+                        client.send({"type": "who", "cursor": cursor})
+                        page, _ = client.receive_type("presence", deadline)
+                        listed.update(m["id"] for m in page["members"])
+                        cursor = page["next"]
+                    figures["list_ms"] = 1000 * (time.monotonic() - started)
+                    figures["list_kib"] = (client.received - before) / 1024.0
+                    client.close()
+                    if welcome.get("count") != n + 1 or len(listed) != n + 1:
+                        problems.append(
+                            "count {}, listed {}, expected {}".format(
+                                welcome.get("count"), len(listed), n + 1
+                            )
+                        )
+                except (OSError, WSError, KeyError, ValueError) as e:
+                    problems.append("the JSON client failed: {}".format(e))
+                stopped = server.stop(s.stop_grace)
+            loadgen_status = lg.proc.returncode
+        return {
+            "figures": figures,
+            "ok": not problems,
+            "problems": problems,
+            "warnings": [],
+            "loadgen": {"stages": [stage]},
+            "loadgen_status": loadgen_status,
+            "server_process": {
+                "pid": server.pid,
+                "port": server.port,
+                "startup_s": round(startup, 3),
+                "stop": stopped,
+            },
+        }
+
+    def headline(self, figures: Dict[str, float]) -> str:
+        return "welcome in {} ms ({} KiB), every member listed in {} ms".format(
+            _fmt(figures.get("welcome_ms"), 1),
+            _fmt(figures.get("welcome_kib"), 1),
+            _fmt(figures.get("list_ms"), 0),
+        )
+
+
 SCENARIOS: Dict[str, Scenario] = {
-    s.id: s for s in (Throughput(), Latency(), IdleMemory(), CrossNode(), Workers())
+    s.id: s for s in (Throughput(), Latency(), IdleMemory(), CrossNode(), Workers(), BigRoom())
 }

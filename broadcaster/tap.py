@@ -20,7 +20,6 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.server import Site
 from treq.client import HTTPClient
 from zope.interface import implementer
 
@@ -44,7 +43,7 @@ from broadcaster.redis_backplane import (
     RedisBackplaneService,
     parse_redis_url,
 )
-from broadcaster.web import BroadcasterSite
+from broadcaster.web import BoundedSite, BroadcasterSite
 from broadcaster.webhooks import WebhookService
 from broadcaster.websocket import BroadcastServerFactory
 from broadcaster.workers import (
@@ -924,7 +923,19 @@ def makeService(options: Options, reactor=None) -> "BroadcasterService | MasterS
     service.metrics_endpoint = None
     if metrics is not None and options["metrics-port"] is not None:
         service.metrics_endpoint = _listen(
-            service, options["metrics-port"], Site(metrics), "Metrics", reactor, fds.get("metrics")
+            service,
+            options["metrics-port"],
+            BoundedSite(
+                metrics,
+                reactor,
+                service.hub.stats,
+                options["open-handshake-timeout"],
+                admission,
+                "metrics port",
+            ),
+            "Metrics",
+            reactor,
+            fds.get("metrics"),
         )
 
     service.image_endpoint = None

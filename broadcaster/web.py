@@ -40,6 +40,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from broadcaster import __version__
+from broadcaster.stats import Stats
 from broadcaster.admission import Admission, AdmittingFactory, http_refusal, say_and_hang_up
 from broadcaster.websocket import BroadcastServerFactory
 
@@ -325,17 +326,53 @@ class Health(Resource):
         return json.dumps(body).encode("utf-8")
 
 
-class BroadcasterSite(AdmittingFactory, Site):
+class BoundedSite(AdmittingFactory, Site):
+    """
+    A site whose connections are admitted by the server's one admission
+    policy and whose requests are bounded before they are read
+    (:class:`BoundedChannel`): the main port's, and ``--metrics-port``'s.
+
+    :param request_timeout: seconds each whole request may take.
+    """
+
+    protocol = BoundedChannel
+    requestFactory = BoundedRequest
+    refusal = staticmethod(http_refusal)
+    noisy = False
+
+    def __init__(
+        self,
+        resource: Resource,
+        clock,
+        stats: Stats,
+        request_timeout: float,
+        admission: Optional[Admission] = None,
+        listener: str = "HTTP port",
+    ) -> None:
+        self.admission = admission
+        self.listener = listener
+        self.clock = clock
+        self.stats = stats
+        self.request_timeout = request_timeout
+        # An idle HTTP connection (one that never sends its request, or its
+        # WebSocket handshake) is closed after request_timeout too:
+        # twisted.web's default would keep it for 12 hours.
+        super().__init__(resource, timeout=request_timeout, reactor=clock)
+        self.displayTracebacks = False
+
+    def body_limit(self, method: bytes, target: bytes) -> int:
+        """
+        The largest body a request for ``target`` (path and query) may have.
+        """
+        return SMALL_BODY
+
+
+class BroadcasterSite(BoundedSite):
     """
     The site on the main port.  Twisted's per-request access log is only
     written with ``--debug``: handshakes are already logged where they mean
     something, and a busy server should not drown its log in request lines.
     """
-
-    protocol = BoundedChannel
-    requestFactory = BoundedRequest
-    listener = "main port"
-    refusal = staticmethod(http_refusal)
 
     def __init__(
         self,
@@ -347,11 +384,6 @@ class BroadcasterSite(AdmittingFactory, Site):
         api_body_limit: int = 0,
     ) -> None:
         self._debug = debug
-        self.admission = admission
-        self.clock = factory.clock
-        self.stats = factory.hub.stats
-        #: Seconds a client has for each whole request (see BoundedChannel).
-        self.request_timeout = factory.limits.open_handshake_timeout
         self._api_body_limit = api_body_limit if api is not None else 0
         static = load_static()
         root = Resource()
@@ -366,24 +398,21 @@ class BroadcasterSite(AdmittingFactory, Site):
         for name, resource in static.items():
             assets.putChild(name, resource)
         root.putChild(b"static", assets)
-        # An idle HTTP connection (one that never sends its request, or its
-        # WebSocket handshake) is closed after --open-handshake-timeout:
-        # twisted.web's default would keep it for 12 hours.
         super().__init__(
-            root, timeout=factory.limits.open_handshake_timeout, reactor=factory.clock
+            root,
+            factory.clock,
+            factory.hub.stats,
+            factory.limits.open_handshake_timeout,
+            admission,
+            "main port",
         )
-        self.displayTracebacks = False
 
     def body_limit(self, method: bytes, target: bytes) -> int:
-        """
-        The largest body a request for ``target`` (path and query) may have.
-        """
         if method == b"POST" and target.split(b"?", 1)[0] == b"/api/publish":
             return max(self._api_body_limit, SMALL_BODY)
         return SMALL_BODY
 
     _log = Logger()
-    noisy = False
 
     def log(self, request: Request) -> None:
         if not self._debug:

@@ -97,6 +97,27 @@ class BenchSmokeTests(TestCase):
         self.assertIn("system floor: a bare send()", out)
 
     @inlineCallbacks
+    def test_quick_big_room(self):
+        """A quick S6 run lists every member of a 200-member lobby, named by
+        the load generator, and measures the welcome and the listing."""
+        results = os.path.abspath(self.mktemp() + ".json")
+        out, err, status = yield self.run_bench(
+            "--quick", "--servers", "broadcaster", "--scenarios", "S6",
+            "--json-out", results, "--cache-dir", os.path.abspath(self.mktemp()),
+        )
+        self.assertEqual(status, 0, "stdout:\n{}\nstderr:\n{}".format(out, err))
+        with open(results) as f:
+            document = json.load(f)
+        (run,) = document["runs"]
+        self.assertEqual((run["variant"], run["problems"]), ("S6/200", []))
+        figures = run["figures"]
+        self.assertGreater(figures["welcome_ms"], 0)
+        # Two pages after the welcome's: 100 + 100 + 1 members.
+        self.assertGreater(figures["list_kib"], 0)
+        self.assertLess(figures["welcome_kib"], 16)
+        self.assertIn("every member listed", err)
+
+    @inlineCallbacks
     def test_quick_cross_node_and_workers(self):
         """
         Quick S4 (two nodes through Redis) and S5 (one process, --workers 2)
