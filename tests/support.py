@@ -22,8 +22,8 @@ from twisted.internet.task import deferLater
 
 from twisted.trial.unittest import FailTest
 
-from broadcaster.workers import TWISTD
-from broadcaster.tap import BroadcasterService, Options, makeService
+from broadcaster.service.workers import TWISTD
+from broadcaster.service.tap import BroadcasterService, Options, makeService
 
 
 def server_options(args: Iterable[str] = ()) -> Options:

@@ -19,8 +19,8 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from broadcaster.admission import Admission
-from broadcaster.images import error_frame
+from broadcaster.protocols.admission import Admission
+from broadcaster.protocols.images import error_frame
 from tests.support import (
     FrameClient,
     assert_refused_503,

@@ -1,5 +1,5 @@
 """
-Tests for :mod:`broadcaster.api`: ``POST /api/publish`` on a real server,
+Tests for :mod:`broadcaster.http.api`: ``POST /api/publish`` on a real server,
 with good, wrong and missing keys, bad bodies, and messages reaching clients.
 """
 
@@ -15,7 +15,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from broadcaster.tap import Options
+from broadcaster.service.tap import Options
 from tests.support import connect_client, start_server
 
 KEY = "k-5b0e9d2a7c"

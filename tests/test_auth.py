@@ -1,5 +1,5 @@
 """
-Tests for :mod:`broadcaster.auth` and the handshake's use of it: real
+Tests for :mod:`broadcaster.http.auth` and the handshake's use of it: real
 WebSocket handshakes against a server whose ``--auth-url`` is a local
 twisted.web service, and the answer parsing with ``StubTreq``.
 """
@@ -24,8 +24,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from broadcaster.auth import AuthDenied, Authenticator, AuthUnavailable, Identity
-from broadcaster.tap import Options
+from broadcaster.http.auth import AuthDenied, Authenticator, AuthUnavailable, Identity
+from broadcaster.service.tap import Options
 from tests.support import RawWebSocketClient, connect_client, start_server, wait_for
 from tests.test_webhooks import serve
 

@@ -14,9 +14,9 @@ from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from broadcaster.hub import Event, EventBatch, Hub, Joined, Left, TextMessage
-from broadcaster.origin import OriginPolicy
-from broadcaster.websocket import BroadcastServerFactory
+from broadcaster.core.hub import Event, EventBatch, Hub, Joined, Left, TextMessage
+from broadcaster.http.origin import OriginPolicy
+from broadcaster.protocols.websocket import BroadcastServerFactory
 from tests.support import (
     LineClient,
     connect_client,
@@ -484,8 +484,8 @@ class BatchDelayTests(SynchronousTestCase):
     def test_option_and_redis_default(self):
         """--batch-delay sets the delay; it defaults to 0, and to 3 ms with
         --redis when hiredis is missing."""
-        from broadcaster import tap
-        from broadcaster.tap import Options, makeService
+        from broadcaster.service import tap
+        from broadcaster.service.tap import Options, makeService
 
         def hub_for(*args):
             options = Options()

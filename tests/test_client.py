@@ -1,5 +1,5 @@
 """
-Tests for :mod:`broadcaster.client`, the ``broadcaster-client`` script.
+Tests for :mod:`broadcaster.clients.cli`, the ``broadcaster-client`` script.
 
 The options, the stdio console and the client protocol are tested with
 fakes: a :class:`StringTransport` carrying a real Autobahn handshake and
@@ -26,7 +26,7 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 import broadcaster
-from broadcaster.client import (
+from broadcaster.clients.cli import (
     EXIT_CANNOT_CONNECT,
     EXIT_CONNECTION,
     EXIT_HANDSHAKE,
@@ -58,7 +58,7 @@ def _parse(args: Sequence[str]) -> Options:
 
 class OptionsTests(SynchronousTestCase):
     """
-    Tests for :class:`broadcaster.client.Options`.
+    Tests for :class:`broadcaster.clients.cli.Options`.
     """
 
     def test_defaults(self) -> None:
@@ -153,7 +153,7 @@ class OptionsTests(SynchronousTestCase):
 
 class ConsoleTests(SynchronousTestCase):
     """
-    Tests for :class:`broadcaster.client.Console`.
+    Tests for :class:`broadcaster.clients.cli.Console`.
     """
 
     def setUp(self) -> None:
@@ -318,7 +318,7 @@ def _close_code(frames: List[Tuple[int, bytes]]) -> Optional[int]:
 
 class BroadcastClientProtocolTests(SynchronousTestCase):
     """
-    Tests for :class:`broadcaster.client.BroadcastClientProtocol`.
+    Tests for :class:`broadcaster.clients.cli.BroadcastClientProtocol`.
     """
 
     def test_handshake_headers(self) -> None:
@@ -488,12 +488,12 @@ def run_client(testcase, args: Sequence[str], stdin: bytes = b"") -> Deferred:
 
     :return: a Deferred firing with ``(stdout, stderr, exit_status)``.
     """
-    return run_module(testcase, "broadcaster.client", args, stdin).ended()
+    return run_module(testcase, "broadcaster.clients.cli", args, stdin).ended()
 
 
 class ClientScriptTests(TestCase):
     """
-    Tests for ``python -m broadcaster.client`` against a real server.
+    Tests for ``python -m broadcaster.clients.cli`` against a real server.
     """
 
     @inlineCallbacks

@@ -1,5 +1,5 @@
 """
-Tests for :mod:`broadcaster.fetch` and the ``image_url`` request: real
+Tests for :mod:`broadcaster.http.fetch` and the ``image_url`` request: real
 downloads from a local twisted.web server through a real server (on
 127.0.0.1, hence ``--allow-private-fetch`` except where the refusal itself
 is tested), the address checks and pinning against a memory reactor, and
@@ -28,7 +28,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
-from broadcaster.fetch import (
+from broadcaster.http.fetch import (
     FetchError,
     ForbiddenAddress,
     ImageFetcher,
@@ -38,8 +38,8 @@ from broadcaster.fetch import (
     describe_url,
     url_problem,
 )
-from broadcaster.imaging import NormalisedImage
-from broadcaster.wire import BadRequest, parse_client_message
+from broadcaster.core.imaging import NormalisedImage
+from broadcaster.protocols.wire import BadRequest, parse_client_message
 from tests.support import connect_client, start_server, wait_for
 from tests.test_webhooks import serve
 

@@ -3,7 +3,7 @@ Property-based tests: whatever bytes a client sends, the code that reads
 them never crashes the server, and what it does is what its wire format
 promises.
 
-Each property is checked with Hypothesis against :mod:`broadcaster.wire`'s
+Each property is checked with Hypothesis against :mod:`broadcaster.protocols.wire`'s
 JSON parser, the line bridge, the image port and the WebSocket protocol,
 the last three over in-memory transports with fake clocks.  Every example
 builds its own hub and connections, so examples cannot leak into each other.
@@ -28,14 +28,14 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from broadcaster.hub import Hub, ImageMessage, TextMessage
-from broadcaster.images import ImageFactory, frame
-from broadcaster.imaging import ImageError, normalise
-from broadcaster.lines import LineBridgeFactory
-from broadcaster.names import LOBBY
-from broadcaster.origin import OriginPolicy
-from broadcaster.websocket import BroadcastServerFactory
-from broadcaster.wire import (
+from broadcaster.core.hub import Hub, ImageMessage, TextMessage
+from broadcaster.protocols.images import ImageFactory, frame
+from broadcaster.core.imaging import ImageError, normalise
+from broadcaster.protocols.lines import LineBridgeFactory
+from broadcaster.core.names import LOBBY
+from broadcaster.http.origin import OriginPolicy
+from broadcaster.protocols.websocket import BroadcastServerFactory
+from broadcaster.protocols.wire import (
     CLIENT_TYPES,
     MAX_REF_LENGTH,
     BadRequest,
@@ -277,7 +277,7 @@ def as_payload(value, ascii_only: bool = True) -> bytes:
 
 
 class ParseClientMessageTests(FuzzTestCase):
-    """:func:`broadcaster.wire.parse_client_message` on untrusted input."""
+    """:func:`broadcaster.protocols.wire.parse_client_message` on untrusted input."""
 
     def check(self, payload: bytes) -> None:
         """

@@ -1,11 +1,11 @@
 """
-Tests for :mod:`broadcaster.history`: sequence numbers, kept messages and
+Tests for :mod:`broadcaster.core.history`: sequence numbers, kept messages and
 what a reconnecting client can be told.
 """
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from broadcaster.history import Histories, RoomHistory
+from broadcaster.core.history import Histories, RoomHistory
 
 
 def filled(size, count):

@@ -1,5 +1,5 @@
 """
-Tests for :mod:`broadcaster.hub`: connections, rooms and fan-out, with plain
+Tests for :mod:`broadcaster.core.hub`: connections, rooms and fan-out, with plain
 Python members and a fake clock.
 """
 
@@ -10,7 +10,7 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from broadcaster.hub import (
+from broadcaster.core.hub import (
     BinaryMessage,
     Event,
     Hub,

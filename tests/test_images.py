@@ -1,5 +1,5 @@
 """
-Tests for :mod:`broadcaster.images`, the length-prefixed raw-TCP image
+Tests for :mod:`broadcaster.protocols.images`, the length-prefixed raw-TCP image
 protocol: unit tests over in-memory transports with a fake clock, and
 integration tests through real sockets to image-port and WebSocket clients.
 """
@@ -17,9 +17,9 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from broadcaster.hub import Hub, ImageMessage
-from broadcaster.imaging import normalise
-from broadcaster.images import ImageFactory, error_frame, frame
+from broadcaster.core.hub import Hub, ImageMessage
+from broadcaster.core.imaging import normalise
+from broadcaster.protocols.images import ImageFactory, error_frame, frame
 from tests.support import (
     FrameClient,
     connect_client,

@@ -1,5 +1,5 @@
 """
-Tests for :mod:`broadcaster.imaging`: untrusted bytes in, a safe RGB PNG out.
+Tests for :mod:`broadcaster.core.imaging`: untrusted bytes in, a safe RGB PNG out.
 Images are made in memory with Pillow.
 """
 
@@ -10,7 +10,7 @@ import zlib
 from PIL import Image
 from twisted.trial.unittest import SynchronousTestCase
 
-from broadcaster.imaging import ImageError, normalise
+from broadcaster.core.imaging import ImageError, normalise
 
 
 def make_image(fmt="PNG", mode="RGB", size=(4, 3), color=(200, 10, 30)):

@@ -1,5 +1,5 @@
 """
-Tests for :mod:`broadcaster.keepalive`: one timer pinging every connection,
+Tests for :mod:`broadcaster.protocols.keepalive`: one timer pinging every connection,
 with the time driven by :class:`twisted.internet.task.Clock`.
 """
 
@@ -8,7 +8,7 @@ from typing import List
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from broadcaster.keepalive import Keepalive
+from broadcaster.protocols.keepalive import Keepalive
 
 
 class FakeConnection:

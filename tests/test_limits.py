@@ -28,11 +28,11 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from PIL import Image
 
-from broadcaster.flow import Limits, RateLimit, TokenBucket
-from broadcaster.hub import Hub
-from broadcaster.origin import OriginPolicy
-from broadcaster.tap import Options, raise_open_files_limit
-from broadcaster.websocket import BroadcastServerFactory
+from broadcaster.core.flow import Limits, RateLimit, TokenBucket
+from broadcaster.core.hub import Hub
+from broadcaster.http.origin import OriginPolicy
+from broadcaster.service.tap import Options, raise_open_files_limit
+from broadcaster.protocols.websocket import BroadcastServerFactory
 from tests.support import (
     RecordingClientProtocol,
     close_client,

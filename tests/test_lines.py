@@ -1,5 +1,5 @@
 """
-Tests for :mod:`broadcaster.lines`, the line bridge: unit tests over
+Tests for :mod:`broadcaster.protocols.lines`, the line bridge: unit tests over
 in-memory transports, and real sockets chatting with WebSocket clients.
 """
 
@@ -12,8 +12,8 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from broadcaster.hub import Hub, TextMessage
-from broadcaster.lines import LineBridgeFactory, as_line
+from broadcaster.core.hub import Hub, TextMessage
+from broadcaster.protocols.lines import LineBridgeFactory, as_line
 from tests.support import (
     LineClient,
     connect_client,
@@ -192,7 +192,7 @@ class LineBridgeIntegrationTests(TestCase):
 
 class LineBridgeLimitTests(SynchronousTestCase):
     def setUp(self):
-        from broadcaster.flow import Limits
+        from broadcaster.core.flow import Limits
 
         self.clock = Clock()
         self.hub = Hub(self.clock, node_id="t")

@@ -1,5 +1,5 @@
 """
-Tests for :mod:`broadcaster.metrics` and :mod:`broadcaster.logs`: what an
+Tests for :mod:`broadcaster.http.metrics` and :mod:`broadcaster.service.logs`: what an
 operator's Prometheus and log shipper see.
 """
 
@@ -15,8 +15,8 @@ from twisted.logger import Logger, LogPublisher
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from broadcaster import logs
-from broadcaster.tap import Options
+from broadcaster.service import logs
+from broadcaster.service.tap import Options
 from tests.support import connect_plain_clients, port_of, start_server
 
 
@@ -104,13 +104,13 @@ class MetricsTests(TestCase):
 
 class JSONLogTests(SynchronousTestCase):
     def test_log_format_json_installs_the_json_observer(self):
-        """--log-format json tells twistd to log through broadcaster.logs.json_observer."""
+        """--log-format json tells twistd to log through broadcaster.service.logs.json_observer."""
         parent = {"logfile": None, "nodaemon": True, "logger": None}
         options = Options()
         options.parent = parent
         self.addCleanup(logs.use_json, "-")
         options.parseOptions(["--log-format", "json"])
-        self.assertEqual(parent["logger"], "broadcaster.logs.json_observer")
+        self.assertEqual(parent["logger"], "broadcaster.service.logs.json_observer")
 
     def test_bad_log_format(self):
         """Only text and json are log formats."""

@@ -1,10 +1,10 @@
 """
-Tests for :mod:`broadcaster.names`: which room and display names are allowed.
+Tests for :mod:`broadcaster.core.names`: which room and display names are allowed.
 """
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from broadcaster.names import InvalidName, check_display_name, check_room
+from broadcaster.core.names import InvalidName, check_display_name, check_room
 
 
 class CheckRoomTests(SynchronousTestCase):

@@ -1,5 +1,5 @@
 """
-Tests for :mod:`broadcaster.redis_backplane`: its pure parts (addresses, the
+Tests for :mod:`broadcaster.redis.backplane`: its pure parts (addresses, the
 wire format, presence bookkeeping) in memory, and servers sharing a real
 ``redis-server`` that the tests start on a free loopback port, kill and
 restart.
@@ -27,9 +27,9 @@ from twisted.python import usage
 from twisted.trial.unittest import FailTest, SkipTest, SynchronousTestCase, TestCase
 
 import txredisapi
-from broadcaster.hub import BinaryMessage, Hub, ImageMessage, Joined, Left, Renamed, TextMessage
-from broadcaster import redis_backplane
-from broadcaster.redis_backplane import (
+from broadcaster.core.hub import BinaryMessage, Hub, ImageMessage, Joined, Left, Renamed, TextMessage
+from broadcaster.redis import backplane as redis_backplane
+from broadcaster.redis.backplane import (
     HIREDIS,
     PUBLISH_TEXT,
     Presence,
@@ -40,7 +40,7 @@ from broadcaster.redis_backplane import (
     parse_event,
     parse_redis_url,
 )
-from broadcaster.tap import Options
+from broadcaster.service.tap import Options
 from tests.support import (
     close_client,
     connect_client,
@@ -126,9 +126,9 @@ class MakeServiceTests(SynchronousTestCase):
     def test_redis_backplane_starts_before_the_listeners(self):
         """With --redis the hub gets a Redis backplane whose service comes
         before every listening port; without it nothing changes."""
-        from broadcaster.backplane import LocalBackplane
-        from broadcaster.redis_backplane import RedisBackplaneService
-        from broadcaster.tap import makeService
+        from broadcaster.core.backplane import LocalBackplane
+        from broadcaster.redis.backplane import RedisBackplaneService
+        from broadcaster.service.tap import makeService
 
         options = Options()
         options.parseOptions(

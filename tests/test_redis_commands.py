@@ -1,5 +1,5 @@
 """
-Tests for :mod:`broadcaster.redis_commands`: the command encoding checked
+Tests for :mod:`broadcaster.redis.commands`: the command encoding checked
 by hiredis's parser, the protocol over a fake transport (which script form
 is sent, replies in order, a forgotten script, a hung Redis), and scripts
 run on a real ``redis-server``.
@@ -15,7 +15,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 import txredisapi
-from broadcaster.redis_commands import CommandProtocol, Script, encode_command
+from broadcaster.redis.commands import CommandProtocol, Script, encode_command
 from tests.test_redis import PASSWORD, RedisTestCase
 
 ECHO = Script("return {KEYS[1], ARGV[1]}")

@@ -1,6 +1,6 @@
 """
-Tests for :mod:`broadcaster.sockets`, the blocking client library, and for
-the console scripts in :mod:`broadcaster.imagetools`.
+Tests for :mod:`broadcaster.clients.sockets`, the blocking client library, and for
+the console scripts in :mod:`broadcaster.clients.imagetools`.
 
 Framing and line reading are tested over ``socket.socketpair()`` with no
 server.  The integration tests talk to the real server in-process: the
@@ -24,8 +24,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from broadcaster import sockets
-from broadcaster.imagetools import parse_address
+from broadcaster.clients import sockets
+from broadcaster.clients.imagetools import parse_address
 from tests.support import port_of, run_module, start_server, wait_for
 from tests.test_imaging import make_image
 
@@ -407,9 +407,9 @@ class ParseAddressTests(SynchronousTestCase):
 
 def run_tool(testcase, tool: str, args: Sequence[str]):
     """
-    Run ``python -m broadcaster.imagetools TOOL ARGS`` on this checkout.
+    Run ``python -m broadcaster.clients.imagetools TOOL ARGS`` on this checkout.
     """
-    return run_module(testcase, "broadcaster.imagetools", [tool, *args])
+    return run_module(testcase, "broadcaster.clients.imagetools", [tool, *args])
 
 
 class _FrameServer(Protocol):

@@ -1,5 +1,5 @@
 """
-Tests for :mod:`broadcaster.tap`: the options ``twistd broadcaster`` takes and
+Tests for :mod:`broadcaster.service.tap`: the options ``twistd broadcaster`` takes and
 the service ``makeService`` builds, and the plugin as an installed user sees it.
 """
 
@@ -13,7 +13,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
-from broadcaster.tap import Options, makeService, with_backlog
+from broadcaster.service.tap import Options, makeService, with_backlog
 
 
 def parse(*args):
@@ -217,7 +217,7 @@ class DescribeAddressTests(SynchronousTestCase):
         """Listening addresses are logged the way --port is written."""
         from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 
-        from broadcaster.tap import describe_address
+        from broadcaster.service.tap import describe_address
 
         self.assertEqual(describe_address(IPv4Address("TCP", "0.0.0.0", 9999)), "tcp:0.0.0.0:9999")
         self.assertEqual(describe_address(IPv6Address("TCP", "::1", 9998)), "tcp:[::1]:9998")

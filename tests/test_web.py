@@ -1,5 +1,5 @@
 """
-Tests for :mod:`broadcaster.web`: the page, its assets and ``/healthz`` over
+Tests for :mod:`broadcaster.http.site`: the page, its assets and ``/healthz`` over
 real HTTP, on the same port as the WebSocket endpoint.
 """
 

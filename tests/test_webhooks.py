@@ -1,5 +1,5 @@
 """
-Tests for :mod:`broadcaster.webhooks`: batching, signing, retries with
+Tests for :mod:`broadcaster.http.webhooks`: batching, signing, retries with
 backoff, the bounded queue and the flush at shutdown, against a real HTTP
 receiver on loopback and against ``treq.testing.StubTreq``.
 
@@ -28,10 +28,10 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from broadcaster.hub import BinaryMessage, Hub, ImageMessage, TextMessage
-from broadcaster.metrics import StatsCollector
-from broadcaster.tap import Options, makeService
-from broadcaster.webhooks import (
+from broadcaster.core.hub import BinaryMessage, Hub, ImageMessage, TextMessage
+from broadcaster.http.metrics import StatsCollector
+from broadcaster.service.tap import Options, makeService
+from broadcaster.http.webhooks import (
     WebhookDelivery,
     WebhookService,
     backoff_delay,
@@ -587,8 +587,8 @@ class OriginTests(SynchronousTestCase):
         """With several nodes, each event is posted by the node it happened on, once."""
         from twisted.internet.task import Clock
 
-        from broadcaster.hub import Hub, TextMessage
-        from broadcaster.webhooks import WebhookService
+        from broadcaster.core.hub import Hub, TextMessage
+        from broadcaster.http.webhooks import WebhookService
 
         clock = Clock()
         hub = Hub(clock, node_id="here")

@@ -1,5 +1,5 @@
 """
-Tests for :mod:`broadcaster.websocket` against a real server on a loopback
+Tests for :mod:`broadcaster.protocols.websocket` against a real server on a loopback
 port, with real WebSocket clients: Autobahn's, and the ``websocket-client``
 package that script users reach for.
 """
@@ -16,10 +16,10 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from broadcaster.flow import Limits
-from broadcaster.hub import Hub
-from broadcaster.origin import OriginPolicy
-from broadcaster.websocket import BroadcastServerFactory, BroadcastServerProtocol
+from broadcaster.core.flow import Limits
+from broadcaster.core.hub import Hub
+from broadcaster.http.origin import OriginPolicy
+from broadcaster.protocols.websocket import BroadcastServerFactory, BroadcastServerProtocol
 
 from tests.support import (
     OP_CLOSE,

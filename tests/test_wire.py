@@ -1,5 +1,5 @@
 """
-Tests for :mod:`broadcaster.wire`: how events are encoded for each kind of
+Tests for :mod:`broadcaster.protocols.wire`: how events are encoded for each kind of
 client, and how JSON-mode input is checked.
 """
 
@@ -7,8 +7,8 @@ import json
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from broadcaster.hub import BinaryMessage, ImageMessage, Joined, Left, Renamed, TextMessage
-from broadcaster.wire import (
+from broadcaster.core.hub import BinaryMessage, ImageMessage, Joined, Left, Renamed, TextMessage
+from broadcaster.protocols.wire import (
     MEMBERS_PAGE,
     BadRequest,
     JSONCodec,

@@ -1,5 +1,5 @@
 """
-Tests for :mod:`broadcaster.workers` (``--workers N``): the master with a fake
+Tests for :mod:`broadcaster.service.workers` (``--workers N``): the master with a fake
 process spawner and a fake clock (restarts and their backoff, the SIGTERM
 fan-out, the private Redis's command line), a worker adopting inherited
 sockets (TCP and TLS), and a real ``twistd broadcaster --workers 2`` with its
@@ -28,9 +28,9 @@ from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import FailTest, SkipTest, SynchronousTestCase, TestCase
 
-from broadcaster import workers
-from broadcaster.tap import Options, makeService
-from broadcaster.workers import (
+from broadcaster.service import workers
+from broadcaster.service.tap import Options, makeService
+from broadcaster.service.workers import (
     NO_REDIS,
     REDIS_LAUNCHER,
     TWISTD,
@@ -330,7 +330,7 @@ class MasterTests(MasterTestCase):
                 "log_format": "{client} connected",
                 "client": "m-w0-1",
                 "log_level": LogLevel.info,
-                "log_namespace": "broadcaster.members",
+                "log_namespace": "broadcaster.protocols.connection",
                 "log_time": 12.5,
             }
         ).encode("utf-8") + b"\n"
@@ -342,7 +342,7 @@ class MasterTests(MasterTestCase):
         relayed, text, err = list(self.log)[before:]
         self.assertEqual(
             (relayed["client"], relayed["worker"], relayed["log_system"], relayed["log_time"]),
-            ("m-w0-1", "w0", "w0 broadcaster.members#info", 12.5),
+            ("m-w0-1", "w0", "w0 broadcaster.protocols.connection#info", 12.5),
         )
         self.assertEqual(relayed["log_level"], LogLevel.info)
         self.assertEqual((text["worker"], text["line"]), ("w0", "not json"))
@@ -464,7 +464,7 @@ class OptionsTests(SynchronousTestCase):
         """--workers without --redis and without redis-server installed is a
         usage error that says what to do."""
         self.patch(workers, "find_redis_server", lambda: None)
-        self.patch(sys.modules["broadcaster.tap"], "find_redis_server", lambda: None)
+        self.patch(sys.modules["broadcaster.service.tap"], "find_redis_server", lambda: None)
         error = self.assertRaises(UsageError, parse, "--workers", "2")
         self.assertEqual(
             str(error),

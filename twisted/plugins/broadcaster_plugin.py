@@ -10,7 +10,7 @@ from twisted.application.service import ServiceMaker
 
 broadcaster = ServiceMaker(
     "broadcaster",
-    "broadcaster.tap",
+    "broadcaster.service.tap",
     "A real-time chat and broadcast server (WebSocket, chat page, raw TCP).",
     "broadcaster",
 )

@@ -2,10 +2,10 @@
 Images fetched from URLs that JSON clients send, and the outbound-HTTP
 helpers the webhooks and the auth check share.
 
-Wire format (JSON protocol, see :mod:`broadcaster.wire`): a client sends
+Wire format (JSON protocol, see :mod:`broadcaster.protocols.wire`): a client sends
 ``{"type": "image_url", "url": "https://...", "ref": ...}``.  The server
 downloads the image, checks and normalises it exactly as it does a frame
-from the image port (:class:`broadcaster.images.DecoderPool`), and
+from the image port (:class:`broadcaster.protocols.images.DecoderPool`), and
 broadcasts it to the lobby as an ``image`` event from that client.  If it
 cannot, that client alone gets ``{"type": "error", "reason": ..., "ref":
 ...}``.
@@ -70,7 +70,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
 from broadcaster import __version__
-from broadcaster.imaging import ImageError, NormalisedImage
+from broadcaster.core.imaging import ImageError, NormalisedImage
 
 #: Redirects followed for one image URL.
 MAX_REDIRECTS = 3
@@ -497,7 +497,7 @@ _NETWORK_ERRORS = (
 class ImageFetcher(Service):
     """
     Downloads images for ``image_url`` requests and normalises them with
-    ``decode`` (the image port's :class:`~broadcaster.images.DecoderPool`).
+    ``decode`` (the image port's :class:`~broadcaster.protocols.images.DecoderPool`).
 
     A service so that downloads still under way when the server stops are
     cancelled rather than left holding connections.
@@ -536,7 +536,7 @@ class ImageFetcher(Service):
 
     def register_metrics(self, collector) -> None:
         """
-        Report counts on ``/metrics`` (a :class:`~broadcaster.metrics.StatsCollector`).
+        Report counts on ``/metrics`` (a :class:`~broadcaster.http.metrics.StatsCollector`).
         """
         collector.add_gauge(
             "broadcaster_image_url_fetches",

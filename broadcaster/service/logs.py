@@ -4,7 +4,7 @@ shippers, using twisted.logger's own JSON format (every event field kept, so
 ``client``, ``peer``, ``code`` ... can be searched on).
 
 twistd builds its log observer after parsing the options, from its
-``--logger`` option; :mod:`broadcaster.tap` points that at
+``--logger`` option; :mod:`broadcaster.service.tap` points that at
 :func:`json_observer` and tells it where to write with :func:`use_json`.
 """
 

@@ -1,5 +1,5 @@
 """
-Command-line tools for the image port, built on :mod:`broadcaster.sockets`.
+Command-line tools for the image port, built on :mod:`broadcaster.clients.sockets`.
 
 ``broadcaster-send-image FILE... --to HOST:PORT [--wait SECONDS]``
     Sends each file as one frame, printing ``sent FILE (N bytes)`` for each,
@@ -26,8 +26,8 @@ Command-line tools for the image port, built on :mod:`broadcaster.sockets`.
 
 ``HOST:PORT`` takes IPv6 addresses in brackets: ``[::1]:9998``.
 
-Both run as console scripts or as ``python -m broadcaster.imagetools send
-...`` / ``python -m broadcaster.imagetools watch ...``.  Pillow is needed only
+Both run as console scripts or as ``python -m broadcaster.clients.imagetools send
+...`` / ``python -m broadcaster.clients.imagetools watch ...``.  Pillow is needed only
 to watch.
 """
 
@@ -41,7 +41,7 @@ import sys
 import time
 from typing import List, Optional, Sequence, Tuple
 
-from broadcaster import sockets
+from broadcaster.clients import sockets
 
 SEND = "broadcaster-send-image"
 WATCH = "broadcaster-watch-images"
@@ -383,12 +383,12 @@ def _watch(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """
-    ``python -m broadcaster.imagetools send|watch ...``.
+    ``python -m broadcaster.clients.imagetools send|watch ...``.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     tools = {"send": main_send, "watch": main_watch}
     if not argv or argv[0] not in tools:
-        print("usage: python -m broadcaster.imagetools {send|watch} ...", file=sys.stderr)
+        print("usage: python -m broadcaster.clients.imagetools {send|watch} ...", file=sys.stderr)
         return EXIT_USAGE
     return tools[argv[0]](argv[1:])
 

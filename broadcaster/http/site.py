@@ -13,7 +13,7 @@ them never touches the disk on the reactor thread.
 Every HTTP request is bounded before it is read (:class:`BoundedChannel`):
 
 - the connection counts under ``--max-connections`` from the moment it is
-  accepted (:mod:`broadcaster.admission`); over a limit it is answered 503;
+  accepted (:mod:`broadcaster.protocols.admission`); over a limit it is answered 503;
 - from the connection (or the end of its previous request) to the end of
   its request, body included, a client has ``--open-handshake-timeout``
   seconds, however it trickles its bytes; then 408;
@@ -40,9 +40,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from broadcaster import __version__
-from broadcaster.stats import Stats
-from broadcaster.admission import Admission, AdmittingFactory, http_refusal, say_and_hang_up
-from broadcaster.websocket import BroadcastServerFactory
+from broadcaster.core.stats import Stats
+from broadcaster.protocols.admission import Admission, AdmittingFactory, http_refusal, say_and_hang_up
+from broadcaster.protocols.websocket import BroadcastServerFactory
 
 #: The largest body accepted on any path but ``POST /api/publish``: none
 #: of them reads one.
@@ -187,7 +187,7 @@ class BoundedChannel(HTTPChannel):
     _log = Logger()
 
     #: The connection's place under --max-connections (see
-    #: :class:`broadcaster.admission.AdmittingFactory`).
+    #: :class:`broadcaster.protocols.admission.AdmittingFactory`).
     ticket = None
     _deadline = None
     _refused = False
@@ -392,7 +392,7 @@ class BroadcasterSite(BoundedSite):
         if metrics is not None:
             root.putChild(b"metrics", metrics)
         if api is not None:
-            # POST /api/publish (broadcaster.api); absent, so 404, without keys.
+            # POST /api/publish (broadcaster.http.api); absent, so 404, without keys.
             root.putChild(b"api", api)
         assets = Resource()
         for name, resource in static.items():

@@ -2,7 +2,7 @@
 Pure Pillow functions: turn untrusted image bytes into a safe, normalised PNG.
 
 Everything here is synchronous and CPU-bound, and is meant to run in a worker
-thread (see :mod:`broadcaster.images`), never on the reactor thread.
+thread (see :mod:`broadcaster.protocols.images`), never on the reactor thread.
 
 Untrusted input is handled in this order, so that a hostile file costs as
 little as possible before it is refused:

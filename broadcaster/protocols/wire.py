@@ -28,7 +28,7 @@ import heapq
 import json
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
-from broadcaster.hub import (
+from broadcaster.core.hub import (
     BinaryMessage,
     Event,
     ImageMessage,
@@ -38,7 +38,7 @@ from broadcaster.hub import (
     Renamed,
     TextMessage,
 )
-from broadcaster.names import LOBBY, InvalidName, check_display_name, check_room
+from broadcaster.core.names import LOBBY, InvalidName, check_display_name, check_room
 
 JSON_SUBPROTOCOL = "broadcaster.json"
 

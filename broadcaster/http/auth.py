@@ -37,8 +37,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from broadcaster import __version__
-from broadcaster.fetch import describe_http_failure, describe_url, read_body, with_timeout
-from broadcaster.names import InvalidName, check_display_name
+from broadcaster.http.fetch import describe_http_failure, describe_url, read_body, with_timeout
+from broadcaster.core.names import InvalidName, check_display_name
 
 #: The largest answer body read from the auth service.
 MAX_ANSWER_SIZE = 64 * 1024

@@ -22,7 +22,7 @@ from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
-from broadcaster.stats import Stats
+from broadcaster.core.stats import Stats
 
 #: Seconds a refused connection may keep sending (unread) while its
 #: client reads the refusal; the same as a raw client the server hangs up on.

@@ -77,8 +77,8 @@ from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from broadcaster.history import RoomHistory, new_epoch
-from broadcaster.hub import (
+from broadcaster.core.history import RoomHistory, new_epoch
+from broadcaster.core.hub import (
     BinaryMessage,
     Event,
     ImageMessage,
@@ -87,10 +87,10 @@ from broadcaster.hub import (
     Renamed,
     TextMessage,
 )
-from broadcaster.redis_commands import BackplaneConnection, CommandProtocol, Script
+from broadcaster.redis.commands import BackplaneConnection, CommandProtocol, Script
 
 if TYPE_CHECKING:  # pragma: no cover
-    from broadcaster.hub import Hub
+    from broadcaster.core.hub import Hub
 
 #: Seconds a command may wait for Redis's answer before the connection is
 #: given up as dead (and re-established).

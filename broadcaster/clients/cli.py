@@ -4,7 +4,7 @@
 Usage::
 
     broadcaster-client [options] ws://host:port/
-    python -m broadcaster.client [options] ws://host:port/
+    python -m broadcaster.clients.cli [options] ws://host:port/
 
 Modes:
 
@@ -76,8 +76,8 @@ from twisted.python import usage
 from zope.interface import implementer
 
 from broadcaster import __version__
-from broadcaster.coercions import positive_float, positive_int
-from broadcaster.wire import JSON_SUBPROTOCOL
+from broadcaster.service.coercions import positive_float, positive_int
+from broadcaster.protocols.wire import JSON_SUBPROTOCOL
 
 PROGRAM = "broadcaster-client"
 

@@ -8,7 +8,7 @@ the body::
     {"events": [<event>, ...], "sent_at": <unix seconds>}
 
 Each event is a JSON object like the JSON protocol's (see
-:mod:`broadcaster.wire`): ``type`` (``join``, ``leave``, ``rename``,
+:mod:`broadcaster.protocols.wire`): ``type`` (``join``, ``leave``, ``rename``,
 ``message``, ``binary``, ``image``), ``room``, ``id`` (joins, leaves,
 renames; an image's own id) or ``from`` (messages), ``name``, ``ts``,
 ``text`` for messages (with ``seq`` and ``epoch``), ``size`` (and width and
@@ -56,9 +56,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from broadcaster import __version__
-from broadcaster.fetch import describe_http_failure, describe_url, read_body, with_timeout
-from broadcaster.hub import Event, Hub
-from broadcaster.wire import event_json
+from broadcaster.http.fetch import describe_http_failure, describe_url, read_body, with_timeout
+from broadcaster.core.hub import Event, Hub
+from broadcaster.protocols.wire import event_json
 
 #: Most events in one POST.
 BATCH_SIZE = 100
@@ -426,7 +426,7 @@ class WebhookService(Service):
     """
     Sends the hub's events to every ``--webhook`` URL.
 
-    A child of :class:`broadcaster.tap.BroadcasterService` that is stopped
+    A child of :class:`broadcaster.service.tap.BroadcasterService` that is stopped
     only after the clients have been closed (:attr:`stop_after_drain`), so
     the last batches include their ``leave`` events; stopping it flushes
     what is queued within ``flush_timeout`` seconds.
@@ -474,7 +474,7 @@ class WebhookService(Service):
 
     def register_metrics(self, collector) -> None:
         """
-        Report the queues on ``/metrics`` (a :class:`~broadcaster.metrics.StatsCollector`).
+        Report the queues on ``/metrics`` (a :class:`~broadcaster.http.metrics.StatsCollector`).
         """
         deliveries = self.deliveries
         collector.add_gauge(

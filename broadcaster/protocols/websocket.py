@@ -1,7 +1,7 @@
 """
 The WebSocket protocol: a thin adapter between Autobahn and the hub.
 
-Wire format (see :mod:`broadcaster.wire` for the events themselves):
+Wire format (see :mod:`broadcaster.protocols.wire` for the events themselves):
 
 - Handshake on ``/`` (query strings such as ``/?name=ann`` allowed).  Offer
   the subprotocol ``broadcaster.json`` for JSON mode; otherwise plain mode.
@@ -11,13 +11,13 @@ Wire format (see :mod:`broadcaster.wire` for the events themselves):
 - ``?name=`` sets the display name and ``?since=<epoch>:<seq>`` recovers
   the lobby; a bad value of either is refused with HTTP 400.  Beyond
   ``--max-connections`` (or ``--max-connections-per-ip``) the connection
-  is answered 503 as soon as it is accepted (:mod:`broadcaster.admission`,
-  :mod:`broadcaster.web`).
-- With ``--auth-url`` (see :mod:`broadcaster.auth`), after those checks the
+  is answered 503 as soon as it is accepted (:mod:`broadcaster.protocols.admission`,
+  :mod:`broadcaster.http.site`).
+- With ``--auth-url`` (see :mod:`broadcaster.http.auth`), after those checks the
   auth service is asked: a refusal is answered 403, no usable answer 503.
 - JSON mode: input that is not a valid client message gets
   ``{"type": "error", "reason": ...}`` back; the connection stays open.
-  ``image_url`` requests are fetched by :mod:`broadcaster.fetch`; a failure
+  ``image_url`` requests are fetched by :mod:`broadcaster.http.fetch`; a failure
   is an ``error`` to that client alone.
 
 Close codes the server sends: 1001 shutting down; 1002 protocol error; 1007
@@ -47,16 +47,17 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from broadcaster import __version__
-from broadcaster.auth import AuthDenied, AuthUnavailable, Identity
-from broadcaster.fetch import MAX_FETCHES_PER_CLIENT, FetchError, describe_url
-from broadcaster.flow import Limits, Outbound, RateLimit
-from broadcaster.hub import Event, Hub, NotInRoom, TooManyRooms, encoded
-from broadcaster.imaging import ImageError, NormalisedImage
-from broadcaster.keepalive import Keepalive
-from broadcaster.members import log_connect, log_disconnect
-from broadcaster.names import LOBBY, InvalidName, check_display_name
-from broadcaster.origin import OriginPolicy
-from broadcaster.wire import (
+from broadcaster.http.auth import AuthDenied, AuthUnavailable, Identity
+from broadcaster.http.fetch import MAX_FETCHES_PER_CLIENT, FetchError, describe_url
+from broadcaster.core.flow import Limits, RateLimit
+from broadcaster.protocols.outbound import Outbound
+from broadcaster.core.hub import Event, Hub, NotInRoom, TooManyRooms, encoded
+from broadcaster.core.imaging import ImageError, NormalisedImage
+from broadcaster.protocols.keepalive import Keepalive
+from broadcaster.protocols.connection import log_connect, log_disconnect
+from broadcaster.core.names import LOBBY, InvalidName, check_display_name
+from broadcaster.http.origin import OriginPolicy
+from broadcaster.protocols.wire import (
     HISTORY_REPLY_SIZE,
     JSON_SUBPROTOCOL,
     MEMBERS_PAGE,
@@ -75,7 +76,7 @@ _JSON = JSONCodec()
 
 def _prepare(codec) -> "callable":
     """
-    Build the encoder used by :func:`broadcaster.hub.encoded`: the event in
+    Build the encoder used by :func:`broadcaster.core.hub.encoded`: the event in
     ``codec``'s format, framed once as Autobahn prepared messages.
     """
 
@@ -93,7 +94,7 @@ _PREPARE = {_PLAIN: _prepare(_PLAIN), _JSON: _prepare(_JSON)}
 
 def _frame_batch(codec):
     """
-    Build the encoder of a whole :class:`~broadcaster.hub.EventBatch`: the
+    Build the encoder of a whole :class:`~broadcaster.core.hub.EventBatch`: the
     frames of all its events, each framed once (and shared with any other
     batch or recipient), concatenated into the bytes of one write.
     """
@@ -184,7 +185,7 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         return self.codec.name
 
     #: The connection's place under --max-connections, taken over from
-    #: the HTTP channel it upgraded (see broadcaster.admission).
+    #: the HTTP channel it upgraded (see broadcaster.protocols.admission).
     ticket = None
     _opened_at: float = 0.0
     _joined = False
@@ -335,7 +336,7 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         """
         Where Autobahn writes every frame it makes (messages, pings, pongs,
         close frames): once the connection is open, through the client's
-        :class:`~broadcaster.flow.Outbound`, like everything else.
+        :class:`~broadcaster.protocols.outbound.Outbound`, like everything else.
         """
         if self._outbound is not None:
             self._write(data)
@@ -362,7 +363,7 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         Send the client a message of the server's own (welcome, presence,
         history, ack, error, ...).  ``--max-message-size`` limits what
         clients send, not this: the server's replies are bounded by design
-        (see :mod:`broadcaster.wire`), and go out through the same budget
+        (see :mod:`broadcaster.protocols.wire`), and go out through the same budget
         as the fan-out.
         """
         if self.state != self.STATE_OPEN:
@@ -573,7 +574,7 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         if self.state == self.STATE_OPEN:
             self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8"), isReply=False)
 
-    # Keepalive (see broadcaster.keepalive): a peer that vanished without a
+    # Keepalive (see broadcaster.protocols.keepalive): a peer that vanished without a
     # FIN (dead Wi-Fi, a phone that went to sleep) is only noticed by asking
     # it something.
 
@@ -827,7 +828,7 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         """
         Send ``batch`` to the run of connections of this class that starts
         at ``members[index]``: the hub's per-kind delivery (see
-        :class:`broadcaster.hub.Member`), the hot path of every broadcast.
+        :class:`broadcaster.core.hub.Member`), the hot path of every broadcast.
 
         A round to a thousand clients is a thousand of these visits, and on
         loopback one ``send()`` costs 5 to 10 µs of kernel time, so each
@@ -947,15 +948,15 @@ class BroadcastServerFactory(WebSocketServerFactory):
 
     protocol = BroadcastServerProtocol
 
-    #: An :class:`broadcaster.auth.Authenticator` asked about every
+    #: An :class:`broadcaster.http.auth.Authenticator` asked about every
     #: handshake (``--auth-url``), or ``None``.
     authenticator = None
 
-    #: An :class:`broadcaster.fetch.ImageFetcher` for ``image_url``
+    #: An :class:`broadcaster.http.fetch.ImageFetcher` for ``image_url``
     #: requests, or ``None`` (refused).
     fetcher = None
 
-    #: The :class:`broadcaster.keepalive.Keepalive` pinging every client,
+    #: The :class:`broadcaster.protocols.keepalive.Keepalive` pinging every client,
     #: or ``None`` (``--ping-interval 0``).
     keepalive = None
 

@@ -12,13 +12,13 @@ Wire formats
     bytes.  We send one image per frame, in any format Pillow reads.  The
     server sends PNGs of the images other clients send, and a frame whose
     payload is UTF-8 text starting with ``ERROR `` when it refuses our last
-    frame (good frames get no reply).  See :mod:`broadcaster.images`.
+    frame (good frames get no reply).  See :mod:`broadcaster.protocols.images`.
 
     Line bridge (``--line-port``, default 9997): UTF-8 text, one message per
     line.  The server ends lines with LF; CRLF is accepted too.  Every line
     client receives every message, its own included, and arrivals and
     departures as ``<id> connected`` / ``<id> disconnected``; the first line a
-    client receives is its own arrival.  See :mod:`broadcaster.lines`.
+    client receives is its own arrival.  See :mod:`broadcaster.protocols.lines`.
 
 Timeouts
     Every read takes a ``timeout`` in seconds: a deadline for the whole
@@ -42,7 +42,7 @@ on :class:`ssl.SSLSocket`: :func:`recv_line` peeks with ``MSG_PEEK``.
 Example: run ``twistd -n broadcaster``, then::
 
     from PIL import Image
-    from broadcaster import sockets
+    from broadcaster.clients import sockets
 
     # Sockets are context managers: leaving the block closes them.
     with sockets.connect("localhost", 9998) as screen, \\

@@ -11,7 +11,7 @@ Client to server
     connection stays up.  If ``--max-line-length`` bytes arrive without any
     line end, the client gets ``ERROR ...`` and is disconnected (there is no
     telling where its next line would start).  A client over
-    ``--max-connections`` (see :mod:`broadcaster.admission`), or silent for
+    ``--max-connections`` (see :mod:`broadcaster.protocols.admission`), or silent for
     ``--raw-idle-timeout``, gets one ``ERROR ...`` line and is disconnected.
 
 Server to client
@@ -32,10 +32,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
-from broadcaster.admission import Admission, AdmittingFactory
-from broadcaster.flow import Limits
-from broadcaster.hub import Event, Hub, Joined, Left, TextMessage, encoded
-from broadcaster.members import RawMemberProtocol
+from broadcaster.protocols.admission import Admission, AdmittingFactory
+from broadcaster.core.flow import Limits
+from broadcaster.core.hub import Event, Hub, Joined, Left, TextMessage, encoded
+from broadcaster.protocols.connection import RawMemberProtocol
 
 # Everything a terminal, or Python's str.splitlines(), treats as a line break.
 _LINE_BREAKS = re.compile("\r\n|[\r\n\v\f\x1c\x1d\x1e\x85\u2028\u2029]")

@@ -2,7 +2,7 @@
 Plain counters of what the server does, for ``/metrics``.
 
 They are ordinary integers bumped on the hot path (a ``+= 1`` costs next to
-nothing); :mod:`broadcaster.metrics` turns them into Prometheus metrics
+nothing); :mod:`broadcaster.http.metrics` turns them into Prometheus metrics
 only when somebody scrapes.  This module imports nothing, so the hub and the
 protocols can count without knowing about Prometheus.
 """

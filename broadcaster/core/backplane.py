@@ -2,7 +2,7 @@
 The backplane: how events travel between the hubs of every node, and where
 room sequences and histories live.
 
-The hub (:mod:`broadcaster.hub`) owns the local members and hands every
+The hub (:mod:`broadcaster.core.hub`) owns the local members and hands every
 event it wants everyone to see to its backplane; the backplane numbers text
 messages, keeps history, and gives events back to the hub of *each* node
 (:meth:`Hub.deliver`) for fan-out to that node's members.  A node therefore
@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, List, Optional, Protocol, Tuple
 
 from twisted.internet.defer import Deferred, succeed
 
-from broadcaster.history import Histories
+from broadcaster.core.history import Histories
 
 if TYPE_CHECKING:  # pragma: no cover
-    from broadcaster.hub import Event, Hub, TextMessage
+    from broadcaster.core.hub import Event, Hub, TextMessage
 
 
 class Backplane(Protocol):
@@ -113,7 +113,7 @@ class LocalBackplane:
         self.histories = Histories(self.history_size, self._max_rooms, hub.occupied)
 
     def publish(self, event: "Event") -> Deferred:
-        from broadcaster.hub import TextMessage
+        from broadcaster.core.hub import TextMessage
 
         if isinstance(event, TextMessage):
             history = self.histories.get(event.room)

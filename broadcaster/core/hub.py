@@ -37,10 +37,10 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from broadcaster.backplane import Backplane, LocalBackplane
-from broadcaster.history import Histories
-from broadcaster.names import LOBBY
-from broadcaster.stats import Stats
+from broadcaster.core.backplane import Backplane, LocalBackplane
+from broadcaster.core.history import Histories
+from broadcaster.core.names import LOBBY
+from broadcaster.core.stats import Stats
 
 
 class Member(Protocol):
@@ -133,7 +133,7 @@ class TextMessage(Event):
     """
     A text message from a member to a room, shown to everyone there unchanged.
 
-    :ivar seq: its number in the room's sequence (see :mod:`broadcaster.history`).
+    :ivar seq: its number in the room's sequence (see :mod:`broadcaster.core.history`).
     :ivar epoch: the run of the room's sequence that ``seq`` belongs to.
     :ivar kept: whether the backplane keeps it for replays.  A message
         delivered on this node only (the Redis backplane while Redis is

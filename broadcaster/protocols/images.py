@@ -22,11 +22,11 @@ Errors
     - A frame not completed within ``--image-timeout`` seconds of its first
       byte is answered with an error frame and the connection is closed.
     - A frame cut short by the client disconnecting is dropped.
-    - Over ``--max-connections`` (see :mod:`broadcaster.admission`), or
+    - Over ``--max-connections`` (see :mod:`broadcaster.protocols.admission`), or
       silent for ``--raw-idle-timeout``: an error frame, then the
       connection is closed.
 
-Images are decoded off the reactor thread (see :mod:`broadcaster.imaging`)
+Images are decoded off the reactor thread (see :mod:`broadcaster.core.imaging`)
 one at a time per connection, so each client's images are broadcast in the
 order it sent them.  While frames wait to be decoded the connection stops
 reading, so a fast sender cannot make the server hold more than a few frames.
@@ -51,11 +51,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from broadcaster.admission import Admission, AdmittingFactory
-from broadcaster.flow import Limits
-from broadcaster.hub import Event, Hub, ImageMessage, encoded
-from broadcaster.imaging import ImageError, NormalisedImage, normalise
-from broadcaster.members import RawMemberProtocol
+from broadcaster.protocols.admission import Admission, AdmittingFactory
+from broadcaster.core.flow import Limits
+from broadcaster.core.hub import Event, Hub, ImageMessage, encoded
+from broadcaster.core.imaging import ImageError, NormalisedImage, normalise
+from broadcaster.protocols.connection import RawMemberProtocol
 
 _HEADER = struct.Struct(">I")
 
@@ -281,7 +281,7 @@ class ImageFactory(AdmittingFactory, ServerFactory):
 
     :param decode: takes frame bytes, returns a Deferred firing with a
         :class:`NormalisedImage` or failing with :class:`ImageError`; in
-        production it runs :func:`broadcaster.imaging.normalise` in a thread
+        production it runs :func:`broadcaster.core.imaging.normalise` in a thread
         pool.
     :param max_image_size: largest declared frame length accepted, in bytes.
     :param image_timeout: seconds a frame may take from its first byte to its last.
@@ -321,7 +321,7 @@ class DecoderPool(Service):
     one) caps how many cores image decoding may take from the fan-out.
 
     :param threads: most images decoded at once.
-    :param max_pixels: passed to :func:`broadcaster.imaging.normalise`.
+    :param max_pixels: passed to :func:`broadcaster.core.imaging.normalise`.
     :param max_png_size: likewise: no frame the server sends is larger.
     """
 

@@ -1,7 +1,7 @@
 """
 ``GET /metrics``: the server's counters in the Prometheus text format.
 
-Counting happens in :class:`broadcaster.stats.Stats` with plain integers;
+Counting happens in :class:`broadcaster.core.stats.Stats` with plain integers;
 this module reads them only when Prometheus scrapes, through a custom
 ``prometheus_client`` collector on a registry of the server's own (not the
 process-wide default one, so that several servers in one process, as in the
@@ -18,7 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from broadcaster.hub import Hub
+from broadcaster.core.hub import Hub
 
 #: The client kinds, so that every series exists (at 0) from the start.
 KINDS = ("plain", "json", "line", "image")
@@ -33,7 +33,7 @@ def _by_label(name: str, documentation: str, label: str, values: Dict[str, int],
 
 class StatsCollector:
     """
-    Turns the hub's :class:`~broadcaster.stats.Stats` (and whatever else is
+    Turns the hub's :class:`~broadcaster.core.stats.Stats` (and whatever else is
     registered with :meth:`add_gauge`) into metric families at scrape time.
     """
 

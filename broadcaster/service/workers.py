@@ -65,7 +65,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from broadcaster.signals import handle_stop_signals
+from broadcaster.service.signals import handle_stop_signals
 from broadcaster import __version__
 
 #: The listening ports a worker may be handed, as named in ``--worker-fds``,
@@ -494,7 +494,7 @@ class MasterService(Service):
             count=self.count,
             node=self.node_id,
         )
-        from broadcaster.tap import describe_address  # tap imports this module
+        from broadcaster.service.tap import describe_address  # tap imports this module
 
         for name, description, what in self._listeners:
             port = self._bind(self._reactor, description)

@@ -37,8 +37,8 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from broadcaster.hub import Hub, TextMessage
-from broadcaster.names import LOBBY, InvalidName, check_room
+from broadcaster.core.hub import Hub, TextMessage
+from broadcaster.core.names import LOBBY, InvalidName, check_room
 
 
 def read_key_file(path: str) -> List[str]:

@@ -23,30 +23,31 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from treq.client import HTTPClient
 from zope.interface import implementer
 
-from broadcaster import __version__, logs
-from broadcaster.admission import Admission
-from broadcaster.api import api_resource, read_key_file
-from broadcaster.auth import Authenticator
-from broadcaster.coercions import non_negative_float, non_negative_int, positive_float, positive_int
-from broadcaster.fetch import ImageFetcher, fetch_client, url_problem
-from broadcaster.flow import Limits
-from broadcaster.hub import Hub
-from broadcaster.imaging import DEFAULT_MAX_PIXELS
-from broadcaster.images import DecoderPool, ImageFactory
-from broadcaster.lines import LineBridgeFactory
-from broadcaster.metrics import MetricsResource, metrics_for
-from broadcaster.origin import OriginPolicy, parse_origin
-from broadcaster.signals import handle_stop_signals
-from broadcaster.redis_backplane import (
+from broadcaster import __version__
+from broadcaster.service import logs
+from broadcaster.protocols.admission import Admission
+from broadcaster.http.api import api_resource, read_key_file
+from broadcaster.http.auth import Authenticator
+from broadcaster.service.coercions import non_negative_float, non_negative_int, positive_float, positive_int
+from broadcaster.http.fetch import ImageFetcher, fetch_client, url_problem
+from broadcaster.core.flow import Limits
+from broadcaster.core.hub import Hub
+from broadcaster.core.imaging import DEFAULT_MAX_PIXELS
+from broadcaster.protocols.images import DecoderPool, ImageFactory
+from broadcaster.protocols.lines import LineBridgeFactory
+from broadcaster.http.metrics import MetricsResource, metrics_for
+from broadcaster.http.origin import OriginPolicy, parse_origin
+from broadcaster.service.signals import handle_stop_signals
+from broadcaster.redis.backplane import (
     HIREDIS,
     RedisBackplane,
     RedisBackplaneService,
     parse_redis_url,
 )
-from broadcaster.web import BoundedSite, BroadcasterSite
-from broadcaster.webhooks import WebhookService
-from broadcaster.websocket import BroadcastServerFactory
-from broadcaster.workers import (
+from broadcaster.http.site import BoundedSite, BroadcasterSite
+from broadcaster.http.webhooks import WebhookService
+from broadcaster.protocols.websocket import BroadcastServerFactory
+from broadcaster.service.workers import (
     LISTENER_FLAGS,
     NO_REDIS,
     InheritedPortReactor,
@@ -493,7 +494,7 @@ class Options(usage.Options):
                 # twistd.log for a daemon, unless --logfile says otherwise.
                 default = "-" if parent.get("nodaemon") else "twistd.log"
                 logs.use_json(parent.get("logfile") or default)
-                parent["logger"] = "broadcaster.logs.json_observer"
+                parent["logger"] = "broadcaster.service.logs.json_observer"
         if self["max-buffer"] < self["max-message-size"]:
             raise usage.UsageError(
                 "--max-buffer {} is smaller than --max-message-size {}: a client "
@@ -969,7 +970,7 @@ def makeService(options: Options, reactor=None) -> "BroadcasterService | MasterS
 
 def _master(options: Options, reactor, handle_signals: bool) -> MasterService:
     """
-    The master process of ``--workers N`` (see :mod:`broadcaster.workers`):
+    The master process of ``--workers N`` (see :mod:`broadcaster.service.workers`):
     it binds the ports the workers accept on and serves nobody itself.
     """
     listeners = [("port", options["port"], "WebSocket endpoint and chat page")]

@@ -15,7 +15,8 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from broadcaster.flow import Outbound, RateLimit
+from broadcaster.core.flow import RateLimit
+from broadcaster.protocols.outbound import Outbound
 
 
 #: Seconds a connection the server hangs up on may keep sending (unread)
@@ -85,7 +86,7 @@ class RawMemberProtocol(Protocol):
 
     Subclasses set :attr:`kind` and implement ``deliver`` (with
     :meth:`send`); their factory has ``hub``, ``clock`` and ``limits``
-    (:class:`broadcaster.flow.Limits`) attributes.
+    (:class:`broadcaster.core.flow.Limits`) attributes.
 
     :ivar id: the member id, allocated when the connection is made.
     :ivar peer: the peer's address, as Autobahn writes it (``tcp4:1.2.3.4:5``).
@@ -103,7 +104,7 @@ class RawMemberProtocol(Protocol):
     _linger = None
     _idle = None
     #: The connection's place under --max-connections (see
-    #: :mod:`broadcaster.admission`), if the factory admits connections.
+    #: :mod:`broadcaster.protocols.admission`), if the factory admits connections.
     ticket = None
 
     def close_with(self, last_words: bytes) -> None:

@@ -1,0 +1,4 @@
+"""
+The Redis backplane: several nodes sharing rooms, sequences, histories and
+presence through Redis.
+"""

@@ -1,0 +1,4 @@
+"""
+The twistd plugin's options and makeService, listening, signals, logging
+and the --workers master.
+"""
