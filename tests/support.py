@@ -23,7 +23,19 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import FailTest
 
 from broadcaster.service.workers import TWISTD
+from broadcaster.core.hub import Hub
 from broadcaster.service.tap import BroadcasterService, Options, makeService
+
+
+def immediate_hub(clock, **kwargs) -> Hub:
+    """
+    A hub whose fan-out delivers at once rather than at the end of the
+    reactor turn: the same engine, for tests of protocols and observers over
+    in-memory transports, where the turn is not what is tested.
+    """
+    hub = Hub(clock, **kwargs)
+    hub.fanout.immediate = True
+    return hub
 
 
 def server_options(args: Iterable[str] = ()) -> Options:

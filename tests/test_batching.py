@@ -14,9 +14,11 @@ from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from broadcaster.core.hub import Event, EventBatch, Hub, Joined, Left, TextMessage
+from broadcaster.core.events import Event, EventBatch, Joined, Left, TextMessage
+from broadcaster.core.hub import Hub
 from broadcaster.http.origin import OriginPolicy
 from broadcaster.protocols.websocket import BroadcastServerFactory
+from broadcaster.core.members import MemberBase
 from tests.support import (
     LineClient,
     connect_client,
@@ -28,7 +30,7 @@ from tests.support import (
 )
 
 
-class BatchRecorder:
+class BatchRecorder(MemberBase):
     """A member that records the batches it is given."""
 
     name = None
@@ -55,7 +57,7 @@ class Exploding(BatchRecorder):
 class HubBatchingTests(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
-        self.hub = Hub(self.clock, node_id="n", batching=True)
+        self.hub = Hub(self.clock, node_id="n")
 
     def connect(self, member_id, cls=BatchRecorder):
         member = cls(member_id)
@@ -149,7 +151,7 @@ class HubBatchingTests(SynchronousTestCase):
     def test_members_without_deliver_many_get_events_one_by_one(self):
         """A member with only deliver() still gets every event."""
 
-        class Simple:
+        class Simple(MemberBase):
             name = None
 
             def __init__(self):
@@ -208,16 +210,16 @@ def turn(clock):
 class SlicedSweepTests(SynchronousTestCase):
     """
     A round to many members takes several reactor turns of
-    ``hub.sweep_slice`` each, and what arrives meanwhile joins it.
+    ``hub.fanout.sweep_slice`` each, and what arrives meanwhile joins it.
     """
 
     def setUp(self):
         self.clock = Clock()
         self.timer = FakeTimer()
-        self.hub = Hub(self.clock, node_id="n", batching=True)
-        self.hub.timer = self.timer
-        self.hub.sweep_slice = 0.001
-        self.hub.SLICE_CHECK = 1
+        self.hub = Hub(self.clock, node_id="n")
+        self.hub.fanout.timer = self.timer
+        self.hub.fanout.sweep_slice = 0.001
+        self.hub.fanout.SLICE_CHECK = 1
         self.members = [self.connect("m{}".format(i)) for i in range(10)]
         self.hub.flush()
         for member in self.members:
@@ -353,7 +355,7 @@ class WebSocketBatchTests(SynchronousTestCase):
 
     def setUp(self):
         self.reactor = MemoryReactorClock()
-        self.hub = Hub(self.reactor, node_id="t", batching=True)
+        self.hub = Hub(self.reactor, node_id="t")
         self.factory = BroadcastServerFactory(self.hub, OriginPolicy(), self.reactor)
 
     def connect(self):
@@ -429,18 +431,18 @@ class RealClientSlicedSweepTests(TestCase):
         service, port = yield start_server(self, ["--rate", "0"])
         # A clock that says each delivery took a second, and 5 s slices:
         # every round is under load, and takes eight reactor turns.
-        service.hub.timer = itertools.count().__next__
-        service.hub.sweep_slice = 5
-        service.hub.SLICE_CHECK = 1
+        service.hub.fanout.timer = itertools.count().__next__
+        service.hub.fanout.sweep_slice = 5
+        service.hub.fanout.SLICE_CHECK = 1
         clients = yield connect_plain_clients(self, port, 40)
         slices = []
-        sweep = service.hub._sweep
+        sweep = service.hub.fanout._sweep
 
         def counted(*args, **kwargs):
             slices.append(None)
             return sweep(*args, **kwargs)
 
-        service.hub._sweep = counted
+        service.hub.fanout._sweep = counted
         sender = clients[0][0]
         sent = []
         for i in range(30):
@@ -459,7 +461,7 @@ class RealClientSlicedSweepTests(TestCase):
             for _ in sent:
                 got.append((yield client.next()))
             self.assertEqual(got, sent)
-        self.assertEqual(service.hub._sweeps, {})
+        self.assertEqual(service.hub.fanout._sweeps, {})
         # Rounds did take many reactor turns.
         self.assertGreater(len(slices), len(sent))
 
@@ -468,8 +470,8 @@ class BatchDelayTests(SynchronousTestCase):
     def test_batch_waits_for_the_delay(self):
         """With a batch delay, events published within it go out together, after it."""
         clock = Clock()
-        hub = Hub(clock, node_id="n", batching=True)
-        hub.batch_delay = 0.003
+        hub = Hub(clock, node_id="n")
+        hub.fanout.batch_delay = 0.003
         ann = BatchRecorder("ann")
         hub.connect(ann)
         clock.advance(0.003)
@@ -494,14 +496,14 @@ class BatchDelayTests(SynchronousTestCase):
 
         redis = ("--redis", "redis://127.0.0.1:1/0")
         self.patch(tap, "HIREDIS", True)
-        self.assertEqual(hub_for().batch_delay, 0)
-        self.assertEqual(hub_for(*redis).batch_delay, 0)
-        self.assertEqual(hub_for(*redis, "--batch-delay", "0.002").batch_delay, 0.002)
-        self.assertEqual(hub_for("--batch-delay", "0.01").batch_delay, 0.01)
+        self.assertEqual(hub_for().fanout.batch_delay, 0)
+        self.assertEqual(hub_for(*redis).fanout.batch_delay, 0)
+        self.assertEqual(hub_for(*redis, "--batch-delay", "0.002").fanout.batch_delay, 0.002)
+        self.assertEqual(hub_for("--batch-delay", "0.01").fanout.batch_delay, 0.01)
         self.patch(tap, "HIREDIS", False)
-        self.assertEqual(hub_for().batch_delay, 0)
-        self.assertEqual(hub_for(*redis).batch_delay, 0.003)
-        self.assertEqual(hub_for(*redis, "--batch-delay", "0").batch_delay, 0)
+        self.assertEqual(hub_for().fanout.batch_delay, 0)
+        self.assertEqual(hub_for(*redis).fanout.batch_delay, 0.003)
+        self.assertEqual(hub_for(*redis, "--batch-delay", "0").fanout.batch_delay, 0)
 
 
 class FanOutUnitTests(SynchronousTestCase):
@@ -512,7 +514,7 @@ class FanOutUnitTests(SynchronousTestCase):
 
     def setUp(self):
         self.reactor = MemoryReactorClock()
-        self.hub = Hub(self.reactor, node_id="t", batching=True)
+        self.hub = Hub(self.reactor, node_id="t")
         self.factory = BroadcastServerFactory(self.hub, OriginPolicy(), self.reactor)
         self.clients = [WebSocketBatchTests.connect(self) for _ in range(4)]
         self.reactor.advance(0)
@@ -521,14 +523,16 @@ class FanOutUnitTests(SynchronousTestCase):
             del writes[:]
         self.protocols = [protocol for protocol, _, _ in self.clients]
         self.hub.publish_text(self.protocols[0].id, "hi")
-        self.hub._fan_out = lambda event, room: None
-        self.batch = EventBatch([self.hub._batch[0][0]])
+        # The batch is served by hand here, not by the engine.
+        (event, _), = self.hub.fanout._batch
+        self.hub.fanout._batch.clear()
+        self.batch = EventBatch([event])
 
     def fan_out(self, members, index=0, occupants=None, deadline=None):
         if occupants is None:
             occupants = {member.id: member for member in members}
         return type(self.protocols[0]).fan_out(
-            self.hub, self.batch, members, index, occupants, deadline
+            self.hub.fanout, self.batch, members, index, occupants, deadline
         )
 
     def written(self):
@@ -552,10 +556,10 @@ class FanOutUnitTests(SynchronousTestCase):
         self.assertEqual(self.written(), [1, 0, 1, 1])
 
     def test_stops_after_the_deadline(self):
-        """Every SLICE_CHECK members it looks at hub.timer and returns once past the deadline."""
+        """Every SLICE_CHECK members it looks at hub.fanout.timer and returns once past the deadline."""
         timer = FakeTimer()
-        self.hub.timer = timer
-        self.hub.SLICE_CHECK = 2
+        self.hub.fanout.timer = timer
+        self.hub.fanout.SLICE_CHECK = 2
         timer.now = 10.0
         self.assertEqual(self.fan_out(self.protocols, deadline=5.0), 2)
         self.assertEqual(self.written(), [1, 1, 0, 0])
@@ -563,7 +567,7 @@ class FanOutUnitTests(SynchronousTestCase):
         self.assertEqual(self.written(), [1, 1, 1, 1])
 
     def test_a_failure_is_logged_and_the_rest_served(self):
-        """A member whose delivery raises goes to hub.delivery_failed; the others still get it."""
+        """A member whose delivery raises goes to the engine's delivery_failed; the others still get it."""
 
         class Broken:
             @property

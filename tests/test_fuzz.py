@@ -28,7 +28,7 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from broadcaster.core.hub import Hub, ImageMessage, TextMessage
+from broadcaster.core.events import ImageMessage, TextMessage
 from broadcaster.protocols.images import ImageFactory, frame
 from broadcaster.core.imaging import ImageError, normalise
 from broadcaster.protocols.lines import LineBridgeFactory
@@ -42,7 +42,9 @@ from broadcaster.protocols.wire import (
     JSONCodec,
     parse_client_message,
 )
+from broadcaster.core.members import MemberBase
 from tests.support import (
+    immediate_hub,
     DEFAULT_MASK,
     OP_BINARY,
     OP_CLOSE,
@@ -388,7 +390,7 @@ def _lines(received):
     return [line[:-1] if line.endswith(b"\r") else line for line in received.split(b"\n")[:-1]]
 
 
-class Recorder:
+class Recorder(MemberBase):
     """A hub member that keeps the events it is given."""
 
     id = "recorder"
@@ -416,7 +418,7 @@ class LineBridgeFuzzTests(FuzzTestCase):
         only ERROR lines and its own messages, one per line; it is cut off
         only when more than the limit arrives without a line end."""
         clock = Clock()
-        hub = Hub(clock, node_id="t")
+        hub = immediate_hub(clock, node_id="t")
         recorder = Recorder()
         hub.connect(recorder)
         factory = LineBridgeFactory(hub, clock, max_line_length=LINE_LIMIT)
@@ -575,7 +577,7 @@ class ImagePortFuzzTests(FuzzTestCase):
         reach another image client as PNG frames; bad framing or a stalled
         frame, and nothing else, closes the connection."""
         clock = Clock()
-        hub = Hub(clock, node_id="t")
+        hub = immediate_hub(clock, node_id="t")
         recorder = Recorder()
         hub.connect(recorder)
         factory = ImageFactory(
@@ -764,7 +766,7 @@ class WebSocketFuzzTests(FuzzTestCase):
         bystander only ever receive well-formed server frames; and once the
         connections are gone the hub is empty and no timer is left."""
         reactor = MemoryReactorClock()
-        hub = Hub(reactor, node_id="t")
+        hub = immediate_hub(reactor, node_id="t")
         factory = BroadcastServerFactory(hub, OriginPolicy(), reactor)
         bystander, bystander_transport = self.connect(factory)
         protocol, transport = self.connect(factory, json_mode)

@@ -17,10 +17,12 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from broadcaster.core.hub import Hub, ImageMessage
+from broadcaster.core.events import ImageMessage
 from broadcaster.core.imaging import normalise
 from broadcaster.protocols.images import ImageFactory, error_frame, frame
+from broadcaster.core.members import MemberBase
 from tests.support import (
+    immediate_hub,
     FrameClient,
     connect_client,
     connect_raw,
@@ -46,7 +48,7 @@ def png_size(png: bytes):
     return image.size
 
 
-class Recorder:
+class Recorder(MemberBase):
     """A hub member that keeps the images it is given."""
 
     id = "recorder"
@@ -65,7 +67,7 @@ class ImageProtocolTests(SynchronousTestCase):
 
     def setUp(self):
         self.clock = Clock()
-        self.hub = Hub(self.clock, node_id="t")
+        self.hub = immediate_hub(self.clock, node_id="t")
         self.recorder = Recorder()
         self.hub.connect(self.recorder)
         self.factory = ImageFactory(
@@ -313,7 +315,7 @@ class ImageLogTests(SynchronousTestCase):
 
         logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         clock = Clock()
-        hub = Hub(clock, node_id="t")
+        hub = immediate_hub(clock, node_id="t")
         factory = ImageFactory(hub, clock, lambda data: maybeDeferred(normalise, data))
         protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
         protocol.makeConnection(StringTransport())

@@ -29,11 +29,11 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from PIL import Image
 
 from broadcaster.core.flow import Limits, RateLimit, TokenBucket
-from broadcaster.core.hub import Hub
 from broadcaster.http.origin import OriginPolicy
 from broadcaster.service.tap import Options, raise_open_files_limit
 from broadcaster.protocols.websocket import BroadcastServerFactory
 from tests.support import (
+    immediate_hub,
     RecordingClientProtocol,
     close_client,
     connect_client,
@@ -266,7 +266,7 @@ class KeepaliveTests(SynchronousTestCase):
 
     def setUp(self):
         self.clock = MemoryReactorClock()
-        hub = Hub(self.clock, node_id="t")
+        hub = immediate_hub(self.clock, node_id="t")
         self.factory = BroadcastServerFactory(
             hub, OriginPolicy(), self.clock, limits=Limits(ping_interval=25, ping_timeout=10)
         )

@@ -12,9 +12,11 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from broadcaster.core.hub import Hub, TextMessage
+from broadcaster.core.events import TextMessage
 from broadcaster.protocols.lines import LineBridgeFactory, as_line
+from broadcaster.core.members import MemberBase
 from tests.support import (
+    immediate_hub,
     LineClient,
     connect_client,
     connect_raw,
@@ -23,7 +25,7 @@ from tests.support import (
 )
 
 
-class Recorder:
+class Recorder(MemberBase):
     id = "recorder"
     name = None
 
@@ -38,7 +40,7 @@ class Recorder:
 class LineBridgeProtocolTests(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
-        self.hub = Hub(self.clock, node_id="t")
+        self.hub = immediate_hub(self.clock, node_id="t")
         self.recorder = Recorder()
         self.hub.connect(self.recorder)
         self.factory = LineBridgeFactory(self.hub, self.clock, max_line_length=16)
@@ -195,7 +197,7 @@ class LineBridgeLimitTests(SynchronousTestCase):
         from broadcaster.core.flow import Limits
 
         self.clock = Clock()
-        self.hub = Hub(self.clock, node_id="t")
+        self.hub = immediate_hub(self.clock, node_id="t")
         self.recorder = Recorder()
         self.hub.connect(self.recorder)
         self.factory = LineBridgeFactory(

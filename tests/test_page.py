@@ -38,7 +38,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import FailTest, SkipTest, TestCase
 
-from broadcaster.core.hub import TextMessage
+from broadcaster.core.events import TextMessage
 from tests.support import FrameClient, connect_raw, port_of, start_server, wait_for
 from tests.test_bounds import fill_lobby
 from tests.test_rooms import join_chat, of_type, read_until

@@ -27,7 +27,8 @@ from twisted.python import usage
 from twisted.trial.unittest import FailTest, SkipTest, SynchronousTestCase, TestCase
 
 import txredisapi
-from broadcaster.core.hub import BinaryMessage, Hub, ImageMessage, Joined, Left, Renamed, TextMessage
+from broadcaster.core.events import BinaryMessage, ImageMessage, Joined, Left, Renamed, TextMessage
+from broadcaster.core.hub import Hub
 from broadcaster.redis import backplane as redis_backplane
 from broadcaster.redis.backplane import (
     HIREDIS,
@@ -42,6 +43,7 @@ from broadcaster.redis.backplane import (
 )
 from broadcaster.service.tap import Options
 from tests.support import (
+    immediate_hub,
     close_client,
     connect_client,
     free_port,
@@ -262,7 +264,7 @@ class SubscriptionParsingTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.backplane = RedisBackplane(RedisAddress(host="127.0.0.1"), clock=self.clock)
-        self.hub = Hub(self.clock, node_id="b", backplane=self.backplane, batching=True)
+        self.hub = Hub(self.clock, node_id="b", backplane=self.backplane)
         self.backplane._running = True
         self.backplane._begin_outage()
         self.member = BatchRecorder("b-1")
@@ -318,7 +320,7 @@ class BackplaneTests(SynchronousTestCase):
         self.backplane = RedisBackplane(
             RedisAddress(host="127.0.0.1"), history_size=5, clock=self.clock
         )
-        self.hub = Hub(self.clock, node_id="a", backplane=self.backplane)
+        self.hub = immediate_hub(self.clock, node_id="a", backplane=self.backplane)
         self.member = RecordingMember("a-1", "ann")
         self.backplane._running = True
         self.backplane._begin_outage()

@@ -14,6 +14,7 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from broadcaster.service.tap import Options, makeService, with_backlog
+from broadcaster.core.members import MemberBase
 
 
 def parse(*args):
@@ -154,7 +155,7 @@ class PluginTests(SynchronousTestCase):
             self.assertIn(option, result.stdout)
 
 
-class FakeMember:
+class FakeMember(MemberBase):
     """A member that records how the server asked it to go."""
 
     def __init__(self, hub, member_id, leaves_when_asked=True):

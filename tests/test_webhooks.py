@@ -28,7 +28,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from broadcaster.core.hub import BinaryMessage, Hub, ImageMessage, TextMessage
+from broadcaster.core.events import BinaryMessage, ImageMessage, TextMessage
 from broadcaster.http.metrics import StatsCollector
 from broadcaster.service.tap import Options, makeService
 from broadcaster.http.webhooks import (
@@ -38,7 +38,8 @@ from broadcaster.http.webhooks import (
     sign,
     webhook_event,
 )
-from tests.support import Inbox, connect_client, start_server, wait_for
+from broadcaster.core.members import MemberBase
+from tests.support import immediate_hub, Inbox, connect_client, start_server, wait_for
 
 
 # A real HTTP server on loopback, shared with test_auth and test_fetch.
@@ -177,7 +178,7 @@ def real_client(testcase) -> HTTPClient:
     return HTTPClient(Agent(reactor, pool=pool))
 
 
-class FakeMember:
+class FakeMember(MemberBase):
     """A hub member that ignores what it is sent."""
 
     def __init__(self, member_id: str, name: Optional[str] = None, user: Optional[str] = None):
@@ -219,7 +220,7 @@ class RealReceiverTests(TestCase):
     @inlineCallbacks
     def test_signed_batch_of_hub_events(self):
         """A join and a message within a second arrive in one POST, signed with the secret."""
-        hub = Hub(self.clock)
+        hub = immediate_hub(self.clock)
         service = WebhookService(
             hub, [self.server.url + "/hook"], real_client(self), self.clock, secret=b"s3cret"
         )
@@ -458,7 +459,7 @@ class BackoffTests(SynchronousTestCase):
 class FlushTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        self.hub = Hub(self.clock)
+        self.hub = immediate_hub(self.clock)
 
     def test_stop_sends_at_once(self):
         """Stopping sends what waits without waiting for the batch window."""
@@ -538,7 +539,7 @@ class EventFormTests(SynchronousTestCase):
     def test_gauges_are_registered(self):
         """The queue length, retries and drops are reported through the metrics collector."""
         clock = Clock()
-        hub = Hub(clock)
+        hub = immediate_hub(clock)
         service = WebhookService(hub, ["http://h.example/"], StubTreq(Silent()), clock)
         collector = StatsCollector(hub)
         service.register_metrics(collector)
@@ -587,11 +588,11 @@ class OriginTests(SynchronousTestCase):
         """With several nodes, each event is posted by the node it happened on, once."""
         from twisted.internet.task import Clock
 
-        from broadcaster.core.hub import Hub, TextMessage
+        from broadcaster.core.events import TextMessage
         from broadcaster.http.webhooks import WebhookService
 
         clock = Clock()
-        hub = Hub(clock, node_id="here")
+        hub = immediate_hub(clock, node_id="here")
         service = WebhookService(hub, ["http://127.0.0.1:1/hook"], client=None, clock=clock)
         service.startService()
         self.addCleanup(setattr, service, "running", 0)

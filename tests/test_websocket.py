@@ -17,11 +17,11 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from broadcaster.core.flow import Limits
-from broadcaster.core.hub import Hub
 from broadcaster.http.origin import OriginPolicy
 from broadcaster.protocols.websocket import BroadcastServerFactory, BroadcastServerProtocol
 
 from tests.support import (
+    immediate_hub,
     OP_CLOSE,
     OP_PING,
     OP_PONG,
@@ -423,7 +423,7 @@ class ProtocolUnitTests(SynchronousTestCase):
 
     def setUp(self):
         self.reactor = MemoryReactorClock()
-        self.hub = Hub(self.reactor, node_id="t")
+        self.hub = immediate_hub(self.reactor, node_id="t")
         self.factory = BroadcastServerFactory(self.hub, OriginPolicy(), self.reactor)
 
     def connect(self, json_mode=False, transport=None):

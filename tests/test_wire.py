@@ -7,7 +7,7 @@ import json
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from broadcaster.core.hub import BinaryMessage, ImageMessage, Joined, Left, Renamed, TextMessage
+from broadcaster.core.events import BinaryMessage, ImageMessage, Joined, Left, Renamed, TextMessage
 from broadcaster.protocols.wire import (
     MEMBERS_PAGE,
     BadRequest,

@@ -19,14 +19,39 @@ later; the local one answers at once.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING, List, Optional, Protocol, Tuple
+from typing import List, Optional, Protocol, Tuple
 
 from twisted.internet.defer import Deferred, succeed
 
+from broadcaster.core.events import Event, TextMessage
 from broadcaster.core.history import Histories
+from broadcaster.core.members import Member
 
-if TYPE_CHECKING:  # pragma: no cover
-    from broadcaster.core.hub import Event, Hub, TextMessage
+
+class Attached(Protocol):
+    """
+    What a backplane may call on the hub it delivers to (the hub is one).
+    """
+
+    node_id: str
+
+    def deliver(self, event: Event) -> None:
+        """Fan ``event`` out to this node's members of its room."""
+
+    def occupied(self, room: str) -> bool:
+        """Whether anybody on this node is in ``room``."""
+
+    def room_members(self, room: str) -> List[Member]:
+        """This node's members of ``room``."""
+
+    def member(self, member_id: str) -> Optional[Member]:
+        """The connected member with this id, or ``None``."""
+
+    def members(self) -> List[Member]:
+        """This node's members."""
+
+    def rooms_of(self, member_id: str) -> List[str]:
+        """The rooms a member is in."""
 
 
 class Backplane(Protocol):
@@ -37,12 +62,12 @@ class Backplane(Protocol):
     #: Messages each room keeps (0: none).
     history_size: int
 
-    def attach(self, hub: "Hub") -> None:
+    def attach(self, hub: "Attached") -> None:
         """
         Deliver events to ``hub`` from now on.
         """
 
-    def publish(self, event: "Event") -> Deferred:
+    def publish(self, event: Event) -> Deferred:
         """
         Send ``event`` to every node's hub, numbering it first if it is a
         text message.
@@ -105,16 +130,14 @@ class LocalBackplane:
     def __init__(self, history_size: int = 100, max_rooms: int = 10000) -> None:
         self.history_size = history_size
         self._max_rooms = max_rooms
-        self._hub: Optional["Hub"] = None
+        self._hub: Optional["Attached"] = None
         self.histories: Optional[Histories] = None
 
-    def attach(self, hub: "Hub") -> None:
+    def attach(self, hub: "Attached") -> None:
         self._hub = hub
         self.histories = Histories(self.history_size, self._max_rooms, hub.occupied)
 
-    def publish(self, event: "Event") -> Deferred:
-        from broadcaster.core.hub import TextMessage
-
+    def publish(self, event: Event) -> Deferred:
         if isinstance(event, TextMessage):
             history = self.histories.get(event.room)
             seq = history.next_seq()
@@ -145,7 +168,7 @@ class LocalBackplane:
             # The sequence restarted since the member joined: all of the
             # current epoch has been delivered to it live.
             upto = 0
-        result: Tuple[List["TextMessage"], bool] = history.after(epoch, seq, upto=upto)
+        result: Tuple[List[TextMessage], bool] = history.after(epoch, seq, upto=upto)
         return succeed(result)
 
     def members(self, room: str) -> list:

@@ -1,264 +1,51 @@
 """
-The broadcast domain: who is connected, and fan-out of events to them.
+The broadcast domain: who is connected, which rooms they are in, and what
+they publish.
 
-Nothing here knows about sockets, HTTP or Autobahn.  A connection of any kind
-(WebSocket today, raw TCP later) takes part by handing the hub a *member*: an
-object with an ``id`` and a ``deliver(event)`` method.  The hub keeps those
-members, stamps events with the time from an injected clock, and hands every
-event to every member it concerns.
+Nothing here knows about sockets, HTTP or Autobahn.  A connection of any
+kind takes part by handing the hub a *member* (the contract is
+:class:`broadcaster.core.members.Member`).  The hub keeps those members and
+their rooms, stamps events (:mod:`broadcaster.core.events`) with the time
+from an injected clock, hands them to its backplane to be numbered and
+spread to every node, and gives what comes back to the fan-out engine
+(:mod:`broadcaster.core.fanout`), which delivers each to the members of
+its room.
 
 Keeping the domain apart from the protocols is what lets a Redis backplane
-replace in-process fan-out later by swapping one object, and what lets the
-tests drive it with plain Python objects and :class:`twisted.internet.task.Clock`.
-
-Events are immutable values.  Each carries a small cache (:attr:`Event.wire`)
-that protocol adapters use to encode and frame it once per wire format, so a
-message sent to ten thousand clients is serialised once, not ten thousand times.
-
-With ``batching`` (the server's setting), the events of one reactor turn go
-out together: each member gets a room's new events in one call, so a
-WebSocket client gets them in one write.  A round of such deliveries to
-thousands of members takes milliseconds of ``send()`` calls; under load it
-is delivered in slices (:data:`SWEEP_SLICE`), and events read between
-slices join the round for the members still waiting, so each message waits
-for its member's next turn rather than for the whole round.
+replace in-process fan-out by swapping one object, and what lets the tests
+drive it with plain Python objects and :class:`twisted.internet.task.Clock`.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-from time import perf_counter
-from collections import deque
-from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, List, Optional, Protocol, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from broadcaster.core.backplane import Backplane, LocalBackplane
+from broadcaster.core.events import (
+    SERVER_ID,
+    BinaryMessage,
+    Event,
+    ImageMessage,
+    Joined,
+    Left,
+    Renamed,
+    TextMessage,
+)
+from broadcaster.core.fanout import FanOut
 from broadcaster.core.history import Histories
+from broadcaster.core.members import Member
 from broadcaster.core.names import LOBBY
 from broadcaster.core.stats import Stats
 
 
-class Member(Protocol):
-    """
-    What the hub needs from a connection.
-
-    ``deliver`` must not block; it should queue the event's bytes on the
-    connection's transport and return.  If it raises, the hub logs the
-    failure and carries on with the other members.
-
-    ``shut_down`` asks the connection to close politely because the server
-    is stopping (a WebSocket sends close code 1001); ``abort`` drops it
-    when it has not gone in time.  Either way the member leaves the hub
-    when its connection is lost.
-
-    Optionally, with ``batching``:
-
-    - ``deliver_many(batch)`` takes a room's events of one reactor turn (an
-      :class:`EventBatch`) at once; without it they come one by one.
-    - ``fan_out``, a function on the member's class, delivers a batch to a
-      whole run of members of that class, where one call per member would
-      cost more than the delivery itself:
-      ``fan_out(hub, batch, members, index, occupants, deadline)`` serves
-      ``members[index:]`` while they are of its class, skipping those no
-      longer in ``occupants`` (the room), and returns the index of the
-      first member it did not serve.  It looks at ``hub.timer()`` every
-      ``hub.SLICE_CHECK`` members and stops once past ``deadline`` (if not
-      ``None``); a member's failure goes to ``hub.delivery_failed`` and
-      the others are still served.
-    """
-
-    id: str
-    name: Optional[str]
-
-    def deliver(self, event: "Event") -> None: ...
-
-    def shut_down(self) -> None: ...
-
-    def abort(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class Event:
-    """
-    Something that happened, to be told to members.
-
-    :ivar ts: when it happened, in seconds since the epoch (from the hub's clock).
-    :ivar wire: per-format cache of encoded bytes, filled by protocol adapters
-        (see :func:`encoded`); not part of the event's value.
-    """
-
-    ts: float
-    wire: Dict[object, object] = field(
-        default_factory=dict, compare=False, repr=False, kw_only=True
-    )
-    #: The node whose hub created the event ("" if unknown): with several
-    #: nodes, things that must happen once per event (webhooks) happen there.
-    origin: str = field(default="", compare=False, repr=False, kw_only=True)
-
-
-@dataclass(frozen=True)
-class Joined(Event):
-    """A member joined a room (every member joins the lobby on connecting)."""
-
-    room: str
-    member: str
-    name: Optional[str] = None
-
-
-@dataclass(frozen=True)
-class Left(Event):
-    """A member left a room, or disconnected and so left all of its rooms."""
-
-    room: str
-    member: str
-    name: Optional[str] = None
-
-
-@dataclass(frozen=True)
-class Renamed(Event):
-    """A member chose a new display name; told to each room it is in."""
-
-    room: str
-    member: str
-    name: str
-
-
-@dataclass(frozen=True)
-class TextMessage(Event):
-    """
-    A text message from a member to a room, shown to everyone there unchanged.
-
-    :ivar seq: its number in the room's sequence (see :mod:`broadcaster.core.history`).
-    :ivar epoch: the run of the room's sequence that ``seq`` belongs to.
-    :ivar kept: whether the backplane keeps it for replays.  A message
-        delivered on this node only (the Redis backplane while Redis is
-        unreachable) is not, and does not move the room's join position.
-    """
-
-    room: str
-    sender: str
-    text: str
-    name: Optional[str] = None
-    seq: int = 0
-    epoch: str = ""
-    kept: bool = field(default=True, compare=False)
-
-
-@dataclass(frozen=True)
-class BinaryMessage(Event):
-    """An opaque binary message from a member, passed on byte for byte (lobby)."""
-
-    sender: str
-    data: bytes
-    room: str = LOBBY
-
-
-@dataclass(frozen=True)
-class ImageMessage(Event):
-    """
-    An image from a member, already checked and normalised to an RGB PNG (lobby).
-
-    :ivar image_id: unique per image, so clients can match metadata to bytes.
-    """
-
-    sender: str
-    image_id: str
-    png: bytes
-    width: int
-    height: int
-    room: str = LOBBY
-
-
-class EventBatch:
-    """
-    The events one room got in one reactor turn, in order, with a cache
-    (:attr:`wire`) like :class:`Event`'s, so a member kind encodes the whole
-    batch once for all its members.
-    """
-
-    __slots__ = ("events", "wire")
-
-    def __init__(self, events: List[Event]) -> None:
-        self.events = events
-        self.wire: Dict[object, object] = {}
-
-    def __iter__(self):
-        return iter(self.events)
-
-    def __len__(self) -> int:
-        return len(self.events)
-
-
-class _Sweep:
-    """
-    Events of one room on their way to some of its members, a slice of
-    members at a time (see :meth:`Hub._sweep`).
-
-    :ivar members: who gets :attr:`batch`, in order; those before
-        :attr:`next` have had it.
-    :ivar seconds: time spent delivering it so far.
-    """
-
-    __slots__ = ("events", "batch", "members", "next", "seconds")
-
-    def __init__(self, events: List[Event], members: List[Member]) -> None:
-        self.events = events
-        self.batch = EventBatch(events)
-        self.members = members
-        self.next = 0
-        self.seconds = 0.0
-
-    def extend(self, events: List[Event]) -> None:
-        """
-        Add ``events`` for the members still waiting; the ones already
-        served are dropped (they get ``events`` in a sweep of their own).
-        """
-        del self.members[: self.next]
-        self.next = 0
-        self.events = self.events + events
-        self.batch = EventBatch(self.events)
-
-
-#: Nobody: the members of a room that has none.
-_NOBODY: Dict[str, Member] = {}
-
-
-def encoded(event, key: object, encode: Callable[..., object]) -> object:
-    """
-    Encode ``event`` with ``encode`` once per ``key`` and reuse the result.
-
-    Fan-out calls this for every recipient; only the first call for a given
-    wire format does any work.
-
-    :param key: identifies the wire format (e.g. the codec object).
-    :param encode: produces the encoded form of the event.
-    """
-    try:
-        return event.wire[key]
-    except KeyError:
-        result = event.wire[key] = encode(event)
-        return result
-
-
 def _random_node_id() -> str:
     return os.urandom(3).hex()
-
-
-#: Seconds the fan-out delivers before letting the reactor read again,
-#: when messages come faster than rounds end.  One send() to a loopback
-#: client costs about 10 µs on a virtual machine, so a message to 1000
-#: clients takes 10 ms: in 1 ms slices, a message arriving meanwhile joins
-#: the round under way instead of waiting for it.
-SWEEP_SLICE = 0.001
-
-#: The sender id and display name of messages the server itself publishes
-#: (the publish API).  Member ids always contain a "-", so it is never one.
-SERVER_ID = "server"
 
 
 class NotInRoom(ValueError):
@@ -302,7 +89,6 @@ class Hub:
         max_rooms_per_member: int = 100,
         stats: Optional[Stats] = None,
         backplane: Optional[Backplane] = None,
-        batching: bool = False,
     ) -> None:
         self._clock = clock
         self.stats = stats if stats is not None else Stats()
@@ -322,36 +108,10 @@ class Hub:
         self._positions: Dict[str, Tuple[str, int]] = {}
         self.backplane: Backplane = backplane or LocalBackplane(history_size, max_rooms)
         self.backplane.attach(self)
-        self._pending: Deque[Tuple[Event, str]] = deque()
         self._empty_waiters: List[Deferred] = []
         self._observers: List[Callable[[Event], None]] = []
-        #: Deliver the events of one reactor turn together (see :meth:`_flush`).
-        self.batching = batching
-        #: Seconds to wait before delivering a batch: 0 is the end of this
-        #: reactor turn, which holds every event of one network read.  A
-        #: backplane that hands over events a turn apart needs a few
-        #: milliseconds for them to go out together.
-        self.batch_delay = 0.0
-        self._batch: List[Tuple[Event, str]] = []
-        self._flush_call = None
-        # room -> deliveries under way there, oldest first; each member of
-        # the room is waiting in at most one of them.
-        self._sweeps: Dict[str, Deque[_Sweep]] = {}
-        # room -> its members in none of its sweeps while some are under
-        # way: served by one that is done, or joined since they began.
-        self._outside: Dict[str, List[Member]] = {}
-        self._sweep_call = None
-        #: Seconds of delivering before the reactor gets to read again.
-        self.sweep_slice = SWEEP_SLICE
-        #: What slices are timed with (a member kind's ``fan_out`` looks at
-        #: it too); tests put a fake one here.
-        self.timer = perf_counter
-        # When the last round began and ended (None: none yet), and how
-        # long it took.
-        self._round_started = 0.0
-        self._quiet_since: Optional[float] = None
-        self._last_round = 0.0
-        self._delivering = False
+        #: Delivers each event to the members of its room.
+        self.fanout = FanOut(clock, self._rooms, self.stats, self._committed)
 
     def new_id(self) -> str:
         """
@@ -517,24 +277,7 @@ class Hub:
             )
         rooms[room] = self._positions.get(room)
         self._rooms.setdefault(room, {})[member.id] = member
-        queue = self._sweeps.get(room)
-        if queue:
-            outside = self._outside.setdefault(room, [])
-            if not fresh:
-                # Back in a room it left while a round there was under way:
-                # it must not get that round's events, older than its
-                # position; it is a newcomer to the room.
-                for sweep in queue:
-                    try:
-                        index = sweep.members.index(member)
-                    except ValueError:
-                        continue
-                    del sweep.members[index]
-                    if index < sweep.next:
-                        sweep.next -= 1
-                if member in outside:
-                    outside.remove(member)
-            outside.append(member)
+        self.fanout.joined(member, room, fresh)
         event = Joined(ts=self._clock.seconds(), origin=self.node_id, room=room, member=member.id, name=member.name)
         self.backplane.publish(event)
         return event
@@ -690,220 +433,27 @@ class Hub:
         Fan ``event`` out to this node's members of its room: the backplane
         calls this for every event, from this node or another.
         """
-        self._fan_out(event, event.room)
+        self.fanout.deliver(event, event.room)
 
-    def _fan_out(self, event: Event, room: str) -> None:
+    def _committed(self, room: str, events: List[Event]) -> None:
         """
-        Deliver ``event`` to every current member of ``room``, now, or with
-        :attr:`batching` at the end of this reactor turn together with the
-        room's other events of the turn.
-
-        A delivery can cause another event (a member whose transport fails
-        synchronously leaves, and its departure is announced).  Such events
-        wait until the current one has reached everyone, so every member sees
-        all events in one and the same order.
+        ``events`` are on their way to every member of ``room``: a member
+        joining from now on gets only later ones live, and the observers
+        are told of each.
         """
-        if self.batching:
-            self._batch.append((event, room))
-            if self._flush_call is None:
-                self._flush_call = self._clock.callLater(self.batch_delay, self._flush)
-            return
-        self._pending.append((event, room))
-        if self._delivering:
-            return
-        self._delivering = True
-        stats = self.stats
-        try:
-            while self._pending:
-                event, room = self._pending.popleft()
-                if isinstance(event, TextMessage) and event.kept:
-                    self._positions[room] = (event.epoch, event.seq)
-                started = perf_counter()
-                # Copy: deliveries may change the membership under us.
-                recipients = list(self._rooms.get(room, {}).values())
-                stats.deliveries += len(recipients)
-                for member in recipients:
-                    try:
-                        member.deliver(event)
-                    except Exception:
-                        self._log.failure(
-                            "delivery of {kind} to {client} failed; continuing with the others",
-                            kind=type(event).__name__,
-                            client=member.id,
-                        )
-                stats.fan_out_seconds.observe(perf_counter() - started)
-                for observer in self._observers:
-                    try:
-                        observer(event)
-                    except Exception:
-                        self._log.failure("hub observer {observer!r} failed", observer=observer)
-        finally:
-            self._delivering = False
-
-    def _flush(self) -> None:
-        """
-        Hand the events of the reactor turn that just ended to their rooms'
-        sweeps (:meth:`_commit`) and start delivering them.  Events the
-        deliveries cause go into the next batch.
-        """
-        self._flush_call = None
-        # Under load: a round is under way, or the last one ended less time
-        # ago than it took (the fan-out has been busy more than half the
-        # time).  Only then is slicing worth its reactor turns; a lone
-        # message goes out in one go.
-        now = self.timer()
-        busy = bool(self._sweeps) or (
-            self._quiet_since is not None
-            and now - self._quiet_since < max(self.sweep_slice, self._last_round)
-        )
-        if not self._sweeps:
-            self._round_started = now
-        batch, self._batch = self._batch, []
-        by_room: Dict[str, List[Event]] = {}
-        for event, room in batch:
-            by_room.setdefault(room, []).append(event)
-        stats = self.stats
-        for room, events in by_room.items():
-            for event in reversed(events):
-                if isinstance(event, TextMessage) and event.kept:
-                    # Joining from now on, a member gets only later ones
-                    # live: these are on their way to everyone there now.
-                    self._positions[room] = (event.epoch, event.seq)
-                    break
-            stats.deliveries += len(self._rooms.get(room, _NOBODY)) * len(events)
-            self._commit(room, events)
-            for event in events:
-                for observer in self._observers:
-                    try:
-                        observer(event)
-                    except Exception:
-                        self._log.failure("hub observer {observer!r} failed", observer=observer)
-        if self._sweep_call is not None:
-            # Continue the round here, with the new events merged in.
-            self._sweep_call.cancel()
-        self._sweep(sliced=busy)
-
-    def _commit(self, room: str, events: List[Event]) -> None:
-        """
-        Queue ``events`` for every member of ``room``.
-
-        A member still waiting in a sweep under way gets them with that
-        sweep's events, in the same write; the others (served already, or
-        new) get them in a new sweep.  So while a delivery to thousands of
-        members takes several slices, a message arriving meanwhile waits for
-        the member's next turn, not for the end of the whole round.
-        """
-        queue = self._sweeps.get(room)
-        if not queue:
-            self._outside.pop(room, None)
-            occupants = self._rooms.get(room, _NOBODY)
-            if occupants:
-                self._sweeps[room] = deque([_Sweep(events, list(occupants.values()))])
-            return
-        # Everyone in the room is either waiting in a sweep, served already
-        # by the one under way, or outside them (served by one that is
-        # done, or joined since they began).  Only the last two are listed
-        # here, so this costs what was served since the last commit, not
-        # the size of the room.
-        rest: List[Member] = self._outside.pop(room, [])
-        for sweep in queue:
-            rest.extend(sweep.members[: sweep.next])
-            sweep.extend(events)
-        if rest:
-            queue.append(_Sweep(events, rest))
-
-    def _sweep(self, until_done: bool = False, sliced: bool = True) -> None:
-        """
-        Deliver the queued sweeps: each member gets a room's events in one
-        call (:class:`EventBatch`), so a WebSocket client gets them in one
-        write, framed once for every client of its kind.
-
-        If ``sliced``, after :attr:`sweep_slice` seconds the rest waits for
-        the next reactor turn: the reactor reads what arrived meanwhile, and
-        :meth:`_commit` merges it into the members' turns still to come.
-        """
-        self._sweep_call = None
-        if self._flush_call is not None and not self.batch_delay:
-            # What the reactor read since the last slice: merge it into the
-            # round first (that flush continues the round).
-            self._flush_call.cancel()
-            self._flush()
-            return
-        timer = self.timer
-        deadline = None if until_done or not sliced else timer() + self.sweep_slice
-        check = self.SLICE_CHECK
-        for room in list(self._sweeps):
-            queue = self._sweeps[room]
-            # Members leave this dict when they leave the room; one coming
-            # back is taken out of the sweeps (join), so this one will do.
-            occupants = self._rooms.get(room, _NOBODY)
-            while queue:
-                sweep = queue[0]
-                members = sweep.members
-                batch = sweep.batch
-                events = sweep.events
-                index = sweep.next
-                started = timer()
-                while index < len(members):
-                    member = members[index]
-                    fan_out = getattr(member, "fan_out", None)
-                    if fan_out is not None:
-                        # The run of members of this kind that starts here.
-                        index = fan_out(self, batch, members, index, occupants, deadline)
-                        if deadline is not None and timer() > deadline:
-                            break
-                        continue
-                    index += 1
-                    # Gone from the room since (a leave, or a failed delivery).
-                    if occupants.get(member.id) is not member:
-                        continue
-                    try:
-                        deliver_many = getattr(member, "deliver_many", None)
-                        if deliver_many is not None:
-                            deliver_many(batch)
-                        else:
-                            for event in events:
-                                member.deliver(event)
-                    except Exception:
-                        self.delivery_failed(member, batch)
-                    if deadline is not None and not index % check and timer() > deadline:
-                        break
-                sweep.next = index
-                sweep.seconds += timer() - started
-                if index < len(members):
-                    self._sweep_call = self._clock.callLater(0, self._sweep)
-                    return
-                queue.popleft()
-                self.stats.fan_out_seconds.observe(sweep.seconds)
-                if queue:
-                    self._outside.setdefault(room, []).extend(members)
-            del self._sweeps[room]
-            self._outside.pop(room, None)
-        self._quiet_since = timer()
-        self._last_round = self._quiet_since - self._round_started
-
-    #: Members served between looks at the clock.
-    SLICE_CHECK = 16
-
-    def delivery_failed(self, member: Member, batch: EventBatch) -> None:
-        """
-        Log the exception being handled: delivering ``batch`` to ``member``
-        raised.  The round goes on with the other members.
-        """
-        self._log.failure(
-            "delivery of {count} events to {client} failed; continuing with the others",
-            count=len(batch),
-            client=member.id,
-        )
+        for event in reversed(events):
+            if isinstance(event, TextMessage) and event.kept:
+                self._positions[room] = (event.epoch, event.seq)
+                break
+        for event in events:
+            for observer in self._observers:
+                try:
+                    observer(event)
+                except Exception:
+                    self._log.failure("hub observer {observer!r} failed", observer=observer)
 
     def flush(self) -> None:
         """
-        Deliver pending batched events now (for shutdown and tests).
+        Deliver pending events now (for shutdown and tests).
         """
-        if self._flush_call is not None:
-            self._flush_call.cancel()
-            self._flush()
-        if self._sweep_call is not None:
-            self._sweep_call.cancel()
-        if self._sweeps:
-            self._sweep(until_done=True)
+        self.fanout.flush()

@@ -37,7 +37,8 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from broadcaster.core.hub import Hub, TextMessage
+from broadcaster.core.events import TextMessage
+from broadcaster.core.hub import Hub
 from broadcaster.core.names import LOBBY, InvalidName, check_room
 
 

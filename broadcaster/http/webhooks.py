@@ -57,7 +57,8 @@ from twisted.python.failure import Failure
 
 from broadcaster import __version__
 from broadcaster.http.fetch import describe_http_failure, describe_url, read_body, with_timeout
-from broadcaster.core.hub import Event, Hub
+from broadcaster.core.events import Event
+from broadcaster.core.hub import Hub
 from broadcaster.protocols.wire import event_json
 
 #: Most events in one POST.
@@ -530,8 +531,8 @@ class WebhookService(Service):
         if not self.running:
             return succeed(None)
         super().stopService()
-        # Events the hub still holds for the end of this reactor turn (with
-        # batching): the clients' departures, just before we are stopped.
+        # Events the hub still holds for the end of this reactor turn: the
+        # clients' departures, just before we are stopped.
         self._hub.flush()
         self._hub.remove_observer(self._observe)
         d = DeferredList([delivery.flush(self.flush_timeout) for delivery in self.deliveries])

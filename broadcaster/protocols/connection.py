@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from broadcaster.core.flow import RateLimit
+from broadcaster.core.members import MemberBase
 from broadcaster.protocols.outbound import Outbound
 
 
@@ -80,7 +81,7 @@ def log_disconnect(
     )
 
 
-class RawMemberProtocol(Protocol):
+class RawMemberProtocol(MemberBase, Protocol):
     """
     A raw-TCP connection that is a hub member for as long as it is connected.
 
@@ -229,13 +230,6 @@ class RawMemberProtocol(Protocol):
         through the same budget as everything else it is sent.
         """
         self.send(data)
-
-    def deliver_many(self, batch) -> None:
-        """
-        Deliver a room's events of one reactor turn, one by one.
-        """
-        for event in batch:
-            self.deliver(event)
 
     def within_rate(self, refusal: Callable[[str], bytes]) -> bool:
         """

@@ -53,7 +53,8 @@ from twisted.python.threadpool import ThreadPool
 
 from broadcaster.protocols.admission import Admission, AdmittingFactory
 from broadcaster.core.flow import Limits
-from broadcaster.core.hub import Event, Hub, ImageMessage, encoded
+from broadcaster.core.events import encoded, Event, ImageMessage
+from broadcaster.core.hub import Hub
 from broadcaster.core.imaging import ImageError, NormalisedImage, normalise
 from broadcaster.protocols.connection import RawMemberProtocol
 

@@ -34,7 +34,8 @@ from twisted.logger import Logger
 
 from broadcaster.protocols.admission import Admission, AdmittingFactory
 from broadcaster.core.flow import Limits
-from broadcaster.core.hub import Event, Hub, Joined, Left, TextMessage, encoded
+from broadcaster.core.events import encoded, Event, Joined, Left, TextMessage
+from broadcaster.core.hub import Hub
 from broadcaster.protocols.connection import RawMemberProtocol
 
 # Everything a terminal, or Python's str.splitlines(), treats as a line break.

@@ -51,7 +51,10 @@ from broadcaster.http.auth import AuthDenied, AuthUnavailable, Identity
 from broadcaster.http.fetch import MAX_FETCHES_PER_CLIENT, FetchError, describe_url
 from broadcaster.core.flow import Limits, RateLimit
 from broadcaster.protocols.outbound import Outbound
-from broadcaster.core.hub import Event, Hub, NotInRoom, TooManyRooms, encoded
+from broadcaster.core.events import encoded, Event
+from broadcaster.core.fanout import FanOut
+from broadcaster.core.hub import Hub, NotInRoom, TooManyRooms
+from broadcaster.core.members import MemberBase
 from broadcaster.core.imaging import ImageError, NormalisedImage
 from broadcaster.protocols.keepalive import Keepalive
 from broadcaster.protocols.connection import log_connect, log_disconnect
@@ -76,7 +79,7 @@ _JSON = JSONCodec()
 
 def _prepare(codec) -> "callable":
     """
-    Build the encoder used by :func:`broadcaster.core.hub.encoded`: the event in
+    Build the encoder used by :func:`broadcaster.core.events.encoded`: the event in
     ``codec``'s format, framed once as Autobahn prepared messages.
     """
 
@@ -94,7 +97,7 @@ _PREPARE = {_PLAIN: _prepare(_PLAIN), _JSON: _prepare(_JSON)}
 
 def _frame_batch(codec):
     """
-    Build the encoder of a whole :class:`~broadcaster.core.hub.EventBatch`: the
+    Build the encoder of a whole :class:`~broadcaster.core.events.EventBatch`: the
     frames of all its events, each framed once (and shared with any other
     batch or recipient), concatenated into the bytes of one write.
     """
@@ -160,7 +163,7 @@ _AUTOBAHN_STATE = _HANDSHAKE_STATE + (
 _NO_SEND_QUEUE = ()
 
 
-class BroadcastServerProtocol(WebSocketServerProtocol):
+class BroadcastServerProtocol(MemberBase, WebSocketServerProtocol):
     """
     One WebSocket client.  It is a hub member between ``onOpen`` and ``onClose``.
 
@@ -824,11 +827,11 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
             stats.bytes_out += len(data)
 
     @staticmethod
-    def fan_out(hub: Hub, batch, members: List, index: int, occupants: Dict, deadline) -> int:
+    def fan_out(engine: FanOut, batch, members: List, index: int, occupants: Dict, deadline) -> int:
         """
         Send ``batch`` to the run of connections of this class that starts
         at ``members[index]``: the hub's per-kind delivery (see
-        :class:`broadcaster.core.hub.Member`), the hot path of every broadcast.
+        :class:`broadcaster.core.members.Member`), the hot path of every broadcast.
 
         A round to a thousand clients is a thousand of these visits, and on
         loopback one ``send()`` costs 5 to 10 µs of kernel time, so each
@@ -850,8 +853,8 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
         kind = members[index].__class__
         OPEN = kind.STATE_OPEN
         member_in_room = occupants.get
-        timer = hub.timer
-        check = hub.SLICE_CHECK
+        timer = engine.timer
+        check = engine.SLICE_CHECK
         frames_out = bytes_out = 0
         codec = None
         count = len(members)
@@ -897,10 +900,10 @@ class BroadcastServerProtocol(WebSocketServerProtocol):
                     else:
                         member.deliver_many(batch)
                 except Exception:
-                    hub.delivery_failed(member, batch)
+                    engine.delivery_failed(member, batch)
             if deadline is not None and not index % check and timer() > deadline:
                 break
-        stats = hub.stats
+        stats = engine.stats
         stats.frames_out += frames_out
         stats.bytes_out += bytes_out
         return index

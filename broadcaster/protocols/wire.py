@@ -28,16 +28,16 @@ import heapq
 import json
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
-from broadcaster.core.hub import (
+from broadcaster.core.events import (
     BinaryMessage,
     Event,
     ImageMessage,
     Joined,
     Left,
-    Member,
     Renamed,
     TextMessage,
 )
+from broadcaster.core.members import Member
 from broadcaster.core.names import LOBBY, InvalidName, check_display_name, check_room
 
 JSON_SUBPROTOCOL = "broadcaster.json"

@@ -58,7 +58,7 @@ import itertools
 import json
 import os
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import txredisapi
@@ -78,7 +78,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from broadcaster.core.history import RoomHistory, new_epoch
-from broadcaster.core.hub import (
+from broadcaster.core.backplane import Attached
+from broadcaster.core.events import (
     BinaryMessage,
     Event,
     ImageMessage,
@@ -88,9 +89,6 @@ from broadcaster.core.hub import (
     TextMessage,
 )
 from broadcaster.redis.commands import BackplaneConnection, CommandProtocol, Script
-
-if TYPE_CHECKING:  # pragma: no cover
-    from broadcaster.core.hub import Hub
 
 #: Seconds a command may wait for Redis's answer before the connection is
 #: given up as dead (and re-established).
@@ -636,7 +634,7 @@ class RedisBackplane:
         self.channel = self._prefix + "events" + (":db{}".format(address.db) if address.db else "")
         self.presence = Presence()
         self._token = os.urandom(8).hex()
-        self._hub: Optional["Hub"] = None
+        self._hub: Optional[Attached] = None
         self.node_id = ""
         self._running = False
         self._factories: List[_Factory] = []
@@ -663,7 +661,7 @@ class RedisBackplane:
 
     # Set-up
 
-    def attach(self, hub: "Hub") -> None:
+    def attach(self, hub: Attached) -> None:
         self._hub = hub
         self.node_id = hub.node_id
         self._private_channel = self._prefix + "node:" + self.node_id

@@ -761,16 +761,16 @@ class BroadcasterService(MultiService):
         d.addCallback(
             lambda _: DeferredList([maybeDeferred(child.stopService) for child in late])
         )
-        d.addCallback(lambda _: self._stop_batching())
+        d.addCallback(lambda _: self._deliver_at_once())
         return d
 
-    def _stop_batching(self) -> None:
+    def _deliver_at_once(self) -> None:
         """
         Deliver what the fan-out still holds (with --batch-delay, a few
         milliseconds' worth), and anything still arriving after the stop
         at once, rather than leave timers behind a stopped service.
         """
-        self.hub.batching = False
+        self.hub.fanout.immediate = True
         self.hub.flush()
 
     def _drain(self) -> Deferred:
@@ -842,9 +842,6 @@ def makeService(options: Options, reactor=None) -> "BroadcasterService | MasterS
         max_rooms=options["max-rooms"],
         max_rooms_per_member=options["max-rooms-per-client"],
         backplane=backplane,
-        # Frame each turn's messages once and write them to each client in
-        # one call: the fan-out's cost per recipient (see bench/).
-        batching=True,
     )
     if backplane is not None:
         # Before the listeners: they open once the backplane is connecting
@@ -855,9 +852,9 @@ def makeService(options: Options, reactor=None) -> "BroadcasterService | MasterS
             # Without hiredis, events from Redis reach the hub one reactor
             # turn apart; without a short wait each would go out on its own
             # (a send per client per message).
-            service.hub.batch_delay = 0.003
+            service.hub.fanout.batch_delay = 0.003
     if options["batch-delay"] is not None:
-        service.hub.batch_delay = options["batch-delay"]
+        service.hub.fanout.batch_delay = options["batch-delay"]
     limits = service.limits = Limits(
         max_buffer=options["max-buffer"],
         rate=options["rate"],

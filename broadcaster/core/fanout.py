@@ -1,0 +1,324 @@
+"""
+The fan-out engine: how events reach the members of their room.
+
+The events of one reactor turn go out together: each member gets a room's
+new events in one call (an :class:`~broadcaster.core.events.EventBatch`),
+so a WebSocket client gets them in one write, framed once for every client
+of its kind.  A round of such deliveries to thousands of members takes
+milliseconds of ``send()`` calls; under load it is delivered in slices
+(:data:`SWEEP_SLICE`), and events read between slices join the round for
+the members still waiting, so each message waits for its member's next
+turn rather than for the whole round.
+
+Members are served a run at a time through their class's ``fan_out`` (see
+:class:`broadcaster.core.members.Member`): a kind with a fast path serves
+its whole run in one loop.
+
+There is one engine, and one way through it.  :attr:`FanOut.immediate`
+only decides *when* it runs: at the end of the reactor turn (the server's
+way), or at once (once the server has stopped, so that nothing is left on
+a timer).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from time import perf_counter
+from typing import Callable, Deque, Dict, List, Optional, Tuple
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from broadcaster.core.events import Event, EventBatch
+from broadcaster.core.members import Member
+from broadcaster.core.stats import Stats
+
+#: Seconds the fan-out delivers before letting the reactor read again,
+#: when messages come faster than rounds end.  One send() to a loopback
+#: client costs about 10 µs on a virtual machine, so a message to 1000
+#: clients takes 10 ms: in 1 ms slices, a message arriving meanwhile joins
+#: the round under way instead of waiting for it.
+SWEEP_SLICE = 0.001
+
+#: Nobody: the members of a room that has none.
+_NOBODY: Dict[str, Member] = {}
+
+
+class _Sweep:
+    """
+    Events of one room on their way to some of its members, a slice of
+    members at a time (see :meth:`FanOut._sweep`).
+
+    :ivar members: who gets :attr:`batch`, in order; those before
+        :attr:`next` have had it.
+    :ivar seconds: time spent delivering it so far.
+    """
+
+    __slots__ = ("events", "batch", "members", "next", "seconds")
+
+    def __init__(self, events: List[Event], members: List[Member]) -> None:
+        self.events = events
+        self.batch = EventBatch(events)
+        self.members = members
+        self.next = 0
+        self.seconds = 0.0
+
+    def extend(self, events: List[Event]) -> None:
+        """
+        Add ``events`` for the members still waiting; the ones already
+        served are dropped (they get ``events`` in a sweep of their own).
+        """
+        del self.members[: self.next]
+        self.next = 0
+        self.events = self.events + events
+        self.batch = EventBatch(self.events)
+
+
+class FanOut:
+    """
+    Delivers events to the members of their room (see the module docstring).
+
+    :param clock: when a batch is delivered (``callLater``).
+    :param rooms: room -> member id -> member, in join order: the hub's own
+        table, read as it changes.
+    :param committed: called with ``(room, events)`` once a room's events of
+        a turn are on their way to every member there: the hub moves the
+        room's join position and tells its observers.
+    """
+
+    _log = Logger()
+
+    #: Members served between looks at the clock.
+    SLICE_CHECK = 16
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        rooms: Dict[str, Dict[str, Member]],
+        stats: Stats,
+        committed: Callable[[str, List[Event]], None],
+    ) -> None:
+        self._clock = clock
+        self._rooms = rooms
+        self.stats = stats
+        self._committed = committed
+        #: Seconds to wait before delivering a batch: 0 is the end of this
+        #: reactor turn, which holds every event of one network read.  A
+        #: backplane that hands over events a turn apart needs a few
+        #: milliseconds for them to go out together.
+        self.batch_delay = 0.0
+        #: Deliver at once instead of at the end of the turn (see the
+        #: module docstring).
+        self.immediate = False
+        self._batch: List[Tuple[Event, str]] = []
+        self._flush_call = None
+        # room -> deliveries under way there, oldest first; each member of
+        # the room is waiting in at most one of them.
+        self._sweeps: Dict[str, Deque[_Sweep]] = {}
+        # room -> its members in none of its sweeps while some are under
+        # way: served by one that is done, or joined since they began.
+        self._outside: Dict[str, List[Member]] = {}
+        self._sweep_call = None
+        #: Seconds of delivering before the reactor gets to read again.
+        self.sweep_slice = SWEEP_SLICE
+        #: What slices are timed with (a member kind's ``fan_out`` looks at
+        #: it too); tests put a fake one here.
+        self.timer = perf_counter
+        # When the last round began and ended (None: none yet), and how
+        # long it took.
+        self._round_started = 0.0
+        self._quiet_since: Optional[float] = None
+        self._last_round = 0.0
+
+    def deliver(self, event: Event, room: str) -> None:
+        """
+        Deliver ``event`` to every current member of ``room``, with the
+        room's other events of this reactor turn.
+
+        A delivery can cause another event (a member whose transport fails
+        synchronously leaves, and its departure is announced).  Such events
+        go out in the next batch, so every member sees all events in one and
+        the same order.
+        """
+        self._batch.append((event, room))
+        if self.immediate:
+            if not self._delivering:
+                self.flush()
+        elif self._flush_call is None:
+            self._flush_call = self._clock.callLater(self.batch_delay, self._flush)
+
+    _delivering = False
+
+    def joined(self, member: Member, room: str, fresh: bool) -> None:
+        """
+        ``member`` has just joined ``room`` (``fresh``: it has just
+        connected, so it cannot be in any round under way).  It gets only
+        events committed from now on: if a round is under way there it
+        waits outside it, and if it was still waiting in one (it left and
+        came back) it is taken out.
+        """
+        queue = self._sweeps.get(room)
+        if not queue:
+            return
+        outside = self._outside.setdefault(room, [])
+        if not fresh:
+            for sweep in queue:
+                try:
+                    index = sweep.members.index(member)
+                except ValueError:
+                    continue
+                del sweep.members[index]
+                if index < sweep.next:
+                    sweep.next -= 1
+            if member in outside:
+                outside.remove(member)
+        outside.append(member)
+
+    def idle(self) -> bool:
+        """Whether nothing is waiting to be delivered."""
+        return not self._batch and not self._sweeps
+
+    def _flush(self) -> None:
+        """
+        Hand the events of the reactor turn that just ended to their rooms'
+        sweeps (:meth:`_commit`) and start delivering them.  Events the
+        deliveries cause go into the next batch.
+        """
+        self._flush_call = None
+        # Under load: a round is under way, or the last one ended less time
+        # ago than it took (the fan-out has been busy more than half the
+        # time).  Only then is slicing worth its reactor turns; a lone
+        # message goes out in one go.
+        now = self.timer()
+        busy = bool(self._sweeps) or (
+            self._quiet_since is not None
+            and now - self._quiet_since < max(self.sweep_slice, self._last_round)
+        )
+        if not self._sweeps:
+            self._round_started = now
+        batch, self._batch = self._batch, []
+        by_room: Dict[str, List[Event]] = {}
+        for event, room in batch:
+            by_room.setdefault(room, []).append(event)
+        stats = self.stats
+        for room, events in by_room.items():
+            stats.deliveries += len(self._rooms.get(room, _NOBODY)) * len(events)
+            self._commit(room, events)
+            self._committed(room, events)
+        if self._sweep_call is not None:
+            # Continue the round here, with the new events merged in.
+            self._sweep_call.cancel()
+        self._sweep(sliced=busy and not self.immediate)
+
+    def _commit(self, room: str, events: List[Event]) -> None:
+        """
+        Queue ``events`` for every member of ``room``.
+
+        A member still waiting in a sweep under way gets them with that
+        sweep's events, in the same write; the others (served already, or
+        new) get them in a new sweep.  So while a delivery to thousands of
+        members takes several slices, a message arriving meanwhile waits for
+        the member's next turn, not for the end of the whole round.
+        """
+        queue = self._sweeps.get(room)
+        if not queue:
+            self._outside.pop(room, None)
+            occupants = self._rooms.get(room, _NOBODY)
+            if occupants:
+                self._sweeps[room] = deque([_Sweep(events, list(occupants.values()))])
+            return
+        # Everyone in the room is either waiting in a sweep, served already
+        # by the one under way, or outside them (served by one that is
+        # done, or joined since they began).  Only the last two are listed
+        # here, so this costs what was served since the last commit, not
+        # the size of the room.
+        rest: List[Member] = self._outside.pop(room, [])
+        for sweep in queue:
+            rest.extend(sweep.members[: sweep.next])
+            sweep.extend(events)
+        if rest:
+            queue.append(_Sweep(events, rest))
+
+    def _sweep(self, until_done: bool = False, sliced: bool = True) -> None:
+        """
+        Deliver the queued sweeps: each member gets a room's events in one
+        call, through its class's ``fan_out``.
+
+        If ``sliced``, after :attr:`sweep_slice` seconds the rest waits for
+        the next reactor turn: the reactor reads what arrived meanwhile, and
+        :meth:`_commit` merges it into the members' turns still to come.
+        """
+        self._sweep_call = None
+        if self._flush_call is not None and not self.batch_delay:
+            # What the reactor read since the last slice: merge it into the
+            # round first (that flush continues the round).
+            self._flush_call.cancel()
+            self._flush()
+            return
+        timer = self.timer
+        deadline = None if until_done or not sliced else timer() + self.sweep_slice
+        self._delivering = True
+        try:
+            for room in list(self._sweeps):
+                queue = self._sweeps[room]
+                # Members leave this dict when they leave the room; one
+                # coming back is taken out of the sweeps (joined), so this
+                # one will do.
+                occupants = self._rooms.get(room, _NOBODY)
+                while queue:
+                    sweep = queue[0]
+                    members = sweep.members
+                    batch = sweep.batch
+                    index = sweep.next
+                    started = timer()
+                    while index < len(members):
+                        # The run of members of this kind that starts here.
+                        index = members[index].fan_out(
+                            self, batch, members, index, occupants, deadline
+                        )
+                        if deadline is not None and timer() > deadline:
+                            break
+                    sweep.next = index
+                    sweep.seconds += timer() - started
+                    if index < len(members):
+                        self._sweep_call = self._clock.callLater(0, self._sweep)
+                        return
+                    queue.popleft()
+                    self.stats.fan_out_seconds.observe(sweep.seconds)
+                    if queue:
+                        self._outside.setdefault(room, []).extend(members)
+                del self._sweeps[room]
+                self._outside.pop(room, None)
+        finally:
+            self._delivering = False
+        self._quiet_since = timer()
+        self._last_round = self._quiet_since - self._round_started
+        if self.immediate and self._batch:
+            # Events the deliveries caused (a failed member's departure).
+            self.flush()
+
+    def delivery_failed(self, member: Member, batch: EventBatch) -> None:
+        """
+        Log the exception being handled: delivering ``batch`` to ``member``
+        raised.  The round goes on with the other members.
+        """
+        self._log.failure(
+            "delivery of {count} events to {client} failed; continuing with the others",
+            count=len(batch),
+            client=member.id,
+        )
+
+    def flush(self) -> None:
+        """
+        Deliver everything pending now (for shutdown and tests).
+        """
+        if self._flush_call is not None:
+            self._flush_call.cancel()
+            self._flush_call = None
+        if self._batch:
+            self._flush()
+        if self._sweep_call is not None:
+            self._sweep_call.cancel()
+            self._sweep_call = None
+        if self._sweeps:
+            self._sweep(until_done=True)

@@ -1,0 +1,115 @@
+"""
+The member contract: everything the hub and the fan-out engine call on a
+connection, declared here (as ``twisted/words`` declares ``IChatClient``)
+rather than discovered with ``getattr``.
+
+A connection of any kind takes part in the chat by handing the hub a
+*member*.  :class:`Member` says what a member is; :class:`MemberBase`
+gives the parts most kinds share: delivering a batch event by event, and
+serving a run of members of one kind one call each.  A kind whose
+delivery costs less than a call per member (the WebSocket protocol's fast
+path) overrides :meth:`MemberBase.fan_out`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Dict, List, Optional, Protocol
+
+from broadcaster.core.events import Event, EventBatch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from broadcaster.core.fanout import FanOut
+
+
+class Member(Protocol):
+    """
+    What the hub needs from a connection.
+
+    ``deliver`` and ``deliver_many`` must not block: they queue the bytes
+    of an event, or of a room's events of one reactor turn, on the
+    connection and return.  If they raise, the failure is logged and the
+    other members are still served.
+
+    ``fan_out``, a function on the member's class, delivers a batch to a
+    whole run of members of that class:
+    ``fan_out(engine, batch, members, index, occupants, deadline)`` serves
+    ``members[index:]`` while they are of its class, skipping those no
+    longer in ``occupants`` (the room), and returns the index of the first
+    member it did not serve.  It looks at ``engine.timer()`` every
+    ``engine.SLICE_CHECK`` members and stops once past ``deadline`` (if not
+    ``None``); a member's failure goes to ``engine.delivery_failed`` and
+    the others are still served.
+
+    ``shut_down`` asks the connection to close politely because the server
+    is stopping (a WebSocket sends close code 1001); ``abort`` drops it
+    when it has not gone in time.  Either way the member leaves the hub
+    when its connection is lost.
+    """
+
+    id: str
+    name: Optional[str]
+
+    def deliver(self, event: Event) -> None: ...
+
+    def deliver_many(self, batch: EventBatch) -> None: ...
+
+    @staticmethod
+    def fan_out(
+        engine: "FanOut",
+        batch: EventBatch,
+        members: List["Member"],
+        index: int,
+        occupants: Dict[str, "Member"],
+        deadline: Optional[float],
+    ) -> int: ...
+
+    def shut_down(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class MemberBase:
+    """
+    The parts of :class:`Member` most kinds of connection share; a kind
+    implements ``deliver``, ``shut_down`` and ``abort``.
+    """
+
+    __slots__ = ()
+
+    def deliver_many(self, batch: EventBatch) -> None:
+        """
+        Deliver a room's events of one reactor turn, one by one.
+        """
+        for event in batch:
+            self.deliver(event)
+
+    @staticmethod
+    def fan_out(engine, batch, members, index, occupants, deadline) -> int:
+        """
+        Serve the run of members of one class from ``members[index]``, one
+        :meth:`deliver_many` each (see :class:`Member`).
+        """
+        kind = members[index].__class__
+        timer = engine.timer
+        check = engine.SLICE_CHECK
+        count = len(members)
+        while index < count:
+            member = members[index]
+            if member.__class__ is not kind:
+                break
+            index += 1
+            # Gone from the room since (a leave, or a failed delivery).
+            if occupants.get(member.id) is member:
+                try:
+                    member.deliver_many(batch)
+                except Exception:
+                    engine.delivery_failed(member, batch)
+            if deadline is not None and not index % check and timer() > deadline:
+                break
+        return index
+
+    def shut_down(self) -> None:
+        """The server is stopping: nothing to close by default."""
+
+    def abort(self) -> None:
+        """The server is stopping and this member did not go in time."""
