@@ -11,7 +11,7 @@ Wire formats
     big-endian unsigned length (``struct.pack(">I", n)``) followed by ``n``
     bytes.  We send one image per frame, in any format Pillow reads.  The
     server sends PNGs of the images other clients send, and a frame whose
-    payload is UTF-8 text starting with ``ERROR `` when it refuses our last
+    payload is UTF-8 text starting with ``ERROR`` and a space when it refuses our last
     frame (good frames get no reply).  See :mod:`broadcaster.protocols.images`.
 
     Line bridge (``--line-port``, default 9997): UTF-8 text, one message per
@@ -428,7 +428,7 @@ def recv_line(
     :func:`recv_line`, :func:`read_exactly`, or code of your own) carry on
     where this one stopped.
 
-    A line starting with ``ERROR `` is returned like any other: on the line
+    A line starting with ``ERROR`` and a space is returned like any other: on the line
     bridge it tells us the server refused a line we sent (too long, not
     UTF-8), it does not end the conversation.  Check for it yourself if it
     matters.

@@ -10,7 +10,7 @@ Client to server
 Server to client
     Each frame holds a PNG: an image another client sent (any image-port
     client's, normalised to RGB).  A frame whose payload starts with
-    ``ERROR `` is UTF-8 text: the server refused the client's last frame.
+    ``ERROR`` and a space is UTF-8 text: the server refused the client's last frame.
 
 Errors
     - A frame that is not a decodable image (or is larger than

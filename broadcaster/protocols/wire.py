@@ -10,7 +10,7 @@ Plain (no subprotocol; the classic TwistedWebsocket example's format)
     as binary; an image arrives as a binary PNG.
 
 JSON (subprotocol ``broadcaster.json``)
-    Every server message is one JSON object with a ``type``; README.rst
+    Every server message is one JSON object with a ``type``; docs/protocols.rst
     documents each.  Server to client: ``welcome`` (first), ``join``,
     ``leave``, ``rename``, ``message``, ``binary`` and ``image`` (each
     followed by one binary message), ``ack``, ``presence``, ``history``,

@@ -421,7 +421,7 @@ class Options(usage.Options):
             1,
             "Run this many worker processes sharing the listening ports, "
             "joined through --redis or, without it, a private redis-server "
-            "that the master process starts (see README).  1: one process.",
+            "that the master process starts (see docs/workers.rst).  1: one process.",
             positive_int,
         ],
         [
@@ -445,7 +445,7 @@ class Options(usage.Options):
         super().parseOptions(options)
 
     def opt_webhook(self, url: str) -> None:
-        """POST every chat event, in batches, to this http(s) URL (repeatable). See README for the format and signature."""  # noqa: E501
+        """POST every chat event, in batches, to this http(s) URL (repeatable). See docs/webhooks.rst for the format and signature."""  # noqa: E501
         problem = url_problem(url, allow_credentials=True)
         if problem is not None:
             raise usage.UsageError("--webhook {!r}: {}".format(url, problem))

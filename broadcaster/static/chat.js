@@ -2,7 +2,7 @@
  * The broadcaster chat page.
  *
  * Talks to the server it was loaded from over one WebSocket, in the
- * "broadcaster.json" subprotocol (broadcaster/wire.py and README.rst
+ * "broadcaster.json" subprotocol (broadcaster/protocols/wire.py and docs/protocols.rst
  * describe every field):
  *
  *   server -> page   welcome {id, name, room, members, count, next, epoch, seq, limits}   first

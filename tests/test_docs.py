@@ -1,0 +1,43 @@
+"""
+The reference in ``docs/`` builds without a warning: a broken reference, a
+page missing from the table of contents, or a module docstring that is not
+valid reStructuredText fails here, as ``sphinx-build -W`` would.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import SkipTest, TestCase
+
+from tests.support import REPO_ROOT, run_module
+
+
+class DocsTests(TestCase):
+    timeout = 300
+
+    @inlineCallbacks
+    def test_the_reference_builds_without_warnings(self):
+        """sphinx-build -W builds docs/ into HTML, every module's docstring included."""
+        if importlib.util.find_spec("sphinx") is None:
+            message = "Sphinx is not installed (pip install '.[test]')"
+            if os.environ.get("CI"):
+                self.fail(message)
+            raise SkipTest(message)
+        out = os.path.abspath(self.mktemp())
+        process = run_module(
+            self,
+            "sphinx",
+            ["-W", "--keep-going", "-q", "-b", "html", os.path.join(REPO_ROOT, "docs"), out],
+        )
+        stdout, stderr, status = yield process.ended()
+        self.assertEqual(status, 0, "sphinx-build -W failed:\n{}\n{}".format(stdout, stderr))
+        with open(os.path.join(out, "reference.html"), encoding="utf-8") as page:
+            reference = page.read()
+        # The module docstrings are the reference's single source.
+        self.assertIn("The fan-out engine", reference)
+        self.assertIn("One admission policy for every listener", reference)
+        with open(os.path.join(out, "options.html"), encoding="utf-8") as page:
+            self.assertIn("--max-buffer", page.read())
