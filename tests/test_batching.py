@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from broadcaster.core.events import Event, EventBatch, Joined, Left, TextMessage
 from broadcaster.core.hub import Hub
-from broadcaster.http.origin import OriginPolicy
+from broadcaster.protocols.origin import OriginPolicy
 from broadcaster.protocols.websocket import BroadcastServerFactory
 from broadcaster.core.members import MemberBase
 from tests.support import (

@@ -10,9 +10,22 @@ import importlib.util
 import os
 
 from twisted.internet.defer import inlineCallbacks
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from tests.support import REPO_ROOT, run_module
+
+
+class ReferenceTests(SynchronousTestCase):
+    def test_every_module_is_in_the_reference(self):
+        """docs/reference.rst pulls in every module of the package."""
+        with open(os.path.join(REPO_ROOT, "docs", "reference.rst"), encoding="utf-8") as page:
+            reference = page.read()
+        for folder, _, files in os.walk(os.path.join(REPO_ROOT, "broadcaster")):
+            for name in files:
+                if name.endswith(".py"):
+                    path = os.path.relpath(os.path.join(folder, name), REPO_ROOT)
+                    module = path[:-3].replace(os.sep, ".").removesuffix(".__init__")
+                    self.assertIn(".. automodule:: {}\n".format(module), reference)
 
 
 class DocsTests(TestCase):

@@ -35,9 +35,10 @@ from broadcaster.http.fetch import (
     PinnedEndpoint,
     PinningEndpointFactory,
     address_problem,
-    describe_url,
+
     url_problem,
 )
+from broadcaster.core.fetching import describe_url
 from broadcaster.core.imaging import NormalisedImage
 from broadcaster.protocols.wire import BadRequest, parse_client_message
 from tests.support import connect_client, start_server, wait_for

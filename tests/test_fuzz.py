@@ -33,7 +33,7 @@ from broadcaster.protocols.images import ImageFactory, frame
 from broadcaster.core.imaging import ImageError, normalise
 from broadcaster.protocols.lines import LineBridgeFactory
 from broadcaster.core.names import LOBBY
-from broadcaster.http.origin import OriginPolicy
+from broadcaster.protocols.origin import OriginPolicy
 from broadcaster.protocols.websocket import BroadcastServerFactory
 from broadcaster.protocols.wire import (
     CLIENT_TYPES,

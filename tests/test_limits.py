@@ -29,8 +29,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from PIL import Image
 
 from broadcaster.core.flow import Limits, RateLimit, TokenBucket
-from broadcaster.http.origin import OriginPolicy
-from broadcaster.service.tap import Options, raise_open_files_limit
+from broadcaster.protocols.origin import OriginPolicy
+from broadcaster.service.listening import raise_open_files_limit
+from broadcaster.service.tap import Options
 from broadcaster.protocols.websocket import BroadcastServerFactory
 from tests.support import (
     immediate_hub,

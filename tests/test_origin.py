@@ -1,10 +1,10 @@
 """
-Tests for :mod:`broadcaster.http.origin`: which browser Origins may open a socket.
+Tests for :mod:`broadcaster.protocols.origin`: which browser Origins may open a socket.
 """
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from broadcaster.http.origin import OriginPolicy, own_origin, parse_origin
+from broadcaster.protocols.origin import OriginPolicy, own_origin, parse_origin
 
 
 class ParseOriginTests(SynchronousTestCase):

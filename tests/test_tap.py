@@ -13,7 +13,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
-from broadcaster.service.tap import Options, makeService, with_backlog
+from broadcaster.service.listening import with_backlog
+from broadcaster.service.tap import Options, makeService
 from broadcaster.core.members import MemberBase
 
 
@@ -218,7 +219,7 @@ class DescribeAddressTests(SynchronousTestCase):
         """Listening addresses are logged the way --port is written."""
         from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 
-        from broadcaster.service.tap import describe_address
+        from broadcaster.service.listening import describe_address
 
         self.assertEqual(describe_address(IPv4Address("TCP", "0.0.0.0", 9999)), "tcp:0.0.0.0:9999")
         self.assertEqual(describe_address(IPv6Address("TCP", "::1", 9998)), "tcp:[::1]:9998")

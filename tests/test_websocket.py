@@ -17,7 +17,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from broadcaster.core.flow import Limits
-from broadcaster.http.origin import OriginPolicy
+from broadcaster.protocols.origin import OriginPolicy
+from broadcaster.protocols.internals import LeanWebSocketServerProtocol
 from broadcaster.protocols.websocket import BroadcastServerFactory, BroadcastServerProtocol
 
 from tests.support import (
@@ -561,9 +562,11 @@ class ProtocolUnitTests(SynchronousTestCase):
     def test_slots_hide_no_class_attribute(self):
         """No slot shadows a default that Autobahn or Twisted defines on a
         base class (reading it before it is set would raise instead)."""
-        for name in BroadcastServerProtocol.__slots__:
-            for base in BroadcastServerProtocol.__mro__[1:]:
-                self.assertNotIn(name, vars(base), "{} on {}".format(name, base))
+        for klass in BroadcastServerProtocol.__mro__:
+            for name in vars(klass).get("__slots__", ()):
+                for base in klass.__mro__[1:]:
+                    self.assertNotIn(name, vars(base), "{} on {}".format(name, base))
+        self.assertIn("state", LeanWebSocketServerProtocol.__slots__)
 
     def test_connections_share_one_keepalive_timer(self):
         """Opening more connections schedules no more timers; a dead peer

@@ -76,7 +76,7 @@ from twisted.python import usage
 from zope.interface import implementer
 
 from broadcaster import __version__
-from broadcaster.service.coercions import positive_float, positive_int
+from broadcaster.core.coercions import positive_float, positive_int
 from broadcaster.protocols.wire import JSON_SUBPROTOCOL
 
 PROGRAM = "broadcaster-client"

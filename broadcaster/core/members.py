@@ -13,12 +13,26 @@ path) overrides :meth:`MemberBase.fan_out`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, Optional, Protocol
+from typing import Callable, Dict, List, Optional, Protocol
 
 from broadcaster.core.events import Event, EventBatch
+from broadcaster.core.stats import Stats
 
-if TYPE_CHECKING:  # pragma: no cover
-    from broadcaster.core.fanout import FanOut
+
+class Engine(Protocol):
+    """
+    What a member kind's ``fan_out`` may use of the engine that calls it
+    (:class:`broadcaster.core.fanout.FanOut` is one).
+    """
+
+    #: The clock slices are timed with.
+    timer: Callable[[], float]
+    #: Members to serve between looks at :attr:`timer`.
+    SLICE_CHECK: int
+    stats: Stats
+
+    def delivery_failed(self, member: "Member", batch: EventBatch) -> None:
+        """Log the exception being handled: delivering to ``member`` raised."""
 
 
 class Member(Protocol):
@@ -55,7 +69,7 @@ class Member(Protocol):
 
     @staticmethod
     def fan_out(
-        engine: "FanOut",
+        engine: Engine,
         batch: EventBatch,
         members: List["Member"],
         index: int,

@@ -27,7 +27,6 @@ sent to the service and nowhere else: never logged.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any, List, Mapping, Optional
 
 from twisted.application.service import Service
@@ -37,7 +36,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from broadcaster import __version__
-from broadcaster.http.fetch import describe_http_failure, describe_url, read_body, with_timeout
+from broadcaster.core.identity import AuthDenied, AuthUnavailable, Identity
+from broadcaster.core.fetching import describe_url
+from broadcaster.http.fetch import describe_http_failure, read_body, with_timeout
 from broadcaster.core.names import InvalidName, check_display_name
 
 #: The largest answer body read from the auth service.
@@ -50,35 +51,6 @@ MAX_USER_LENGTH = 256
 FORWARDED_HEADERS = ("authorization", "cookie")
 
 _USER_AGENT = "broadcaster/{}".format(__version__).encode("ascii")
-
-
-@dataclass(frozen=True)
-class Identity:
-    """
-    Who the auth service says a client is; either may be ``None``.
-    """
-
-    user: Optional[str] = None
-    name: Optional[str] = None
-
-
-class AuthDenied(Exception):
-    """
-    The auth service refused the client (401 or 403).
-
-    :ivar status: the status it answered.
-    """
-
-    def __init__(self, status: int) -> None:
-        super().__init__("the auth service refused the client (HTTP {})".format(status))
-        self.status = status
-
-
-class AuthUnavailable(Exception):
-    """
-    No usable answer from the auth service; ``str()`` says why (no
-    credentials in it).
-    """
 
 
 class Authenticator(Service):

@@ -70,13 +70,11 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
 from broadcaster import __version__
+from broadcaster.core.fetching import FetchError
 from broadcaster.core.imaging import ImageError, NormalisedImage
 
 #: Redirects followed for one image URL.
 MAX_REDIRECTS = 3
-
-#: Downloads one client may have under way at once.
-MAX_FETCHES_PER_CLIENT = 2
 
 #: Downloads the whole server may have under way at once.
 MAX_CONCURRENT_FETCHES = 16
@@ -88,13 +86,6 @@ _REDIRECT_CODES = (301, 302, 303, 307, 308)
 _BINARY_TYPES = (b"application/octet-stream", b"binary/octet-stream")
 
 USER_AGENT = "broadcaster/{}".format(__version__).encode("ascii")
-
-
-class FetchError(Exception):
-    """
-    An image URL could not be fetched; ``str()`` is a reason fit to send to
-    the client that asked.
-    """
 
 
 class ForbiddenAddress(FetchError):
@@ -132,23 +123,6 @@ def url_problem(url: str, allow_credentials: bool = False) -> Optional[str]:
     if not allow_credentials and (parts.username is not None or parts.password is not None):
         return "URLs with a user name or password are not allowed"
     return None
-
-
-def describe_url(url: str) -> str:
-    """
-    ``scheme://host:port``, fit for logs: no credentials, path or query
-    (webhook URLs often carry a secret in the path, image URLs the client's
-    tokens in the query).
-    """
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or "?"
-        if ":" in host:
-            host = "[{}]".format(host)
-        port = ":{}".format(parts.port) if parts.port else ""
-    except ValueError:
-        return "<unparsable URL>"
-    return "{}://{}{}".format(parts.scheme, host, port)
 
 
 # Addresses

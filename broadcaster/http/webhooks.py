@@ -56,7 +56,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from broadcaster import __version__
-from broadcaster.http.fetch import describe_http_failure, describe_url, read_body, with_timeout
+from broadcaster.core.fetching import describe_url
+from broadcaster.http.fetch import describe_http_failure, read_body, with_timeout
 from broadcaster.core.events import Event
 from broadcaster.core.hub import Hub
 from broadcaster.protocols.wire import event_json

@@ -33,33 +33,34 @@ Per-message logs are debug only and never include payloads.
 
 from __future__ import annotations
 
-from collections import deque
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
 from autobahn.websocket.protocol import PreparedMessage
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime, ISSLTransport
-from twisted.internet.tcp import Server as _TCPServer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from broadcaster import __version__
-from broadcaster.http.auth import AuthDenied, AuthUnavailable, Identity
-from broadcaster.http.fetch import MAX_FETCHES_PER_CLIENT, FetchError, describe_url
+from broadcaster.core.identity import AuthDenied, AuthUnavailable, Identity
+from broadcaster.core.fetching import MAX_FETCHES_PER_CLIENT, FetchError, describe_url
 from broadcaster.core.flow import Limits, RateLimit
+from broadcaster.protocols.internals import (
+    LeanWebSocketServerFactory,
+    LeanWebSocketServerProtocol,
+    make_fan_out,
+)
 from broadcaster.protocols.outbound import Outbound
 from broadcaster.core.events import encoded, Event
-from broadcaster.core.fanout import FanOut
 from broadcaster.core.hub import Hub, NotInRoom, TooManyRooms
 from broadcaster.core.members import MemberBase
 from broadcaster.core.imaging import ImageError, NormalisedImage
 from broadcaster.protocols.keepalive import Keepalive
 from broadcaster.protocols.connection import log_connect, log_disconnect
 from broadcaster.core.names import LOBBY, InvalidName, check_display_name
-from broadcaster.http.origin import OriginPolicy
+from broadcaster.protocols.origin import OriginPolicy
 from broadcaster.protocols.wire import (
     HISTORY_REPLY_SIZE,
     JSON_SUBPROTOCOL,
@@ -117,6 +118,11 @@ def _frame_batch(codec):
 _FRAME_BATCH = {_PLAIN: _frame_batch(_PLAIN), _JSON: _frame_batch(_JSON)}
 
 
+def _frame_for(batch, codec) -> Tuple[bytes, int]:
+    """``batch`` framed in ``codec``'s format, once for all its clients."""
+    return encoded(batch, codec, _FRAME_BATCH[codec])
+
+
 def _parse_since_param(value: str) -> Optional[Tuple[str, int]]:
     """
     Read ``?since=<epoch>:<seq>``; ``None`` if it is not that.
@@ -127,43 +133,7 @@ def _parse_since_param(value: str) -> Optional[Tuple[str, int]]:
     return epoch, int(seq)
 
 
-#: The opening handshake's request and response, kept by Autobahn for its
-#: own test suite: dropped once the connection is open
-#: (:meth:`BroadcastServerProtocol._forget_handshake`).
-_HANDSHAKE_STATE = (
-    "http_request_data", "http_status_line", "http_headers", "http_request_uri",
-    "http_request_path", "http_request_params", "http_request_host", "websocket_protocols",
-    "websocket_origin", "websocket_extensions", "_wskey", "http_response_data",
-)
-
-#: What Autobahn sets on every connection, in ``_connectionMade`` and the
-#: opening handshake, none of it with a class-level default.  As slots they
-#: cost 8 bytes each; as instance attributes, with the options Autobahn
-#: also copies onto each connection, they made an instance dict of over 90
-#: keys (3.3 KB, too many for Python's key-sharing dicts).  A name Autobahn
-#: stops using is merely an unused slot; one it adds lands in the instance
-#: dict as before.
-_AUTOBAHN_STATE = _HANDSHAKE_STATE + (
-    "is_closed", "is_open", "_transport_details", "_perMessageCompress", "trackedTimings",
-    "trafficStats", "state", "send_state", "data", "send_queue", "triggered", "utf8validator",
-    "wasMaxFramePayloadSizeExceeded", "wasMaxMessagePayloadSizeExceeded", "closedByMe",
-    "failedByMe", "droppedByMe", "wasClean", "wasNotCleanReason",
-    "wasServerConnectionDropTimeout", "wasOpenHandshakeTimeout", "wasCloseHandshakeTimeout",
-    "wasServingFlashSocketPolicyFile", "localCloseCode", "localCloseReason",
-    "remoteCloseCode", "remoteCloseReason", "openHandshakeTimeoutCall",
-    "closeHandshakeTimeoutCall", "autoPingTimeoutCall", "autoPingPending",
-    "autoPingPendingCall", "autoPingPendingSeq", "autoPingPendingSent", "inside_message",
-    "current_frame", "websocket_version", "websocket_protocol_in_use",
-    "websocket_extensions_in_use",
-)
-
-#: ``send_queue`` until a chopped or synchronous write needs a real queue
-#: (we make none): Autobahn only ever takes its length then, and an empty
-#: deque per connection is 624 bytes.
-_NO_SEND_QUEUE = ()
-
-
-class BroadcastServerProtocol(MemberBase, WebSocketServerProtocol):
+class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
     """
     One WebSocket client.  It is a hub member between ``onOpen`` and ``onClose``.
 
@@ -174,7 +144,7 @@ class BroadcastServerProtocol(MemberBase, WebSocketServerProtocol):
     handshake is forgotten once the connection is open.
     """
 
-    __slots__ = _AUTOBAHN_STATE + ("_outbound", "_rate")
+    __slots__ = ("_outbound", "_rate")
 
     # Autobahn already uses ``self.log``.
     _log = Logger()
@@ -333,7 +303,6 @@ class BroadcastServerProtocol(MemberBase, WebSocketServerProtocol):
     def connectionMade(self) -> None:
         self._outbound = None
         super().connectionMade()
-        self.send_queue = _NO_SEND_QUEUE
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: Optional[int] = None) -> None:
         """
@@ -344,8 +313,6 @@ class BroadcastServerProtocol(MemberBase, WebSocketServerProtocol):
         if self._outbound is not None:
             self._write(data)
             return
-        if (sync or chopsize) and self.send_queue is _NO_SEND_QUEUE:
-            self.send_queue = deque()
         super().sendData(data, sync, chopsize)
 
     def _write(self, data) -> bool:
@@ -372,36 +339,12 @@ class BroadcastServerProtocol(MemberBase, WebSocketServerProtocol):
         if self.state != self.STATE_OPEN:
             return
         if self._perMessageCompress is not None:
-            self._send_compressed(payload, is_binary)
+            self.send_compressed(payload, is_binary)
             return
         self._write(PreparedMessage(payload, is_binary, False, True).payloadHybi)
 
-    def _send_compressed(self, payload: bytes, is_binary: bool) -> bool:
-        """
-        Compress and frame one message for this client alone (a
-        permessage-deflate context is per connection), without Autobahn's
-        ``sendMessage``, which refuses to send anything larger than the
-        limit on what clients may send.
-        """
-        compressor = self._perMessageCompress
-        compressor.start_compress_message()
-        data = compressor.compress_message_data(payload) + compressor.end_compress_message()
-        self.sendFrame(opcode=2 if is_binary else 1, payload=data, rsv=4)
-        return self.state == self.STATE_OPEN
-
-    def _forget_handshake(self) -> None:
-        """
-        Drop what Autobahn keeps of the opening handshake (request, headers,
-        response: about 1.5 KB), which nothing reads once the connection is
-        open; and the transport details, which only WAMP reads.
-        """
-        for name in _HANDSHAKE_STATE:
-            if hasattr(self, name):
-                delattr(self, name)
-        self._transport_details = None
-
     def onOpen(self) -> None:
-        self._forget_handshake()
+        self.forget_handshake()
         factory = self.factory
         hub = factory.hub
         self.id = hub.new_id()
@@ -465,20 +408,6 @@ class BroadcastServerProtocol(MemberBase, WebSocketServerProtocol):
         if self.state == self.STATE_OPEN and self.codec is _JSON:
             self._reply(_JSON.error("temporarily unavailable, try again", ref))
 
-    def onMessageEnd(self) -> None:
-        """
-        Autobahn's, less the ``message`` observer event when nothing
-        observes it (nothing here does): firing it anyway builds a Deferred
-        and its callbacks for every message a client sends.
-        """
-        if self._listeners or self._parent is not None:
-            return super().onMessageEnd()
-        if not self.failedByMe:
-            if self.trackedTimings:
-                self.trackedTimings.track("onMessage")
-            self._onMessage(b"".join(self.message_data), self.message_is_binary)
-        self.message_data = None
-
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.state != self.STATE_OPEN:
             # We are closing this client (slow consumer, flooding, shutdown):
@@ -531,7 +460,7 @@ class BroadcastServerProtocol(MemberBase, WebSocketServerProtocol):
                 rate=limits.rate,
                 burst=limits.burst,
             )
-            self._close(self.CLOSE_STATUS_CODE_POLICY_VIOLATION, "rate limit exceeded")
+            self.close_with(self.CLOSE_STATUS_CODE_POLICY_VIOLATION, "rate limit exceeded")
             return
         if self._rate.dropped_in_a_row == 1:
             # Once per episode, not once per dropped message.
@@ -568,14 +497,6 @@ class BroadcastServerProtocol(MemberBase, WebSocketServerProtocol):
             return self._parse_request(payload)["ref"]
         except BadRequest as e:
             return e.ref
-
-    def _close(self, code: int, reason: str) -> None:
-        """
-        Start the closing handshake with any code, 1001 and 1008 included
-        (Autobahn's sendClose() only takes 1000 and 3000-4999).
-        """
-        if self.state == self.STATE_OPEN:
-            self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8"), isReply=False)
 
     # Keepalive (see broadcaster.protocols.keepalive): a peer that vanished without a
     # FIN (dead Wi-Fi, a phone that went to sleep) is only noticed by asking
@@ -754,36 +675,13 @@ class BroadcastServerProtocol(MemberBase, WebSocketServerProtocol):
             self._auth.cancel()
         if self.ticket is not None:
             self.ticket.release()
-        # Autobahn cancels its close-handshake timer only when the peer's
-        # close frame arrives; a peer that drops the TCP connection instead
-        # would leave it pending for closeHandshakeTimeout seconds per
-        # connection.  Nothing is left to time out once the connection is gone.
-        if self.closeHandshakeTimeoutCall is not None:
-            self.closeHandshakeTimeoutCall.cancel()
-            self.closeHandshakeTimeoutCall = None
-
-    def dropConnection(self, abort: bool = False) -> None:
-        """
-        Close TCP gracefully once a WebSocket was open.
-
-        Autobahn aborts (TCP reset) when a close frame arrives while it is
-        closing, even when that close frame is invalid and Autobahn has just
-        queued its own 1002/1007 answer: the reset throws that answer away,
-        and turns the peer's proper close reply into a reset too (RFC 6455
-        wants a clean TCP close).  After a completed handshake, flush and
-        FIN instead; closeHandshakeTimeout still bounds a peer that never
-        closes.
-        """
-        if abort and self.wasClean:
-            abort = False
-        super().dropConnection(abort)
 
     def shut_down(self) -> None:
         """
         The server is stopping: close with 1001 ("going away"), so clients
         know to reconnect rather than treat it as an error.
         """
-        self._close(self.CLOSE_STATUS_CODE_GOING_AWAY, "server shutting down")
+        self.close_with(self.CLOSE_STATUS_CODE_GOING_AWAY, "server shutting down")
 
     def abort(self) -> None:
         self.transport.abortConnection()
@@ -799,7 +697,7 @@ class BroadcastServerProtocol(MemberBase, WebSocketServerProtocol):
         compressed = self._perMessageCompress is not None
         for prepared in encoded(event, self.codec, _PREPARE[self.codec]):
             if compressed:
-                sent = self._send_compressed(prepared.payload, prepared.binary)
+                sent = self.send_compressed(prepared.payload, prepared.binary)
             else:
                 sent = self._write(prepared.payloadHybi)
             if not sent:
@@ -826,87 +724,9 @@ class BroadcastServerProtocol(MemberBase, WebSocketServerProtocol):
             stats.frames_out += frames
             stats.bytes_out += len(data)
 
-    @staticmethod
-    def fan_out(engine: FanOut, batch, members: List, index: int, occupants: Dict, deadline) -> int:
-        """
-        Send ``batch`` to the run of connections of this class that starts
-        at ``members[index]``: the hub's per-kind delivery (see
-        :class:`broadcaster.core.members.Member`), the hot path of every broadcast.
-
-        A round to a thousand clients is a thousand of these visits, and on
-        loopback one ``send()`` costs 5 to 10 µs of kernel time, so each
-        microsecond of Python per visit lengthens the round, and the
-        latency of the last client, by a millisecond.  So the usual case
-        (an open, uncompressed plain TCP connection with nothing queued and
-        a client keeping up) takes one ``send()`` on the socket and no
-        calls: ``transport.write`` would only queue the bytes, register the
-        socket for writing (a system call), send them on the reactor's next
-        turn (another) and unregister it (a third).  Whatever the socket
-        does not take at once goes through ``transport.write``, after
-        nothing (nothing was queued), so order, flow control and error
-        handling stay Twisted's.  Everything else takes
-        :meth:`deliver_many`.
-
-        :return: the index of the first member not served: one of another
-            class, or the next one when ``deadline`` passed.
-        """
-        kind = members[index].__class__
-        OPEN = kind.STATE_OPEN
-        member_in_room = occupants.get
-        timer = engine.timer
-        check = engine.SLICE_CHECK
-        frames_out = bytes_out = 0
-        codec = None
-        count = len(members)
-        while index < count:
-            member = members[index]
-            if member.__class__ is not kind:
-                break
-            index += 1
-            # Gone from the room since (a leave, or a failed delivery).
-            if member_in_room(member.id) is member:
-                try:
-                    transport = member.transport
-                    if (
-                        member.state == OPEN
-                        and member._perMessageCompress is None
-                        and not member._outbound.paused
-                        and transport.__class__ is _TCPServer
-                        and not transport.TLS
-                        and transport.connected
-                        and not transport.disconnecting
-                        and not transport._writeDisconnected
-                        and not transport._tempDataLen
-                        and not transport.dataBuffer
-                    ):
-                        if member.codec is not codec:
-                            # Framed once per wire format (see encoded()).
-                            data, frames = encoded(batch, member.codec, _FRAME_BATCH[member.codec])
-                            size = len(data)
-                            codec = member.codec
-                        if frames:
-                            try:
-                                sent = transport.socket.send(data)
-                            except OSError:
-                                # Would block, or failed: the transport's
-                                # own write path deals with both.
-                                sent = 0
-                            if sent != size:
-                                # The rest waits in the client's outbound
-                                # queue, shared with the others, not copied.
-                                member._outbound.write(memoryview(data)[sent:], 0)
-                            frames_out += frames
-                            bytes_out += size
-                    else:
-                        member.deliver_many(batch)
-                except Exception:
-                    engine.delivery_failed(member, batch)
-            if deadline is not None and not index % check and timer() > deadline:
-                break
-        stats = engine.stats
-        stats.frames_out += frames_out
-        stats.bytes_out += bytes_out
-        return index
+    #: The hot path of every broadcast: one send() per client of a run, on
+    #: Twisted's internals (see broadcaster.protocols.internals).
+    fan_out = staticmethod(make_fan_out(_frame_for))
 
     def _slow_consumer(self, size: int) -> None:
         """
@@ -927,21 +747,21 @@ class BroadcastServerProtocol(MemberBase, WebSocketServerProtocol):
             limit=self.factory.limits.max_buffer,
         )
         self.factory.hub.stats.slow_consumers += 1
-        self._close(SLOW_CONSUMER, "slow consumer: too far behind")
+        self.close_with(SLOW_CONSUMER, "slow consumer: too far behind")
 
-    def _closeConnection(self, abort: bool = False) -> None:
+    def close_transport(self, abort: bool) -> None:
         """
-        Autobahn's last step: close TCP, after what waits in the outbound
-        queue (a close frame, say) when the close is not an abort.
+        Close TCP after what waits in the outbound queue (a close frame,
+        say), unless this is an abort.
         """
         outbound = self._outbound
         if abort or outbound is None:
-            super()._closeConnection(abort)
+            super().close_transport(abort)
         else:
             outbound.lose_connection()
 
 
-class BroadcastServerFactory(WebSocketServerFactory):
+class BroadcastServerFactory(LeanWebSocketServerFactory):
     """
     Builds :class:`BroadcastServerProtocol` instances that share one hub.
 
@@ -1028,25 +848,6 @@ class BroadcastServerFactory(WebSocketServerFactory):
         if protocol is not None:
             protocol.ticket, self._adopted = self._adopted, None
         return protocol
-
-    def setProtocolOptions(self, **options) -> None:
-        """
-        Set Autobahn's options, and make :attr:`protocol` a subclass of the
-        class's own holding them as class attributes.
-
-        Autobahn copies every option (29 of them) onto each connection
-        unless its class already has them; on the class they are stored
-        once.  A new subclass per call keeps Autobahn's semantics: a
-        connection keeps the options it was made with.
-        """
-        super().setProtocolOptions(**options)
-        base = type(self).protocol
-        namespace = {"__slots__": ()}
-        for name in base.CONFIG_ATTRS:
-            value = getattr(self, name)
-            # A function as a class attribute would become a method.
-            namespace[name] = staticmethod(value) if callable(value) else value
-        self.protocol = type(base.__name__, (base,), namespace)
 
     def _accept_compression(self, offers):
         """

@@ -65,6 +65,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from broadcaster.service.listening import describe_address
 from broadcaster.service.signals import handle_stop_signals
 from broadcaster import __version__
 
@@ -494,7 +495,6 @@ class MasterService(Service):
             count=self.count,
             node=self.node_id,
         )
-        from broadcaster.service.tap import describe_address  # tap imports this module
 
         for name, description, what in self._listeners:
             port = self._bind(self._reactor, description)

@@ -1,0 +1,109 @@
+"""
+Tests for :mod:`broadcaster.protocols.internals`: the Twisted and Autobahn
+internals the fast path relies on are there on the installed versions,
+their absence fails loudly, setup.cfg pins the versions they were tested
+with, and a real TCP transport behaves as the direct path assumes.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.tcp import Server
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+import autobahn
+import twisted
+from broadcaster.protocols import internals
+from tests.support import REPO_ROOT, wait_for
+
+
+class CheckTests(SynchronousTestCase):
+    def test_the_installed_versions_have_every_internal(self):
+        """check() finds every internal on the Twisted and Autobahn installed here."""
+        internals.check()
+
+    def test_a_missing_transport_internal_fails_loudly(self):
+        """A Twisted whose tcp.Server lacks a field the direct path reads
+        stops the server with a message naming it."""
+        self.patch(internals, "_TCPServer", type("Server", (), {"connected": 0}))
+        error = self.assertRaises(internals.InternalsChanged, internals.check)
+        self.assertIn("tcp.Server has no class attribute dataBuffer", str(error))
+
+    def test_a_missing_autobahn_internal_fails_loudly(self):
+        """An Autobahn without sendCloseFrame stops the server with a message naming it."""
+        stripped = type("WebSocketServerProtocol", (), {"sendFrame": lambda self, opcode, payload, rsv: None})
+        self.patch(internals, "WebSocketServerProtocol", stripped)
+        error = self.assertRaises(internals.InternalsChanged, internals.check)
+        self.assertIn("WebSocketServerProtocol has no sendCloseFrame", str(error))
+
+    def test_an_untested_major_version_fails_loudly(self):
+        """A Twisted major version outside the tested range is refused by name."""
+        self.patch(internals, "TESTED", dict(internals.TESTED, twisted=(1, 2)))
+        error = self.assertRaises(internals.InternalsChanged, internals.check)
+        self.assertIn("twisted {} is outside the tested majors 1-2".format(twisted.__version__), str(error))
+
+    def test_setup_cfg_pins_the_tested_majors(self):
+        """setup.cfg allows exactly the major versions the internals were tested with."""
+        config = configparser.ConfigParser()
+        config.read(os.path.join(REPO_ROOT, "setup.cfg"))
+        requires = config["options"]["install_requires"]
+        for name, distribution in (("twisted", r"Twisted\[tls\]"), ("autobahn", "autobahn")):
+            match = re.search(distribution + r"\s*>=\s*(\d+)[.\d]*\s*,\s*<\s*(\d+)\b", requires)
+            self.assertIsNotNone(match, "no upper bound for {} in setup.cfg".format(name))
+            first, last = internals.TESTED[name]
+            self.assertEqual((int(match.group(1)), int(match.group(2)) - 1), (first, last), name)
+        for module in (twisted, autobahn):
+            first, last = internals.TESTED[module.__name__]
+            self.assertTrue(first <= int(module.__version__.split(".")[0]) <= last)
+
+
+class Sink(Protocol):
+    """The server side of a connection, for its transport."""
+
+    def connectionMade(self):
+        self.factory.connected.callback(self)
+
+
+class Stalled(Protocol):
+    """A client that reads nothing."""
+
+    def connectionMade(self):
+        self.transport.pauseProducing()
+
+
+class TransportTests(TestCase):
+    @inlineCallbacks
+    def test_queued_bytes_are_where_the_direct_path_looks(self):
+        """
+        On a real tcp.Server, nothing is queued until the socket stops taking
+        bytes; then what waits is in ``_tempDataLen`` or ``dataBuffer``,
+        exactly the fields the direct path checks before a send().
+        """
+        factory = Factory.forProtocol(Sink)
+        factory.connected = Deferred()
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        client = yield TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
+            Factory.forProtocol(Stalled)
+        )
+        self.addCleanup(client.transport.abortConnection)
+        server = yield factory.connected
+        self.addCleanup(server.transport.abortConnection)
+        transport = server.transport
+        self.assertIs(type(transport), Server)
+        self.assertFalse(transport._tempDataLen or transport.dataBuffer)
+        self.assertFalse(transport.TLS or transport._writeDisconnected)
+        transport.write(b"x" * 100)
+        self.assertEqual(transport._tempDataLen, 100)
+        # The socket takes what it can; a client that reads nothing leaves
+        # the rest with the transport.
+        transport.write(b"y" * (32 * 1024 * 1024))
+        yield wait_for(lambda: not transport._tempDataLen, what="a write turn")
+        self.assertTrue(transport.dataBuffer)
