@@ -224,3 +224,48 @@ class DescribeAddressTests(SynchronousTestCase):
         self.assertEqual(describe_address(IPv4Address("TCP", "0.0.0.0", 9999)), "tcp:0.0.0.0:9999")
         self.assertEqual(describe_address(IPv6Address("TCP", "::1", 9998)), "tcp:[::1]:9998")
         self.assertEqual(describe_address(UNIXAddress(b"/run/c.sock")), "unix:/run/c.sock")
+
+
+class InOrderTests(SynchronousTestCase):
+    def test_children_stop_one_at_a_time_in_reverse(self):
+        """InOrder starts children in order and stops each only once the one
+        added after it has finished stopping."""
+        from twisted.application.service import Service
+        from twisted.internet.defer import Deferred
+
+        from broadcaster.service.tap import InOrder
+
+        events = []
+
+        class Child(Service):
+            def __init__(self, name):
+                self.name = name
+                self.stopping = Deferred()
+
+            def startService(self):
+                super().startService()
+                events.append(("start", self.name))
+
+            def stopService(self):
+                super().stopService()
+                events.append(("stop", self.name))
+                return self.stopping
+
+        parent = InOrder()
+        backplane, webhooks, clients = (Child(n) for n in ("backplane", "webhooks", "clients"))
+        for child in (backplane, webhooks, clients):
+            child.setServiceParent(parent)
+        parent.startService()
+        stopped = parent.stopService()
+        self.assertEqual(events[-1], ("stop", "clients"))
+        clients.stopping.callback(None)
+        self.assertEqual(events[-1], ("stop", "webhooks"))
+        webhooks.stopping.callback(None)
+        self.assertNoResult(stopped)
+        backplane.stopping.callback(None)
+        self.successResultOf(stopped)
+        self.assertEqual(
+            events,
+            [("start", "backplane"), ("start", "webhooks"), ("start", "clients"),
+             ("stop", "clients"), ("stop", "webhooks"), ("stop", "backplane")],
+        )

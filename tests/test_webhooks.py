@@ -567,8 +567,8 @@ class MakeServiceTests(SynchronousTestCase):
         )
         service = makeService(options, reactor=MemoryReactorClock())
         webhooks = service.webhooks
-        self.assertIn(webhooks, list(service))
-        self.assertTrue(webhooks.stop_after_drain)
+        # Just before the clients: stopped right after they have drained.
+        self.assertEqual(list(service)[-2:], [webhooks, service.clients])
         self.assertEqual([d.url for d in webhooks.deliveries],
                          ["https://a.example/h", "https://b.example/h"])
         self.assertEqual((webhooks.deliveries[0].max_queue, webhooks.flush_timeout), (5, 3))

@@ -428,19 +428,16 @@ class WebhookService(Service):
     """
     Sends the hub's events to every ``--webhook`` URL.
 
-    A child of :class:`broadcaster.service.tap.BroadcasterService` that is stopped
-    only after the clients have been closed (:attr:`stop_after_drain`), so
-    the last batches include their ``leave`` events; stopping it flushes
-    what is queued within ``flush_timeout`` seconds.
+    :class:`broadcaster.service.tap.BroadcasterService` stops it only after
+    the clients have been closed, so the last batches include their
+    ``leave`` events; stopping it flushes what is queued within
+    ``flush_timeout`` seconds.
 
     :param pool: an ``HTTPConnectionPool`` behind ``client``, whose kept-alive
         connections are closed once everything is flushed.
     """
 
     _log = Logger()
-
-    #: Read by BroadcasterService.stopService.
-    stop_after_drain = True
 
     def __init__(
         self,

@@ -771,14 +771,6 @@ class BroadcastServerFactory(LeanWebSocketServerFactory):
 
     protocol = BroadcastServerProtocol
 
-    #: An :class:`broadcaster.http.auth.Authenticator` asked about every
-    #: handshake (``--auth-url``), or ``None``.
-    authenticator = None
-
-    #: An :class:`broadcaster.http.fetch.ImageFetcher` for ``image_url``
-    #: requests, or ``None`` (refused).
-    fetcher = None
-
     #: The :class:`broadcaster.protocols.keepalive.Keepalive` pinging every client,
     #: or ``None`` (``--ping-interval 0``).
     keepalive = None
@@ -791,9 +783,17 @@ class BroadcastServerFactory(LeanWebSocketServerFactory):
         limits: Limits = Limits(),
         debug: bool = False,
         max_name_length: int = 32,
+        fetcher=None,
+        authenticator=None,
     ) -> None:
         super().__init__(server="broadcaster/{}".format(__version__), reactor=clock)
         self.hub = hub
+        #: An :class:`broadcaster.http.fetch.ImageFetcher` for ``image_url``
+        #: requests, or ``None`` (refused).
+        self.fetcher = fetcher
+        #: An :class:`broadcaster.http.auth.Authenticator` asked about every
+        #: handshake (``--auth-url``), or ``None``.
+        self.authenticator = authenticator
         self.origin_policy = origin_policy
         self.clock = clock
         self.limits = limits

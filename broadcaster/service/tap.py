@@ -14,7 +14,7 @@ from typing import Optional
 import txaio
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList, TimeoutError, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -598,62 +598,53 @@ class Options(usage.Options):
                 raise usage.UsageError(NO_REDIS)
 
 
-class BroadcasterService(MultiService):
+class InOrder(MultiService):
     """
-    The whole server: a :class:`MultiService` whose children listen.
-
-    :ivar hub: the broadcast domain, shared by every protocol.
-    :ivar web_endpoint: the main port's :class:`ReportingEndpoint`.
+    A :class:`MultiService` whose order is its meaning: children start in
+    the order they were added and stop one at a time in reverse, each once
+    the one added after it has stopped.  (Twisted's stops them all at once.)
     """
 
     _log = Logger()
 
-    def __init__(self, clock, drain_timeout: float) -> None:
+    def stopService(self) -> Deferred:
+        if not self.running:
+            return succeed(None)
+        Service.stopService(self)
+        d: Deferred = succeed(None)
+        for child in reversed(list(self)):
+            d.addCallback(lambda _, child=child: maybeDeferred(child.stopService))
+            d.addErrback(
+                lambda failure, child=child: self._log.failure(
+                    "stopping {child!r} failed; stopping the rest", failure, child=child
+                )
+            )
+        return d
+
+
+class ClientsService(InOrder):
+    """
+    The listeners and the clients they let in.  Stopping it stops
+    accepting, then closes every client politely (WebSocket 1001) and waits
+    up to ``drain_timeout`` seconds for them to go before dropping the rest;
+    then whatever the fan-out still holds goes out at once.
+
+    :param hub: whose members are the clients.
+    """
+
+    _log = Logger()
+
+    def __init__(self, hub: Hub, clock, drain_timeout: float) -> None:
         super().__init__()
+        self.hub = hub
         self.clock = clock
         self.drain_timeout = drain_timeout
 
-    def privilegedStartService(self) -> None:
-        # twistd binds ports here, before dropping privileges: say who we are first.
-        self._log.info("broadcaster {version} starting", version=__version__)
-        raise_open_files_limit(self._log)
-        super().privilegedStartService()
-
-    #: Whether SIGTERM and SIGINT are ours to handle (see :meth:`startService`).
-    handle_signals = False
-
-    def startService(self) -> None:
-        super().startService()
-        if self.handle_signals:
-            # After the reactor has installed its own handlers, which
-            # happens as it starts running, after services have started.
-            self.clock.callWhenRunning(self._handle_stop_signals)
-
-    def _handle_stop_signals(self) -> None:
-        handle_stop_signals(self.clock, self._log, "shutting down gracefully")
-
     def stopService(self) -> Deferred:
-        """
-        Stop accepting connections, then close every client politely and
-        wait up to ``drain_timeout`` seconds for them to go before dropping
-        the rest.  twistd waits for this Deferred on SIGTERM and SIGINT.
-
-        Children with a true ``stop_after_drain`` attribute (the webhooks)
-        are stopped last, once the clients are gone, so that what they
-        flush includes the clients' departures.
-        """
         if not self.running:
             return succeed(None)
-        children = list(self)
-        late = [child for child in children if getattr(child, "stop_after_drain", False)]
-        early = [child for child in reversed(children) if child not in late]
-        # What MultiService.stopService does, for the early children only.
-        Service.stopService(self)
-        d = DeferredList([maybeDeferred(child.stopService) for child in early])
+        d = super().stopService()
         d.addCallback(lambda _: self._drain())
-        d.addCallback(
-            lambda _: DeferredList([maybeDeferred(child.stopService) for child in late])
-        )
         d.addCallback(lambda _: self._deliver_at_once())
         return d
 
@@ -694,6 +685,70 @@ class BroadcasterService(MultiService):
         return gone.addErrback(too_slow)
 
 
+class BroadcasterService(InOrder):
+    """
+    The whole server, as children whose order is the start-up and the
+    drain order (see :func:`makeService`): the backplane, the services the
+    protocols lean on (image decoding, fetching, sign-in), the webhooks,
+    and last the clients.  Stopping it (twistd does on SIGTERM and SIGINT,
+    and waits) closes the clients, then flushes the webhooks (so their
+    last batches hold the clients' departures), then stops the helpers,
+    and last leaves the backplane.
+
+    :ivar hub: the broadcast domain, shared by every protocol.
+    :ivar limits: the per-client :class:`~broadcaster.core.flow.Limits`.
+    :ivar admission: the one :class:`~broadcaster.protocols.admission.Admission`
+        of every listener.
+    :ivar clients: the :class:`ClientsService` (listeners, drain).
+    :ivar websocket_factory: the WebSocket protocol factory.
+    :ivar web_endpoint: the main port's :class:`ReportingEndpoint`;
+        ``image_endpoint``, ``line_endpoint`` and ``metrics_endpoint`` those
+        of the other ports (``None`` when off).
+    :ivar fetcher: the ``image_url`` fetcher; ``authenticator`` and
+        ``webhooks`` the ``--auth-url`` and ``--webhook`` services, or ``None``.
+    :ivar metrics: the Prometheus metrics, or ``None`` with ``--no-metrics``.
+    """
+
+    _log = Logger()
+
+    limits = None
+    admission = None
+    websocket_factory = None
+    web_endpoint = None
+    image_endpoint = None
+    line_endpoint = None
+    metrics_endpoint = None
+    fetcher = None
+    authenticator = None
+    webhooks = None
+    metrics = None
+
+    def __init__(self, clock, hub: Hub, drain_timeout: float) -> None:
+        super().__init__()
+        self.clock = clock
+        self.hub = hub
+        self.clients = ClientsService(hub, clock, drain_timeout)
+
+    def privilegedStartService(self) -> None:
+        # twistd binds ports here, before dropping privileges: say who we are first.
+        self._log.info("broadcaster {version} starting", version=__version__)
+        raise_open_files_limit(self._log)
+        super().privilegedStartService()
+
+    #: Whether SIGTERM and SIGINT are ours to handle (see :meth:`startService`).
+    handle_signals = False
+
+    def startService(self) -> None:
+        super().startService()
+        if self.handle_signals:
+            # After the reactor has installed its own handlers, which
+            # happens as it starts running, after services have started.
+            self.clock.callWhenRunning(self._handle_stop_signals)
+
+    def _handle_stop_signals(self) -> None:
+        handle_stop_signals(self.clock, self._log, "shutting down gracefully")
+
+
 def makeService(options: Options, reactor=None) -> "BroadcasterService | MasterService":
     """
     Build the server from parsed options (with ``--workers N``, the master
@@ -715,10 +770,6 @@ def makeService(options: Options, reactor=None) -> "BroadcasterService | MasterS
     # chatter for --debug.
     txaio.set_global_log_level("debug" if options["debug"] else "error")
 
-    service = BroadcasterService(reactor, options["drain-timeout"])
-    # Only as twistd runs us (on the global reactor): a test process that
-    # builds servers on a reactor of its choosing keeps its own handlers.
-    service.handle_signals = handle_signals
     backplane = None
     if options["redis"] is not None:
         backplane = RedisBackplane(
@@ -728,7 +779,7 @@ def makeService(options: Options, reactor=None) -> "BroadcasterService | MasterS
             node_timeout=options["node-timeout"],
             clock=reactor,
         )
-    service.hub = Hub(
+    hub = Hub(
         reactor,
         node_id=options["node-id"],
         history_size=options["history-size"],
@@ -736,18 +787,73 @@ def makeService(options: Options, reactor=None) -> "BroadcasterService | MasterS
         max_rooms_per_member=options["max-rooms-per-client"],
         backplane=backplane,
     )
+    service = BroadcasterService(reactor, hub, options["drain-timeout"])
+    # Only as twistd runs us (on the global reactor): a test process that
+    # builds servers on a reactor of its choosing keeps its own handlers.
+    service.handle_signals = handle_signals
+    for flag in options.get("closed-for-auth", ()):
+        service._log.warn(
+            "[CONFIG] --{flag} is off: with --auth-url every client must sign in, and"
+            " raw-TCP clients cannot (--anonymous-raw-ports opens it to anonymous clients)",
+            flag=flag,
+        )
+
+    # First in, last out: the backplane.  Start-up does not wait for Redis;
+    # until it answers, this server serves its own clients.
     if backplane is not None:
-        # Before the listeners: they open once the backplane is connecting
-        # (start-up does not wait for Redis; until it answers, this server
-        # serves its own clients).
         RedisBackplaneService(backplane, reactor).setServiceParent(service)
         if not HIREDIS:
             # Without hiredis, events from Redis reach the hub one reactor
             # turn apart; without a short wait each would go out on its own
             # (a send per client per message).
-            service.hub.fanout.batch_delay = 0.003
+            hub.fanout.batch_delay = 0.003
     if options["batch-delay"] is not None:
-        service.hub.fanout.batch_delay = options["batch-delay"]
+        hub.fanout.batch_delay = options["batch-delay"]
+    registry = None
+    if not options["no-metrics"]:
+        registry, service.metrics = metrics_for(hub)
+
+    # Then what the protocols lean on.
+    helpers = MultiService()
+    helpers.setServiceParent(service)
+    if fds and handle_signals:
+        # A worker's standard input ends when its master does.
+        MasterWatchService(reactor).setServiceParent(helpers)
+    # Images are decoded in threads, for the image port and image_url alike.
+    decoder = DecoderPool(
+        reactor,
+        options["image-threads"],
+        options["image-max-pixels"],
+        max_png_size=options["max-image-size"],
+    )
+    decoder.setServiceParent(helpers)
+    service.fetcher = _image_fetcher(options, decoder, service.metrics, reactor)
+    service.fetcher.setServiceParent(helpers)
+    service.authenticator = _authenticator(options, reactor)
+    if service.authenticator is not None:
+        service.authenticator.setServiceParent(helpers)
+
+    # Then the webhooks: stopped once the clients are gone, so that what
+    # they flush holds the clients' departures.
+    service.webhooks = _webhooks(options, hub, service.metrics, reactor)
+    if service.webhooks is not None:
+        service.webhooks.setServiceParent(service)
+
+    # Last in, first out: the listeners and their clients.
+    service.clients.setServiceParent(service)
+    _clients(service, options, decoder, registry, reactor, fds)
+    return service
+
+
+def _clients(
+    service: BroadcasterService, options: Options, decoder: DecoderPool, registry, reactor, fds
+) -> None:
+    """
+    The listeners, each admitting its connections through the one admission
+    policy, as children of ``service.clients``.
+    """
+    hub = service.hub
+    clients = service.clients
     limits = service.limits = Limits(
         max_buffer=options["max-buffer"],
         rate=options["rate"],
@@ -761,48 +867,30 @@ def makeService(options: Options, reactor=None) -> "BroadcasterService | MasterS
         compression=bool(options["compression"]),
         raw_idle_timeout=options["raw-idle-timeout"],
     )
-    for flag in options.get("closed-for-auth", ()):
-        service._log.warn(
-            "[CONFIG] --{flag} is off: with --auth-url every client must sign in, and"
-            " raw-TCP clients cannot (--anonymous-raw-ports opens it to anonymous clients)",
-            flag=flag,
-        )
     # Every listener's connections count under the same limits, from accept.
-    service.admission = admission = Admission(
-        options["max-connections"], options["max-connections-per-ip"], service.hub.stats
+    admission = service.admission = Admission(
+        options["max-connections"], options["max-connections-per-ip"], hub.stats
     )
-    factory = BroadcastServerFactory(
-        service.hub,
+    factory = service.websocket_factory = BroadcastServerFactory(
+        hub,
         OriginPolicy(options["allow-origin"]),
         reactor,
         limits=limits,
         debug=options["debug"],
         max_name_length=options["max-name-length"],
+        fetcher=service.fetcher,
+        authenticator=service.authenticator,
     )
-    service.websocket_factory = factory
-    service.metrics = metrics = None
-    if not options["no-metrics"]:
-        registry, service.metrics = metrics_for(service.hub)
-        metrics = MetricsResource(registry)
-    on_main_port = metrics if options["metrics-port"] is None else None
-    # Images are decoded in threads, for the image port and image_url alike.
-    decoder = DecoderPool(
-        reactor,
-        options["image-threads"],
-        options["image-max-pixels"],
-        max_png_size=options["max-image-size"],
-    )
-    decoder.setServiceParent(service)
-    _outbound_http(service, options, factory, decoder, reactor)
+    metrics = MetricsResource(registry) if registry is not None else None
     keys = options.get("api-keys", options["api-key"])
-    api = api_resource(service.hub, keys, options["max-message-size"]) if keys else None
+    api = api_resource(hub, keys, options["max-message-size"]) if keys else None
     service.web_endpoint = _listen(
-        service,
+        clients,
         options["port"],
         BroadcasterSite(
             factory,
             debug=options["debug"],
-            metrics=on_main_port,
+            metrics=metrics if options["metrics-port"] is None else None,
             api=api,
             admission=admission,
             api_body_limit=options["max-message-size"],
@@ -811,15 +899,14 @@ def makeService(options: Options, reactor=None) -> "BroadcasterService | MasterS
         reactor,
         fds.get("port"),
     )
-    service.metrics_endpoint = None
     if metrics is not None and options["metrics-port"] is not None:
         service.metrics_endpoint = _listen(
-            service,
+            clients,
             options["metrics-port"],
             BoundedSite(
                 metrics,
                 reactor,
-                service.hub.stats,
+                hub.stats,
                 options["open-handshake-timeout"],
                 admission,
                 "metrics port",
@@ -828,11 +915,9 @@ def makeService(options: Options, reactor=None) -> "BroadcasterService | MasterS
             reactor,
             fds.get("metrics"),
         )
-
-    service.image_endpoint = None
     if options["image-port"] is not None:
         images = ImageFactory(
-            service.hub,
+            hub,
             reactor,
             decoder.decode,
             limits=limits,
@@ -841,21 +926,13 @@ def makeService(options: Options, reactor=None) -> "BroadcasterService | MasterS
             admission=admission,
         )
         service.image_endpoint = _listen(
-            service, options["image-port"], images, "Image protocol", reactor, fds.get("image")
+            clients, options["image-port"], images, "Image protocol", reactor, fds.get("image")
         )
-
-    service.line_endpoint = None
     if options["line-port"] is not None:
-        lines = LineBridgeFactory(
-            service.hub, reactor, options["max-line-length"], limits, admission
-        )
+        lines = LineBridgeFactory(hub, reactor, options["max-line-length"], limits, admission)
         service.line_endpoint = _listen(
-            service, options["line-port"], lines, "Line bridge", reactor, fds.get("line")
+            clients, options["line-port"], lines, "Line bridge", reactor, fds.get("line")
         )
-    if fds and handle_signals:
-        # A worker's standard input ends when its master does.
-        MasterWatchService(reactor).setServiceParent(service)
-    return service
 
 
 def _master(options: Options, reactor, handle_signals: bool) -> MasterService:
@@ -891,10 +968,9 @@ def _master(options: Options, reactor, handle_signals: bool) -> MasterService:
 WORKER_STOP_MARGIN = 5.0
 
 
-def _outbound_http(service, options: Options, factory, decoder: DecoderPool, reactor) -> None:
+def _image_fetcher(options: Options, decoder: DecoderPool, metrics, reactor) -> ImageFetcher:
     """
-    The services that make HTTP requests, each with a treq client of its
-    own: image_url fetching (always), --auth-url and --webhook.
+    The ``image_url`` fetcher, with a treq client of its own.
     """
     fetcher = ImageFetcher(
         fetch_client(reactor, allow_private=bool(options["allow-private-fetch"])),
@@ -903,48 +979,53 @@ def _outbound_http(service, options: Options, factory, decoder: DecoderPool, rea
         max_size=options["max-image-size"],
         timeout=options["fetch-timeout"],
     )
-    fetcher.setServiceParent(service)
-    factory.fetcher = service.fetcher = fetcher
+    if metrics is not None:
+        fetcher.register_metrics(metrics)
+    return fetcher
 
-    service.authenticator = None
-    if options["auth-url"] is not None:
-        # A new connection per handshake: a kept-alive one the service has
-        # just timed out would fail a POST (not retried) and refuse a user.
-        agent = Agent(reactor, connectTimeout=options["auth-timeout"])
-        authenticator = Authenticator(
-            options["auth-url"],
-            HTTPClient(agent),
-            reactor,
-            timeout=options["auth-timeout"],
-            max_name_length=options["max-name-length"],
-        )
-        authenticator.setServiceParent(service)
-        factory.authenticator = service.authenticator = authenticator
 
-    service.webhooks = None
-    if options["webhook"]:
-        pool = HTTPConnectionPool(reactor, persistent=True)
-        secret = options["webhook-secret"]
-        webhooks = WebhookService(
-            service.hub,
-            options["webhook"],
-            HTTPClient(Agent(reactor, connectTimeout=options["webhook-timeout"], pool=pool)),
-            reactor,
-            secret=secret.encode("utf-8") if secret is not None else None,
-            timeout=options["webhook-timeout"],
-            retry_for=options["webhook-retry-for"],
-            max_queue=options["webhook-queue"],
-            # The last attempt at shutdown, once the clients are gone.
-            flush_timeout=min(options["webhook-timeout"], options["drain-timeout"]),
-            pool=pool,
-        )
-        webhooks.setServiceParent(service)
-        service.webhooks = webhooks
+def _authenticator(options: Options, reactor) -> Optional[Authenticator]:
+    """
+    The ``--auth-url`` client, or ``None``.
+    """
+    if options["auth-url"] is None:
+        return None
+    # A new connection per handshake: a kept-alive one the service has
+    # just timed out would fail a POST (not retried) and refuse a user.
+    agent = Agent(reactor, connectTimeout=options["auth-timeout"])
+    return Authenticator(
+        options["auth-url"],
+        HTTPClient(agent),
+        reactor,
+        timeout=options["auth-timeout"],
+        max_name_length=options["max-name-length"],
+    )
 
-    if service.metrics is not None:
-        fetcher.register_metrics(service.metrics)
-        if service.webhooks is not None:
-            service.webhooks.register_metrics(service.metrics)
+
+def _webhooks(options: Options, hub: Hub, metrics, reactor) -> Optional[WebhookService]:
+    """
+    The ``--webhook`` poster, or ``None``.
+    """
+    if not options["webhook"]:
+        return None
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    secret = options["webhook-secret"]
+    webhooks = WebhookService(
+        hub,
+        options["webhook"],
+        HTTPClient(Agent(reactor, connectTimeout=options["webhook-timeout"], pool=pool)),
+        reactor,
+        secret=secret.encode("utf-8") if secret is not None else None,
+        timeout=options["webhook-timeout"],
+        retry_for=options["webhook-retry-for"],
+        max_queue=options["webhook-queue"],
+        # The last attempt at shutdown, once the clients are gone.
+        flush_timeout=min(options["webhook-timeout"], options["drain-timeout"]),
+        pool=pool,
+    )
+    if metrics is not None:
+        webhooks.register_metrics(metrics)
+    return webhooks
 
 
 def _listen(
