@@ -30,17 +30,11 @@ import txredisapi
 from broadcaster.core.events import BinaryMessage, ImageMessage, Joined, Left, Renamed, TextMessage
 from broadcaster.core.hub import Hub
 from broadcaster.redis import backplane as redis_backplane
-from broadcaster.redis.backplane import (
-    HIREDIS,
-    PUBLISH_TEXT,
-    Presence,
-    RedisBackplane,
-    RedisAddress,
-    RemoteMember,
-    encode_event,
-    parse_event,
-    parse_redis_url,
-)
+from broadcaster.redis.address import RedisAddress, parse_redis_url
+from broadcaster.redis.backplane import HIREDIS, RedisBackplane
+from broadcaster.redis.codec import encode_event, parse_event
+from broadcaster.redis.presence import Presence, RemoteMember
+from broadcaster.redis.scripts import PUBLISH_TEXT
 from broadcaster.service.tap import Options
 from tests.support import (
     immediate_hub,

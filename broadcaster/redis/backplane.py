@@ -41,8 +41,15 @@ changed in the same script that publishes the join, leave or rename, and
 refreshes its ``alive`` key every --node-timeout / 3 seconds.  A node whose
 key expired is removed by the first heartbeat (of any node) that notices,
 which publishes an empty ``state`` for it: every node then announces that its
-clients left.  Remote members are not hub members; this module keeps them
-(:class:`Presence`) for ``welcome`` and ``presence`` lists.
+clients left.  Remote members are not hub members;
+:mod:`broadcaster.redis.presence` keeps them for ``welcome`` and
+``presence`` lists.
+
+The parts: :mod:`broadcaster.redis.address` (``--redis`` URLs),
+:mod:`broadcaster.redis.codec` (the wire format above),
+:mod:`broadcaster.redis.presence`, :mod:`broadcaster.redis.scripts` (the Lua
+scripts, ``.lua`` files beside it), :mod:`broadcaster.redis.commands` (the
+command path) and this module (the connections and the backplane).
 
 When Redis is unreachable a node goes on serving its own clients: what they
 publish is delivered locally, numbered in a local epoch
@@ -57,9 +64,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import replace
 from typing import Any, Dict, List, Optional, Set, Tuple
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import txredisapi
 from twisted.application.internet import TimerService
@@ -72,30 +78,38 @@ from twisted.internet.defer import (
     maybeDeferred,
     succeed,
 )
-from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from broadcaster.core.history import RoomHistory, new_epoch
 from broadcaster.core.backplane import Attached
-from broadcaster.core.events import (
-    BinaryMessage,
-    Event,
-    ImageMessage,
-    Joined,
-    Left,
-    Renamed,
-    TextMessage,
+from broadcaster.core.events import Event, TextMessage
+from broadcaster.redis.address import RedisAddress
+from broadcaster.redis.codec import (
+    MESSAGES,
+    PRESENCE_EVENTS,
+    decode_entry,
+    dumps,
+    encode_event,
+    event_from,
+    parse_event,
 )
 from broadcaster.redis.commands import BackplaneConnection, CommandProtocol, Script
+from broadcaster.redis.presence import Presence
+from broadcaster.redis.scripts import (
+    DEREGISTER,
+    HEARTBEAT,
+    MISSED,
+    POSITION,
+    PRESENCE,
+    PUBLISH_TEXT,
+    REGISTER,
+)
 
 #: Seconds a command may wait for Redis's answer before the connection is
 #: given up as dead (and re-established).
 REPLY_TIMEOUT = 5.0
-
-#: Seconds a connection attempt may take.
-CONNECT_TIMEOUT = 5.0
 
 #: Whether txredisapi parses replies with hiredis (a dependency).  Its
 #: pure-Python parser, the fallback, handles one bulk string of a reply per
@@ -105,403 +119,6 @@ CONNECT_TIMEOUT = 5.0
 #: next.  With hiredis a read's events reach the hub in the turn that read
 #: them, and go out together as a single node's do.
 HIREDIS = txredisapi.hiredis is not None
-
-_EVENT_CLASSES = {
-    cls.__name__: cls for cls in (Joined, Left, Renamed, TextMessage, BinaryMessage, ImageMessage)
-}
-#: Each event class's fields, and those :func:`encode_event` sends (the
-#: rest are the wire cache and what the publishing script sets), looked up
-#: once rather than per message.
-_FIELDS = {cls: tuple(field.name for field in fields(cls)) for cls in _EVENT_CLASSES.values()}
-_SENT_FIELDS = {
-    cls: tuple(name for name in names if name not in ("wire", "seq", "epoch", "kept"))
-    for cls, names in _FIELDS.items()
-}
-_PRESENCE = (Joined, Left, Renamed)
-_MESSAGES = (TextMessage, BinaryMessage, ImageMessage)
-
-
-# Addresses
-
-
-@dataclass(frozen=True)
-class RedisAddress:
-    """
-    Where Redis is: a TCP host and port, or a Unix socket path.
-    """
-
-    host: Optional[str] = None
-    port: int = 6379
-    path: Optional[str] = None
-    db: int = 0
-    password: Optional[str] = None
-    username: Optional[str] = None
-
-    def endpoint(self, reactor) -> IStreamClientEndpoint:
-        """
-        A client endpoint that connects to it.
-        """
-        if self.path is not None:
-            return UNIXClientEndpoint(reactor, self.path, timeout=CONNECT_TIMEOUT)
-        return HostnameEndpoint(reactor, self.host, self.port, timeout=CONNECT_TIMEOUT)
-
-    def redacted(self) -> str:
-        """
-        The address as a URL without the password, for logs and /healthz.
-        """
-        if self.path is not None:
-            return "unix:{}{}".format(self.path, "?db={}".format(self.db) if self.db else "")
-        credentials = ""
-        if self.password is not None:
-            credentials = "{}:***@".format(self.username or "")
-        host = "[{}]".format(self.host) if ":" in self.host else self.host
-        return "redis://{}{}:{}/{}".format(credentials, host, self.port, self.db)
-
-
-_URL_FORMS = "redis://[[user]:password@]host[:port][/db] or unix:/path/to/redis.sock[?db=N]"
-
-
-def _db(text: str) -> int:
-    if not text.isdigit():
-        raise ValueError("the database must be a number, not {!r}".format(text))
-    return int(text)
-
-
-def parse_redis_url(url: str) -> RedisAddress:
-    """
-    Read ``redis://[[user]:password@]host[:port][/db]`` or
-    ``unix:/path/to/redis.sock[?db=N][&password=...]``.
-
-    :raise ValueError: with the reason, if ``url`` is neither.
-    """
-    if url.startswith("unix:"):
-        path, _, query = url[len("unix:") :].partition("?")
-        if path.startswith("//"):
-            path = path[2:]
-        if not path.startswith("/"):
-            raise ValueError(
-                "a unix: address needs an absolute socket path, e.g. {}".format(_URL_FORMS)
-            )
-        params = parse_qs(query, keep_blank_values=True)
-        unknown = set(params) - {"db", "password"}
-        if unknown:
-            raise ValueError(
-                "unknown parameter {!r} (db and password are known)".format(sorted(unknown)[0])
-            )
-        db = _db(params["db"][-1]) if "db" in params else 0
-        password = params["password"][-1] if "password" in params else None
-        return RedisAddress(path=unquote(path), db=db, password=password or None)
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as e:
-        raise ValueError("{} (expected {})".format(e, _URL_FORMS)) from None
-    if parts.scheme != "redis" or not parts.hostname:
-        raise ValueError("expected {}".format(_URL_FORMS))
-    if parts.query or parts.fragment:
-        raise ValueError("unexpected query or fragment in {!r}".format(url))
-    db_path = parts.path.strip("/")
-    return RedisAddress(
-        host=parts.hostname,
-        port=port or 6379,
-        db=_db(db_path) if db_path else 0,
-        password=unquote(parts.password) if parts.password else None,
-        username=unquote(parts.username) if parts.username else None,
-    )
-
-
-# Events on the wire
-
-
-def encode_event(event: Event, node: str, pid: int) -> bytes:
-    """
-    The JSON (and raw bytes) of ``event``, without the ``seq``/``epoch``
-    prefix; a text message's ``seq`` and ``epoch`` are left out (the
-    publishing script sets them in the prefix).
-    """
-    cls = type(event)
-    body: Dict[str, Any] = {"t": cls.__name__, "o": node, "p": pid}
-    blob = None
-    for name in _SENT_FIELDS[cls]:
-        value = getattr(event, name)
-        if isinstance(value, bytes):
-            body["blob"] = name
-            blob = value
-        else:
-            body[name] = value
-    head = _dumps(body)
-    return head if blob is None else head + b"\n" + blob
-
-
-#: One encoder for every event: ``json.dumps`` with options builds a new
-#: one per call.
-_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-
-
-def _dumps(obj: Any) -> bytes:
-    return _encode_json(obj).encode("utf-8")
-
-
-def decode_entry(entry: bytes) -> Tuple[Dict[str, Any], Optional[bytes], int, str]:
-    """
-    Split a published event or history entry.
-
-    :return: ``(body, blob, seq, epoch)``.
-    :raise ValueError: if it is not one.
-    """
-    seq, epoch, rest = entry.split(b" ", 2)
-    head, newline, blob = rest.partition(b"\n")
-    body = json.loads(head)
-    if not isinstance(body, dict):
-        raise ValueError("not a JSON object")
-    return body, (blob if newline else None), int(seq), epoch.decode("ascii")
-
-
-def event_from(body: Dict[str, Any], blob: Optional[bytes], seq: int, epoch: str) -> Event:
-    """
-    The hub event that :func:`encode_event` encoded.
-
-    :raise ValueError: for anything else.
-    """
-    cls = _EVENT_CLASSES.get(body.get("t"))
-    if cls is None:
-        raise ValueError("unknown event type {!r}".format(body.get("t")))
-    values = {name: body[name] for name in _FIELDS[cls] if name in body}
-    if "blob" in body:
-        values[body["blob"]] = blob or b""
-    if cls is TextMessage:
-        values.update(seq=seq, epoch=epoch)
-    try:
-        return cls(**values)
-    except TypeError as e:
-        raise ValueError(str(e)) from None
-
-
-def parse_event(entry: bytes) -> Event:
-    """
-    The hub event of a published message or history entry.
-    """
-    return event_from(*decode_entry(entry))
-
-
-# Presence of the other nodes
-
-
-@dataclass(frozen=True)
-class RemoteMember:
-    """
-    A client of another node, as listed in ``welcome`` and ``presence``.
-    """
-
-    id: str
-    name: Optional[str]
-
-
-class Presence:
-    """
-    Who is connected to the other nodes, in which rooms, as last heard:
-    kept up to date by their join, leave and rename events and replaced
-    wholesale by a node's ``state`` (when it registers or is declared dead)
-    or a snapshot (when this node reconnects).
-    """
-
-    def __init__(self) -> None:
-        # node -> member id -> [name, {room: None} in the order it joined]
-        self._nodes: Dict[str, Dict[str, list]] = {}
-        # room -> member id -> RemoteMember, in the order they joined
-        self._rooms: Dict[str, Dict[str, RemoteMember]] = {}
-
-    def members(self, room: str) -> List[RemoteMember]:
-        """
-        The other nodes' members of ``room``.
-        """
-        return list(self._rooms.get(room, {}).values())
-
-    def nodes(self) -> List[str]:
-        """
-        The nodes that have members.
-        """
-        return list(self._nodes)
-
-    def apply(self, node: str, event: Event) -> None:
-        """
-        Take a join, leave or rename from ``node`` into account.
-        """
-        if isinstance(event, Joined):
-            self._join(node, event.member, event.name, event.room)
-        elif isinstance(event, Left):
-            self._leave(node, event.member, event.room)
-        elif isinstance(event, Renamed):
-            self._rename(node, event.member, event.name)
-
-    def replace(self, node: str, members: Dict[str, Dict[str, Any]], ts: float) -> List[Event]:
-        """
-        Make ``members`` (id -> ``{"name", "rooms"}``) the members of
-        ``node``.
-
-        :return: the leaves, renames and joins that the difference amounts
-            to, for the hub to announce.
-        """
-        events: List[Event] = []
-        for member, (name, rooms) in list(self._nodes.get(node, {}).items()):
-            now_in = (members.get(member) or {}).get("rooms") or ()
-            for room in list(rooms):
-                if room not in now_in:
-                    events.append(Left(ts=ts, room=room, member=member, name=name))
-                    self._leave(node, member, room)
-        for member, entry in members.items():
-            name = entry.get("name")
-            known = self._nodes.get(node, {}).get(member)
-            if known is not None and known[0] != name:
-                for room in known[1]:
-                    events.append(Renamed(ts=ts, room=room, member=member, name=name))
-                self._rename(node, member, name)
-            for room in entry.get("rooms") or ():
-                known = self._nodes.get(node, {}).get(member)
-                if known is None or room not in known[1]:
-                    events.append(Joined(ts=ts, room=room, member=member, name=name))
-                    self._join(node, member, name, room)
-        return events
-
-    def _join(self, node: str, member: str, name: Optional[str], room: str) -> None:
-        entry = self._nodes.setdefault(node, {}).setdefault(member, [name, {}])
-        entry[1][room] = None
-        self._rooms.setdefault(room, {})[member] = RemoteMember(member, entry[0])
-
-    def _leave(self, node: str, member: str, room: str) -> None:
-        members = self._nodes.get(node, {})
-        entry = members.get(member)
-        if entry is None or room not in entry[1]:
-            return
-        del entry[1][room]
-        occupants = self._rooms[room]
-        del occupants[member]
-        if not occupants:
-            del self._rooms[room]
-        if not entry[1]:
-            del members[member]
-            if not members:
-                del self._nodes[node]
-
-    def _rename(self, node: str, member: str, name: Optional[str]) -> None:
-        entry = self._nodes.get(node, {}).get(member)
-        if entry is None:
-            return
-        entry[0] = name
-        for room in entry[1]:
-            self._rooms[room][member] = RemoteMember(member, name)
-
-
-# Lua scripts: each runs atomically, so every node sees their effects and
-# their publications in one order.
-
-_CURRENT_EPOCH = """
-local function current_epoch(seq_key, epoch_key, history_key, candidate)
-  local epoch = redis.call('GET', epoch_key)
-  if not epoch then
-    -- A new run of the room's sequence: nothing of an older one may linger.
-    epoch = candidate
-    redis.call('SET', epoch_key, epoch)
-    redis.call('SET', seq_key, 0)
-    redis.call('DEL', history_key)
-  end
-  return epoch
-end
-"""
-
-# KEYS: seq, epoch, history.  ARGV: channel, body, candidate epoch, history size.
-PUBLISH_TEXT = Script(_CURRENT_EPOCH + """
-local epoch = current_epoch(KEYS[1], KEYS[2], KEYS[3], ARGV[3])
-local seq = redis.call('INCR', KEYS[1])
-local entry = string.format('%d %s ', seq, epoch) .. ARGV[2]
-local size = tonumber(ARGV[4])
-if size > 0 then
-  redis.call('RPUSH', KEYS[3], entry)
-  redis.call('LTRIM', KEYS[3], -size, -1)
-end
-redis.call('PUBLISH', ARGV[1], entry)
-return {seq, epoch}
-""")
-
-# KEYS: seq, epoch, history.  ARGV: candidate epoch.
-POSITION = Script(_CURRENT_EPOCH + """
-local epoch = current_epoch(KEYS[1], KEYS[2], KEYS[3], ARGV[1])
-return {epoch, tonumber(redis.call('GET', KEYS[1]) or '0')}
-""")
-
-# KEYS: seq, epoch, history.  ARGV: candidate epoch.
-MISSED = Script(_CURRENT_EPOCH + """
-local epoch = current_epoch(KEYS[1], KEYS[2], KEYS[3], ARGV[1])
-return {epoch, tonumber(redis.call('GET', KEYS[1]) or '0'), redis.call('LRANGE', KEYS[3], 0, -1)}
-""")
-
-# KEYS: alive, members.  ARGV: token, channel, member id, entry ('' once
-# it is in no room), event.  Refused (0) unless this node is registered, so
-# a node declared dead cannot leave members behind.
-PRESENCE = Script("""
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if ARGV[4] == '' then
-  redis.call('HDEL', KEYS[2], ARGV[3])
-else
-  redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
-end
-redis.call('PUBLISH', ARGV[2], ARGV[5])
-return 1
-""")
-
-# KEYS: nodes, alive, members.  ARGV: node, token, ttl (ms), channel, state
-# event, private channel, key prefix, then member id and entry pairs.
-# Returns {0} if another live server holds this node id, else {1, nodes}.
-REGISTER = Script("""
-local holder = redis.call('GET', KEYS[2])
-if holder and holder ~= ARGV[2] then return {0} end
-redis.call('SADD', KEYS[1], ARGV[1])
-redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
-redis.call('DEL', KEYS[3])
-for i = 8, #ARGV, 2 do
-  redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
-end
-redis.call('PUBLISH', ARGV[4], ARGV[5])
--- Everybody else's members, for this node alone, at this point of the
--- event stream: it applies what follows on top.
-local nodes = {}
-for _, node in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  if node ~= ARGV[1] and redis.call('EXISTS', ARGV[7] .. 'node:' .. node .. ':alive') == 1 then
-    nodes[node] = redis.call('HGETALL', ARGV[7] .. 'node:' .. node .. ':members')
-  end
-end
-redis.call('PUBLISH', ARGV[6], '0 - ' .. cjson.encode({t = 'snapshot', nodes = nodes}))
-return {1, redis.call('SCARD', KEYS[1])}
-""")
-
-# KEYS: nodes, alive.  ARGV: node, token, ttl (ms), channel, key prefix.
-# Returns {-1} if this node is no longer registered, else {nodes, {dead...}}.
-HEARTBEAT = Script("""
-if redis.call('GET', KEYS[2]) ~= ARGV[2] then return {-1} end
-redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
-local dead = {}
-for _, node in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  if node ~= ARGV[1] and redis.call('EXISTS', ARGV[5] .. 'node:' .. node .. ':alive') == 0 then
-    -- Its heartbeat stopped.  Removing it here, in one script, means one
-    -- node alone announces it: every node then says its clients left.
-    redis.call('SREM', KEYS[1], node)
-    redis.call('DEL', ARGV[5] .. 'node:' .. node .. ':members')
-    local state = {t = 'state', node = node, alive = false, members = {}}
-    redis.call('PUBLISH', ARGV[4], '0 - ' .. cjson.encode(state))
-    table.insert(dead, node)
-  end
-end
-return {redis.call('SCARD', KEYS[1]), dead}
-""")
-
-# KEYS: nodes, alive, members.  ARGV: node, token, channel, empty state event.
-DEREGISTER = Script("""
-if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
-redis.call('SREM', KEYS[1], ARGV[1])
-redis.call('DEL', KEYS[2], KEYS[3])
-redis.call('PUBLISH', ARGV[3], ARGV[4])
-return 1
-""")
 
 
 # Connections
@@ -804,7 +421,7 @@ class RedisBackplane:
     # Registration and heartbeat
 
     def _state_event(self, members: Dict[str, Any], alive: bool = True) -> bytes:
-        return b"0 - " + _dumps(
+        return b"0 - " + dumps(
             {
                 "t": "state",
                 "o": self.node_id,
@@ -989,7 +606,7 @@ class RedisBackplane:
             event = replace(event, seq=seq, epoch=history.epoch, kept=False)
             history.record(seq, event)
         self._hub.deliver(event)
-        if isinstance(event, _MESSAGES) and self._running:
+        if isinstance(event, MESSAGES) and self._running:
             self._local_only += 1
         if publication is not None:
             publication.fire(event)
@@ -1009,7 +626,7 @@ class RedisBackplane:
                 self._room_keys(event.room),
                 [self.channel, body, new_epoch(), self.history_size],
             )
-        elif isinstance(event, _PRESENCE):
+        elif isinstance(event, PRESENCE_EVENTS):
             d = self._eval(
                 PRESENCE,
                 [self._alive_key, self._members_key],
@@ -1032,7 +649,7 @@ class RedisBackplane:
         return publication.deferred
 
     def _published(self, reply, pid: int, publication: _Pending) -> None:
-        if isinstance(publication.event, _PRESENCE) and reply == 0:
+        if isinstance(publication.event, PRESENCE_EVENTS) and reply == 0:
             # Declared dead meanwhile: not published.  Registering again
             # tells the others the whole state, this change included.
             if self._unconfirmed.pop(pid, None) is not None:
@@ -1096,7 +713,7 @@ class RedisBackplane:
             publication = self._unconfirmed.pop(pid, None)
             if publication is not None:
                 publication.event = event
-        elif isinstance(event, _PRESENCE):
+        elif isinstance(event, PRESENCE_EVENTS):
             self.presence.apply(origin, event)
         self._hub.deliver(event)
 

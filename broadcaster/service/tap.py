@@ -41,12 +41,8 @@ from broadcaster.service.listening import (
     with_backlog,
 )
 from broadcaster.service.signals import handle_stop_signals
-from broadcaster.redis.backplane import (
-    HIREDIS,
-    RedisBackplane,
-    RedisBackplaneService,
-    parse_redis_url,
-)
+from broadcaster.redis.address import parse_redis_url
+from broadcaster.redis.backplane import HIREDIS, RedisBackplane, RedisBackplaneService
 from broadcaster.http.site import BoundedSite, BroadcasterSite
 from broadcaster.http.webhooks import WebhookService
 from broadcaster.protocols.websocket import BroadcastServerFactory

@@ -1,0 +1,3 @@
+-- KEYS: seq, epoch, history.  ARGV: candidate epoch.
+local epoch = current_epoch(KEYS[1], KEYS[2], KEYS[3], ARGV[1])
+return {epoch, tonumber(redis.call('GET', KEYS[1]) or '0'), redis.call('LRANGE', KEYS[3], 0, -1)}
