@@ -50,7 +50,7 @@ from broadcaster.core.flow import Limits, RateLimit
 from broadcaster.protocols.internals import (
     LeanWebSocketServerFactory,
     LeanWebSocketServerProtocol,
-    make_fan_out,
+    fan_out,
 )
 from broadcaster.protocols.outbound import Outbound
 from broadcaster.core.events import encoded, Event
@@ -726,7 +726,9 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
 
     #: The hot path of every broadcast: one send() per client of a run, on
     #: Twisted's internals (see broadcaster.protocols.internals).
-    fan_out = staticmethod(make_fan_out(_frame_for))
+    fan_out = staticmethod(fan_out)
+    #: How fan_out frames a batch for a run of this class.
+    frame_batch = staticmethod(_frame_for)
 
     def _slow_consumer(self, size: int) -> None:
         """
