@@ -464,7 +464,7 @@ class OptionsTests(SynchronousTestCase):
         """--workers without --redis and without redis-server installed is a
         usage error that says what to do."""
         self.patch(workers, "find_redis_server", lambda: None)
-        self.patch(sys.modules["broadcaster.service.tap"], "find_redis_server", lambda: None)
+        self.patch(sys.modules["broadcaster.service.options"], "find_redis_server", lambda: None)
         error = self.assertRaises(UsageError, parse, "--workers", "2")
         self.assertEqual(
             str(error),

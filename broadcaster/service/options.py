@@ -1,0 +1,564 @@
+"""
+The command-line options of ``twistd broadcaster``: every flag, its type
+and default, and the checks that refuse a bad combination with a message
+naming the flag (:class:`Options`).  :mod:`broadcaster.service.tap` builds
+the server from them.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.python import usage
+
+from broadcaster.core.coercions import non_negative_float, non_negative_int, positive_float, positive_int
+from broadcaster.core.imaging import DEFAULT_MAX_PIXELS
+from broadcaster.http.api import read_key_file
+from broadcaster.http.fetch import url_problem
+from broadcaster.protocols.origin import parse_origin
+from broadcaster.redis.address import parse_redis_url
+from broadcaster.service import logs
+from broadcaster.service.listening import check_endpoint, with_backlog
+from broadcaster.service.workers import (
+    LISTENER_FLAGS,
+    NO_REDIS,
+    find_redis_server,
+    parse_worker_fds,
+    sharing_problem,
+)
+
+
+class Options(usage.Options):
+    """
+    Options for ``twistd broadcaster``.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Runs a chat/broadcast server: every WebSocket message is sent to every "
+        "client.  The chat page and the WebSocket endpoint share --port: open "
+        "http://localhost:9999/ in a browser or connect to ws://localhost:9999/."
+    )
+
+    optFlags = [
+        [
+            "no-metrics",
+            None,
+            "Do not serve Prometheus metrics at /metrics.",
+        ],
+        [
+            "compression",
+            None,
+            "Accept permessage-deflate compression (off by default: it costs "
+            "CPU per recipient).  Decompressed messages are still limited by "
+            "--max-message-size.",
+        ],
+        [
+            "debug",
+            None,
+            "Also log every message and HTTP request (sizes and peers, never "
+            "payloads) and Autobahn's own protocol chatter.",
+        ],
+        [
+            "allow-private-fetch",
+            None,
+            "Let image_url requests fetch from private, loopback, link-local "
+            "and other non-public addresses (refused by default: clients could "
+            "otherwise make the server reach into its own network).",
+        ],
+        [
+            "anonymous-raw-ports",
+            None,
+            "With --auth-url, still open the image port and the line bridge: "
+            "their clients cannot sign in, so they are anonymous members of "
+            "the lobby.  Without this flag those ports stay off when "
+            "--auth-url is set.",
+        ],
+    ]
+
+    optParameters = [
+        [
+            "port",
+            "p",
+            "tcp:9999",
+            "Where the WebSocket endpoint and chat page listen: a strports "
+            "description such as tcp:9999, tcp:9999:interface=127.0.0.1, "
+            "ssl:9443:privateKey=key.pem:certKey=cert.pem or unix:/run/chat.sock.",
+        ],
+        [
+            "image-port",
+            None,
+            "tcp:9998",
+            "Where the raw-TCP image protocol listens (4-byte big-endian "
+            "length, then an image), or 'none'.",
+        ],
+        [
+            "line-port",
+            None,
+            "tcp:9997",
+            "Where the line bridge (one UTF-8 message per line, for nc and "
+            "scripts) listens, or 'none'.",
+        ],
+        [
+            "max-message-size",
+            None,
+            64 * 1024,
+            "Largest WebSocket message (and frame) accepted, in bytes; larger "
+            "ones close the connection with code 1009.",
+            positive_int,
+        ],
+        [
+            "open-handshake-timeout",
+            None,
+            10.0,
+            "Seconds a client may take from connecting to the end of its HTTP "
+            "request (its WebSocket handshake, or any other request; one "
+            "deadline for the whole request, not an idle timer), and then to "
+            "complete the WebSocket handshake (sign-in included).",
+            positive_float,
+        ],
+        [
+            "max-buffer",
+            None,
+            16 * 1024 * 1024,
+            "Bytes that may wait for a client that reads slowly, whatever "
+            "produced them (messages, replies, images); a write that would "
+            "pass it closes the client as a slow consumer (code 4008).  At "
+            "least --max-message-size and --max-image-size.",
+            positive_int,
+        ],
+        [
+            "rate",
+            None,
+            100.0,
+            "Messages per second a client may send on average; excess "
+            "messages are dropped, and a client that keeps flooding is closed "
+            "(1008).  0 means no limit.",
+            non_negative_float,
+        ],
+        [
+            "burst",
+            None,
+            500,
+            "Messages a client may send at once above --rate.",
+            positive_int,
+        ],
+        [
+            "listen-backlog",
+            None,
+            1024,
+            "Connections the kernel may hold waiting to be accepted, for every "
+            "tcp:, ssl: and unix: listener whose description sets no backlog= "
+            "of its own.  Twisted's default of 50 makes clients retry (seconds "
+            "late) when many reconnect at once, after a restart; the kernel caps "
+            "it at net.core.somaxconn.",
+            positive_int,
+        ],
+        [
+            "max-connections",
+            None,
+            50000,
+            "Connections at once on every port (WebSocket, HTTP requests, line "
+            "bridge, image port), counted from accept; more are refused (HTTP "
+            "503, or an error line or frame).  0 means no limit.",
+            non_negative_int,
+        ],
+        [
+            "max-connections-per-ip",
+            None,
+            0,
+            "Connections at once from one IP address, on every port, counted "
+            "like --max-connections.  0 (the default) means no limit: behind a "
+            "reverse proxy every client has the proxy's address.",
+            non_negative_int,
+        ],
+        [
+            "ping-interval",
+            None,
+            25.0,
+            "Seconds between keepalive pings to each WebSocket client "
+            "(also keeps idle connections open through load balancers).  0 "
+            "turns pings off.",
+            non_negative_float,
+        ],
+        [
+            "ping-timeout",
+            None,
+            10.0,
+            "Seconds a client has to answer a ping before it is dropped as dead.",
+            positive_float,
+        ],
+        [
+            "max-image-size",
+            None,
+            16 * 1024 * 1024,
+            "Largest image frame accepted on the image port, in bytes; a "
+            "larger declared length is refused before anything is buffered.",
+            positive_int,
+        ],
+        [
+            "image-timeout",
+            None,
+            30.0,
+            "Seconds an image frame may take from its first byte to its last.",
+            positive_float,
+        ],
+        [
+            "raw-idle-timeout",
+            None,
+            900.0,
+            "Seconds a line-bridge or image-port client may send nothing before "
+            "it is told so and disconnected (raw TCP has no keepalive ping).  0 "
+            "means no limit.",
+            non_negative_float,
+        ],
+        [
+            "image-max-pixels",
+            None,
+            DEFAULT_MAX_PIXELS,
+            "Largest image accepted, in pixels (width x height), checked "
+            "before decoding: a guard against decompression bombs.",
+            positive_int,
+        ],
+        [
+            "image-threads",
+            None,
+            2,
+            "Threads that decode images (at most this many at once).",
+            positive_int,
+        ],
+        [
+            "max-line-length",
+            None,
+            64 * 1024,
+            "Longest line accepted on the line bridge, in bytes.",
+            positive_int,
+        ],
+        [
+            "metrics-port",
+            None,
+            None,
+            "Serve /metrics on this endpoint of its own (e.g. "
+            "tcp:9100:interface=127.0.0.1) instead of on --port.",
+        ],
+        [
+            "log-format",
+            None,
+            "text",
+            "text (twistd's usual lines) or json (one JSON object per event "
+            "and line, for log shippers; written to --logfile or standard output).",
+        ],
+        [
+            "batch-delay",
+            None,
+            None,
+            "Seconds the fan-out waits to send events together (default: 0, "
+            "the end of the current reactor turn; 0.003 with --redis when "
+            "hiredis is not installed, as events then arrive one by one).  "
+            "More throughput under bursts, that much more latency.",
+            non_negative_float,
+        ],
+        [
+            "history-size",
+            None,
+            100,
+            "Text messages each room remembers, for history requests and "
+            "recovery after a reconnect; 0 keeps none.",
+            non_negative_int,
+        ],
+        [
+            "max-rooms",
+            None,
+            10000,
+            "Rooms whose history is remembered; beyond this the least recently "
+            "used empty rooms are forgotten.",
+            positive_int,
+        ],
+        [
+            "max-rooms-per-client",
+            None,
+            100,
+            "Rooms one client may be in at once.",
+            positive_int,
+        ],
+        [
+            "max-name-length",
+            None,
+            32,
+            "Longest display name, in characters.",
+            positive_int,
+        ],
+        [
+            "drain-timeout",
+            None,
+            10.0,
+            "On shutdown, seconds to wait for clients to close before dropping them.",
+            positive_float,
+        ],
+        [
+            "node-id",
+            None,
+            None,
+            "Prefix of the client ids this server hands out (default: random). "
+            "Must differ between servers sharing a backplane.",
+        ],
+        [
+            "redis",
+            None,
+            None,
+            "Share rooms, sequences, histories and presence with every other "
+            "server using this Redis: redis://[[user]:password@]host[:port][/db] "
+            "or unix:/path/to/redis.sock[?db=N].  Without it the server is on "
+            "its own.",
+        ],
+        [
+            "redis-namespace",
+            None,
+            "default",
+            "Prefix of the Redis keys and channel, to keep apart deployments "
+            "that share one Redis.",
+        ],
+        [
+            "node-timeout",
+            None,
+            15.0,
+            "With --redis: seconds after which a server that stopped "
+            "heartbeating is declared dead and its clients announced as gone.",
+            positive_float,
+        ],
+        [
+            "webhook-secret",
+            None,
+            None,
+            "Sign webhook POSTs: X-Broadcaster-Signature: sha256=<HMAC-SHA256 "
+            "of the body with this secret>.",
+        ],
+        [
+            "webhook-timeout",
+            None,
+            10.0,
+            "Seconds a webhook receiver has to answer one POST.",
+            positive_float,
+        ],
+        [
+            "webhook-retry-for",
+            None,
+            300.0,
+            "Seconds a failed webhook batch is retried (with backoff) before "
+            "it is dropped; 0: never retried.",
+            non_negative_float,
+        ],
+        [
+            "webhook-queue",
+            None,
+            10000,
+            "Events each webhook URL may have waiting; beyond it the oldest are dropped.",
+            positive_int,
+        ],
+        [
+            "auth-url",
+            None,
+            None,
+            "Ask this HTTP(S) service about every WebSocket handshake (a JSON "
+            "POST with the client's Authorization and Cookie headers): 2xx "
+            "admits, 401/403 refuses (403), no usable answer refuses (503).",
+        ],
+        [
+            "auth-timeout",
+            None,
+            5.0,
+            "Seconds the --auth-url service has to answer.",
+            positive_float,
+        ],
+        [
+            "api-key-file",
+            None,
+            None,
+            "A file of keys for POST /api/publish, one per line (read at "
+            "start-up; blank lines and # comments skipped).",
+        ],
+        [
+            "fetch-timeout",
+            None,
+            10.0,
+            "Seconds an image_url download may take, redirects included.",
+            positive_float,
+        ],
+        [
+            "workers",
+            None,
+            1,
+            "Run this many worker processes sharing the listening ports, "
+            "joined through --redis or, without it, a private redis-server "
+            "that the master process starts (see docs/workers.rst).  1: one process.",
+            positive_int,
+        ],
+        [
+            "worker-fds",
+            None,
+            None,
+            "Internal to --workers: adopt these inherited listening sockets "
+            "(port=3,image=4,...) instead of listening.",
+        ],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["allow-origin"] = []
+        self["webhook"] = []
+        self["api-key"] = []
+
+    def parseOptions(self, options=None) -> None:
+        # Kept for --workers, which gives each worker the same options.
+        self["args"] = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
+
+    def opt_webhook(self, url: str) -> None:
+        """POST every chat event, in batches, to this http(s) URL (repeatable). See docs/webhooks.rst for the format and signature."""  # noqa: E501
+        problem = url_problem(url, allow_credentials=True)
+        if problem is not None:
+            raise usage.UsageError("--webhook {!r}: {}".format(url, problem))
+        self["webhook"].append(url)
+
+    def opt_api_key(self, key: str) -> None:
+        """Accept this key for POST /api/publish (Authorization: Bearer KEY; repeatable). Without any key the API is off."""  # noqa: E501
+        if not key.strip() or key != key.strip():
+            raise usage.UsageError("--api-key must be non-empty, without surrounding spaces")
+        self["api-key"].append(key)
+
+    def opt_allow_origin(self, origin: str) -> None:
+        """Also accept browser handshakes from this Origin, e.g. https://chat.example.com (repeatable; '*' accepts every origin). By default only the server's own origin is accepted; clients that send no Origin (scripts) are always accepted."""  # noqa: E501
+        if origin != "*" and parse_origin(origin) is None:
+            raise usage.UsageError(
+                "--allow-origin {!r} is not an origin: use scheme://host[:port], "
+                "e.g. https://chat.example.com, or '*'".format(origin)
+            )
+        self["allow-origin"].append(origin)
+
+    def postOptions(self) -> None:
+        for _, flag in LISTENER_FLAGS:
+            if self[flag] is None:
+                continue
+            if flag in ("image-port", "line-port") and self[flag].lower() == "none":
+                self[flag] = None
+                continue
+            check_endpoint(flag, self[flag])
+        #: The raw ports that --auth-url closed (their clients cannot sign in).
+        self["closed-for-auth"] = []
+        if self["auth-url"] is not None and not self["anonymous-raw-ports"]:
+            for flag in ("image-port", "line-port"):
+                if self[flag] is not None:
+                    self["closed-for-auth"].append(flag)
+                    self[flag] = None
+        if self["log-format"] not in ("text", "json"):
+            raise usage.UsageError(
+                "--log-format must be text or json, not {!r}".format(self["log-format"])
+            )
+        if self["log-format"] == "json":
+            # twistd creates its log observer from its own --logger option
+            # after parsing ours; point it at the JSON one.
+            parent = getattr(self, "parent", None)
+            if parent is not None:
+                # As twistd does: standard output in the foreground,
+                # twistd.log for a daemon, unless --logfile says otherwise.
+                default = "-" if parent.get("nodaemon") else "twistd.log"
+                logs.use_json(parent.get("logfile") or default)
+                parent["logger"] = "broadcaster.service.logs.json_observer"
+        if self["max-buffer"] < self["max-message-size"]:
+            raise usage.UsageError(
+                "--max-buffer {} is smaller than --max-message-size {}: a client "
+                "could not be sent one message of the largest allowed size".format(
+                    self["max-buffer"], self["max-message-size"]
+                )
+            )
+        if self["max-buffer"] < self["max-image-size"]:
+            raise usage.UsageError(
+                "--max-buffer {} is smaller than --max-image-size {}: a client "
+                "that keeps up could be cut as a slow consumer by the next message "
+                "after one image of the largest allowed size".format(
+                    self["max-buffer"], self["max-image-size"]
+                )
+            )
+        node = self["node-id"]
+        if node is not None and self["worker-fds"] is not None:
+            # A worker of --workers: <the master's node id>-w<i>[.<restarts>].
+            base, w, number = node.rpartition("-w")
+            if w and number.replace(".", "", 1).isdigit():
+                node = base
+        if node is not None and (not node or not all(c.isalnum() or c in "_." for c in node)):
+            raise usage.UsageError(
+                "--node-id {!r} must be letters, digits, '_' or '.'".format(node)
+            )
+        if self["redis"] is not None:
+            try:
+                self["redis-address"] = parse_redis_url(self["redis"])
+            except ValueError as e:
+                raise usage.UsageError("--redis {!r}: {}".format(self["redis"], e))
+        namespace = self["redis-namespace"]
+        if not namespace or any(c.isspace() for c in namespace):
+            raise usage.UsageError(
+                "--redis-namespace {!r} must be non-empty, without spaces".format(namespace)
+            )
+        self._check_http_options()
+        self._check_workers()
+        # Last, so that every error above quotes the description as given.
+        for _, flag in LISTENER_FLAGS:
+            if self[flag] is not None:
+                self[flag] = with_backlog(self[flag], self["listen-backlog"])
+
+    def _check_http_options(self) -> None:
+        """
+        Validate --auth-url, --webhook-secret and --api-key-file, and read
+        the keys (at start-up: the file may not be readable after twistd
+        drops privileges).
+        """
+        if self["auth-url"] is not None:
+            problem = url_problem(self["auth-url"], allow_credentials=True)
+            if problem is not None:
+                raise usage.UsageError("--auth-url {!r}: {}".format(self["auth-url"], problem))
+            if self["auth-timeout"] >= self["open-handshake-timeout"]:
+                raise usage.UsageError(
+                    "--auth-timeout {:g} must be shorter than --open-handshake-timeout {:g}:"
+                    " the handshake would time out first".format(
+                        self["auth-timeout"], self["open-handshake-timeout"]
+                    )
+                )
+        if self["webhook-secret"] is not None and not self["webhook-secret"]:
+            raise usage.UsageError("--webhook-secret must not be empty")
+        keys = list(self["api-key"])
+        path = self["api-key-file"]
+        if path is not None:
+            try:
+                from_file = read_key_file(path)
+            except (OSError, UnicodeDecodeError) as e:
+                raise usage.UsageError("--api-key-file {!r} cannot be read: {}".format(path, e))
+            if not from_file:
+                raise usage.UsageError("--api-key-file {!r} holds no keys".format(path))
+            keys.extend(from_file)
+        self["api-keys"] = keys
+
+    def _check_workers(self) -> None:
+        """
+        Validate --workers (shareable ports; a Redis to join the workers)
+        and the internal --worker-fds.
+        """
+        self["redis-server"] = None
+        if self["worker-fds"] is not None:
+            if self["workers"] > 1:
+                raise usage.UsageError("--worker-fds is internal to --workers; give only --workers")
+            try:
+                self["worker-fds"] = parse_worker_fds(self["worker-fds"])
+            except ValueError as e:
+                raise usage.UsageError("--worker-fds {!r}: {}".format(self["worker-fds"], e))
+            return
+        if self["workers"] == 1:
+            return
+        for _, flag in LISTENER_FLAGS:
+            if self[flag] is not None:
+                problem = sharing_problem(self[flag])
+                if problem is not None:
+                    raise usage.UsageError("--{} {!r}: {}".format(flag, self[flag], problem))
+        if self["redis"] is None:
+            self["redis-server"] = find_redis_server()
+            if self["redis-server"] is None:
+                raise usage.UsageError(NO_REDIS)
