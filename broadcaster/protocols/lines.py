@@ -21,6 +21,12 @@ Server to client
     connected`` / ``<id> disconnected``.  ``ERROR <reason>`` answers bad
     input (no message can look like one: messages start with an id and a
     colon).  Binary messages and images are not sent to line clients.
+
+Lines are split by hand rather than by Twisted's
+:class:`~twisted.protocols.basic.LineReceiver`: its ``MAX_LENGTH`` counts
+the CR of a CRLF split across reads, so the limit above could only be kept
+to within a byte, or by reading its private buffer (the fuzz test's model of
+this wire format caught the difference).
 """
 
 from __future__ import annotations
