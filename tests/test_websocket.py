@@ -554,6 +554,8 @@ class ProtocolUnitTests(SynchronousTestCase):
         ann, _ = self.connect()
         self.assertNotIn("maxMessagePayloadSize", vars(ann))
         self.assertEqual(ann.maxMessagePayloadSize, 65536)
+        # Its log lines are still the protocol module's.
+        self.assertEqual(type(ann).__module__, "broadcaster.protocols.websocket")
         self.factory.setProtocolOptions(maxMessagePayloadSize=1000)
         bob, _ = self.connect()
         self.assertEqual(bob.maxMessagePayloadSize, 1000)

@@ -210,7 +210,9 @@ class LeanWebSocketServerFactory(WebSocketServerFactory):
         """
         super().setProtocolOptions(**options)
         base = type(self).protocol
-        namespace = {"__slots__": ()}
+        # The subclass keeps its base's module: log namespaces (the logger
+        # names the class of the instance) stay the protocol's own.
+        namespace = {"__slots__": (), "__module__": base.__module__}
         for name in base.CONFIG_ATTRS:
             value = getattr(self, name)
             # A function as a class attribute would become a method.
