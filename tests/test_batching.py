@@ -486,7 +486,7 @@ class BatchDelayTests(SynchronousTestCase):
     def test_option_and_redis_default(self):
         """--batch-delay sets the delay; it defaults to 0, and to 3 ms with
         --redis when hiredis is missing."""
-        from broadcaster.service import tap
+        from broadcaster.redis.backplane import RedisBackplane
         from broadcaster.service.tap import Options, makeService
 
         def hub_for(*args):
@@ -495,12 +495,13 @@ class BatchDelayTests(SynchronousTestCase):
             return makeService(options, reactor=MemoryReactorClock()).hub
 
         redis = ("--redis", "redis://127.0.0.1:1/0")
-        self.patch(tap, "HIREDIS", True)
+        # The Redis backplane asks for the wait when hiredis is missing.
+        self.patch(RedisBackplane, "batch_delay", 0.0)
         self.assertEqual(hub_for().fanout.batch_delay, 0)
         self.assertEqual(hub_for(*redis).fanout.batch_delay, 0)
         self.assertEqual(hub_for(*redis, "--batch-delay", "0.002").fanout.batch_delay, 0.002)
         self.assertEqual(hub_for("--batch-delay", "0.01").fanout.batch_delay, 0.01)
-        self.patch(tap, "HIREDIS", False)
+        self.patch(RedisBackplane, "batch_delay", 0.003)
         self.assertEqual(hub_for().fanout.batch_delay, 0)
         self.assertEqual(hub_for(*redis).fanout.batch_delay, 0.003)
         self.assertEqual(hub_for(*redis, "--batch-delay", "0").fanout.batch_delay, 0)

@@ -62,6 +62,11 @@ class Backplane(Protocol):
     #: Messages each room keeps (0: none).
     history_size: int
 
+    #: Seconds the fan-out should wait for a turn's events to gather
+    #: before delivering them (see :attr:`broadcaster.core.fanout.FanOut.batch_delay`):
+    #: 0 unless the backplane hands over one read's events turns apart.
+    batch_delay: float
+
     def attach(self, hub: "Attached") -> None:
         """
         Deliver events to ``hub`` from now on.
@@ -126,6 +131,7 @@ class LocalBackplane:
     """
 
     name = "local"
+    batch_delay = 0.0
 
     def __init__(self, history_size: int = 100, max_rooms: int = 10000) -> None:
         self.history_size = history_size

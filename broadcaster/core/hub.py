@@ -38,7 +38,6 @@ from broadcaster.core.events import (
     TextMessage,
 )
 from broadcaster.core.fanout import FanOut
-from broadcaster.core.history import Histories
 from broadcaster.core.members import Member
 from broadcaster.core.names import LOBBY
 from broadcaster.core.stats import Stats
@@ -112,6 +111,7 @@ class Hub:
         self._observers: List[Callable[[Event], None]] = []
         #: Delivers each event to the members of its room.
         self.fanout = FanOut(clock, self._rooms, self.stats, self._committed)
+        self.fanout.batch_delay = self.backplane.batch_delay
 
     def new_id(self) -> str:
         """
@@ -171,13 +171,6 @@ class Hub:
         Whether anybody on this node is in ``room``.
         """
         return room in self._rooms
-
-    @property
-    def histories(self) -> Histories:
-        """
-        The rooms' histories, with the in-process backplane.
-        """
-        return self.backplane.histories
 
     @property
     def history_size(self) -> int:
@@ -421,12 +414,6 @@ class Hub:
         :return: a Deferred firing with ``(epoch, seq)`` of ``room`` now.
         """
         return self.backplane.position(room)
-
-    def epoch(self, room: str) -> str:
-        """
-        The current epoch of ``room``'s sequence (in-process backplane).
-        """
-        return self.histories.get(room).epoch
 
     def deliver(self, event: Event) -> None:
         """

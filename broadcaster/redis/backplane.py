@@ -230,6 +230,11 @@ class RedisBackplane:
     """
 
     name = "redis"
+
+    #: Without hiredis, events from Redis reach the hub one reactor turn
+    #: apart; without a short wait each would go out on its own (a send per
+    #: client per message).  See :data:`HIREDIS`.
+    batch_delay = 0.0 if HIREDIS else 0.003
     _log = Logger()
 
     def __init__(

@@ -35,7 +35,7 @@ from broadcaster.service.listening import ReportingEndpoint, raise_open_files_li
 from broadcaster.service.options import Options
 from broadcaster.service.signals import handle_stop_signals
 from broadcaster.redis.address import parse_redis_url
-from broadcaster.redis.backplane import HIREDIS, RedisBackplane, RedisBackplaneService
+from broadcaster.redis.backplane import RedisBackplane, RedisBackplaneService
 from broadcaster.http.site import BoundedSite, BroadcasterSite
 from broadcaster.http.webhooks import WebhookService
 from broadcaster.protocols.websocket import BroadcastServerFactory
@@ -246,11 +246,6 @@ def makeService(options: Options, reactor=None) -> "BroadcasterService | MasterS
     # until it answers, this server serves its own clients.
     if backplane is not None:
         RedisBackplaneService(backplane, reactor).setServiceParent(service)
-        if not HIREDIS:
-            # Without hiredis, events from Redis reach the hub one reactor
-            # turn apart; without a short wait each would go out on its own
-            # (a send per client per message).
-            hub.fanout.batch_delay = 0.003
     if options["batch-delay"] is not None:
         hub.fanout.batch_delay = options["batch-delay"]
     registry = None
