@@ -56,7 +56,7 @@ from tests.support import (
     close_payload,
     parse_frames,
 )
-from tests.test_imaging import make_image
+from tests.core.test_imaging import make_image
 
 #: Every property: 200 examples, no per-example deadline (the first example
 #: pays for imports), no example database written into the checkout, and

@@ -23,7 +23,7 @@ What is relied on, and why:
 :func:`check` verifies each of these on the installed versions.  It runs
 when this module is imported, so a release that changes them stops the
 server at start-up with a message naming what changed, rather than making
-it silently slower or wrong; ``tests/test_internals.py`` runs it, and
+it silently slower or wrong; ``tests/protocols/test_internals.py`` runs it, and
 checks the behaviour the direct path depends on with real sockets.
 setup.cfg pins the major versions this was tested with.
 """

@@ -49,7 +49,7 @@ from tests.support import (
     self_signed_certificate,
     wait_for,
 )
-from tests.test_redis import require_redis_server
+from tests.redis.test_redis import require_redis_server
 
 
 def parse(*args):

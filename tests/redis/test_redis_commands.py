@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 import txredisapi
 from broadcaster.redis.commands import CommandProtocol, Script, encode_command
-from tests.test_redis import PASSWORD, RedisTestCase
+from tests.redis.test_redis import PASSWORD, RedisTestCase
 
 ECHO = Script("return {KEYS[1], ARGV[1]}")
 

@@ -30,7 +30,7 @@ from tests.support import (
     start_server,
     wait_for,
 )
-from tests.test_imaging import bomb_png, make_image
+from tests.core.test_imaging import bomb_png, make_image
 
 
 def parse_frames(data: bytes):

@@ -42,7 +42,7 @@ from broadcaster.core.fetching import describe_url
 from broadcaster.core.imaging import NormalisedImage
 from broadcaster.protocols.wire import BadRequest, parse_client_message
 from tests.support import connect_client, start_server, wait_for
-from tests.test_webhooks import serve
+from tests.http.test_webhooks import serve
 
 
 def png(width: int = 8, height: int = 6) -> bytes:

@@ -27,7 +27,7 @@ from twisted.web.server import NOT_DONE_YET
 from broadcaster.http.auth import AuthDenied, Authenticator, AuthUnavailable, Identity
 from broadcaster.service.tap import Options
 from tests.support import RawWebSocketClient, connect_client, start_server, wait_for
-from tests.test_webhooks import serve
+from tests.http.test_webhooks import serve
 
 TOKEN = "Bearer tok-8c1f5e"
 COOKIE = "sid=cookie-77aa31"

@@ -27,7 +27,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from broadcaster.clients import sockets
 from broadcaster.clients.imagetools import parse_address
 from tests.support import port_of, run_module, start_server, wait_for
-from tests.test_imaging import make_image
+from tests.core.test_imaging import make_image
 
 #: Seconds any blocking call in these tests may take, so that a failing
 #: test cannot leave a thread blocked for ever.

@@ -46,7 +46,7 @@ from tests.support import (
     wait_for,
 )
 from tests.test_batching import BatchRecorder
-from tests.test_hub import RecordingMember
+from tests.core.test_hub import RecordingMember
 from tests.test_rooms import join_chat, of_type, read_until
 
 REDIS_SERVER = shutil.which("redis-server") or (
