@@ -29,7 +29,7 @@ from typing import Callable, Deque, Dict, List, Optional, Tuple
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from broadcaster.core.events import Event, EventBatch
+from broadcaster.core.events import Event, EventBatch, TextMessage
 from broadcaster.core.members import Member
 from broadcaster.core.stats import Stats
 
@@ -173,6 +173,17 @@ class FanOut:
             if member in outside:
                 outside.remove(member)
         outside.append(member)
+
+    def before_pending(self, room: str) -> Optional[Tuple[str, int]]:
+        """
+        Where ``room``'s sequence stood before the first kept message still
+        waiting for the end of this turn, or ``None`` if none waits.  A
+        member joining now gets those live, so they are not what it missed.
+        """
+        for event, event_room in self._batch:
+            if event_room == room and isinstance(event, TextMessage) and event.kept:
+                return event.epoch, event.seq - 1
+        return None
 
     def idle(self) -> bool:
         """Whether nothing is waiting to be delivered."""

@@ -268,7 +268,12 @@ class Hub:
             raise TooManyRooms(
                 "already in {} rooms, the most allowed".format(self.max_rooms_per_member)
             )
-        rooms[room] = self._positions.get(room)
+        position = self._positions.get(room)
+        if position is None:
+            # No message has gone out here yet; any on their way will reach
+            # this member live.
+            position = self.fanout.before_pending(room)
+        rooms[room] = position
         self._rooms.setdefault(room, {})[member.id] = member
         self.fanout.joined(member, room, fresh)
         event = Joined(ts=self._clock.seconds(), origin=self.node_id, room=room, member=member.id, name=member.name)

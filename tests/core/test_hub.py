@@ -317,6 +317,23 @@ class HistoryTests(HubTestCase):
         self.turn()
         self.assertEqual(bob.texts(), [("lobby", "2"), ("lobby", "3")])
 
+    def test_replay_in_the_turn_of_a_room_s_first_messages(self) -> None:
+        """A member that joins and asks for a replay in the same reactor
+        turn as a room's first messages (still on their way) gets each of
+        them once: live, not replayed as well."""
+        self.connect("ann")
+        self.hub.join(self.hub.member("ann"), "dev")
+        self.turn()
+        first = self.successResultOf(self.hub.publish_text("ann", "1", "dev"))
+        self.hub.publish_text("ann", "2", "dev")
+        # Connected in the same turn (self.connect would end it first).
+        bob = RecordingMember("bob")
+        self.hub.connect(bob)
+        self.hub.join(bob, "dev")
+        self.assertTrue(self.successResultOf(self.hub.replay(bob, "dev", first.epoch, 0)))
+        self.turn()
+        self.assertEqual(bob.texts(), [("dev", "1"), ("dev", "2")])
+
     def test_replay_beyond_history_is_incomplete(self) -> None:
         """When the gap is older than the history, what exists comes with complete=False."""
         self.connect("ann")
