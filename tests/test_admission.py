@@ -219,9 +219,10 @@ class RawIdleTests(TestCase):
         so and disconnected; one that keeps talking stays."""
         service, _ = yield start_server(self, ["--raw-idle-timeout", "1"])
         line_port = port_of(service.line_endpoint)
+        # Before the connection: the server's idle timer starts after it.
+        started = reactor.seconds()
         quiet = yield connect_raw(self, line_port, LineClient)
         talker = yield connect_raw(self, line_port, LineClient)
-        started = reactor.seconds()
         ticking = LoopingCall(talker.transport.write, b"tick\n")
         ticking.start(0.3)
         self.addCleanup(lambda: ticking.running and ticking.stop())

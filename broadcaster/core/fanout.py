@@ -185,10 +185,6 @@ class FanOut:
                 return event.epoch, event.seq - 1
         return None
 
-    def idle(self) -> bool:
-        """Whether nothing is waiting to be delivered."""
-        return not self._batch and not self._sweeps
-
     def _flush(self) -> None:
         """
         Hand the events of the reactor turn that just ended to their rooms'

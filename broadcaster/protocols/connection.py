@@ -192,16 +192,11 @@ class RawMemberProtocol(MemberBase, Protocol):
         """
         if self.closing:
             return
-        limit = self.factory.limits.max_buffer
-        outbound = self._outbound
         size = sum(len(chunk) for chunk in chunks)
-        # The budget is checked for the whole message, so that it is never
-        # sent in part.
-        if outbound.queued and outbound.queued + size > limit:
+        # Budgeted as one message, so that it is never sent in part.
+        if not self._outbound.write_sequence(chunks, self.factory.limits.max_buffer):
             self._slow_consumer(size)
             return
-        for chunk in chunks:
-            outbound.write(chunk, limit + size)
         stats = self.factory.hub.stats
         stats.frames_out += 1
         stats.bytes_out += size
@@ -223,13 +218,6 @@ class RawMemberProtocol(MemberBase, Protocol):
         self.factory.hub.stats.slow_consumers += 1
         self.closing = True
         self.transport.abortConnection()
-
-    def send_error(self, data: bytes) -> None:
-        """
-        Tell the client its input was refused (an error line or frame),
-        through the same budget as everything else it is sent.
-        """
-        self.send(data)
 
     def within_rate(self, refusal: Callable[[str], bytes]) -> bool:
         """
@@ -261,7 +249,7 @@ class RawMemberProtocol(MemberBase, Protocol):
                 peer=self.peer,
                 rate=limits.rate,
             )
-        self.send_error(refusal(reason + "; message dropped"))
+        self.send(refusal(reason + "; message dropped"))
         return False
 
     def shut_down(self) -> None:

@@ -266,7 +266,7 @@ class ImageProtocol(RawMemberProtocol):
                 reason=reason,
             )
         if self.transport is not None and not self.closing:
-            self.send_error(error_frame(reason))
+            self.send(error_frame(reason))
 
     def _decode_finished(self, _: object) -> None:
         self._decoding = False

@@ -334,7 +334,9 @@ def check() -> None:
     for name in ("dataBuffer", "_writeDisconnected", "TLS", "disconnecting", "connected"):
         if not hasattr(_TCPServer, name):
             problems.append("twisted.internet.tcp.Server has no class attribute {}".format(name))
-    if "self._tempDataLen" not in inspect.getsource(FileDescriptor):
+    # An instance attribute, set in __init__: read from its code, not its
+    # source file (which an installation need not carry).
+    if "_tempDataLen" not in FileDescriptor.__init__.__code__.co_names:
         problems.append("twisted's FileDescriptor no longer keeps _tempDataLen")
     for name in ("CONFIG_ATTRS", "_onMessage", "sendFrame", "sendCloseFrame", "_closeConnection",
                  "dropConnection", "onMessageEnd", "sendData", "_listeners", "_parent"):

@@ -130,7 +130,7 @@ class LineBridgeProtocol(RawMemberProtocol):
         self._log.warn(
             "[BAD INPUT] {client} ({peer}): {reason}", client=self.id, peer=self.peer, reason=reason
         )
-        self.send_error(_error_line(reason))
+        self.send(_error_line(reason))
 
     def deliver(self, event: Event) -> None:
         if self.closing:

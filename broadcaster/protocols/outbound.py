@@ -80,22 +80,36 @@ class Outbound:
         :return: ``False`` if the client is too far behind to take it
             (nothing was queued): the caller closes it.
         """
+        # Something waits only while the transport is full (or being
+        # refilled); into an empty queue any one write fits.
+        if self.queued and not self.spent and self.queued + len(data) > limit:
+            return False
+        self._put(data)
+        return True
+
+    def write_sequence(self, chunks, limit: int) -> bool:
+        """
+        :meth:`write` ``chunks`` one after the other, budgeted as one
+        message (a header and the payload it announces): all of them are
+        queued, or none.
+        """
+        if self.queued and not self.spent and self.queued + sum(map(len, chunks)) > limit:
+            return False
+        for chunk in chunks:
+            self._put(chunk)
+        return True
+
+    def _put(self, data) -> None:
         queue = self._queue
-        if not self.paused and not queue:
-            if len(data) <= PIECE and data.__class__ is bytes:
-                self._transport.write(data)
-                return True
-        else:
-            size = len(data)
-            if self.queued and self.queued + size > limit and not self.spent:
-                return False
+        if not self.paused and not queue and len(data) <= PIECE and data.__class__ is bytes:
+            self._transport.write(data)
+            return
         if queue is None:
             queue = self._queue = deque()
         queue.append(data)
         self.queued += len(data)
         if not self.paused:
             self._pump()
-        return True
 
     def cut(self) -> int:
         """
