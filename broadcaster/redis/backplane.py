@@ -49,7 +49,8 @@ The parts: :mod:`broadcaster.redis.address` (``--redis`` URLs),
 :mod:`broadcaster.redis.codec` (the wire format above),
 :mod:`broadcaster.redis.presence`, :mod:`broadcaster.redis.scripts` (the Lua
 scripts, ``.lua`` files beside it), :mod:`broadcaster.redis.commands` (the
-command path) and this module (the connections and the backplane).
+command path), :mod:`broadcaster.redis.connections` (the two connections,
+kept up) and this module (the backplane).
 
 When Redis is unreachable a node goes on serving its own clients: what they
 publish is delivered locally, numbered in a local epoch
@@ -74,13 +75,12 @@ from twisted.internet.defer import (
     CancelledError,
     Deferred,
     fail,
-    gatherResults,
     maybeDeferred,
     succeed,
 )
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 from twisted.logger import Logger
-from zope.interface import implementer
 
 from broadcaster.core.history import RoomHistory, new_epoch
 from broadcaster.core.backplane import Attached
@@ -95,7 +95,14 @@ from broadcaster.redis.codec import (
     event_from,
     parse_event,
 )
-from broadcaster.redis.commands import BackplaneConnection, CommandProtocol, Script
+from broadcaster.redis.commands import Script
+from broadcaster.redis.connections import (
+    HIREDIS,
+    Commands,
+    Connections,
+    RedisConnections,
+    Subscription,
+)
 from broadcaster.redis.presence import Presence
 from broadcaster.redis.scripts import (
     DEREGISTER,
@@ -106,95 +113,6 @@ from broadcaster.redis.scripts import (
     PUBLISH_TEXT,
     REGISTER,
 )
-
-#: Seconds a command may wait for Redis's answer before the connection is
-#: given up as dead (and re-established).
-REPLY_TIMEOUT = 5.0
-
-#: Whether txredisapi parses replies with hiredis (a dependency).  Its
-#: pure-Python parser, the fallback, handles one bulk string of a reply per
-#: reactor turn (it pauses the connection and goes on with a ``callLater(0)``,
-#: two epoll changes each time), so the events of one read reach the hub
-#: turns apart, and each goes out on its own unless the hub waits for the
-#: next.  With hiredis a read's events reach the hub in the turn that read
-#: them, and go out together as a single node's do.
-HIREDIS = txredisapi.hiredis is not None
-
-
-# Connections
-
-
-@implementer(IStreamClientEndpoint)
-class _WatchedEndpoint:
-    """
-    Tells the backplane about each failed connection attempt (txredisapi
-    retries them quietly).
-    """
-
-    def __init__(self, endpoint: IStreamClientEndpoint, failed, url: str) -> None:
-        self._endpoint = endpoint
-        self._failed = failed
-        self._url = url
-
-    def __repr__(self) -> str:
-        # Twisted logs it with every reconnection attempt.
-        return "Redis at {}".format(self._url)
-
-    def connect(self, factory) -> Deferred:
-        def failed(failure):
-            self._failed(failure)
-            return failure
-
-        return self._endpoint.connect(factory).addErrback(failed)
-
-
-class _Subscriber(BackplaneConnection, txredisapi.SubscriberProtocol):
-    def messageReceived(self, pattern, channel, message) -> None:
-        self.factory.backplane._received(channel, message)
-
-
-class _Factory(txredisapi.RedisFactory):
-    """
-    One reconnecting connection that tells the backplane when it is ready
-    and when it is lost.  Replies stay bytes: numbers and text are decoded
-    here, where their meaning is known.
-    """
-
-    initialDelay = 0.5
-    maxDelay = 10
-
-    def __init__(self, backplane: "RedisBackplane", subscriber: bool) -> None:
-        address = backplane.address
-        super().__init__(
-            address.redacted(),
-            None if subscriber else address.db,
-            1,
-            isLazy=True,
-            charset=None,
-            password=address.password,
-            replyTimeout=None if subscriber else REPLY_TIMEOUT,
-            convertNumbers=False,
-            username=address.username,
-        )
-        self.protocol = _Subscriber if subscriber else CommandProtocol
-        self.clock = backplane._clock
-        self.backplane = backplane
-        self._subscriber = subscriber
-        # Fires once the first connection is ready, fails only if txredisapi
-        # gives up (e.g. a wrong password): the backplane logs that.
-        self.deferred.addErrback(backplane._gave_up)
-
-    def buildProtocol(self, addr):
-        protocol = super().buildProtocol(addr)
-        ready, lost = (
-            (self.backplane._subscriber_ready, self.backplane._subscriber_lost)
-            if self._subscriber
-            else (self.backplane._commands_ready, self.backplane._commands_lost)
-        )
-        protocol.whenConnected().addCallback(ready)
-        protocol.whenDisconnected().addCallback(lost)
-        return protocol
-
 
 class _Pending:
     """
@@ -224,16 +142,19 @@ class RedisBackplane:
     :param history_size: text messages each room keeps (0: none).
     :param node_timeout: seconds after which a node that stopped
         heartbeating is declared dead and its clients announced as gone.
-    :param clock: the reactor whose time stamps synthesized events and
-        which :meth:`start` connects with unless given another (default:
-        the global one).
+    :param clock: the reactor whose time stamps synthesized events
+        (default: the global one).
+    :param connections: the connections to Redis (default:
+        :class:`~broadcaster.redis.connections.RedisConnections` to
+        ``address``, made with ``clock``).  The backplane is their
+        :class:`~broadcaster.redis.connections.Listener`.
     """
 
     name = "redis"
 
     #: Without hiredis, events from Redis reach the hub one reactor turn
     #: apart; without a short wait each would go out on its own (a send per
-    #: client per message).  See :data:`HIREDIS`.
+    #: client per message).  See :data:`~broadcaster.redis.connections.HIREDIS`.
     batch_delay = 0.0 if HIREDIS else 0.003
     _log = Logger()
 
@@ -244,9 +165,13 @@ class RedisBackplane:
         history_size: int = 100,
         node_timeout: float = 15.0,
         clock: Optional[IReactorTime] = None,
+        connections: Optional[Connections] = None,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
+        if connections is None:
+            connections = RedisConnections(address, clock)
+        self._connections = connections
         self.address = address
         self.namespace = namespace
         self.history_size = history_size
@@ -259,9 +184,8 @@ class RedisBackplane:
         self._hub: Optional[Attached] = None
         self.node_id = ""
         self._running = False
-        self._factories: List[_Factory] = []
-        self._commands = None
-        self._subscriber = None
+        self._commands: Optional[Commands] = None
+        self._subscriber: Optional[Subscription] = None
         self._registering = False
         self._conflict_logged = False
         self._gave_up_logged = False
@@ -305,32 +229,20 @@ class RedisBackplane:
         """
         return self._down_since is None
 
-    def start(self, reactor=None) -> None:
+    def start(self) -> None:
         """
         Connect (and keep reconnecting) to Redis; until connected, serve
         this node's clients locally.
         """
-        if reactor is None:
-            reactor = self._clock
         self._running = True
         self._begin_outage()
-        endpoint = _WatchedEndpoint(
-            self.address.endpoint(reactor), self._connect_failed, self.address.redacted()
-        )
-        self._factories = [_Factory(self, subscriber=False), _Factory(self, subscriber=True)]
-        for factory in self._factories:
-            factory.startConnecting(endpoint)
         self._log.info(
             "connecting to Redis at {url} as node {node} (namespace {namespace})",
             url=self.address.redacted(),
             node=self.node_id,
             namespace=self.namespace,
         )
-        if not HIREDIS:
-            self._log.warn(
-                "hiredis is not installed: Redis replies are parsed in Python, one"
-                " at a time (pip install hiredis for the cross-node throughput)"
-            )
+        self._connections.connect(self)
 
     def stop(self) -> Deferred:
         """
@@ -347,27 +259,22 @@ class RedisBackplane:
         else:
             done = succeed(None)
 
-        def disconnect(_):
-            return gatherResults(
-                [factory.disconnect() for factory in self._factories], consumeErrors=True
-            ).addErrback(lambda failure: None)
+        return done.addCallback(lambda _: self._connections.disconnect())
 
-        return done.addCallback(disconnect)
+    # The connections tell (the Listener interface)
 
-    # The connections
-
-    def _commands_ready(self, protocol) -> None:
+    def commands_ready(self, protocol: Commands) -> None:
         if not self._running:
             return
         self._commands = protocol
         self._try_register()
 
-    def _commands_lost(self, protocol) -> None:
+    def commands_lost(self, protocol: Commands) -> None:
         if self._commands is protocol:
             self._commands = None
             self._went_down("lost the connection")
 
-    def _subscriber_ready(self, protocol) -> None:
+    def subscription_ready(self, protocol: Subscription) -> None:
         if not self._running:
             return
 
@@ -382,16 +289,16 @@ class RedisBackplane:
             subscribed, lambda failure: None
         )
 
-    def _subscriber_lost(self, protocol) -> None:
+    def subscription_lost(self, protocol: Subscription) -> None:
         if self._subscriber is protocol:
             self._subscriber = None
             self._went_down("lost the subscription")
 
-    def _connect_failed(self, failure) -> None:
+    def connect_failed(self, failure: Failure) -> None:
         if self._running and not failure.check(CancelledError):
             self._went_down("cannot connect: {}".format(failure.getErrorMessage()))
 
-    def _gave_up(self, failure) -> None:
+    def gave_up(self, failure: Failure) -> None:
         # txredisapi stops retrying after a refused AUTH or SELECT: both
         # connections say so, once is enough.
         if self._gave_up_logged:
@@ -680,7 +587,7 @@ class RedisBackplane:
         self._went_down("publishing failed: {}".format(failure.getErrorMessage()))
         self._deliver_locally(publication.event, publication)
 
-    def _received(self, channel: bytes, message: bytes) -> None:
+    def message_received(self, channel: bytes, message: bytes) -> None:
         """
         An event from the subscription: deliver it to the hub.
         """
@@ -811,9 +718,10 @@ class RedisBackplane:
 
     def state(self) -> dict:
         """
-        For /healthz.
+        For /healthz: while Redis is unreachable, also for how long and how
+        many messages this node delivered to its own clients only meanwhile.
         """
-        return {
+        state = {
             "kind": self.name,
             "connected": self.connected,
             "url": self.address.redacted(),
@@ -822,6 +730,10 @@ class RedisBackplane:
             "nodes": 1 + len(self._peers),
             "namespace": self.namespace,
         }
+        if not self.connected:
+            state["down_for"] = round(self._clock.seconds() - self._down_since, 1)
+            state["local_only"] = self._local_only
+        return state
 
 
 class RedisBackplaneService(MultiService):
@@ -840,7 +752,7 @@ class RedisBackplaneService(MultiService):
         heartbeat.setServiceParent(self)
 
     def startService(self) -> None:
-        self.backplane.start(self._reactor)
+        self.backplane.start()
         super().startService()
 
     def stopService(self) -> Deferred:

@@ -36,6 +36,7 @@ from broadcaster.service.options import Options
 from broadcaster.service.signals import handle_stop_signals
 from broadcaster.redis.address import parse_redis_url
 from broadcaster.redis.backplane import RedisBackplane, RedisBackplaneService
+from broadcaster.redis.connections import RedisConnections
 from broadcaster.http.site import BoundedSite, BroadcasterSite
 from broadcaster.http.webhooks import WebhookService
 from broadcaster.protocols.websocket import BroadcastServerFactory
@@ -216,12 +217,14 @@ def makeService(options: Options, reactor=None) -> "BroadcasterService | MasterS
 
     backplane = None
     if options["redis"] is not None:
+        address = options.get("redis-address") or parse_redis_url(options["redis"])
         backplane = RedisBackplane(
-            options.get("redis-address") or parse_redis_url(options["redis"]),
+            address,
             namespace=options["redis-namespace"],
             history_size=options["history-size"],
             node_timeout=options["node-timeout"],
             clock=reactor,
+            connections=RedisConnections(address, reactor),
         )
     hub = Hub(
         reactor,

@@ -18,7 +18,7 @@ import tempfile
 import treq
 from PIL import Image
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
@@ -29,12 +29,13 @@ from twisted.trial.unittest import FailTest, SkipTest, SynchronousTestCase, Test
 import txredisapi
 from broadcaster.core.events import BinaryMessage, ImageMessage, Joined, Left, Renamed, TextMessage
 from broadcaster.core.hub import Hub
-from broadcaster.redis import backplane as redis_backplane
+from broadcaster.redis import connections as redis_connections
 from broadcaster.redis.address import RedisAddress, parse_redis_url
-from broadcaster.redis.backplane import HIREDIS, RedisBackplane
+from broadcaster.redis.backplane import RedisBackplane
+from broadcaster.redis.connections import HIREDIS, ReconnectingFactory, RedisConnections
 from broadcaster.redis.codec import encode_event, parse_event
 from broadcaster.redis.presence import Presence, RemoteMember
-from broadcaster.redis.scripts import PUBLISH_TEXT
+from broadcaster.redis.scripts import DEREGISTER, MISSED, PUBLISH_TEXT, REGISTER
 from broadcaster.service.tap import Options
 from tests.support import (
     immediate_hub,
@@ -242,6 +243,43 @@ class FakeCommands:
         return d
 
 
+class FakeSubscription:
+    connected = 1
+
+    def __init__(self) -> None:
+        self.channels: list = []
+
+    def subscribe(self, channels):
+        self.channels += channels
+        return succeed(None)
+
+
+class FakeConnections:
+    """
+    Stands in for :class:`RedisConnections`: the test plays Redis's
+    comings and goings through the listener the backplane gives it.
+    """
+
+    def __init__(self) -> None:
+        self.listener = None
+        self.disconnected = False
+
+    def connect(self, listener) -> None:
+        self.listener = listener
+
+    def disconnect(self):
+        self.disconnected = True
+        return succeed(None)
+
+    def come_up(self, commands: FakeCommands) -> None:
+        """Both connections are up and Redis accepts the registration."""
+        self.listener.commands_ready(commands)
+        self.listener.subscription_ready(FakeSubscription())
+        (register,) = [call for call in commands.calls if call[0] is REGISTER]
+        commands.calls.remove(register)
+        register[3].callback([1])
+
+
 def pubsub_message(channel: bytes, payload: bytes) -> bytes:
     """A pub/sub message as Redis writes it to a subscriber (RESP)."""
     parts = [b"message", channel, payload]
@@ -257,13 +295,15 @@ class SubscriptionParsingTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.clock = Clock()
-        self.backplane = RedisBackplane(RedisAddress(host="127.0.0.1"), clock=self.clock)
+        self.connections = FakeConnections()
+        self.backplane = RedisBackplane(
+            RedisAddress(host="127.0.0.1"), clock=self.clock, connections=self.connections
+        )
         self.hub = Hub(self.clock, node_id="b", backplane=self.backplane)
-        self.backplane._running = True
-        self.backplane._begin_outage()
+        self.backplane.start()
         self.member = BatchRecorder("b-1")
         self.hub.connect(self.member)
-        self.backplane._came_up()
+        self.connections.come_up(FakeCommands())
         self.clock.advance(0)
         self.member.batches.clear()
 
@@ -272,7 +312,10 @@ class SubscriptionParsingTests(SynchronousTestCase):
         that turn and go out to each member in one batch, in order."""
         if not HIREDIS:
             raise SkipTest("hiredis is not installed (it is a dependency)")
-        protocol = redis_backplane._Factory(self.backplane, subscriber=True).buildProtocol(None)
+        factory = ReconnectingFactory(
+            self.backplane.address, self.backplane, self.clock, subscriber=True
+        )
+        protocol = factory.buildProtocol(None)
         channel = self.backplane.channel.encode()
         read = b"".join(
             pubsub_message(
@@ -290,14 +333,13 @@ class SubscriptionParsingTests(SynchronousTestCase):
         )
 
     def test_without_hiredis_a_warning(self):
-        """Without hiredis, starting the backplane logs a warning that says
-        what to install."""
-        self.patch(redis_backplane, "HIREDIS", False)
+        """Without hiredis, connecting logs a warning that says what to
+        install."""
+        self.patch(redis_connections, "HIREDIS", False)
         logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        backplane = RedisBackplane(RedisAddress(host="127.0.0.1"), clock=self.clock)
-        backplane.attach(Hub(self.clock, node_id="c", backplane=backplane))
-        backplane.start(MemoryReactorClock())
-        self.addCleanup(lambda: [f.stopTrying() for f in backplane._factories])
+        connections = RedisConnections(RedisAddress(host="127.0.0.1"), MemoryReactorClock())
+        connections.connect(self.backplane)
+        self.addCleanup(lambda: [f.stopTrying() for f in connections.factories])
         warnings = [e for e in logged if "hiredis" in e.get("log_format", "")]
         self.assertEqual([e["log_level"] for e in warnings], [LogLevel.warn])
         self.assertIn("pip install hiredis", warnings[0]["log_format"])
@@ -311,18 +353,21 @@ class BackplaneTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.clock = Clock()
+        self.connections = FakeConnections()
         self.backplane = RedisBackplane(
-            RedisAddress(host="127.0.0.1"), history_size=5, clock=self.clock
+            RedisAddress(host="127.0.0.1"),
+            history_size=5,
+            clock=self.clock,
+            connections=self.connections,
         )
         self.hub = immediate_hub(self.clock, node_id="a", backplane=self.backplane)
         self.member = RecordingMember("a-1", "ann")
-        self.backplane._running = True
-        self.backplane._begin_outage()
+        self.backplane.start()
         self.hub.connect(self.member)
         self.commands = FakeCommands()
-        self.backplane._commands = self.commands
-        self.backplane._subscriber = object()
-        self.backplane._came_up()
+        self.connections.come_up(self.commands)
+        self.assertTrue(self.backplane.connected)
+        self.events_channel = self.backplane.channel.encode()
 
     def published(self, call, seq=0, epoch="-"):
         """What the subscription brings back for a recorded call."""
@@ -331,6 +376,12 @@ class BackplaneTests(SynchronousTestCase):
             return "{} {} ".format(seq, epoch).encode() + args[1]
         return args[-1]
 
+    def comes_back(self, call, seq=0, epoch="-"):
+        """The subscription brings back the publication of a recorded call."""
+        self.connections.listener.message_received(
+            self.events_channel, self.published(call, seq, epoch)
+        )
+
     def texts(self):
         return [(e.text, e.seq, e.epoch) for e in self.member.events if isinstance(e, TextMessage)]
 
@@ -338,21 +389,20 @@ class BackplaneTests(SynchronousTestCase):
         """Whether the connection went before or after Redis answered, and
         before or after the subscription brought a message back, each is
         delivered once and every publication is answered."""
-        events = "broadcaster:default:events".encode()
         acks = [self.hub.publish_text("a-1", text) for text in ("one", "two", "three", "four")]
         one, two, three, four = self.commands.calls
         # "one" is back through the subscription; its answer will fail.
-        self.backplane._received(events, self.published(one, 1, "e1"))
+        self.comes_back(one, 1, "e1")
         # "two" is answered but not back yet; "three" ran but its answer
         # is lost; "four" never reached Redis.
         two[3].callback([2, b"e1"])
-        self.backplane._commands_lost(self.commands)
+        self.connections.listener.commands_lost(self.commands)
         self.assertFalse(self.backplane.connected)
         for _, _, _, d in (one, three, four):
             d.errback(txredisapi.ConnectionError("Lost connection"))
         # The subscription outlives the command connection a little.
-        self.backplane._received(events, self.published(two, 2, "e1"))
-        self.backplane._received(events, self.published(three, 3, "e1"))
+        self.comes_back(two, 2, "e1")
+        self.comes_back(three, 3, "e1")
         self.assertEqual(
             self.texts(),
             [
@@ -363,14 +413,37 @@ class BackplaneTests(SynchronousTestCase):
             ],
         )
         self.assertEqual([self.successResultOf(ack).seq for ack in acks], [1, 2, 1, 2])
-        self.assertEqual(self.backplane._local_only, 2)
-        # Only Redis-numbered messages move the join position.
-        self.assertEqual(self.hub._positions["lobby"], ("e1", 2))
+        self.assertEqual(self.backplane.state()["local_only"], 2)
+
+    def test_only_redis_numbers_move_the_join_position(self):
+        """A member joining during an outage has seen live everything up to
+        the last message Redis numbered, not the outage's local ones: once
+        Redis is back, its replay from Redis stops there."""
+        self.hub.publish_text("a-1", "one")
+        (one,) = self.commands.calls
+        one[3].callback([1, b"e1"])
+        self.comes_back(one, 1, "e1")
+        self.connections.listener.commands_lost(self.commands)
+        self.hub.publish_text("a-1", "local")
+        self.assertEqual(self.texts()[-1], ("local", 1, "local-a-2"))
+        late = RecordingMember("a-2", "bo")
+        self.hub.connect(late)
+        commands = FakeCommands()
+        self.connections.come_up(commands)
+        d = self.hub.replay(late, "lobby", "e1", 0)
+        # Meanwhile another node published "two" in Redis's sequence.
+        two = "2 e1 ".encode() + encode_event(
+            TextMessage(ts=0, room="lobby", sender="b-1", text="two"), "b", 1
+        )
+        (missed,) = [call for call in commands.calls if call[0] is MISSED]
+        missed[3].callback([b"e1", 2, [self.published(one, 1, "e1"), two]])
+        self.assertTrue(self.successResultOf(d))
+        self.assertEqual([e.text for e in late.events if isinstance(e, TextMessage)], ["one"])
 
     def test_local_numbering_during_an_outage(self):
         """While down, messages are numbered in a local epoch, positions and
         history answer from it, and replays of other epochs say incomplete."""
-        self.backplane._commands_lost(self.commands)
+        self.connections.listener.commands_lost(self.commands)
         for text in ("x", "y"):
             self.hub.publish_text("a-1", text)
         self.assertEqual(self.texts(), [("x", 1, "local-a-2"), ("y", 2, "local-a-2")])
@@ -389,7 +462,7 @@ class BackplaneTests(SynchronousTestCase):
         """A welcome never waits on a failed position: it gets the local one."""
         d = self.hub.position("lobby")
         self.commands.calls[-1][3].errback(txredisapi.TimeoutError("no answer"))
-        self.assertEqual(self.successResultOf(d), (self.backplane._local_epoch, 0))
+        self.assertEqual(self.successResultOf(d), ("local-a-1", 0))
 
     def test_missed_follows_the_local_semantics(self):
         """Replays from Redis stop at the member's join position and say
@@ -409,6 +482,17 @@ class BackplaneTests(SynchronousTestCase):
         d = self.backplane.missed("lobby", "e0", 1, ("e0", 9))
         self.commands.calls[-1][3].callback([b"e1", 6, entries])
         self.assertEqual(self.successResultOf(d), ([], False))
+
+    def test_stopping_deregisters_then_disconnects(self):
+        """Stopping tells the other nodes this node's clients are gone, and
+        only then closes the connections."""
+        d = self.backplane.stop()
+        (deregister,) = self.commands.calls
+        self.assertIs(deregister[0], DEREGISTER)
+        self.assertFalse(self.connections.disconnected)
+        deregister[3].callback(1)
+        self.successResultOf(d)
+        self.assertTrue(self.connections.disconnected)
 
 
 # Integration with a real redis-server
@@ -482,6 +566,18 @@ class RedisServer:
         reactor.spawnProcess(self.process, REDIS_SERVER, argv, env=os.environ)
         self.process.ready.addTimeout(20, reactor)
         yield self.process.ready
+
+    @inlineCallbacks
+    def command(self, *args):
+        """Run one command on a connection of its own; fires with the reply."""
+        connection = yield txredisapi.Connection(
+            "127.0.0.1", self.port, password=PASSWORD, reconnect=False
+        )
+        try:
+            reply = yield connection.execute_command(*args)
+        finally:
+            yield connection.disconnect()
+        return reply
 
     def kill(self) -> Deferred:
         """SIGKILL it, as a crash would; fires once it is gone."""
@@ -786,7 +882,7 @@ class OutageTests(RedisTestCase):
         log = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         a, _, ann, _, bob = yield self.chatting_across()
 
-        yield a.hub.backplane._commands.run("SCRIPT", "FLUSH")
+        yield self.redis.command("SCRIPT", "FLUSH")
         ann.send_json({"type": "message", "text": "unknown script"})
         at_a = yield messages_until(ann, "unknown script")
         self.assertEqual([m["text"] for m in at_a], ["before", "unknown script"])
@@ -801,7 +897,8 @@ class OutageTests(RedisTestCase):
     @inlineCallbacks
     def test_starts_and_serves_without_redis(self):
         """With Redis down at start-up the server still serves its own
-        clients, says so once, and joins Redis when it comes."""
+        clients, says so once (and in /healthz, with what it delivered
+        locally), and joins Redis when it comes."""
         log = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         yield self.redis.kill()
         a, port_a = yield start_server(self, ["--redis", self.redis.url, "--node-id", "alpha"])
@@ -810,7 +907,10 @@ class OutageTests(RedisTestCase):
         ann.send_json({"type": "message", "text": "anyone?"})
         self.assertEqual((yield messages_until(ann, "anyone?"))[0]["seq"], 1)
         yield wait_for(lambda: self.outage_events(log, "alpha"), what="the outage logged")
-        self.assertFalse(a.hub.backplane.state()["connected"])
+        response = yield treq.get("http://127.0.0.1:{}/healthz".format(port_a), persistent=False)
+        backplane = json.loads((yield response.text()))["backplane"]
+        self.assertEqual((backplane["connected"], backplane["local_only"]), (False, 1))
+        self.assertGreaterEqual(backplane["down_for"], 0)
         yield self.redis.start()
         yield wait_for(lambda: a.hub.backplane.connected, timeout=30, what="connected")
         self.assertEqual(self.back_events(log, "alpha")[0]["count"], 1)
