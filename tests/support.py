@@ -378,17 +378,22 @@ def port_of(endpoint) -> int:
 
 
 @inlineCallbacks
-def connect_raw(testcase, port: int, protocol_class):
+def connect_raw(testcase, port: int, protocol_class, abort: bool = False):
     """
-    Connect a raw-TCP test client to loopback ``port`` and disconnect it
-    when ``testcase`` ends.
+    Connect a raw-TCP test client (a protocol with a ``closed`` Deferred)
+    to loopback ``port``, and disconnect it, if the server has not, when
+    ``testcase`` ends: cleanly, or with ``abort`` at once, queued bytes and
+    all.
     """
     factory = Factory.forProtocol(protocol_class)
     client = yield TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
 
     def disconnect():
         if not client.closed.called:
-            client.transport.loseConnection()
+            if abort:
+                client.transport.abortConnection()
+            else:
+                client.transport.loseConnection()
         return client.closed
 
     testcase.addCleanup(disconnect)
@@ -774,14 +779,6 @@ def connect_raw_websocket(testcase, port: int, path: str = "/"):
 
     :return: a Deferred firing with the open client.
     """
-    factory = Factory.forProtocol(lambda: RawWebSocketClient(path))
-    client = yield TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
-
-    def disconnect():
-        if not client.closed.called:
-            client.transport.abortConnection()
-        return client.closed
-
-    testcase.addCleanup(disconnect)
+    client = yield connect_raw(testcase, port, lambda: RawWebSocketClient(path), abort=True)
     yield client.opened
     return client

@@ -35,10 +35,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from broadcaster import __version__
 from broadcaster.core.identity import AuthDenied, AuthUnavailable, Identity
 from broadcaster.core.fetching import describe_url
-from broadcaster.http.fetch import describe_http_failure, read_body, with_timeout
+from broadcaster.http.outgoing import USER_AGENT, describe_http_failure, read_body, with_timeout
 from broadcaster.core.names import InvalidName, check_display_name
 
 #: The largest answer body read from the auth service.
@@ -50,7 +49,6 @@ MAX_USER_LENGTH = 256
 #: The request headers passed on to the auth service.
 FORWARDED_HEADERS = ("authorization", "cookie")
 
-_USER_AGENT = "broadcaster/{}".format(__version__).encode("ascii")
 
 
 class Authenticator(Service):
@@ -115,7 +113,7 @@ class Authenticator(Service):
             headers={
                 b"Content-Type": [b"application/json"],
                 b"Accept": [b"application/json"],
-                b"User-Agent": [_USER_AGENT],
+                b"User-Agent": [USER_AGENT],
             },
             allow_redirects=False,
             unbuffered=True,

@@ -1,6 +1,5 @@
 """
-Images fetched from URLs that JSON clients send, and the outbound-HTTP
-helpers the webhooks and the auth check share.
+Images fetched from URLs that JSON clients send.
 
 Wire format (JSON protocol, see :mod:`broadcaster.protocols.wire`): a client sends
 ``{"type": "image_url", "url": "https://...", "ref": ...}``.  The server
@@ -39,7 +38,6 @@ import ipaddress
 from typing import Callable, List, Optional, Set
 from urllib.parse import urljoin, urlsplit
 
-import treq
 from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -52,9 +50,7 @@ from twisted.internet.interfaces import (
     IResolutionReceiver,
     IStreamClientEndpoint,
 )
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.python.components import proxyForInterface
 from twisted.python.failure import Failure
 from twisted.web.client import (
     URI,
@@ -66,12 +62,19 @@ from twisted.web.client import (
     ResponseFailed,
 )
 from twisted.web.error import SchemeNotSupported
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IResponse
+from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from broadcaster import __version__
 from broadcaster.core.fetching import FetchError
 from broadcaster.core.imaging import ImageError, NormalisedImage
+from broadcaster.http.outgoing import (
+    USER_AGENT,
+    BodyTooLarge,
+    describe_http_failure,
+    discard,
+    read_body,
+    with_timeout,
+)
 
 #: Redirects followed for one image URL.
 MAX_REDIRECTS = 3
@@ -85,18 +88,9 @@ _REDIRECT_CODES = (301, 302, 303, 307, 308)
 #: the decoder has the last word either way.
 _BINARY_TYPES = (b"application/octet-stream", b"binary/octet-stream")
 
-USER_AGENT = "broadcaster/{}".format(__version__).encode("ascii")
-
-
 class ForbiddenAddress(FetchError):
     """
     The host resolves to an address the server must not connect to.
-    """
-
-
-class BodyTooLarge(FetchError):
-    """
-    A response body was larger than allowed; the transfer was cut off.
     """
 
 
@@ -320,137 +314,6 @@ def fetch_client(reactor, allow_private: bool = False, connect_timeout: float = 
     )
     pool = HTTPConnectionPool(reactor, persistent=False)
     return HTTPClient(Agent.usingEndpointFactory(reactor, endpoints, pool=pool))
-
-
-def with_timeout(d: Deferred, timeout: float, clock: IReactorTime) -> Deferred:
-    """
-    Cancel ``d`` after ``timeout`` seconds, like :meth:`Deferred.addTimeout`,
-    but turn *any* failure after that moment into :class:`TimeoutError`:
-    treq reports a cancelled request as ``ResponseNeverReceived`` (or
-    ``ResponseFailed``), not ``CancelledError``.
-
-    :return: ``d``.
-    """
-    expired: List[bool] = []
-
-    def expire() -> None:
-        expired.append(True)
-        d.cancel()
-
-    call = clock.callLater(timeout, expire)
-
-    def done(result):
-        if call.active():
-            call.cancel()
-        if expired and isinstance(result, Failure):
-            return Failure(TimeoutError(timeout, "the request"))
-        return result
-
-    return d.addBoth(done)
-
-
-# Response bodies
-
-
-class _CapturingResponse(proxyForInterface(IResponse)):  # type: ignore[misc]
-    """
-    Remembers the protocol the body goes to, so its transport can be
-    closed to stop a transfer that is no longer wanted.
-    """
-
-    body_protocol = None
-
-    def deliverBody(self, protocol) -> None:
-        self.body_protocol = protocol
-        self.original.deliverBody(protocol)
-
-
-def read_body(response: IResponse, limit: int) -> Deferred:
-    """
-    Read a response's body with :func:`treq.collect`, refusing to hold more
-    than ``limit`` bytes.
-
-    Use an unbuffered response (``unbuffered=True``), or treq keeps a copy
-    of the whole body whatever the limit.
-
-    :return: a Deferred firing with the body, or failing with
-        :class:`BodyTooLarge` as soon as more than ``limit`` bytes have
-        arrived; then, or if the Deferred is cancelled (say, by a
-        timeout), the connection is closed and the transfer stops.
-    """
-    length = response.length
-    if length is not UNKNOWN_LENGTH and length > limit:
-        discard(response)
-        return fail(
-            BodyTooLarge(
-                "the response is {} bytes, larger than the limit of {} bytes".format(length, limit)
-            )
-        )
-    chunks: List[bytes] = []
-    received = [0]
-
-    def collect(data: bytes) -> None:
-        received[0] += len(data)
-        if received[0] > limit:
-            # treq.collect closes the connection when this raises.
-            raise BodyTooLarge(
-                "the response is larger than the limit of {} bytes".format(limit)
-            )
-        chunks.append(data)
-
-    capture = _CapturingResponse(response)
-
-    def stop(_: Deferred) -> None:
-        transport = getattr(capture.body_protocol, "transport", None)
-        if transport is not None:
-            transport.loseConnection()
-
-    result: Deferred = Deferred(stop)
-    collected = treq.collect(capture, collect)
-    collected.addCallbacks(lambda _: result.callback(b"".join(chunks)), result.errback)
-    return result
-
-
-class _Discard(Protocol):
-    def connectionMade(self) -> None:
-        self.transport.loseConnection()
-
-    def dataReceived(self, data: bytes) -> None:
-        pass
-
-
-def discard(response: IResponse) -> None:
-    """
-    Close the connection of a response whose body is not wanted, rather
-    than read it.
-    """
-    response.deliverBody(_Discard())
-
-
-def describe_http_failure(failure: Failure, timeout: float) -> str:
-    """
-    A short reason for a failed request, fit for logs and clients: no
-    tracebacks, no nested failure reprs.
-
-    :param timeout: the time limit, for the message when it was reached.
-    """
-    if failure.check(TimeoutError):
-        return "no answer within {:g} s".format(timeout)
-    if failure.check(FetchError):
-        return str(failure.value)
-    if failure.check(DNSLookupError):
-        return str(failure.value.args[0]) if failure.value.args else "could not resolve the host"
-    if failure.check(ConnectError):
-        return "could not connect: {}".format(failure.getErrorMessage())
-    if failure.check(ResponseFailed, RequestTransmissionFailed):
-        # Also ResponseNeverReceived: the connection broke, or TLS
-        # verification failed, before a complete answer.
-        return "the connection failed before a complete answer"
-    if failure.check(RequestGenerationFailed):
-        return "the request could not be sent"
-    if failure.check(SchemeNotSupported):
-        return "only http and https URLs are allowed"
-    return failure.getErrorMessage() or failure.type.__name__
 
 
 #: Failures of the network or of the far end, as opposed to bugs.

@@ -55,9 +55,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from broadcaster import __version__
 from broadcaster.core.fetching import describe_url
-from broadcaster.http.fetch import describe_http_failure, read_body, with_timeout
+from broadcaster.http.outgoing import USER_AGENT, describe_http_failure, read_body, with_timeout
 from broadcaster.core.events import Event
 from broadcaster.core.hub import Hub
 from broadcaster.protocols.wire import event_json
@@ -83,7 +82,6 @@ TIMESTAMP_HEADER = b"X-Broadcaster-Timestamp"
 #: Statuses that mean "not now" rather than "never": retried like 5xx.
 _RETRY_STATUSES = (408, 429)
 
-_USER_AGENT = "broadcaster/{}".format(__version__).encode("ascii")
 
 
 def sign(body: bytes, secret: bytes) -> bytes:
@@ -269,7 +267,7 @@ class WebhookDelivery:
         body, sent_at = self._body()
         headers = {
             b"Content-Type": [b"application/json"],
-            b"User-Agent": [_USER_AGENT],
+            b"User-Agent": [USER_AGENT],
             TIMESTAMP_HEADER: [str(sent_at).encode("ascii")],
         }
         if self._secret is not None:
