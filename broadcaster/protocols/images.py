@@ -5,7 +5,8 @@ Wire format, both directions: a frame is a 4-byte big-endian unsigned length
 ``N`` (``struct.pack(">I", N)``) followed by ``N`` bytes.
 
 Client to server
-    Each frame holds one image in any format Pillow reads.
+    Each frame holds one image: PNG, JPEG, GIF, WebP or BMP by default
+    (``--image-formats``).
 
 Server to client
     Each frame holds a PNG: an image another client sent (any image-port
@@ -13,9 +14,12 @@ Server to client
     ``ERROR`` and a space is UTF-8 text: the server refused the client's last frame.
 
 Errors
-    - A frame that is not a decodable image (or is larger than
-      ``--image-max-pixels``) is answered with an error frame; the
-      connection stays usable.
+    - A frame that is not a decodable image in an accepted format (or is
+      larger than ``--image-max-pixels``) is answered with an error frame;
+      the connection stays usable.
+    - So is one that arrives while the server has ``--max-pending-images``
+      images to decode, or not the ``--image-decode-memory`` to decode it
+      (``ERROR the server is busy ...; retry later``).
     - A declared length of 0 or above ``--max-image-size`` is answered with
       an error frame and the connection is closed, before any of the body is
       buffered.
@@ -47,10 +51,10 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from typing import Callable, Deque, Optional
+from typing import Callable, Deque, Optional, Sequence
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.threads import deferToThreadPool
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import ServerFactory
@@ -62,7 +66,14 @@ from broadcaster.protocols.admission import Admission, AdmittingFactory
 from broadcaster.core.flow import Limits
 from broadcaster.core.events import encoded, Event, ImageMessage
 from broadcaster.core.hub import Hub
-from broadcaster.core.imaging import ImageError, NormalisedImage, normalise
+from broadcaster.core.imaging import (
+    DEFAULT_FORMATS,
+    DecodeBudget,
+    ImageBusy,
+    ImageError,
+    NormalisedImage,
+    normalise,
+)
 from broadcaster.protocols.connection import RawMemberProtocol
 
 _HEADER = struct.Struct(">I")
@@ -322,39 +333,126 @@ class ImageFactory(AdmittingFactory, ServerFactory):
 class DecoderPool(Service):
     """
     A bounded pool of threads that decode images, started and stopped with
-    the server.
+    the server: the one place every image a client sends is decoded (the
+    image port's frames and ``image_url`` downloads alike).
 
     Decoding is CPU work that would stall every client if it ran on the
     reactor thread.  A pool of its own (rather than the reactor's shared
     one) caps how many cores image decoding may take from the fan-out.
 
+    What it holds is bounded whoever sends: at most ``max_pending`` images
+    wait or are being decoded (``--max-pending-images``; each sender has at
+    most one on the image port and ``MAX_FETCHES_PER_CLIENT`` through
+    ``image_url``), and the images being decoded hold at most ``memory``
+    bytes of pixels between them (``--image-decode-memory``, see
+    :class:`~broadcaster.core.imaging.DecodeBudget`).  Past either, the
+    image is refused with :class:`~broadcaster.core.imaging.ImageBusy`
+    ("busy; retry later"), which its sender is told.
+
     :param threads: most images decoded at once.
     :param max_pixels: passed to :func:`broadcaster.core.imaging.normalise`.
     :param max_png_size: likewise: no frame the server sends is larger.
+    :param formats: the Pillow formats accepted (``--image-formats``).
     """
 
-    def __init__(self, reactor, threads: int, max_pixels: int, max_png_size: int) -> None:
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor,
+        threads: int,
+        max_pixels: int,
+        max_png_size: int,
+        formats: Sequence[str] = DEFAULT_FORMATS,
+        max_pending: int = 16,
+        memory: int = 1024 * 1024 * 1024,
+    ) -> None:
         self._reactor = reactor
         self._max_pixels = max_pixels
         self._max_png_size = max_png_size
+        self.formats = tuple(formats)
+        self.max_pending = max_pending
+        self.pending = 0
+        self.budget = DecodeBudget(memory)
+        self.refused_busy = 0
+        # Fires once no image is being decoded, after stopService.
+        self._idle: Optional[Deferred] = None
         self._pool = ThreadPool(minthreads=0, maxthreads=threads, name="broadcaster-images")
 
     def startService(self) -> None:
         super().startService()
         self._pool.start()
 
-    def stopService(self) -> None:
+    def stopService(self) -> Deferred:
+        """
+        Stop the threads once the images being decoded are done (bounded by
+        --image-max-pixels).  The reactor goes on meanwhile: only then are
+        the threads, idle by now, told to exit and joined, which takes no
+        time (``ThreadPool.stop`` joins them, and would block the reactor
+        for as long as an image still took).
+        """
         super().stopService()
-        # Waits for images being decoded (bounded by --image-max-pixels).
-        self._pool.stop()
+        self._idle = idle = Deferred()
+        if not self.pending:
+            idle.callback(None)
+        return idle.addCallback(lambda _: self._pool.stop())
+
+    def register_metrics(self, collector) -> None:
+        """
+        Report on ``/metrics`` (a :class:`~broadcaster.http.metrics.StatsCollector`).
+        """
+        collector.add_gauge(
+            "broadcaster_images_pending",
+            "Images waiting to be decoded or being decoded now.",
+            lambda: self.pending,
+        )
+        collector.add_gauge(
+            "broadcaster_image_decode_memory_bytes",
+            "Bytes of pixels reserved by the images being decoded now.",
+            lambda: self.budget.used,
+        )
+        collector.add_gauge(
+            "broadcaster_images_refused_busy",
+            "Images refused because the server was decoding too many, since start.",
+            lambda: self.refused_busy,
+        )
 
     def decode(self, data: bytes) -> Deferred:
         """
         Normalise ``data`` in the pool.
 
         :return: a Deferred firing with a :class:`NormalisedImage`, or
-            failing with :class:`ImageError`.
+            failing with :class:`ImageError` (:class:`ImageBusy` if the
+            server has too many images to decode now).
         """
+        if not self.running:
+            return fail(ImageError("the server is shutting down"))
+        if self.pending >= self.max_pending:
+            self.refused_busy += 1
+            return fail(
+                ImageBusy(
+                    "the server is busy decoding {} other images; retry later".format(
+                        self.pending
+                    )
+                )
+            )
+        self.pending += 1
+
+        def done(result):
+            self.pending -= 1
+            if isinstance(result, Failure) and result.check(ImageBusy):
+                self.refused_busy += 1
+            if not self.pending and self._idle is not None and not self._idle.called:
+                self._idle.callback(None)
+            return result
+
         return deferToThreadPool(
-            self._reactor, self._pool, normalise, data, self._max_pixels, self._max_png_size
-        )
+            self._reactor,
+            self._pool,
+            normalise,
+            data,
+            self._max_pixels,
+            self._max_png_size,
+            self.formats,
+            self.budget,
+        ).addBoth(done)

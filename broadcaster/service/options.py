@@ -12,7 +12,12 @@ import sys
 from twisted.python import usage
 
 from broadcaster.core.coercions import non_negative_float, non_negative_int, positive_float, positive_int
-from broadcaster.core.imaging import DEFAULT_MAX_PIXELS
+from broadcaster.core.imaging import (
+    DEFAULT_FORMATS,
+    DEFAULT_MAX_PIXELS,
+    KNOWN_FORMATS,
+    MAX_BYTES_PER_PIXEL,
+)
 from broadcaster.http.api import read_key_file
 from broadcaster.http.fetch import url_problem
 from broadcaster.protocols.origin import parse_origin
@@ -25,6 +30,30 @@ from broadcaster.service.workers import (
     find_redis_server,
     parse_worker_fds,
     sharing_problem,
+)
+
+
+def image_formats(value: str) -> tuple:
+    """
+    ``--image-formats``: Pillow format names, from a comma-separated list.
+
+    :raise ValueError: naming an unknown format.
+    """
+    names = tuple(dict.fromkeys(part.strip().upper() for part in value.split(",") if part.strip()))
+    if not names:
+        raise ValueError("name at least one format")
+    unknown = [name for name in names if name not in KNOWN_FORMATS]
+    if unknown:
+        raise ValueError(
+            "unknown image format {}; choose from {}".format(
+                ", ".join(unknown).lower(), ", ".join(KNOWN_FORMATS).lower()
+            )
+        )
+    return names
+
+
+image_formats.coerceDoc = "Of: {}.".format(  # type: ignore[attr-defined]
+    ", ".join(name.lower() for name in KNOWN_FORMATS)
 )
 
 
@@ -225,6 +254,35 @@ class Options(usage.Options):
             None,
             2,
             "Threads that decode images (at most this many at once).",
+            positive_int,
+        ],
+        [
+            "image-formats",
+            None,
+            ",".join(name.lower() for name in DEFAULT_FORMATS),
+            "Image formats accepted on the image port and for image_url, "
+            "comma-separated, of: {}.  Anything else is refused as an "
+            "unsupported image format.".format(
+                ", ".join(name.lower() for name in KNOWN_FORMATS)
+            ),
+            image_formats,
+        ],
+        [
+            "max-pending-images",
+            None,
+            16,
+            "Images that may wait to be decoded or be decoded at once, "
+            "server-wide; more are refused with 'busy; retry later'.",
+            positive_int,
+        ],
+        [
+            "image-decode-memory",
+            None,
+            1024 * 1024 * 1024,
+            "Bytes of decoded pixels the images being decoded may hold between "
+            "them (12 bytes a pixel at most); an image that does not fit now "
+            "is refused with 'busy; retry later'.  At least --image-max-pixels "
+            "x 12.",
             positive_int,
         ],
         [
@@ -436,6 +494,8 @@ class Options(usage.Options):
         self["allow-origin"].append(origin)
 
     def postOptions(self) -> None:
+        if isinstance(self["image-formats"], str):  # the default, uncoerced
+            self["image-formats"] = image_formats(self["image-formats"])
         for _, flag in LISTENER_FLAGS:
             if self[flag] is None:
                 continue
@@ -469,6 +529,13 @@ class Options(usage.Options):
                 "--max-buffer {} is smaller than --max-message-size {}: a client "
                 "could not be sent one message of the largest allowed size".format(
                     self["max-buffer"], self["max-message-size"]
+                )
+            )
+        if self["image-decode-memory"] < self["image-max-pixels"] * MAX_BYTES_PER_PIXEL:
+            raise usage.UsageError(
+                "--image-decode-memory {} is smaller than --image-max-pixels {} x {}"
+                " bytes a pixel: the largest image allowed could never be decoded".format(
+                    self["image-decode-memory"], self["image-max-pixels"], MAX_BYTES_PER_PIXEL
                 )
             )
         if self["max-buffer"] < self["max-image-size"]:

@@ -267,8 +267,13 @@ def makeService(options: Options, reactor=None) -> "BroadcasterService | MasterS
         options["image-threads"],
         options["image-max-pixels"],
         max_png_size=options["max-image-size"],
+        formats=options["image-formats"],
+        max_pending=options["max-pending-images"],
+        memory=options["image-decode-memory"],
     )
     decoder.setServiceParent(helpers)
+    if service.metrics is not None:
+        decoder.register_metrics(service.metrics)
     service.fetcher = _image_fetcher(options, decoder, service.metrics, reactor)
     service.fetcher.setServiceParent(helpers)
     service.authenticator = _authenticator(options, reactor)

@@ -339,7 +339,7 @@ class ImagePortTests(TestCase):
             return sockets.get_image(sock, timeout=PATIENCE)
 
         error = yield self.assertFailure(deferToThread(exchange), sockets.ServerError)
-        self.assertEqual(error.reason, "not an image in a format the server can read")
+        self.assertEqual(error.reason, "unsupported image format (the server accepts PNG, JPEG, GIF, WEBP or BMP)")
 
     @inlineCallbacks
     def test_nothing_arrives(self):
@@ -504,7 +504,7 @@ class ImageToolsTests(TestCase):
         self.assertEqual(
             err,
             "broadcaster-send-image: server refused an image: "
-            "not an image in a format the server can read\n",
+            "unsupported image format (the server accepts PNG, JPEG, GIF, WEBP or BMP)\n",
         )
 
     @inlineCallbacks

@@ -186,7 +186,7 @@ class ImageURLTests(TestCase):
         self.assertIn("text/html", page["reason"])
         garbage = yield self.ask(client, "/garbage.png", ref=2)
         self.assertEqual((garbage["type"], garbage["ref"]), ("error", 2))
-        self.assertIn("not an image", garbage["reason"])
+        self.assertIn("unsupported image format", garbage["reason"])
 
     @inlineCallbacks
     def test_private_addresses_are_refused_by_default(self):

@@ -9,6 +9,9 @@ import struct
 
 from PIL import Image
 from twisted.internet.address import IPv4Address
+import threading
+
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
@@ -19,7 +22,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from broadcaster.core.events import ImageMessage
 from broadcaster.core.imaging import normalise
-from broadcaster.protocols.images import ImageFactory, error_frame, frame
+from broadcaster.core.imaging import ImageBusy
+from broadcaster.protocols import images as images_module
+from broadcaster.protocols.images import DecoderPool, ImageFactory, error_frame, frame
 from broadcaster.core.members import MemberBase
 from tests.support import (
     immediate_hub,
@@ -326,3 +331,63 @@ class ImageLogTests(SynchronousTestCase):
             (event["width"], event["height"], event["source_format"]), (6, 4, "JPEG")
         )
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class DecoderPoolTests(TestCase):
+    """The pool every image is decoded in, with real threads, its decoding
+    held back by the test."""
+
+    def setUp(self):
+        self.release = threading.Event()
+        self.started = []
+        real = images_module.normalise
+
+        def held(data, *args):
+            self.started.append(data)
+            self.release.wait(10)
+            return real(data, *args)
+
+        self.patch(images_module, "normalise", held)
+        self.pool = DecoderPool(
+            reactor, threads=1, max_pixels=10**6, max_png_size=10**6, max_pending=2
+        )
+        self.pool.startService()
+        # Cleanups run last first: let the decoding go, then stop the pool.
+        self.addCleanup(lambda: self.pool.running and self.pool.stopService())
+        self.addCleanup(self.release.set)
+
+    @inlineCallbacks
+    def test_pending_images_are_bounded_server_wide(self):
+        """With max_pending images waiting or being decoded, one more is
+        refused at once as busy; once they are done, images are accepted
+        again."""
+        waiting = [self.pool.decode(make_image("PNG")) for _ in range(2)]
+        busy = self.failureResultOf(self.pool.decode(make_image("PNG")), ImageBusy)
+        self.assertEqual(
+            str(busy.value), "the server is busy decoding 2 other images; retry later"
+        )
+        self.release.set()
+        for d in waiting:
+            image = yield d
+            self.assertEqual(image.source_format, "PNG")
+        self.assertEqual((self.pool.pending, self.pool.refused_busy), (0, 1))
+        image = yield self.pool.decode(make_image("JPEG"))
+        self.assertEqual(image.source_format, "JPEG")
+        yield self.pool.stopService()
+
+    @inlineCallbacks
+    def test_stopping_never_blocks_the_reactor(self):
+        """Stopping while an image is being decoded waits for it without
+        blocking the reactor thread: timers still fire meanwhile."""
+        decoding = self.pool.decode(make_image("PNG"))
+        yield wait_for(lambda: self.started, what="the decode to start")
+        stopped = self.pool.stopService()
+        self.assertNoResult(stopped)
+        ticked = Deferred()
+        reactor.callLater(0.05, ticked.callback, "the reactor turned")
+        self.assertEqual((yield ticked), "the reactor turned")
+        self.assertNoResult(stopped)
+        self.release.set()
+        yield stopped
+        self.assertEqual((yield decoding).source_format, "PNG")
+        self.assertFalse(self.pool.running)
