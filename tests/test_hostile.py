@@ -1,0 +1,179 @@
+"""
+Hostile clients against a real ``twistd broadcaster``: what an attacker
+tries after the obvious (issue 16).  Each test replays one attack and
+checks the refusal the attacker gets, the log line the operator gets, and
+that an honest pair of clients chatting in the lobby meanwhile receives
+every message, in order.
+"""
+
+import io
+import json
+
+from PIL import Image
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import TestCase
+
+from tests.support import FrameClient, connect_raw, free_port, start_twistd, wait_for
+from tests.test_rooms import join_chat
+
+
+def costly_png(width, height):
+    """A small file that takes long to decode: one colour, many pixels."""
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (10, 20, 30)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def eps():
+    """An EPS file: Pillow would hand it to Ghostscript, were it tried."""
+    return b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 0 moveto\nshowpage\n"
+
+
+class HostileTestCase(TestCase):
+    timeout = 120
+
+    @inlineCallbacks
+    def start(self, *args, image_port=True):
+        """
+        Run ``twistd broadcaster`` with ``args`` (and an image port on a
+        free loopback port), and connect the honest pair, ann and bob.
+        """
+        extra = []
+        if image_port:
+            self.image_port = free_port()
+            extra = ["--image-port", "tcp:{}:interface=127.0.0.1".format(self.image_port)]
+        self.process, self.port = yield start_twistd(self, [*extra, *args])
+        self.ann, _ = yield join_chat(self, self.port, "ann")
+        self.bob, _ = yield join_chat(self, self.port, "bob")
+        self.honest_sent = []
+
+    def honest_say(self, count=10):
+        """Ann says ``count`` more things in the lobby."""
+        for _ in range(count):
+            text = "honest {}".format(len(self.honest_sent))
+            self.honest_sent.append(text)
+            self.ann.send_json({"type": "message", "text": text})
+
+    @inlineCallbacks
+    def assert_honest_chat_intact(self):
+        """Bob has received everything Ann said, once each, in order."""
+        self.honest_say(1)
+        heard = []
+        for _ in range(20000):
+            payload, binary = yield self.bob.next(timeout=60)
+            if binary:
+                continue  # the bytes of an image or binary message
+            event = json.loads(payload)
+            if event["type"] == "message" and event["text"].startswith("honest "):
+                heard.append(event["text"])
+                if event["text"] == self.honest_sent[-1]:
+                    break
+        self.assertEqual(heard, self.honest_sent)
+
+    def logged(self, text):
+        return text in self.process.output()
+
+
+class ImageTests(HostileTestCase):
+    """Images the decoder must not try, and more than it can take at once."""
+
+    @inlineCallbacks
+    def test_formats_not_accepted_are_refused(self):
+        """An EPS (and a PSD, a FITS, a TIFF) on the image port is answered
+        'unsupported image format'; the connection stays usable for a PNG."""
+        yield self.start()
+        attacker = yield connect_raw(self, self.image_port, FrameClient)
+        watcher = yield connect_raw(self, self.image_port, FrameClient)
+        self.honest_say()
+        attacker.send_frame(eps())
+        reply = yield attacker.next()
+        self.assertEqual(
+            reply.decode(),
+            "ERROR unsupported image format (the server accepts PNG, JPEG, GIF, WEBP or BMP)",
+        )
+        self.honest_say()
+        attacker.send_frame(costly_png(3, 2))
+        png = yield watcher.next()
+        self.assertEqual(Image.open(io.BytesIO(png)).size, (3, 2))
+        yield self.assert_honest_chat_intact()
+        yield wait_for(
+            lambda: self.logged("unsupported image format"), what="the refusal logged"
+        )
+
+    @inlineCallbacks
+    def test_pending_decodes_are_bounded(self):
+        """Four connections sending an image that takes long to decode, with
+        room for one pending decode: the others are told the server is busy
+        and may retry; the one accepted reaches everyone else."""
+        yield self.start("--image-threads", "1", "--max-pending-images", "1")
+        watcher = yield connect_raw(self, self.image_port, Frames)
+        senders = []
+        for _ in range(4):
+            senders.append((yield connect_raw(self, self.image_port, Frames)))
+        self.honest_say()
+        for sender in senders:
+            sender.send_frame(costly_png(4000, 3000))
+        self.honest_say()
+        yield wait_for(
+            lambda: len(watcher.frames) + sum(len(s.errors()) for s in senders) == 4,
+            timeout=60,
+            what="each image decoded or refused",
+        )
+        errors = [error for sender in senders for error in sender.errors()]
+        self.assertTrue(errors, "nobody was told the server is busy")
+        self.assertEqual(
+            set(errors), {"ERROR the server is busy decoding 1 other images; retry later"}
+        )
+        self.assertTrue(watcher.frames, "no image went through")
+        yield self.assert_honest_chat_intact()
+        self.assertTrue(self.logged("busy decoding 1 other images"))
+
+    @inlineCallbacks
+    def test_decoded_memory_is_bounded(self):
+        """With memory to decode one large image at a time, two sent at
+        once from two connections: one is refused as busy (tried until the
+        two overlap), and the server goes on serving."""
+        yield self.start(
+            "--image-max-pixels", "6000000", "--image-decode-memory", str(6000000 * 12)
+        )
+        image = costly_png(3000, 2000)  # 48 MB to decode: one fits, not two
+        watcher = yield connect_raw(self, self.image_port, Frames)
+        senders = []
+        for _ in range(2):
+            senders.append((yield connect_raw(self, self.image_port, Frames)))
+        errors = []
+        for attempt in range(10):
+            self.honest_say(3)
+            seen = len(watcher.frames) + sum(len(s.errors()) for s in senders)
+            for sender in senders:
+                sender.send_frame(image)
+            yield wait_for(
+                lambda: len(watcher.frames) + sum(len(s.errors()) for s in senders) == seen + 2,
+                timeout=60,
+                what="both images decoded or refused",
+            )
+            errors = [error for sender in senders for error in sender.errors()]
+            if errors:
+                break
+        self.assertEqual(errors, ["ERROR the server is busy decoding other images; retry later"])
+        yield self.assert_honest_chat_intact()
+
+
+class Frames(FrameClient):
+    """An image-port client that keeps every frame it receives."""
+
+    def __init__(self):
+        super().__init__()
+        self.frames = []
+
+    def dataReceived(self, data):
+        self._buffer += data
+        while len(self._buffer) >= 4:
+            length = int.from_bytes(self._buffer[:4], "big")
+            if len(self._buffer) < 4 + length:
+                return
+            self.frames.append(self._buffer[4 : 4 + length])
+            self._buffer = self._buffer[4 + length :]
+
+    def errors(self):
+        return [f.decode() for f in self.frames if f.startswith(b"ERROR ")]
