@@ -96,6 +96,14 @@ return Array.from(document.querySelectorAll('#rooms li[data-room]'), (li) => {
   };
 });
 """
+_READ_BINARIES = """
+return Array.from(document.querySelectorAll('#messages .binary'), (entry) => ({
+  from: entry.dataset.from,
+  text: entry.querySelector('.text').textContent,
+  images: entry.querySelectorAll('img').length,
+  download: entry.querySelector('.download') !== null,
+}));
+"""
 _READ_LOG = """
 return Array.from(document.querySelectorAll('#messages > li'),
                   (entry) => entry.innerText.replace(/\\s+/g, ' ').trim());
@@ -125,6 +133,15 @@ class Page:
     def __init__(self, driver: webdriver.Chrome, scratch: str) -> None:
         self.driver = driver
         self._scratch = scratch
+        #: Where the browser saves what the page offers for download.
+        self.downloads = self.downloads_in(scratch)
+
+    @staticmethod
+    def downloads_in(scratch: str) -> str:
+        """
+        :return: the downloads folder of a browser whose scratch folder is ``scratch``.
+        """
+        return os.path.join(scratch, "downloads")
 
     @classmethod
     def start(cls) -> "Page":
@@ -142,6 +159,14 @@ class Page:
         options.add_argument("--user-data-dir={}".format(os.path.join(scratch, "profile")))
         # Console messages, so that CSP violations and script errors are seen.
         options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+        # Downloads land in the scratch folder (removed with it), unasked.
+        options.add_experimental_option(
+            "prefs",
+            {
+                "download.default_directory": cls.downloads_in(scratch),
+                "download.prompt_for_download": False,
+            },
+        )
         # An explicit driver path also keeps selenium-manager (which would
         # try to download a driver) out of the way.
         service = Service(executable_path=CHROMEDRIVER, log_output=log_path)
@@ -237,6 +262,27 @@ class Page:
         :return: the chat messages in the log, each ``{from, text, mine}``.
         """
         return self.driver.execute_script(_READ_MESSAGES)
+
+    def binaries(self) -> List[dict]:
+        """
+        :return: the binary messages in the log, each ``{from, text,
+            images, download}``: how many ``<img>`` the entry holds, and
+            whether it offers the bytes for download.
+        """
+        return self.driver.execute_script(_READ_BINARIES)
+
+    def downloaded(self) -> dict:
+        """
+        :return: the files the browser has finished downloading, ``{name: bytes}``.
+        """
+        found = {}
+        if os.path.isdir(self.downloads):
+            for name in os.listdir(self.downloads):
+                # Chromium writes to a .crdownload file and renames it when done.
+                if not name.endswith(".crdownload"):
+                    with open(os.path.join(self.downloads, name), "rb") as f:
+                        found[name] = f.read()
+        return found
 
     def member_names(self) -> dict:
         """
@@ -433,6 +479,12 @@ class ScriptClient:
         Send a text message.
         """
         self._ws.send(text)
+
+    def send_binary(self, data: bytes) -> None:
+        """
+        Send a binary message.
+        """
+        self._ws.send_binary(data)
 
     def receive_until(self, wanted: str) -> List[str]:
         """
@@ -943,8 +995,21 @@ class RoomPageTests(PageTestCase):
         self.assertFalse([line for line in log if "may be missing" in line])
 
 
+def encoded(size, colour, image_format: str) -> bytes:
+    """
+    :return: a picture of ``size`` in one ``colour``, encoded by Pillow as
+        ``image_format``.
+    """
+    picture = io.BytesIO()
+    Image.new("RGB", size, colour).save(picture, format=image_format)
+    return picture.getvalue()
+
+
 class ImagePageTests(PageTestCase):
-    """Images from the raw-TCP image port, as the page shows them."""
+    """
+    Images from the raw-TCP image port, and raw binary from WebSocket
+    clients, as the page shows them.
+    """
 
     @inlineCallbacks
     def test_image_from_the_image_port_is_displayed(self):
@@ -952,9 +1017,7 @@ class ImagePageTests(PageTestCase):
         image of the right size, decoded by the browser."""
         yield deferToThread(self.page.open, self.url)
         camera = yield connect_raw(self, port_of(self.service.image_endpoint), FrameClient)
-        picture = io.BytesIO()
-        Image.new("RGB", (37, 23), (10, 200, 30)).save(picture, format="JPEG")
-        camera.send_frame(picture.getvalue())
+        camera.send_frame(encoded((37, 23), (10, 200, 30), "JPEG"))
 
         def shown(driver):
             for image in driver.find_elements(By.CSS_SELECTOR, "#messages img"):
@@ -965,6 +1028,72 @@ class ImagePageTests(PageTestCase):
             return False
 
         yield deferToThread(self.page.wait, shown, "a 37x23 image in #messages")
+
+    @inlineCallbacks
+    def test_raw_binary_is_a_download_never_a_picture(self):
+        """
+        Bytes a WebSocket client sends raw are never shown as a picture, even
+        when they are a valid PNG or WebP: the page names the sender and the
+        size and offers the bytes, unchanged, for download.  Pictures come
+        only from image events, which the server has re-encoded, and text
+        sent meanwhile is shown as usual.
+        """
+        yield deferToThread(self.page.open, self.url)
+        stranger = yield self.script_client()
+        camera = yield connect_raw(self, port_of(self.service.image_endpoint), FrameClient)
+        png = encoded((11, 7), (200, 10, 10), "PNG")
+        webp = encoded((9, 5), (10, 10, 200), "WEBP")
+        self.assertEqual((webp[:4], webp[8:12]), (b"RIFF", b"WEBP"))
+
+        camera.send_frame(encoded((37, 23), (10, 200, 30), "JPEG"))
+        yield deferToThread(self.page.wait, self.displayed(1), "the camera's image in #messages")
+        yield deferToThread(stranger.send_binary, png)
+        yield deferToThread(stranger.send_binary, webp)
+        yield deferToThread(stranger.send, "did you see my pictures?")
+
+        yield deferToThread(self.page.wait_for_message, stranger.id, "did you see my pictures?")
+        binaries = yield deferToThread(self.page.binaries)
+        offered = {"from": stranger.id, "images": 0, "download": True}
+        self.assertEqual(
+            binaries,
+            [
+                dict(offered, text="{} sent binary, {} bytes".format(stranger.id, len(png))),
+                dict(offered, text="{} sent binary, {} bytes".format(stranger.id, len(webp))),
+            ],
+        )
+        images = yield deferToThread(
+            self.page.driver.find_elements, By.CSS_SELECTOR, "#messages img"
+        )
+        self.assertEqual(len(images), 1, "raw bytes were shown as a picture")
+
+        yield deferToThread(
+            self.page.driver.find_element(By.CSS_SELECTOR, "#messages .binary .download").click
+        )
+        files = yield deferToThread(
+            self.page.wait, lambda driver: self.page.downloaded(), "the PNG's bytes downloaded"
+        )
+        self.assertEqual(list(files.values()), [png])
+        (name,) = files
+        self.assertTrue(name.endswith(".bin"), "saved as {}, which a viewer may open".format(name))
+        errors = yield deferToThread(self.page.console_errors)
+        self.assertEqual(errors, [])
+
+    @staticmethod
+    def displayed(count: int):
+        """
+        :return: a condition on the driver: ``count`` pictures in the log,
+            each decoded by the browser.
+        """
+
+        def condition(driver):
+            return driver.execute_script(
+                "const pictures = document.querySelectorAll('#messages img');"
+                "return pictures.length === arguments[0]"
+                " && Array.from(pictures).every((p) => p.complete && p.naturalWidth > 0);",
+                count,
+            )
+
+        return condition
 
 
 class BigLobbyPageTests(PageTestCase):

@@ -49,7 +49,10 @@ from broadcaster.protocols.websocket import BroadcastServerFactory
 SMALL_BODY = 1024
 
 # A strict policy for our own page: scripts and styles only from this server,
-# WebSocket only back to it, no framing by other sites.
+# WebSocket only back to it, no framing by other sites.  img-src allows blob:
+# for the pictures of image events, which the server re-encoded; the page
+# makes no image of a client's raw binary (a policy cannot tell one Blob from
+# another, so chat.js keeps that promise), and data: is its empty icon.
 _PAGE_HEADERS = {
     b"Content-Security-Policy": b"default-src 'self'; connect-src 'self'; "
     b"img-src 'self' blob: data:; frame-ancestors 'none'; base-uri 'none'",

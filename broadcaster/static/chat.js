@@ -40,6 +40,11 @@
  * the room's log says so.  Messages are also deduplicated by (epoch, seq)
  * per room, in case the same one ever arrives twice.
  *
+ * Pictures come only from image events: the server has re-encoded those
+ * as PNG with Pillow.  A binary message is any client's bytes, unchecked,
+ * so it is never shown, whatever it looks like; the log says who sent how
+ * many bytes and offers them for download (application/octet-stream).
+ *
  * Own messages are shown as pending until their echo (a room's messages go
  * to all its members, the sender included) replaces them: what is on
  * screen is what everyone else saw.  An error carrying the message's ref
@@ -60,6 +65,10 @@
   const BACKOFF_MIN_MS = 500;
   const BACKOFF_MAX_MS = 30000;
   const JITTER = 0.5;
+
+  // How long the object URL of a download lives: the browser has long
+  // started reading the Blob by then.
+  const DOWNLOAD_URL_LIFETIME_MS = 60000;
 
   // Entries kept in each room's log; older ones are dropped so a page left
   // open for days does not grow without bound.
@@ -586,72 +595,83 @@
     if (mine && room.name === activeRoom && !follow) scrollToBottom();
   }
 
-  // Magic numbers of the image formats every browser displays.  SVG is left
-  // out on purpose: it is a document, not just pixels.
-  const IMAGE_SIGNATURES = [
-    { type: 'image/png', bytes: [0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a] },
-    { type: 'image/jpeg', bytes: [0xff, 0xd8, 0xff] },
-    { type: 'image/gif', bytes: [0x47, 0x49, 0x46, 0x38] }, // "GIF8" (87a or 89a)
-    // "RIFF", a 4-byte length, then "WEBP".
-    { type: 'image/webp', bytes: [0x52, 0x49, 0x46, 0x46], at8: [0x57, 0x45, 0x42, 0x50] },
-  ];
-
-  /** The image MIME type of these bytes, or null if they are not an image we show. */
-  function imageType(bytes) {
-    const startsWith = (sig, offset = 0) =>
-      bytes.length >= offset + sig.length && sig.every((b, i) => bytes[offset + i] === b);
-    for (const sig of IMAGE_SIGNATURES) {
-      if (startsWith(sig.bytes) && (!sig.at8 || startsWith(sig.at8, 8))) return sig.type;
-    }
-    return null;
-  }
-
-  /** What to say about a binary message. */
-  function describeBinary(header, who, size) {
-    if (header && header.type === 'image') {
-      const dims = Number.isInteger(header.width) && Number.isInteger(header.height)
-        ? ` (${header.width}×${header.height})` : '';
-      return `${who} sent an image${dims}`;
-    }
-    return `${who} sent ${size} bytes of binary data`;
+  /** The room a binary message belongs to: its header's, the lobby if none. */
+  function binaryRoom(header) {
+    return rooms.get(header && header.room ? String(header.room) : LOBBY);
   }
 
   /**
-   * Show a binary message: its size, and the picture when the bytes are an
-   * image.  `header` is the "binary" or "image" event announcing it, or null
-   * if the bytes arrived unannounced.
+   * Show an image event's picture.  Only these bytes ever reach the
+   * browser's image decoders: the server has decoded them with Pillow and
+   * encoded them afresh as a PNG of the stated size, so whatever the sender
+   * crafted went no further than the server.
+   */
+  function showImage(header, buffer) {
+    const room = binaryRoom(header);
+    if (!room) return;
+    const from = String(header.from);
+    const who = label(from, knownName(from));
+    const entry = senderEntry('image', from, knownName(from), header.ts);
+    const dims = Number.isInteger(header.width) && Number.isInteger(header.height)
+      ? ` (${header.width}×${header.height})` : '';
+    entry.append(el('p', 'text', `${who} sent an image${dims}`));
+    const url = URL.createObjectURL(new Blob([buffer], { type: 'image/png' }));
+    const img = el('img', 'picture');
+    img.alt = `image from ${who}`;
+    entry.append(img);
+    const follow = append(room, entry, { unread: !myIds.has(from) });
+    img.addEventListener('load', () => {
+      // Once decoded, the picture no longer needs its Blob.
+      URL.revokeObjectURL(url);
+      // It is taller now than when appended: stay at the bottom.
+      if (follow && room.name === activeRoom) scrollToBottom();
+    }, { once: true });
+    img.addEventListener('error', () => {
+      URL.revokeObjectURL(url);
+      img.remove();
+    }, { once: true });
+    img.src = url;
+  }
+
+  /**
+   * A button that saves `bytes` as a file.  They are a stranger's and
+   * unchecked, so they are never shown: the Blob is typed
+   * application/octet-stream, the file named .bin (a viewer would pick a
+   * decoder by its extension), and the object URL made on a click only and
+   * revoked soon after, so that a log of binary messages pins no URLs.
+   */
+  function downloadButton(bytes, from) {
+    const button = el('button', 'download', 'Download');
+    button.type = 'button';
+    button.addEventListener('click', () => {
+      const url = URL.createObjectURL(new Blob([bytes], { type: 'application/octet-stream' }));
+      const link = el('a');
+      link.href = url;
+      link.download = `binary-from-${from.replace(/[^A-Za-z0-9_.-]/g, '_')}.bin`;
+      link.click();
+      // Revoking at once could cancel a download that has not started.
+      setTimeout(() => URL.revokeObjectURL(url), DOWNLOAD_URL_LIFETIME_MS);
+    });
+    return button;
+  }
+
+  /**
+   * Show a binary message from a client: who sent how many bytes, and a
+   * button to save them.  Never a picture, whatever the bytes look like:
+   * only the server's re-encoded images (showImage) are decoded here.
+   * `header` is the "binary" event announcing the bytes, or null if they
+   * arrived unannounced.
    */
   function showBinary(header, buffer) {
-    const room = rooms.get(header && header.room ? String(header.room) : LOBBY);
+    const room = binaryRoom(header);
     if (!room) return;
     const bytes = new Uint8Array(buffer);
     const from = header ? String(header.from) : '?';
     const who = label(from, knownName(from));
     const entry = senderEntry('binary', from, knownName(from), header ? header.ts : null);
-    entry.append(el('p', 'text', describeBinary(header, who, bytes.length)));
-    const type = imageType(bytes);
-    let img = null;
-    let url = null;
-    if (type) {
-      url = URL.createObjectURL(new Blob([bytes], { type }));
-      img = el('img', 'picture');
-      img.alt = `image from ${who}`;
-      entry.append(img);
-    }
-    const follow = append(room, entry, { unread: !myIds.has(from) });
-    if (img) {
-      img.addEventListener('load', () => {
-        // Once decoded, the picture no longer needs its Blob.
-        URL.revokeObjectURL(url);
-        // It is taller now than when appended: stay at the bottom.
-        if (follow && room.name === activeRoom) scrollToBottom();
-      }, { once: true });
-      img.addEventListener('error', () => {
-        URL.revokeObjectURL(url);
-        img.remove();
-      }, { once: true });
-      img.src = url;
-    }
+    const size = `${bytes.length} byte${bytes.length === 1 ? '' : 's'}`;
+    entry.append(el('p', 'text', `${who} sent binary, ${size}`), downloadButton(bytes, from));
+    append(room, entry, { unread: !myIds.has(from) });
   }
 
   // ------------------------------------------------------ own messages
@@ -1044,7 +1064,11 @@
 
   function onMessage(message) {
     if (message.data instanceof ArrayBuffer) {
-      showBinary(pendingBinary, message.data);
+      if (pendingBinary && pendingBinary.type === 'image') {
+        showImage(pendingBinary, message.data);
+      } else {
+        showBinary(pendingBinary, message.data);
+      }
       pendingBinary = null;
       return;
     }
