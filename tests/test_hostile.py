@@ -10,10 +10,18 @@ import io
 import json
 
 from PIL import Image
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import TestCase
 
-from tests.support import FrameClient, connect_raw, free_port, start_twistd, wait_for
+from tests.support import (
+    FrameClient,
+    connect_client,
+    connect_raw,
+    free_port,
+    start_twistd,
+    wait_for,
+)
 from tests.test_rooms import join_chat
 
 
@@ -177,3 +185,70 @@ class Frames(FrameClient):
 
     def errors(self):
         return [f.decode() for f in self.frames if f.startswith(b"ERROR ")]
+
+
+class TerminalAndLogTests(HostileTestCase):
+    """What strangers write reaches no terminal and no log raw, and no
+    credential reaches the log, --debug included."""
+
+    @inlineCallbacks
+    def test_control_characters_reach_neither_log_nor_nc(self):
+        """An image_url whose host carries ESC and backspace, and a message
+        carrying a terminal escape sequence: the log and the line bridge's
+        nc user see escapes, never the raw characters."""
+        line_port = free_port()
+        yield self.start(
+            "--line-port", "tcp:{}:interface=127.0.0.1".format(line_port), image_port=False
+        )
+        nc = yield connect_raw(self, line_port, LineClient)
+        self.honest_say()
+        self.ann.send_json(
+            {"type": "image_url", "url": "http://evil\x1bc\x08\x08.example/a.png", "ref": 1}
+        )
+        self.ann.send_json({"type": "message", "text": "\x1b]0;pwned\x07hello"})
+        self.honest_say()
+        yield self.assert_honest_chat_intact()
+        yield wait_for(lambda: "hello" in nc.received(), what="the message over the bridge")
+        self.assertIn("\\x1b]0;pwned\\x07hello", nc.received())
+        yield wait_for(lambda: self.logged("evil\\x1bc\\x08\\x08"), what="the refusal logged")
+        self.assertNotRegex(self.process.output(), "[\x00-\x08\x0b-\x1f\x7f]")
+
+    @inlineCallbacks
+    def test_debug_logs_no_credentials(self):
+        """With --debug, a handshake carrying a bearer token, a cookie and
+        ?token= is logged (Autobahn's chatter included) without any of them."""
+        yield self.start("--debug", image_port=False)
+        secrets = ["s3cr3t-bearer-%d" % i for i in range(3)]
+        spy = yield connect_client(
+            self,
+            self.port,
+            json_mode=True,
+            path="/?name=eve&token=" + secrets[2],
+            headers={"Authorization": "Bearer " + secrets[0], "Cookie": "session=" + secrets[1]},
+        )
+        self.assertEqual((yield spy.next_json())["type"], "welcome")
+        spy.send_json({"type": "message", "text": "hi"})
+        self.honest_say()
+        yield self.assert_honest_chat_intact()
+        yield wait_for(lambda: self.logged("eve"), what="the connection logged")
+        output = self.process.output()
+        self.assertIn("<redacted>", output)
+        for secret in secrets:
+            self.assertNotIn(secret, output)
+
+
+class LineClient(Protocol):
+    """A line-bridge client that keeps what it receives."""
+
+    def connectionMade(self):
+        self.data = b""
+        self.closed = Deferred()
+
+    def dataReceived(self, data):
+        self.data += data
+
+    def connectionLost(self, reason):
+        self.closed.callback(None)
+
+    def received(self):
+        return self.data.decode("utf-8")

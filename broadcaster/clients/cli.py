@@ -77,6 +77,7 @@ from zope.interface import implementer
 
 from broadcaster import __version__
 from broadcaster.core.coercions import positive_float, positive_int
+from broadcaster.core.text import escape_controls, json_safe
 from broadcaster.protocols.wire import JSON_SUBPROTOCOL
 
 PROGRAM = "broadcaster-client"
@@ -134,6 +135,13 @@ class Options(usage.Options):
             '{"type": "message", "text": ...} and print each event as a JSON line.',
         ],
         ["debug", None, "Log the connection and Autobahn's protocol chatter to stderr."],
+        [
+            "raw",
+            None,
+            "Print what others send as it is, control characters and all (for "
+            "pipes).  By default they are printed as escapes such as \\x1b, so "
+            "that nobody can send your terminal escape sequences.",
+        ],
     ]
 
     optParameters = [
@@ -476,19 +484,21 @@ class BroadcastClientProtocol(WebSocketClientProtocol):
                 console.print_line("<binary {} bytes>".format(len(payload)))
             return
         text = payload.decode("utf-8")
+        shown = text if self.factory.raw else escape_controls(text)
         if not self.factory.json:
-            console.print_line(text)
+            console.print_line(shown)
             self._arrived(text)
             return
         try:
             event = json.loads(text)
         except ValueError:
             self._log.warn("the server sent a text message that is not JSON")
-            console.print_line(text)
+            console.print_line(shown)
             return
         # Re-encoded so that each event is exactly one line whatever the
         # server's formatting.
-        console.print_line(json.dumps(event, ensure_ascii=False, separators=(",", ":")))
+        line = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+        console.print_line(line if self.factory.raw else json_safe(line))
         if not isinstance(event, dict):
             return
         kind = event.get("type")
@@ -624,6 +634,7 @@ class BroadcastClientFactory(WebSocketClientFactory):
         timeout: float = 10.0,
         origin: Optional[str] = None,
         headers: Iterable[Tuple[str, str]] = (),
+        raw: bool = False,
     ) -> None:
         extra = dict(headers)
         useragent = "{}/{}".format(PROGRAM, __version__)
@@ -641,6 +652,9 @@ class BroadcastClientFactory(WebSocketClientFactory):
         self.console = console
         self.clock = clock
         self.json = json
+        #: Print what others send as it is (--raw), not with its control
+        #: characters escaped.
+        self.raw = raw
         self.texts = list(texts) if texts is not None else None
         self.timeout = timeout
         self.setProtocolOptions(
@@ -709,6 +723,7 @@ def run(reactor, options: Options, stdio=None) -> Generator:
         timeout=options["timeout"],
         origin=options["origin"],
         headers=options["headers"],
+        raw=options["raw"],
     )
 
     endpoint = client_endpoint(reactor, url, options["timeout"], options["trust_root"])

@@ -17,7 +17,10 @@ Client to server
 Server to client
     Every text message broadcast in the lobby, one per line, as ``<sender
     id>: <text>``; line breaks inside a message are replaced by spaces so
-    that one message stays one line.  Arrivals and departures as ``<id>
+    that one message stays one line, and other control characters (ESC,
+    backspace, ...; not tab) are written as escapes such as ``\x1b`` (see
+    :mod:`broadcaster.core.text`): another user's message cannot send
+    escape sequences to an ``nc`` user's terminal.  Arrivals and departures as ``<id>
     connected`` / ``<id> disconnected``.  ``ERROR <reason>`` answers bad
     input (no message can look like one: messages start with an id and a
     colon).  Binary messages and images are not sent to line clients.
@@ -42,6 +45,7 @@ from broadcaster.protocols.admission import Admission, AdmittingFactory
 from broadcaster.core.flow import Limits
 from broadcaster.core.events import encoded, Event, Joined, Left, TextMessage
 from broadcaster.core.hub import Hub
+from broadcaster.core.text import escape_controls
 from broadcaster.protocols.connection import RawMemberProtocol
 
 # Everything a terminal, or Python's str.splitlines(), treats as a line break.
@@ -60,7 +64,8 @@ def as_line(event: Event) -> Optional[bytes]:
     can pass for an announcement or for the server's ``ERROR`` lines.
     """
     if isinstance(event, TextMessage):
-        text = "{}: {}".format(event.sender, _LINE_BREAKS.sub(" ", event.text))
+        # One message, one line; and nothing in it a terminal would obey.
+        text = "{}: {}".format(event.sender, escape_controls(_LINE_BREAKS.sub(" ", event.text)))
     elif isinstance(event, Joined):
         text = "{} connected".format(event.member)
     elif isinstance(event, Left):

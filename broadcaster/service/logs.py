@@ -1,38 +1,164 @@
 """
-``--log-format json``: one JSON object per log event and line, for log
-shippers, using twisted.logger's own JSON format (every event field kept, so
+Where the server's log goes, and what never reaches it.
+
+Every log line passes through :class:`SanitisingObserver` before it is
+written, whatever wrote it (our code, Autobahn's ``--debug`` chatter,
+Twisted's own, a worker's forwarded events):
+
+- **control characters are escaped** in every field: C0 and C1 controls
+  (but tab), DEL, the Unicode line and paragraph separators and the bidi
+  overrides become ``\\x1b``-style escapes, so that what clients send
+  (a name, a URL, a line) can neither forge log lines nor send escape
+  sequences to the terminal of whoever reads the log;
+- **credentials are redacted** (:func:`redact`): ``Authorization``,
+  ``Cookie`` and similar header values, bearer tokens, the values of
+  ``token``, ``key``, ``password``, ``secret`` ... query parameters, and
+  passwords in URLs.  The README's "secrets are never logged" holds for
+  ``--debug`` too.
+
+``--log-format text`` (the default) writes twistd's usual lines,
+``--log-format json`` one JSON object per event and line, for log
+shippers (twisted.logger's own JSON format, every event field kept, so
 ``client``, ``peer``, ``code`` ... can be searched on).
 
 twistd builds its log observer after parsing the options, from its
-``--logger`` option; :mod:`broadcaster.service.tap` points that at
-:func:`json_observer` and tells it where to write with :func:`use_json`.
+``--logger`` option; :mod:`broadcaster.service.options` points that at
+:func:`text_observer` or :func:`json_observer` and tells them where to write
+with :func:`use_target`.  (With ``--syslog``, or a ``--logger`` of the
+operator's own, twistd's observer is used as it is.)
 """
 
 from __future__ import annotations
 
+import re
 import sys
+from typing import Any, Dict
 
-from twisted.logger import FileLogObserver, jsonFileLogObserver
+from twisted.logger import FileLogObserver, ILogObserver, jsonFileLogObserver, textFileLogObserver
 from twisted.python.logfile import LogFile
+from zope.interface import implementer
+
+from broadcaster.core.text import escape_controls
 
 _target = "-"
 
+_HIDDEN = "<redacted>"
 
-def use_json(logfile: str) -> None:
+_CREDENTIALS = [
+    # A header, as a line ("Authorization: Bearer x") or in a dict's repr
+    # ("'cookie': 'session=x'").
+    (
+        re.compile(
+            r"(?i)\b(authorization|proxy-authorization|cookie|set-cookie|x-api-key)"
+            r"""(['"]?\s*[:=]\s*['"]?)[^'"\r\n]*"""
+        ),
+        r"\1\2" + _HIDDEN,
+    ),
+    (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+"), r"\1 " + _HIDDEN),
+    # Query and form parameters that carry credentials.
+    (
+        re.compile(
+            r"(?i)([?&;]|\b)((?:access_)?token|jwt|key|api_?key|password|passwd|secret|auth"
+            r"|signature|sig)=[^&\s'\"#]*"
+        ),
+        r"\1\2=" + _HIDDEN,
+    ),
+    # user:password@ in a URL.
+    (re.compile(r"(//[^/@\s:'\"]*:)[^@/\s'\"]+@"), r"\1***@"),
+]
+
+
+# Names of headers and fields whose values are secret.
+_SECRET_KEY = re.compile(
+    r"(?i)^(authorization|proxy-authorization|cookie|set-cookie|x-api-key|token|access_token"
+    r"|password|secret|api_key)$"
+)
+
+# Every credential pattern above contains one of these: most fields contain
+# none, and are looked at once instead of four times.
+_SUSPECT = re.compile(r"(?i)authoriz|cookie|api-key|bearer|basic|token|jwt|key=|pass|secret|auth=|sig|@")
+
+
+def redact(text: str) -> str:
     """
-    Remember where JSON log lines go: ``-`` for standard output, or a file
-    path (rotated like twistd's own log file).
+    ``text`` with what looks like a credential replaced by ``<redacted>``.
+    """
+    if not _SUSPECT.search(text):
+        return text
+    for pattern, replacement in _CREDENTIALS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, str):
+        return escape_controls(redact(value))
+    if isinstance(value, bytes):
+        return _clean(value.decode("utf-8", "backslashreplace"))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_clean(item) for item in value)
+    if isinstance(value, dict):
+        # Headers, as Autobahn logs them: the name says what is secret.
+        return {
+            key: _HIDDEN if _SECRET_KEY.search(str(key)) else _clean(item)
+            for key, item in value.items()
+        }
+    return value
+
+
+@implementer(ILogObserver)
+class SanitisingObserver:
+    """
+    Passes on a copy of each event with its fields escaped and redacted
+    (see the module docstring); the event's own ``log_*`` bookkeeping
+    (logger, level, time, failure) is left alone, and its format keeps its
+    line breaks (it is the server's own text).
+    """
+
+    def __init__(self, observer: ILogObserver) -> None:
+        self._observer = observer
+
+    def __call__(self, event: Dict[str, Any]) -> None:
+        clean = {}
+        for key, value in event.items():
+            if key == "log_format" and isinstance(value, str):
+                clean[key] = redact(value)
+            elif key.startswith("log_") and key not in ("log_text", "log_io"):
+                clean[key] = value
+            else:
+                clean[key] = _clean(value)
+        self._observer(clean)
+
+
+def use_target(logfile: str) -> None:
+    """
+    Remember where log lines go: ``-`` for standard output, or a file path
+    (rotated like twistd's own log file).
     """
     global _target
     _target = logfile
 
 
-def json_observer() -> FileLogObserver:
+def _output():
+    if _target == "-":
+        return sys.stdout
+    return LogFile.fromFullPath(_target)
+
+
+def text_observer() -> SanitisingObserver:
+    """
+    The observer twistd installs with ``--log-format text`` (the default).
+    """
+    return SanitisingObserver(textFileLogObserver(_output()))
+
+
+def json_observer() -> SanitisingObserver:
     """
     The observer twistd installs with ``--log-format json``.
     """
-    if _target == "-":
-        output = sys.stdout
-    else:
-        output = LogFile.fromFullPath(_target)
-    return jsonFileLogObserver(output, recordSeparator="")
+    return SanitisingObserver(jsonFileLogObserver(_output(), recordSeparator=""))
+
+
+def file_observer(observer: SanitisingObserver) -> FileLogObserver:
+    """The file observer behind ``observer`` (for tests that flush it)."""
+    return observer._observer

@@ -514,16 +514,16 @@ class Options(usage.Options):
             raise usage.UsageError(
                 "--log-format must be text or json, not {!r}".format(self["log-format"])
             )
-        if self["log-format"] == "json":
-            # twistd creates its log observer from its own --logger option
-            # after parsing ours; point it at the JSON one.
-            parent = getattr(self, "parent", None)
-            if parent is not None:
-                # As twistd does: standard output in the foreground,
-                # twistd.log for a daemon, unless --logfile says otherwise.
-                default = "-" if parent.get("nodaemon") else "twistd.log"
-                logs.use_json(parent.get("logfile") or default)
-                parent["logger"] = "broadcaster.service.logs.json_observer"
+        # twistd creates its log observer from its own --logger option after
+        # parsing ours; point it at ours, which escapes and redacts, unless
+        # the operator chose syslog or an observer of their own.
+        parent = getattr(self, "parent", None)
+        if parent is not None and not parent.get("logger") and not parent.get("syslog"):
+            # As twistd does: standard output in the foreground,
+            # twistd.log for a daemon, unless --logfile says otherwise.
+            default = "-" if parent.get("nodaemon") else "twistd.log"
+            logs.use_target(parent.get("logfile") or default)
+            parent["logger"] = "broadcaster.service.logs.{}_observer".format(self["log-format"])
         if self["max-buffer"] < self["max-message-size"]:
             raise usage.UsageError(
                 "--max-buffer {} is smaller than --max-message-size {}: a client "

@@ -356,6 +356,35 @@ class BroadcastClientProtocolTests(SynchronousTestCase):
         c.send(b"\x00\x01\x02", binary=True)
         self.assertEqual(c.printed(), ["<binary 3 bytes>"])
 
+    def test_others_cannot_drive_the_terminal(self) -> None:
+        """What others send is printed with its control characters as
+        escapes: an escape sequence retitling the terminal, a CR that would
+        overwrite the line, a forged second line, a bidi override."""
+        c = _Connection(texts=["x 0"])
+        c.accept()
+        c.send("n-1: \x1b]0;pwned\x07hi\rfake\nn-2: forged\u202e\tok")
+        self.assertEqual(
+            c.printed(), ["n-1: \\x1b]0;pwned\\x07hi\\x0dfake\\x0an-2: forged\\u202e\tok"]
+        )
+
+    def test_json_lines_cannot_drive_the_terminal(self) -> None:
+        """In JSON mode the controls JSON would leave raw (DEL, C1, line
+        separators, bidi) are \\u escapes: the same JSON, safe to print."""
+        c = _Connection(json=True, texts=["x 0"])
+        c.accept("broadcaster.json")
+        event = {"type": "message", "from": "n-1", "text": "a\x1b[2Jb\x9bc\u2028d\u202ee"}
+        c.send(event)
+        (line,) = c.printed()
+        self.assertNotRegex(line, "[\x00-\x1f\x7f-\x9f\u2028\u202e]")
+        self.assertEqual(json.loads(line), event)
+
+    def test_raw_prints_as_sent(self) -> None:
+        """--raw, for pipes, prints what was sent as it is."""
+        c = _Connection(texts=["x 0"], raw=True)
+        c.accept()
+        c.send("n-1: \x1b[31mred\x1b[0m")
+        self.assertEqual(c.printed(), ["n-1: \x1b[31mred\x1b[0m"])
+
     def test_send_timeout(self) -> None:
         """
         If the echoes do not all come back in time the client still closes with 1000, then

@@ -108,7 +108,7 @@ class JSONLogTests(SynchronousTestCase):
         parent = {"logfile": None, "nodaemon": True, "logger": None}
         options = Options()
         options.parent = parent
-        self.addCleanup(logs.use_json, "-")
+        self.addCleanup(logs.use_target, "-")
         options.parseOptions(["--log-format", "json"])
         self.assertEqual(parent["logger"], "broadcaster.service.logs.json_observer")
 
@@ -119,17 +119,18 @@ class JSONLogTests(SynchronousTestCase):
     def test_one_json_object_per_line_with_the_event_fields(self):
         """Each event is one JSON line carrying its fields, for log shippers."""
         path = self.mktemp()
-        logs.use_json(path)
-        self.addCleanup(logs.use_json, "-")
+        logs.use_target(path)
+        self.addCleanup(logs.use_target, "-")
         observer = logs.json_observer()
         publisher = LogPublisher(observer)
         log = Logger(observer=publisher, namespace="broadcaster.test")
         log.info("[CONNECT] {client} connected", client="n-1")
         log.warn("[BAD INPUT] {client}: {reason}", client="n-1", reason="line\nbreak")
-        observer._outFile.flush()
+        logs.file_observer(observer)._outFile.flush()
         with io.open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
         events = [json.loads(line) for line in lines]
         self.assertEqual([e["client"] for e in events], ["n-1", "n-1"])
-        self.assertEqual(events[1]["reason"], "line\nbreak")
+        # Escaped: a field never breaks a line, even where JSON would cope.
+        self.assertEqual(events[1]["reason"], "line\\x0abreak")
         self.assertEqual(events[1]["log_level"]["name"], "warn")

@@ -104,6 +104,16 @@ class LineBridgeProtocolTests(SynchronousTestCase):
         self.hub.publish_text("recorder", "a\nb\r\nc\u2028d")
         self.assertEqual(self.transport.value(), b"recorder: a b c d\n")
 
+    def test_no_control_reaches_the_terminal(self):
+        """ESC, backspace, BEL, DEL, C1 controls and bidi overrides in a
+        message are written as escapes: another user cannot retitle an nc
+        user's terminal or rewrite what it shows.  Tab stays."""
+        self.hub.publish_text("recorder", "\x1b]0;owned\x07x\x08\x7f\x9b\u202e\ty")
+        self.assertEqual(
+            self.transport.value(),
+            b"recorder: \\x1b]0;owned\\x07x\\x08\\x7f\\x9b\\u202e\ty\n",
+        )
+
     def test_announcements_are_lines(self):
         """Arrivals and departures arrive as '<id> connected' / '<id> disconnected'."""
         other = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5001))
