@@ -5,9 +5,10 @@ Where Redis is: ``--redis`` URLs (``redis://``, ``unix:``) parsed into a
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Optional
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -48,6 +49,29 @@ class RedisAddress:
             credentials = "{}:***@".format(self.username or "")
         host = "[{}]".format(self.host) if ":" in self.host else self.host
         return "redis://{}{}:{}/{}".format(credentials, host, self.port, self.db)
+
+    def without_password(self) -> str:
+        """
+        The address as a URL that :func:`parse_redis_url` reads back to
+        this address without its password (the user name kept): what may
+        stand on a command line.
+        """
+        if self.path is not None:
+            return "unix:{}{}".format(
+                quote(self.path, safe="/"), "?db={}".format(self.db) if self.db else ""
+            )
+        user = quote(self.username, safe="") + "@" if self.username else ""
+        host = "[{}]".format(self.host) if ":" in self.host else self.host
+        return "redis://{}{}:{}/{}".format(user, host, self.port, self.db)
+
+
+def redact_url(url: str) -> str:
+    """
+    ``url`` as given, its password (after ``user:`` or in ``password=``)
+    replaced by ``***``: for an error about a URL that may not parse.
+    """
+    url = re.sub(r"(password=)[^&#]*", r"\1***", url)
+    return re.sub(r"^([^/]*//[^/@:]*:)[^/]*@", r"\1***@", url)
 
 
 _URL_FORMS = "redis://[[user]:password@]host[:port][/db] or unix:/path/to/redis.sock[?db=N]"
@@ -91,7 +115,7 @@ def parse_redis_url(url: str) -> RedisAddress:
     if parts.scheme != "redis" or not parts.hostname:
         raise ValueError("expected {}".format(_URL_FORMS))
     if parts.query or parts.fragment:
-        raise ValueError("unexpected query or fragment in {!r}".format(url))
+        raise ValueError("unexpected query or fragment in {!r}".format(redact_url(url)))
     db_path = parts.path.strip("/")
     return RedisAddress(
         host=parts.hostname,
@@ -100,6 +124,3 @@ def parse_redis_url(url: str) -> RedisAddress:
         password=unquote(parts.password) if parts.password else None,
         username=unquote(parts.username) if parts.username else None,
     )
-
-
-# Events on the wire

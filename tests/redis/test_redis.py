@@ -8,6 +8,7 @@ In CI (``CI`` set) a missing ``redis-server`` fails these tests; elsewhere
 they are skipped with the reason.
 """
 
+import dataclasses
 import io
 import json
 import os
@@ -30,7 +31,7 @@ import txredisapi
 from broadcaster.core.events import BinaryMessage, ImageMessage, Joined, Left, Renamed, TextMessage
 from broadcaster.core.hub import Hub
 from broadcaster.redis import connections as redis_connections
-from broadcaster.redis.address import RedisAddress, parse_redis_url
+from broadcaster.redis.address import RedisAddress, parse_redis_url, redact_url
 from broadcaster.redis.backplane import RedisBackplane
 from broadcaster.redis.connections import HIREDIS, ReconnectingFactory, RedisConnections
 from broadcaster.redis.codec import encode_event, parse_event
@@ -104,6 +105,33 @@ class AddressTests(SynchronousTestCase):
         self.assertEqual(
             parse_redis_url("unix:/r.sock?db=4&password=secret").redacted(), "unix:/r.sock?db=4"
         )
+
+    def test_without_password(self):
+        """The URL a worker is given reads back as the same address without
+        the password, user name, database and odd characters kept."""
+        for url in [
+            "redis://ann%40ops:pw@[::1]:6390/3",
+            "redis://:pw@redis.example",
+            "unix:/run/a%20b%3F.sock?db=2&password=pw",
+            "unix:/tmp/r.sock",
+        ]:
+            address = parse_redis_url(url)
+            again = parse_redis_url(address.without_password())
+            self.assertEqual(again, dataclasses.replace(address, password=None), url)
+            self.assertNotIn("pw", address.without_password())
+        self.assertEqual(
+            parse_redis_url("redis://ann:pw@h/1").without_password(), "redis://ann@h:6379/1"
+        )
+
+    def test_redact_url(self):
+        """A URL that may not parse is shown with its password as ***."""
+        for url, shown in [
+            ("redis://:p@ss@h:99999", "redis://:***@h:99999"),
+            ("redis://ann:pw@h/x", "redis://ann:***@h/x"),
+            ("redis://ann@h", "redis://ann@h"),
+            ("unix:/r.sock?password=pw&db=x", "unix:/r.sock?password=***&db=x"),
+        ]:
+            self.assertEqual(redact_url(url), shown)
 
     def test_options(self):
         """--redis is checked at start-up, naming the flag; --node-timeout must be positive."""
