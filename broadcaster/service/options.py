@@ -7,7 +7,11 @@ the server from them.
 
 from __future__ import annotations
 
+import dataclasses
+import getopt
+import os
 import sys
+from typing import Mapping, Optional
 
 from twisted.python import usage
 
@@ -18,11 +22,10 @@ from broadcaster.core.imaging import (
     KNOWN_FORMATS,
     MAX_BYTES_PER_PIXEL,
 )
-from broadcaster.http.api import read_key_file
 from broadcaster.http.fetch import url_problem
 from broadcaster.protocols.origin import parse_origin
-from broadcaster.redis.address import parse_redis_url
-from broadcaster.service import logs
+from broadcaster.redis.address import parse_redis_url, redact_url
+from broadcaster.service import logs, secrets
 from broadcaster.service.listening import check_endpoint, with_backlog
 from broadcaster.service.workers import (
     LISTENER_FLAGS,
@@ -367,7 +370,17 @@ class Options(usage.Options):
             "Share rooms, sequences, histories and presence with every other "
             "server using this Redis: redis://[[user]:password@]host[:port][/db] "
             "or unix:/path/to/redis.sock[?db=N].  Without it the server is on "
-            "its own.",
+            "its own.  Better without the password, which every local user "
+            "can read on a command line: see --redis-password-file.",
+        ],
+        [
+            "redis-password-file",
+            None,
+            None,
+            "With --redis: a file holding the Redis password (read at start-up; "
+            "the line breaks at its end are dropped).  Not with a password in the "
+            "--redis URL.  Without either, the environment variable {} is used "
+            "if set.".format(secrets.REDIS_PASSWORD),
         ],
         [
             "redis-namespace",
@@ -389,7 +402,16 @@ class Options(usage.Options):
             None,
             None,
             "Sign webhook POSTs: X-Broadcaster-Signature: sha256=<HMAC-SHA256 "
-            "of the body with this secret>.",
+            "of the body with this secret>.  Every local user can read it on "
+            "the command line: prefer --webhook-secret-file.",
+        ],
+        [
+            "webhook-secret-file",
+            None,
+            None,
+            "Sign webhook POSTs with the secret this file holds (read at "
+            "start-up; the line breaks at its end are dropped).  Not with "
+            "--webhook-secret.",
         ],
         [
             "webhook-timeout",
@@ -460,15 +482,31 @@ class Options(usage.Options):
         ],
     ]
 
-    def __init__(self) -> None:
+    def __init__(self, environ: Optional[Mapping[str, str]] = None) -> None:
+        """
+        :param environ: the environment to read secrets from (default:
+            this process's).
+        """
         super().__init__()
+        self.environ = os.environ if environ is None else environ
         self["allow-origin"] = []
         self["webhook"] = []
         self["api-key"] = []
 
     def parseOptions(self, options=None) -> None:
+        if options is None:
+            options = sys.argv[1:]
         # Kept for --workers, which gives each worker the same options.
-        self["args"] = list(sys.argv[1:] if options is None else options)
+        self["args"] = list(options)
+        # (long name, value) in order, as getopt reads them, so that
+        # abbreviations (--api-key-f) and -p count.
+        try:
+            pairs, _ = getopt.getopt(options, self.shortOpt, self.longOpt)
+        except getopt.error:
+            pairs = []  # refused below, as usual
+        self["given"] = [
+            (self.synonyms.get(opt.lstrip("-"), opt.lstrip("-")), value) for opt, value in pairs
+        ]
         super().parseOptions(options)
 
     def opt_webhook(self, url: str) -> None:
@@ -479,7 +517,7 @@ class Options(usage.Options):
         self["webhook"].append(url)
 
     def opt_api_key(self, key: str) -> None:
-        """Accept this key for POST /api/publish (Authorization: Bearer KEY; repeatable). Without any key the API is off."""  # noqa: E501
+        """Accept this key for POST /api/publish (Authorization: Bearer KEY; repeatable). Without any key the API is off. Every local user can read it on the command line: prefer --api-key-file."""  # noqa: E501
         if not key.strip() or key != key.strip():
             raise usage.UsageError("--api-key must be non-empty, without surrounding spaces")
         self["api-key"].append(key)
@@ -556,11 +594,7 @@ class Options(usage.Options):
             raise usage.UsageError(
                 "--node-id {!r} must be letters, digits, '_' or '.'".format(node)
             )
-        if self["redis"] is not None:
-            try:
-                self["redis-address"] = parse_redis_url(self["redis"])
-            except ValueError as e:
-                raise usage.UsageError("--redis {!r}: {}".format(self["redis"], e))
+        self._check_redis()
         namespace = self["redis-namespace"]
         if not namespace or any(c.isspace() for c in namespace):
             raise usage.UsageError(
@@ -568,16 +602,42 @@ class Options(usage.Options):
             )
         self._check_http_options()
         self._check_workers()
+        self["secrets-on-command-line"] = secrets.command_line_secrets(
+            self["given"], self["redis-url-password"]
+        )
         # Last, so that every error above quotes the description as given.
         for _, flag in LISTENER_FLAGS:
             if self[flag] is not None:
                 self[flag] = with_backlog(self[flag], self["listen-backlog"])
 
+    def _check_redis(self) -> None:
+        """
+        Parse --redis into ``redis-address``, with the password from the
+        URL, --redis-password-file or the environment (see
+        :mod:`broadcaster.service.secrets`).
+        """
+        #: Whether the --redis URL holds a password (a warning at start-up).
+        self["redis-url-password"] = False
+        from_file = None
+        if self["redis-password-file"] is not None:
+            if self["redis"] is None:
+                raise usage.UsageError("--redis-password-file needs --redis")
+            from_file = secrets.read_secret_file("redis-password-file", self["redis-password-file"])
+        if self["redis"] is None:
+            return
+        try:
+            address = parse_redis_url(self["redis"])
+        except ValueError as e:
+            raise usage.UsageError("--redis {!r}: {}".format(redact_url(self["redis"]), e))
+        self["redis-url-password"] = address.password is not None
+        password = secrets.redis_password(address.password, from_file, self.environ)
+        self["redis-address"] = dataclasses.replace(address, password=password)
+
     def _check_http_options(self) -> None:
         """
-        Validate --auth-url, --webhook-secret and --api-key-file, and read
-        the keys (at start-up: the file may not be readable after twistd
-        drops privileges).
+        Validate --auth-url, --webhook-secret(-file) and --api-key-file,
+        and read the files (at start-up: they may not be readable after
+        twistd drops privileges).
         """
         if self["auth-url"] is not None:
             problem = url_problem(self["auth-url"], allow_credentials=True)
@@ -592,16 +652,19 @@ class Options(usage.Options):
                 )
         if self["webhook-secret"] is not None and not self["webhook-secret"]:
             raise usage.UsageError("--webhook-secret must not be empty")
+        if self["webhook-secret-file"] is not None:
+            if self["webhook-secret"] is not None:
+                raise usage.UsageError(
+                    "--webhook-secret and --webhook-secret-file both give the webhook"
+                    " secret: give only one (better the file: command lines are visible"
+                    " to every local user)"
+                )
+            self["webhook-secret"] = secrets.read_secret_file(
+                "webhook-secret-file", self["webhook-secret-file"]
+            )
         keys = list(self["api-key"])
-        path = self["api-key-file"]
-        if path is not None:
-            try:
-                from_file = read_key_file(path)
-            except (OSError, UnicodeDecodeError) as e:
-                raise usage.UsageError("--api-key-file {!r} cannot be read: {}".format(path, e))
-            if not from_file:
-                raise usage.UsageError("--api-key-file {!r} holds no keys".format(path))
-            keys.extend(from_file)
+        if self["api-key-file"] is not None:
+            keys.extend(secrets.read_keys("api-key-file", self["api-key-file"]))
         self["api-keys"] = keys
 
     def _check_workers(self) -> None:

@@ -206,7 +206,9 @@ def makeService(options: Options, reactor=None) -> "BroadcasterService | MasterS
     if reactor is None:
         from twisted.internet import reactor
     if options["workers"] > 1:
-        return _master(options, reactor, handle_signals)
+        master = _master(options, reactor, handle_signals)
+        _warn_of_secrets(master._log, options)
+        return master
     # With --worker-fds (a worker of --workers): the inherited sockets.
     fds = options["worker-fds"] or {}
 
@@ -238,6 +240,7 @@ def makeService(options: Options, reactor=None) -> "BroadcasterService | MasterS
     # Only as twistd runs us (on the global reactor): a test process that
     # builds servers on a reactor of its choosing keeps its own handlers.
     service.handle_signals = handle_signals
+    _warn_of_secrets(service._log, options)
     for flag in options.get("closed-for-auth", ()):
         service._log.warn(
             "[CONFIG] --{flag} is off: with --auth-url every client must sign in, and"
@@ -408,6 +411,20 @@ def _master(options: Options, reactor, handle_signals: bool) -> MasterService:
     )
     master.handle_signals = handle_signals
     return master
+
+
+def _warn_of_secrets(log: Logger, options: Options) -> None:
+    """
+    Warn of each secret given on the command line, naming the flag and
+    what to use instead (never the secret).
+    """
+    for flag, alternative in options.get("secrets-on-command-line", ()):
+        log.warn(
+            "[CONFIG] {flag} puts a secret on the command line, where every local user"
+            " can read it (ps, /proc/<pid>/cmdline); use {alternative} instead",
+            flag=flag,
+            alternative=alternative,
+        )
 
 
 #: Seconds a --workers master gives its workers beyond their drain (and

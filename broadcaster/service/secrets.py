@@ -1,0 +1,154 @@
+"""
+Secrets kept off command lines: the webhook secret, the publish API keys
+and the Redis password.
+
+Any local user can read any process's command line (``ps``,
+``/proc/<pid>/cmdline``); only its own user (and root) can read its
+environment (``/proc/<pid>/environ`` is mode 0400).  So each secret may be
+given in a file, and the Redis password in the environment.
+
+Where each comes from:
+
+==================  ========================================================
+webhook secret      ``--webhook-secret-file PATH`` or ``--webhook-secret
+                    SECRET`` (not both)
+API keys            ``--api-key-file PATH`` and every ``--api-key KEY``
+Redis password      the URL of ``--redis`` or ``--redis-password-file
+                    PATH`` (not both); else the environment variable
+                    ``BROADCASTER_REDIS_PASSWORD`` (:data:`REDIS_PASSWORD`),
+                    if set and not empty
+==================  ========================================================
+
+A secret file holds the secret alone (the line breaks at its end are not
+part of it), UTF-8, at most :data:`MAX_SECRET_FILE` bytes; an
+``--api-key-file`` holds one key per line.  A file that cannot be read, is
+not UTF-8, is empty or too large is refused with the flag, the path and
+the reason, never a byte of what it holds.
+
+The flags on the command line still work, with a warning at start-up
+naming the flag and its alternative (:func:`command_line_secrets`).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, List, Mapping, Optional, Tuple
+
+from twisted.python.usage import UsageError
+
+from broadcaster.http.api import read_key_file
+
+#: The user's way to give the Redis password without a file; lowest in
+#: precedence.
+REDIS_PASSWORD = "BROADCASTER_REDIS_PASSWORD"
+
+#: The largest secret file read, in bytes: a path to something else (a log,
+#: /dev/zero) is refused rather than read whole into memory.
+MAX_SECRET_FILE = 64 * 1024
+
+
+def _unreadable(flag: str, path: str, error: Exception) -> UsageError:
+    """
+    The usage error for a file that could not be read: the flag, the path
+    and the reason, nothing of what the file holds (a
+    ``UnicodeDecodeError`` quotes a byte of it).
+    """
+    if isinstance(error, UnicodeDecodeError):
+        reason = "it is not UTF-8 text"
+    else:
+        reason = getattr(error, "strerror", None) or type(error).__name__
+    return UsageError("--{} {!r} cannot be read: {}".format(flag, path, reason))
+
+
+def read_secret_file(flag: str, path: str) -> str:
+    """
+    The secret in the file ``path``, given to ``--<flag>``: its text
+    without the line breaks at its end.
+
+    :raise UsageError: naming the flag and the path, if the file cannot be
+        read, is not UTF-8, is larger than :data:`MAX_SECRET_FILE` bytes
+        or holds nothing.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_SECRET_FILE + 1)
+        if len(data) > MAX_SECRET_FILE:
+            raise UsageError(
+                "--{} {!r} is larger than {} bytes: is it the right file?".format(
+                    flag, path, MAX_SECRET_FILE
+                )
+            )
+        secret = data.decode("utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise _unreadable(flag, path, e) from None
+    if not secret:
+        raise UsageError("--{} {!r} is empty".format(flag, path))
+    return secret
+
+
+def read_keys(flag: str, path: str) -> List[str]:
+    """
+    The keys in the ``--api-key-file`` ``path`` (see
+    :func:`~broadcaster.http.api.read_key_file`).
+
+    :raise UsageError: naming the flag and the path, if the file cannot be
+        read or holds no key.
+    """
+    try:
+        keys = read_key_file(path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise _unreadable(flag, path, e) from None
+    if not keys:
+        raise UsageError("--{} {!r} holds no keys".format(flag, path))
+    return keys
+
+
+def redis_password(
+    url_password: Optional[str],
+    file_password: Optional[str],
+    environ: Mapping[str, str],
+) -> Optional[str]:
+    """
+    The Redis password: the URL's, else the file's, else the environment
+    variable's (if not empty).
+
+    :raise UsageError: if both the URL and ``--redis-password-file`` give
+        one: which one was meant cannot be told.
+    """
+    if url_password is not None and file_password is not None:
+        raise UsageError(
+            "--redis holds a password and --redis-password-file gives another: give only one"
+            " (better the file: command lines are visible to every local user)"
+        )
+    if url_password is not None:
+        return url_password
+    if file_password is not None:
+        return file_password
+    return environ.get(REDIS_PASSWORD) or None
+
+
+#: For each option that takes a secret on the command line, what to use instead.
+_ALTERNATIVES = {
+    "webhook-secret": "--webhook-secret-file",
+    "api-key": "--api-key-file",
+    "redis": "--redis-password-file or the {} environment variable".format(REDIS_PASSWORD),
+}
+
+
+def command_line_secrets(
+    given: Iterable[Tuple[str, str]], redis_url_password: bool
+) -> List[Tuple[str, str]]:
+    """
+    ``(flag, alternative)`` for each option of ``given`` that put a secret
+    on the command line, each named once: the warnings to log at start-up.
+
+    :param given: ``(option, value)`` as given, in order.
+    :param redis_url_password: whether the ``--redis`` URL holds a password.
+    """
+    named = {option for option, _ in given}
+    if not redis_url_password:
+        named.discard("redis")
+    return [
+        ("--" + option, alternative)
+        for option, alternative in _ALTERNATIVES.items()
+        if option in named
+    ]
