@@ -496,10 +496,9 @@ class Options(usage.Options):
     def parseOptions(self, options=None) -> None:
         if options is None:
             options = sys.argv[1:]
-        # Kept for --workers, which gives each worker the same options.
-        self["args"] = list(options)
-        # (long name, value) in order, as getopt reads them, so that
-        # abbreviations (--api-key-f) and -p count.
+        # Kept for --workers, which gives each worker the same options
+        # (without the secrets): (long name, value) in order, as getopt
+        # reads them, so that abbreviations (--api-key-f) and -p count.
         try:
             pairs, _ = getopt.getopt(options, self.shortOpt, self.longOpt)
         except getopt.error:
@@ -602,9 +601,7 @@ class Options(usage.Options):
             )
         self._check_http_options()
         self._check_workers()
-        self["secrets-on-command-line"] = secrets.command_line_secrets(
-            self["given"], self["redis-url-password"]
-        )
+        self._keep_secrets_off_command_lines()
         # Last, so that every error above quotes the description as given.
         for _, flag in LISTENER_FLAGS:
             if self[flag] is not None:
@@ -637,7 +634,7 @@ class Options(usage.Options):
         """
         Validate --auth-url, --webhook-secret(-file) and --api-key-file,
         and read the files (at start-up: they may not be readable after
-        twistd drops privileges).
+        twistd drops privileges).  A worker takes both from its environment.
         """
         if self["auth-url"] is not None:
             problem = url_problem(self["auth-url"], allow_credentials=True)
@@ -665,7 +662,33 @@ class Options(usage.Options):
         keys = list(self["api-key"])
         if self["api-key-file"] is not None:
             keys.extend(secrets.read_keys("api-key-file", self["api-key-file"]))
+        if self["worker-fds"] is not None:
+            # A worker of --workers: its master hands it the secrets here.
+            if self["webhook-secret"] is None:
+                self["webhook-secret"] = self.environ.get(secrets.WORKER_WEBHOOK_SECRET) or None
+            keys.extend(secrets.worker_api_keys(self.environ))
         self["api-keys"] = keys
+
+    def _keep_secrets_off_command_lines(self) -> None:
+        """
+        Note the secrets given on the command line (``secrets-on-command-line``,
+        warned about at start-up), and what a --workers master gives its
+        workers: ``worker-args`` without secrets, ``worker-env`` with them.
+        """
+        self["secrets-on-command-line"] = secrets.command_line_secrets(
+            self["given"], self["redis-url-password"]
+        )
+        address = self.get("redis-address")
+        self["worker-args"] = secrets.worker_args(
+            self["given"],
+            [name[:-1] for name in self.longOpt if name.endswith("=")],
+            address.without_password() if address is not None else None,
+        )
+        self["worker-env"] = secrets.worker_environment(
+            self["webhook-secret"],
+            self["api-keys"],
+            address.password if address is not None else None,
+        )
 
     def _check_workers(self) -> None:
         """

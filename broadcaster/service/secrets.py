@@ -5,7 +5,8 @@ and the Redis password.
 Any local user can read any process's command line (``ps``,
 ``/proc/<pid>/cmdline``); only its own user (and root) can read its
 environment (``/proc/<pid>/environ`` is mode 0400).  So each secret may be
-given in a file, and the Redis password in the environment.
+given in a file, and ``--workers`` hands the secrets it has to its workers
+in their environment, never in their arguments.
 
 Where each comes from:
 
@@ -27,19 +28,55 @@ the reason, never a byte of what it holds.
 
 The flags on the command line still work, with a warning at start-up
 naming the flag and its alternative (:func:`command_line_secrets`).
+
+A ``--workers`` master gives each worker the user's options without the
+secret ones (:func:`worker_args`: ``--redis`` becomes the URL without its
+password) and the secrets in these environment variables of the worker
+(:func:`worker_environment`), which only a worker (``--worker-fds``)
+reads:
+
+=======================================  ===================================
+``BROADCASTER_WORKER_WEBHOOK_SECRET``    the webhook secret
+``BROADCASTER_WORKER_API_KEYS``          the API keys, as a JSON list
+``BROADCASTER_REDIS_PASSWORD``           the Redis password
+=======================================  ===================================
+
+The first two are internal (hence ``WORKER`` in their names): a single
+server ignores them, so a stray one cannot turn the API on.  A variable
+with nothing to say is removed from the worker's environment, and all
+three from the private ``redis-server``'s.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, List, Mapping, Optional, Tuple
+import json
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from twisted.python.usage import UsageError
 
 from broadcaster.http.api import read_key_file
 
 #: The user's way to give the Redis password without a file; lowest in
-#: precedence.
+#: precedence.  The master also hands the password to its workers in it.
 REDIS_PASSWORD = "BROADCASTER_REDIS_PASSWORD"
+
+#: Internal to ``--workers``: the webhook secret, for a worker.
+WORKER_WEBHOOK_SECRET = "BROADCASTER_WORKER_WEBHOOK_SECRET"
+
+#: Internal to ``--workers``: the API keys, a JSON list of strings, for a worker.
+WORKER_API_KEYS = "BROADCASTER_WORKER_API_KEYS"
+
+#: Every variable that may hold a secret.
+SECRET_VARIABLES = (WORKER_WEBHOOK_SECRET, WORKER_API_KEYS, REDIS_PASSWORD)
+
+#: The options a worker is not given: it gets what they say in its environment.
+SECRET_OPTIONS = (
+    "webhook-secret",
+    "webhook-secret-file",
+    "api-key",
+    "api-key-file",
+    "redis-password-file",
+)
 
 #: The largest secret file read, in bytes: a path to something else (a log,
 #: /dev/zero) is refused rather than read whole into memory.
@@ -102,6 +139,24 @@ def read_keys(flag: str, path: str) -> List[str]:
     return keys
 
 
+def worker_api_keys(environ: Mapping[str, str]) -> List[str]:
+    """
+    The API keys a worker's master handed it, if any.
+
+    :raise UsageError: if the variable is not a JSON list of strings.
+    """
+    text = environ.get(WORKER_API_KEYS)
+    if not text:
+        return []
+    try:
+        keys = json.loads(text)
+    except ValueError:
+        keys = None
+    if not isinstance(keys, list) or not all(isinstance(key, str) and key for key in keys):
+        raise UsageError("{} must be a JSON list of keys".format(WORKER_API_KEYS))
+    return keys
+
+
 def redis_password(
     url_password: Optional[str],
     file_password: Optional[str],
@@ -152,3 +207,44 @@ def command_line_secrets(
         for option, alternative in _ALTERNATIVES.items()
         if option in named
     ]
+
+
+def worker_args(
+    given: Iterable[Tuple[str, str]],
+    takes_value: Iterable[str],
+    redis_url: Optional[str],
+) -> List[str]:
+    """
+    The user's options for a worker's command line: in the order given,
+    without the secret ones, and with ``--redis`` as ``redis_url``, which
+    must hold no password.
+
+    :param given: ``(option, value)`` as given, long names only.
+    :param takes_value: the options that take a value (the others are flags).
+    """
+    takes_value = set(takes_value)
+    args: List[str] = []
+    for option, value in given:
+        if option in SECRET_OPTIONS:
+            continue
+        if option == "redis":
+            value = redis_url
+        args.append("--" + option)
+        if option in takes_value:
+            args.append(value)
+    return args
+
+
+def worker_environment(
+    webhook_secret: Optional[str], api_keys: Sequence[str], redis_password: Optional[str]
+) -> Dict[str, Optional[str]]:
+    """
+    The secrets for a worker's environment: each variable of
+    :data:`SECRET_VARIABLES` with its value, or ``None`` where it is to
+    be removed.
+    """
+    return {
+        WORKER_WEBHOOK_SECRET: webhook_secret,
+        WORKER_API_KEYS: json.dumps(list(api_keys)) if api_keys else None,
+        REDIS_PASSWORD: redis_password,
+    }

@@ -404,10 +404,11 @@ def _master(options: Options, reactor, handle_signals: bool) -> MasterService:
         reactor,
         options["workers"],
         listeners,
-        options.get("args", []),
+        options["worker-args"],
         node_id=options["node-id"] or os.urandom(3).hex(),
         stop_timeout=drain + WORKER_STOP_MARGIN,
         redis_server=options.get("redis-server"),
+        worker_env=options["worker-env"],
     )
     master.handle_signals = handle_signals
     return master

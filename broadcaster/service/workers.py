@@ -7,10 +7,17 @@ listening port once (``--port``, ``--image-port``, ``--line-port``,
 ``--metrics-port``) and never accepts on them; unless given ``--redis`` it
 starts a private ``redis-server`` on a Unix socket in a temporary directory;
 then it runs N workers, each ``twistd -n broadcaster`` with the user's
-options followed by these internal ones::
+options (less the secrets, and ``--redis`` without its password) followed
+by these internal ones::
 
     --workers 1 --worker-fds port=3,image=4,line=5 --node-id <node>-w<i>
     --log-format json [--redis unix:<dir>/redis.sock]
+
+The secrets (webhook secret, API keys, Redis password) reach the workers
+in their environment, which only their user can read, never on their
+command line, which every local user can (see
+:mod:`broadcaster.service.secrets`).  The private Redis has no password:
+only the master's user may use its socket.
 
 A worker's file descriptors:
 
@@ -52,7 +59,7 @@ import socket
 import sys
 import tempfile
 from collections import deque
-from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from twisted.application.service import Service
 from twisted.internet import endpoints, main
@@ -421,7 +428,8 @@ class MasterService(Service):
     :param listeners: ``(name, description, what)`` for each listening
         port, ``name`` as in ``--worker-fds`` and ``what`` for the log.
     :param worker_args: the user's ``twistd broadcaster`` options, given to
-        every worker ahead of the internal ones.
+        every worker ahead of the internal ones; no secrets, as every local
+        user can read a command line.
     :param node_id: the workers' node ids are ``<node_id>-w<i>``.
     :param stop_timeout: seconds the workers have to finish after SIGTERM
         before they are killed.
@@ -431,6 +439,9 @@ class MasterService(Service):
     :param bind: ``bind(reactor, description)`` returns a listening port
         that does not accept (:func:`bind_listening_port` or a stand-in).
     :param python: the interpreter the workers run on.
+    :param worker_env: environment variables set in every worker's
+        environment (a string) or removed from it (``None``): the secrets.
+        None of them reaches the private Redis.
     """
 
     _log = Logger()
@@ -450,6 +461,7 @@ class MasterService(Service):
         spawn: Optional[Callable] = None,
         bind: Callable = bind_listening_port,
         python: str = sys.executable,
+        worker_env: Optional[Mapping[str, Optional[str]]] = None,
     ) -> None:
         self._reactor = reactor
         self.count = count
@@ -461,6 +473,7 @@ class MasterService(Service):
         self._spawn_function = spawn
         self._bind = bind
         self._python = python
+        self._worker_env = dict(worker_env or {})
         #: name -> the master's listening port
         self.ports: Dict[str, IListeningPort] = {}
         #: the current process of each worker slot, once started
@@ -533,7 +546,8 @@ class MasterService(Service):
         ]
         child.started = self._reactor.seconds()
         self.redis = child
-        if not self._spawned(child, argv, {0: "w", 1: "r", 2: "r"}, self._start_redis):
+        env = {name: value for name, value in os.environ.items() if name not in self._worker_env}
+        if not self._spawned(child, argv, env, {0: "w", 1: "r", 2: "r"}, self._start_redis):
             return
         self._log.info(
             "private redis-server started (pid {pid}) on unix:{socket}",
@@ -603,6 +617,18 @@ class MasterService(Service):
             *self._worker_args, *extra,
         ]
 
+    def worker_environment(self) -> Dict[str, str]:
+        """
+        A worker's environment: the master's, with the secrets set or removed.
+        """
+        env = dict(os.environ)
+        for name, value in self._worker_env.items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
+        return env
+
     def _worker_node(self, index: int) -> str:
         generation = self._generations[index]
         suffix = ".{}".format(generation) if generation else ""
@@ -618,7 +644,8 @@ class MasterService(Service):
             fds[3 + i] = port.fileno()
         child.started = self._reactor.seconds()
         self.workers[index] = child
-        if not self._spawned(child, self.worker_argv(index), fds, lambda: self._start_worker(index)):
+        argv, env = self.worker_argv(index), self.worker_environment()
+        if not self._spawned(child, argv, env, fds, lambda: self._start_worker(index)):
             return
         self._log.info(
             "worker {worker} started (pid {pid}, node {node})",
@@ -627,13 +654,13 @@ class MasterService(Service):
             node=child.node,
         )
 
-    def _spawned(self, child: ChildProcess, argv: List[str], fds, retry) -> bool:
+    def _spawned(self, child: ChildProcess, argv: List[str], env, fds, retry) -> bool:
         """
         Start ``child``; if that fails (out of processes or descriptors...),
         log it and try again later.
         """
         try:
-            self._spawn(child, argv[0], argv, env=dict(os.environ), childFDs=fds)
+            self._spawn(child, argv[0], argv, env=env, childFDs=fds)
         except Exception:
             child.reason = Failure()
             delay = self._schedule_restart(child.name, child, retry)

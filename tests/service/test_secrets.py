@@ -1,10 +1,15 @@
 """
 Tests for :mod:`broadcaster.service.secrets`: secrets from files and the
-environment, the warnings for those on the command line, and a real
-``twistd broadcaster`` refusing a bad secret file.
+environment, the warnings for those on the command line, what a
+``--workers`` master hands its workers (argv without secrets, environment
+with them), and a real ``twistd broadcaster --workers 2`` whose every
+process's command line is read from ``/proc``.
 """
 
+import json
 import os
+import signal
+import stat
 import sys
 
 from twisted.internet import reactor
@@ -14,11 +19,23 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
+from broadcaster.http.webhooks import sign
 from broadcaster.redis.address import RedisAddress
-from broadcaster.service.secrets import MAX_SECRET_FILE, REDIS_PASSWORD, read_secret_file
+from broadcaster.service import secrets
+from broadcaster.service.secrets import (
+    MAX_SECRET_FILE,
+    REDIS_PASSWORD,
+    WORKER_API_KEYS,
+    WORKER_WEBHOOK_SECRET,
+    read_secret_file,
+)
 from broadcaster.service.tap import Options, makeService
-from broadcaster.service.workers import TWISTD
-from tests.support import CollectingProcess, checkout_env
+from broadcaster.service.workers import TWISTD, MasterService
+from tests.http.test_api import publish
+from tests.http.test_webhooks import Receiver, serve
+from tests.redis.test_redis import PASSWORD, RedisServer, require_redis_server
+from tests.service.test_workers import FakeBinder, FakeSpawner, alive
+from tests.support import CollectingProcess, checkout_env, start_twistd, wait_for
 
 HOOK_SECRET = "hook-7f3a91e2"
 API_KEY = "key-c4d81b06"
@@ -213,7 +230,294 @@ class CommandLineWarningTests(FileTestCase):
         self.assertEqual(warnings, [])
 
 
+def master_options(*args, environ=None):
+    """The options of a --workers 2 master that joins an external Redis."""
+    return parse("--workers", "2", *args, environ=environ)
+
+
+class WorkerHandOverTests(FileTestCase):
+    def test_worker_arguments_hold_no_secret(self):
+        """A worker gets the user's options in order, long names and all, less
+        every secret option however it was spelt, and --redis without its
+        password; the secrets go in its environment."""
+        options = master_options(
+            "-p", "tcp:9001", "--webhook-secret=" + HOOK_SECRET,
+            "--api-key=" + API_KEY, "--api-key-f", self.write("key-2\n"),
+            "--webhook", "http://127.0.0.1:1/hook", "--debug",
+            "--redis", "redis://ann:{}@127.0.0.1:6390/1".format(REDIS_SECRET),
+            "--rate", "5",
+        )
+        self.assertEqual(
+            options["worker-args"],
+            [
+                "--workers", "2", "--port", "tcp:9001", "--webhook", "http://127.0.0.1:1/hook",
+                "--debug", "--redis", "redis://ann@127.0.0.1:6390/1", "--rate", "5",
+            ],
+        )
+        self.assertEqual(
+            options["worker-env"],
+            {
+                WORKER_WEBHOOK_SECRET: HOOK_SECRET,
+                WORKER_API_KEYS: json.dumps([API_KEY, "key-2"]),
+                REDIS_PASSWORD: REDIS_SECRET,
+            },
+        )
+        files = master_options(
+            "--webhook-secret-file", self.write(HOOK_SECRET), "--redis", "unix:/run/r.sock",
+            "--redis-password-file", self.write(REDIS_SECRET),
+        )
+        self.assertEqual(files["worker-args"], ["--workers", "2", "--redis", "unix:/run/r.sock"])
+
+    def test_variables_without_a_secret_are_removed(self):
+        """Without secrets (and with a private Redis) every secret variable is
+        to be removed from a worker's environment, BROADCASTER_REDIS_PASSWORD
+        included: the private Redis has no password."""
+        options = master_options(environ={REDIS_PASSWORD: REDIS_SECRET})
+        self.assertEqual(
+            options["worker-env"],
+            {WORKER_WEBHOOK_SECRET: None, WORKER_API_KEYS: None, REDIS_PASSWORD: None},
+        )
+
+    def test_a_worker_reads_the_secrets_from_its_environment(self):
+        """A worker (--worker-fds) parsing what its master gives it ends with
+        the master's secrets."""
+        master = master_options(
+            "--webhook-secret-file", self.write(HOOK_SECRET),
+            "--api-key-file", self.write(API_KEY),
+            "--redis", "redis://ann@127.0.0.1:6390", "--redis-password-file", self.write(REDIS_SECRET),
+        )
+        environ = {k: v for k, v in master["worker-env"].items() if v is not None}
+        worker = parse(
+            *master["worker-args"], "--workers", "1", "--worker-fds", "port=3",
+            "--node-id", "m-w0", environ=environ,
+        )
+        self.assertEqual(worker["webhook-secret"], HOOK_SECRET)
+        self.assertEqual(worker["api-keys"], [API_KEY])
+        self.assertEqual(worker["redis-address"], master["redis-address"])
+        self.assertEqual(worker["secrets-on-command-line"], [])
+
+    def test_a_single_server_ignores_the_worker_variables(self):
+        """Without --worker-fds the internal variables mean nothing: a stray
+        one cannot turn the API on."""
+        environ = {WORKER_WEBHOOK_SECRET: HOOK_SECRET, WORKER_API_KEYS: json.dumps([API_KEY])}
+        options = parse(environ=environ)
+        self.assertEqual((options["webhook-secret"], options["api-keys"]), (None, []))
+
+    def test_a_malformed_key_list_is_refused(self):
+        """A worker whose key variable is not a JSON list of keys stops, naming
+        the variable and not its content."""
+        for text in [API_KEY, json.dumps(API_KEY), json.dumps([API_KEY, 1]), "[\"\"]"]:
+            error = self.assertRefused(
+                ["--worker-fds", "port=3"], WORKER_API_KEYS, environ={WORKER_API_KEYS: text}
+            )
+            self.assertNotIn(API_KEY, error)
+
+    def test_make_service_hands_the_master_both(self):
+        """makeService gives the master the arguments and the environment."""
+        options = master_options(
+            "--api-key-file", self.write(API_KEY), "--redis", "redis://127.0.0.1:6390"
+        )
+        master = makeService(options, reactor=MemoryReactorClock())
+        self.assertIsInstance(master, MasterService)
+        self.assertEqual(master._worker_args, options["worker-args"])
+        self.assertEqual(master._worker_env, options["worker-env"])
+
+
+class MasterEnvironmentTests(SynchronousTestCase):
+    def start(self, redis_server=None):
+        self.patch(os, "environ", dict(os.environ, KEPT="1", **{REDIS_PASSWORD: "user's"}))
+        self.spawner = FakeSpawner()
+        master = MasterService(
+            MemoryReactorClock(),
+            2,
+            [("port", "tcp:9999", "WebSocket endpoint and chat page")],
+            ["--port", "tcp:9999"],
+            node_id="m",
+            stop_timeout=5.0,
+            redis_server=redis_server,
+            spawn=self.spawner,
+            bind=FakeBinder(),
+            python="/usr/bin/python3",
+            worker_env=secrets.worker_environment(HOOK_SECRET, [API_KEY], None),
+        )
+        master.privilegedStartService()
+        master.startService()
+        self.addCleanup(self.stop, master)
+        return master
+
+    def stop(self, master):
+        d = master.stopService()
+        for spawned in self.spawner.spawned:
+            if not spawned.process.ended:
+                spawned.end()
+        self.successResultOf(d)
+
+    def test_workers_get_the_secrets_in_their_environment_only(self):
+        """Each worker's environment is the master's with the secrets set and
+        the variables without one removed; its arguments hold none."""
+        self.start()
+        for worker in self.spawner.workers():
+            self.assertEqual(worker.env["KEPT"], "1")
+            self.assertEqual(worker.env[WORKER_WEBHOOK_SECRET], HOOK_SECRET)
+            self.assertEqual(json.loads(worker.env[WORKER_API_KEYS]), [API_KEY])
+            self.assertNotIn(REDIS_PASSWORD, worker.env)
+            for secret in (HOOK_SECRET, API_KEY):
+                self.assertNotIn(secret, " ".join(worker.args))
+
+    def test_the_private_redis_gets_no_secret(self):
+        """The private redis-server's environment holds none of the secret
+        variables, and its command line no password."""
+        master = self.start(redis_server="/usr/bin/redis-server")
+        (redis,) = self.spawner.redis()
+        self.assertEqual(redis.env["KEPT"], "1")
+        for name in secrets.SECRET_VARIABLES:
+            self.assertNotIn(name, redis.env)
+        self.assertNotIn("--requirepass", redis.args)
+        self.assertEqual(oct(stat.S_IMODE(os.stat(master.redis_directory).st_mode)), "0o700")
+
+
+# The real thing
+
+
+def descendants(pid: int):
+    """The pids of every living process below ``pid``, from /proc."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/{}/stat".format(entry)) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return [child for child in found if alive(child)]
+
+
+def command_line(pid: int) -> str:
+    with open("/proc/{}/cmdline".format(pid), "rb") as f:
+        return f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+
+
 class EndToEndTests(TestCase):
+    timeout = 180
+
+    def write(self, text):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(text + "\n")
+        os.chmod(path, 0o600)
+        return path
+
+    @inlineCallbacks
+    def start(self, secret_args):
+        """
+        Start ``twistd broadcaster --workers 2`` on a Redis with a password
+        and with a webhook, with ``secret_args(redis)``; wait until both
+        workers have logged in to Redis.
+
+        :return: ``(process, port, redis, receiver)``.
+        """
+        if not sys.platform.startswith("linux"):
+            raise SkipTest("reads /proc")
+        require_redis_server()
+        redis = RedisServer(self)
+        yield redis.start()
+        receiver = Receiver()
+        hooks = serve(self, receiver)
+        process, port = yield start_twistd(
+            self,
+            ["--workers", "2", "--webhook", hooks.url + "/hook", *secret_args(redis)],
+        )
+        self.addCleanup(self.kill_left_over, process.transport.pid)
+        yield wait_for(
+            lambda: process.output().count("connected to Redis at") >= 2
+            or process.result is not None,
+            timeout=60,
+            what="two workers logged in to Redis",
+        )
+        self.assertIsNone(process.result)
+        self.assertIn("connected to Redis at redis://:***@127.0.0.1", process.output())
+        return process, port, redis, receiver
+
+    @inlineCallbacks
+    def check(self, process, port, redis, receiver, master_too):
+        """
+        Neither the workers' command lines nor (if ``master_too``) the
+        master's hold a secret, yet the API takes the key and the webhooks
+        are signed with the secret; the master stops cleanly.
+        """
+        master = process.transport.pid
+        workers = [pid for pid in descendants(master) if "--worker-fds" in command_line(pid)]
+        self.assertEqual(len(workers), 2, [command_line(p) for p in descendants(master)])
+        for pid in ([master] if master_too else []) + descendants(master):
+            line = command_line(pid)
+            for secret in (HOOK_SECRET, API_KEY, PASSWORD):
+                self.assertNotIn(secret, line, "pid {}: {}".format(pid, line))
+        for pid in workers:
+            self.assertIn("--redis redis://127.0.0.1:{}/0 ".format(redis.port), command_line(pid))
+            # The environment that carries the secrets is its user's alone.
+            environ = "/proc/{}/environ".format(pid)
+            self.assertEqual(stat.S_IMODE(os.stat(environ).st_mode), 0o400)
+
+        status, _, body = yield publish(port, {"text": "from a script"}, key=API_KEY)
+        self.assertEqual(status, 202, body)
+        status, _, _ = yield publish(port, {"text": "x"}, key="wrong-key")
+        self.assertEqual(status, 401)
+        while True:
+            received = yield receiver.next()
+            if any(e.get("text") == "from a script" for e in received.events):
+                break
+        self.assertEqual(
+            received.headers[b"x-broadcaster-signature"],
+            sign(received.body, HOOK_SECRET.encode()),
+        )
+
+        process.transport.signalProcess("TERM")
+        out, err, status = yield process.ended()
+        self.assertEqual(status, 0, out + err)
+        for secret in (HOOK_SECRET, API_KEY, PASSWORD):
+            self.assertNotIn(secret, out + err)
+        return out
+
+    @inlineCallbacks
+    def test_secrets_in_files_are_on_no_command_line(self):
+        """With --workers 2 and the secrets in files, neither the master's nor
+        any worker's command line holds one, yet the workers sign webhooks
+        with the secret, accept the API key and log in to Redis."""
+        started = yield self.start(
+            lambda redis: [
+                "--redis", "redis://127.0.0.1:{}/0".format(redis.port),
+                "--redis-password-file", self.write(PASSWORD),
+                "--webhook-secret-file", self.write(HOOK_SECRET),
+                "--api-key-file", self.write(API_KEY),
+            ]
+        )
+        out = yield self.check(*started, master_too=True)
+        self.assertNotIn("on the command line", out)
+
+    @inlineCallbacks
+    def test_secrets_on_the_command_line_stay_off_the_workers(self):
+        """Secrets given on the master's command line still work, are warned
+        about, and are on no worker's command line."""
+        started = yield self.start(
+            lambda redis: [
+                "--redis", redis.url, "--webhook-secret", HOOK_SECRET, "--api-key", API_KEY,
+            ]
+        )
+        out = yield self.check(*started, master_too=False)
+        for flag in ("--webhook-secret", "--api-key", "--redis"):
+            self.assertIn("{} puts a secret on the command line".format(flag), out)
+
+    def kill_left_over(self, master):
+        for pid in descendants(master):
+            os.kill(pid, signal.SIGKILL)
+
     @inlineCallbacks
     def test_a_bad_secret_file_stops_twistd_with_the_flag(self):
         """twistd with an unreadable secret file exits at once with a usage

@@ -509,7 +509,7 @@ class OptionsTests(SynchronousTestCase):
     def test_make_service_returns_the_master(self):
         """makeService with --workers 2 builds the master: it listens on every
         port the options name (with the listen backlog) and hands the workers
-        the user's options."""
+        the user's options (--redis as parsed, without a password)."""
         args = [
             "--workers", "2", "--redis", "redis://127.0.0.1:6379", "--port", "tcp:9001",
             "--line-port", "none", "--metrics-port", "tcp:9100", "--drain-timeout", "3",
@@ -525,7 +525,7 @@ class OptionsTests(SynchronousTestCase):
                 ("metrics", "tcp:9100:backlog=1024"),
             ],
         )
-        self.assertEqual(master._worker_args, args)
+        self.assertEqual(master._worker_args, [*args[:3], "redis://127.0.0.1:6379/0", *args[4:]])
         self.assertEqual(master.stop_timeout, 8.0)
         self.assertIsNone(master._redis_server)
         self.assertRegex(master.node_id, "^[0-9a-f]{6}$")
