@@ -107,11 +107,19 @@ class SecretFileTests(FileTestCase):
                 self.assertNotIn(marker, error)
 
     def test_an_unreadable_file_is_refused(self):
-        """A file its reader may not open is refused with the flag and why."""
-        if os.geteuid() == 0:
-            raise SkipTest("root reads files whatever their mode")
-        path = self.write(HOOK_SECRET, mode=0)
-        self.assertRefused(["--webhook-secret-file", path], "--webhook-secret-file", "Permission denied")
+        """A path that cannot be read as a file is refused with the flag and
+        why: one the reader may not open, or (readable by no one, root
+        included) a directory."""
+        if os.geteuid() != 0:
+            path = self.write(HOOK_SECRET, mode=0)
+            self.assertRefused(
+                ["--webhook-secret-file", path], "--webhook-secret-file", "Permission denied"
+            )
+        directory = self.mktemp()
+        os.mkdir(directory)
+        self.assertRefused(
+            ["--webhook-secret-file", directory], "--webhook-secret-file", "Is a directory"
+        )
 
     def test_api_key_file_errors_hold_no_content(self):
         """An --api-key-file that is not UTF-8 is refused without quoting a byte of it."""
