@@ -237,6 +237,58 @@ class TerminalAndLogTests(HostileTestCase):
             self.assertNotIn(secret, output)
 
 
+class NumberTests(HostileTestCase):
+    """Numbers that are not ASCII digits, or too many of them."""
+
+    @inlineCallbacks
+    def handshake_status(self, query):
+        """The status line a WebSocket handshake for ``/?<query>`` gets."""
+        client = yield connect_raw(self, self.port, LineClient)
+        client.transport.write(
+            "GET /?{} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".format(query).encode("ascii")
+        )
+        yield wait_for(lambda: b"\r\n" in client.data, what="a status line")
+        return client.data.split(b"\r\n", 1)[0].decode("latin-1")
+
+    @inlineCallbacks
+    def test_bad_since_is_400_not_500(self):
+        """?since= with a superscript digit, 5,000 digits, or a number past
+        2**53 is refused with 400 and logged; a good one is accepted."""
+        yield self.start(image_port=False)
+        for query in ("since=abc:%C2%B2", "since=e:" + "9" * 5000, "since=e:9007199254740993"):
+            self.honest_say()
+            self.assertEqual(
+                (yield self.handshake_status(query)),
+                "HTTP/1.1 400 ?since= must be <epoch>:<seq> from the last lobby message seen",
+            )
+        self.assertEqual(
+            (yield self.handshake_status("since=e:12")), "HTTP/1.1 101 Switching Protocols"
+        )
+        yield self.assert_honest_chat_intact()
+        self.assertIn("bad ?since=", self.process.output())
+        self.assertNotIn("Internal server error", self.process.output())
+
+    @inlineCallbacks
+    def test_bad_numbers_in_json_are_errors_with_the_ref(self):
+        """A join whose since.seq is past 2**53, and a message whose ref
+        has 5,000 digits: each sender is told, the connection stays up."""
+        yield self.start(image_port=False)
+        self.ann.send_json({"type": "join", "room": "r", "since": {"epoch": "e", "seq": 10**30}, "ref": "j"})
+        self.ann.sendMessage(b'{"type":"message","text":"x","ref":' + b"9" * 5000 + b"}")
+        self.honest_say()
+        errors = []
+        while len(errors) < 2:
+            event = yield self.ann.next_json()
+            if event["type"] == "error":
+                errors.append(event)
+        self.assertEqual(errors[0]["ref"], "j")
+        self.assertIn('"since" must be', errors[0]["reason"])
+        self.assertIn("malformed JSON", errors[1]["reason"])
+        yield self.assert_honest_chat_intact()
+
+
 class LineClient(Protocol):
     """A line-bridge client that keeps what it receives."""
 

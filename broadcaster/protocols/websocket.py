@@ -69,6 +69,7 @@ from broadcaster.protocols.wire import (
     JSONCodec,
     PlainCodec,
     parse_client_message,
+    parse_since_param,
 )
 
 #: Close code for a client that fell more than --max-buffer behind.
@@ -121,16 +122,6 @@ _FRAME_BATCH = {_PLAIN: _frame_batch(_PLAIN), _JSON: _frame_batch(_JSON)}
 def _frame_for(batch, codec) -> Tuple[bytes, int]:
     """``batch`` framed in ``codec``'s format, once for all its clients."""
     return encoded(batch, codec, _FRAME_BATCH[codec])
-
-
-def _parse_since_param(value: str) -> Optional[Tuple[str, int]]:
-    """
-    Read ``?since=<epoch>:<seq>``; ``None`` if it is not that.
-    """
-    epoch, colon, seq = value.rpartition(":")
-    if not colon or not epoch or not seq.isdigit():
-        return None
-    return epoch, int(seq)
 
 
 class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
@@ -214,12 +205,13 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
         self._lobby_since = None
         since = request.params.get("since")
         if since:
-            self._lobby_since = _parse_since_param(since[-1])
+            self._lobby_since = parse_since_param(since[-1])
             if self._lobby_since is None:
                 self._log.warn(
                     "[REFUSED] {peer}: bad ?since= {since!r}; answered 400",
                     peer=request.peer,
-                    since=since[-1],
+                    # Its start is enough to tell what was wrong.
+                    since=since[-1][:100],
                 )
                 self.factory.hub.stats.refused_handshakes["since"] += 1
                 raise ConnectionDeny(

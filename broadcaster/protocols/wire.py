@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import re
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from broadcaster.core.events import (
@@ -334,7 +335,7 @@ def _ref(request: Dict[str, Any]) -> Any:
         raise BadRequest('"ref" must be a string or an integer')
     if isinstance(ref, str) and len(ref) > MAX_REF_LENGTH:
         raise BadRequest('"ref" must be at most {} characters'.format(MAX_REF_LENGTH))
-    if isinstance(ref, int) and abs(ref) > 2**53:
+    if isinstance(ref, int) and abs(ref) > MAX_SAFE_INTEGER:
         raise BadRequest('"ref" must be an integer JavaScript can hold exactly')
     return ref
 
@@ -350,15 +351,40 @@ def _room(request: Dict[str, Any], required: bool, ref: Any) -> str:
         raise BadRequest(str(e), ref) from None
 
 
+#: The largest integer a client may send (``seq``, ``limit``, ``before``,
+#: ``ref``): the largest JavaScript holds exactly.
+MAX_SAFE_INTEGER = 2**53
+
+#: Longest epoch a client may name (the server's are 16 characters, or
+#: ``local-<node>-<n>``).
+MAX_EPOCH_LENGTH = 128
+
+# ?since=<epoch>:<seq>: printable ASCII, then ASCII digits (str.isdigit()
+# also accepts "²" and "٣", which int() then refuses or reads).
+_SINCE_PARAM = re.compile(r"([!-~]{1,%d}):([0-9]{1,16})" % MAX_EPOCH_LENGTH, re.ASCII)
+
+
+def parse_since_param(value: str) -> Optional[Tuple[str, int]]:
+    """
+    Read ``?since=<epoch>:<seq>``; ``None`` if it is not that, within the
+    bounds a ``since`` object has.
+    """
+    match = _SINCE_PARAM.fullmatch(value)
+    if match is None or int(match.group(2)) > MAX_SAFE_INTEGER:
+        return None
+    return match.group(1), int(match.group(2))
+
+
 def _since(value: Any, ref: Any) -> Optional[Tuple[str, int]]:
     if value is None:
         return None
     if (
         not isinstance(value, dict)
         or not isinstance(value.get("epoch"), str)
+        or len(value["epoch"]) > MAX_EPOCH_LENGTH
         or isinstance(value.get("seq"), bool)
         or not isinstance(value.get("seq"), int)
-        or value["seq"] < 0
+        or not 0 <= value["seq"] <= MAX_SAFE_INTEGER
     ):
         raise BadRequest(
             '"since" must be {"epoch": <string>, "seq": <integer >= 0>},'
@@ -370,7 +396,7 @@ def _since(value: Any, ref: Any) -> Optional[Tuple[str, int]]:
 
 def _positive_int(request: Dict[str, Any], field: str, default: Any, ref: Any) -> int:
     value = request.get(field, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value > 2**53:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SAFE_INTEGER:
         raise BadRequest('"{}" must be a positive integer'.format(field), ref)
     return value
 

@@ -9,6 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from broadcaster.core.events import BinaryMessage, ImageMessage, Joined, Left, Renamed, TextMessage
 from broadcaster.protocols.wire import (
+    parse_since_param,
     MEMBERS_PAGE,
     BadRequest,
     JSONCodec,
@@ -302,3 +303,52 @@ class ParseClientMessageTests(SynchronousTestCase):
         """A message needs a text string."""
         self.assertRefused({"type": "message"}, '"text"')
         self.assertRefused({"type": "message", "text": 5}, '"text"')
+
+
+class ClientNumberTests(SynchronousTestCase):
+    """Numbers from clients are ASCII digits within what JavaScript holds,
+    wherever they come from: anything else is a clear refusal, never a
+    server error."""
+
+    def test_since_param(self):
+        self.assertEqual(parse_since_param("a1b2:17"), ("a1b2", 17))
+        self.assertEqual(parse_since_param("local-n-2:0"), ("local-n-2", 0))
+        for bad in (
+            "abc:\u00b2",  # superscript two: isdigit() says yes, int() says no
+            "abc:\u0663",  # Arabic-Indic three: int() reads it as 3
+            "e:" + "9" * 5000,  # int() refuses more than 4300 digits
+            "e:" + str(2**53 + 1),
+            "e:-1",
+            ":1",
+            "e:",
+            "e 1:2",
+            "\x1b[2J:1",
+            "e" * 129 + ":1",
+        ):
+            self.assertIsNone(parse_since_param(bad), bad[:20])
+
+    def test_since_object(self):
+        for since in (
+            {"epoch": "e", "seq": 2**53 + 1},
+            {"epoch": "e", "seq": 10**100},
+            {"epoch": "e" * 129, "seq": 1},
+            {"epoch": "e", "seq": -1},
+            {"epoch": "e", "seq": True},
+        ):
+            payload = json.dumps({"type": "join", "room": "r", "since": since, "ref": 7})
+            error = self.assertRaises(BadRequest, parse_client_message, payload.encode())
+            self.assertEqual(error.ref, 7)
+            self.assertIn('"since" must be', str(error))
+        parsed = parse_client_message(
+            json.dumps({"type": "join", "room": "r", "since": {"epoch": "e", "seq": 2**53}}).encode()
+        )
+        self.assertEqual(parsed["since"], ("e", 2**53))
+
+    def test_huge_numbers_are_malformed_json_or_refused(self):
+        for payload in (
+            b'{"type":"message","text":"x","ref":' + b"9" * 5000 + b"}",
+            b'{"type":"history","room":"r","limit":1e400}',
+            b'{"type":"history","room":"r","limit":' + b"9" * 100 + b"}",
+            b'{"type":"history","room":"r","before":-3}',
+        ):
+            self.assertRaises(BadRequest, parse_client_message, payload)
