@@ -54,6 +54,7 @@ class HostileTestCase(TestCase):
         self.ann, _ = yield join_chat(self, self.port, "ann")
         self.bob, _ = yield join_chat(self, self.port, "bob")
         self.honest_sent = []
+        self.honest_heard = []
 
     def honest_say(self, count=10):
         """Ann says ``count`` more things in the lobby."""
@@ -63,20 +64,25 @@ class HostileTestCase(TestCase):
             self.ann.send_json({"type": "message", "text": text})
 
     @inlineCallbacks
-    def assert_honest_chat_intact(self):
-        """Bob has received everything Ann said, once each, in order."""
-        self.honest_say(1)
-        heard = []
-        for _ in range(20000):
+    def bob_reads(self):
+        """Bob's next JSON event (skipping binary payloads), noting what
+        Ann said."""
+        while True:
             payload, binary = yield self.bob.next(timeout=60)
             if binary:
                 continue  # the bytes of an image or binary message
             event = json.loads(payload)
             if event["type"] == "message" and event["text"].startswith("honest "):
-                heard.append(event["text"])
-                if event["text"] == self.honest_sent[-1]:
-                    break
-        self.assertEqual(heard, self.honest_sent)
+                self.honest_heard.append(event["text"])
+            return event
+
+    @inlineCallbacks
+    def assert_honest_chat_intact(self):
+        """Bob has received everything Ann said, once each, in order."""
+        self.honest_say(1)
+        while self.honest_sent[-1] not in self.honest_heard:
+            yield self.bob_reads()
+        self.assertEqual(self.honest_heard, self.honest_sent)
 
     def logged(self, text):
         return text in self.process.output()
@@ -235,6 +241,43 @@ class TerminalAndLogTests(HostileTestCase):
         self.assertIn("<redacted>", output)
         for secret in secrets:
             self.assertNotIn(secret, output)
+
+
+class RoomStateTests(HostileTestCase):
+    """Asking about rooms must not make the server keep them."""
+
+    @inlineCallbacks
+    def test_who_for_strangers_rooms_evicts_nothing(self):
+        """With --max-rooms 50, 60 who requests for random rooms are each
+        refused (not in the room), and a real room's history survives: a
+        member coming back recovers it completely."""
+        yield self.start("--max-rooms", "50", image_port=False)
+        self.ann.send_json({"type": "join", "room": "real"})
+        self.ann.send_json({"type": "message", "room": "real", "text": "remember me"})
+        event = None
+        while not (event and event["type"] == "message" and event.get("room") == "real"):
+            event = yield self.ann.next_json()
+        since = {"epoch": event["epoch"], "seq": event["seq"] - 1}
+        self.ann.send_json({"type": "leave", "room": "real"})
+        eve, _ = yield join_chat(self, self.port, "eve")
+        for i in range(60):
+            eve.send_json({"type": "who", "room": "probe-{}".format(i), "ref": i})
+        self.honest_say()
+        refused = 0
+        while refused < 60:
+            event = yield eve.next_json()
+            if event["type"] == "error":
+                self.assertEqual(event["reason"], "not in room 'probe-{}': join it first".format(event["ref"]))
+                refused += 1
+        self.bob.send_json({"type": "join", "room": "real", "since": since})
+        while True:
+            event = yield self.bob_reads()
+            if event["type"] == "recovered" and event.get("room") == "real":
+                break
+            if event["type"] == "message" and event.get("room") == "real":
+                self.assertEqual(event["text"], "remember me")
+        self.assertTrue(event["complete"])
+        yield self.assert_honest_chat_intact()
 
 
 class NumberTests(HostileTestCase):

@@ -101,9 +101,13 @@ class RoomTests(TestCase):
         bob.send_json({"type": "leave", "room": "dev"})
         left = (yield read_until(ann, of_type("leave", room="dev")))[-1]
         self.assertEqual((left["id"], left["name"]), (bob_welcome["id"], "bob"))
-        bob.send_json({"type": "who", "room": "dev"})
-        presence = (yield read_until(bob, of_type("presence", room="dev")))[-1]
+        ann.send_json({"type": "who", "room": "dev"})
+        presence = (yield read_until(ann, of_type("presence", room="dev")))[-1]
         self.assertEqual([m["name"] for m in presence["members"]], ["ann"])
+        # Only members may ask.
+        bob.send_json({"type": "who", "room": "dev", "ref": 3})
+        error = (yield read_until(bob, of_type("error")))[-1]
+        self.assertEqual((error["reason"], error["ref"]), ("not in room 'dev': join it first", 3))
 
     @inlineCallbacks
     def test_names_from_url_and_hello(self):

@@ -386,6 +386,24 @@ class Hub:
             raise NotInRoom("not in room {!r}: join it first".format(room))
         return self.backplane.history(room, limit, before)
 
+    def who(self, member_id: str, room: str) -> Deferred:
+        """
+        Who is in a room the member is in, and where its sequence stands.
+
+        Only members may ask: the answer is theirs to know, and asking must
+        not make the server keep anything for a room nobody is in (a
+        room's position is kept, and may push other rooms' histories out,
+        once it is asked for).
+
+        :return: a Deferred firing with ``(members, epoch, seq)``.
+        :raise NotInRoom: if the member is not in ``room``.
+        """
+        if room not in self._memberships.get(member_id, ()):
+            raise NotInRoom("not in room {!r}: join it first".format(room))
+        return self.backplane.position(room).addCallback(
+            lambda position: (self.presence(room), *position)
+        )
+
     def replay(self, member: Member, room: str, epoch: str, seq: int) -> Deferred:
         """
         Deliver to ``member`` alone, in order, the messages of ``room`` after

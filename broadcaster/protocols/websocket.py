@@ -554,14 +554,10 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
         self.factory.hub.rename(self)
 
     def _do_who(self, request) -> None:
-        hub = self.factory.hub
         room = request["room"]
-        hub.position(room).addCallback(
-            lambda position: self._reply(
-                _JSON.presence(
-                    room, hub.presence(room), *position,
-                    after=request["cursor"], limit=request["limit"],
-                )
+        self.factory.hub.who(self.id, room).addCallback(
+            lambda answer: self._reply(
+                _JSON.presence(room, *answer, after=request["cursor"], limit=request["limit"])
             )
         ).addErrback(self._backplane_failed, request["ref"])
 

@@ -15,6 +15,8 @@ What lives in Redis (every key starts with ``broadcaster:<namespace>:``)::
                          restarts the sequence: Redis lost its data)
     room:<room>:seq      the room's last sequence number
     room:<room>:history  its last --history-size messages, as published
+                         (the three expire --room-ttl after the room's last
+                         join, recovery or message)
     nodes                the ids of the registered nodes
     node:<id>:alive      the node's random token, expiring --node-timeout
                          seconds after its last heartbeat
@@ -142,6 +144,8 @@ class RedisBackplane:
     :param history_size: text messages each room keeps (0: none).
     :param node_timeout: seconds after which a node that stopped
         heartbeating is declared dead and its clients announced as gone.
+    :param room_ttl: seconds a room's keys outlive its last use (a join,
+        a recovery, a message; ``--room-ttl``); 0: for ever.
     :param clock: the reactor whose time stamps synthesized events
         (default: the global one).
     :param connections: the connections to Redis (default:
@@ -166,6 +170,7 @@ class RedisBackplane:
         node_timeout: float = 15.0,
         clock: Optional[IReactorTime] = None,
         connections: Optional[Connections] = None,
+        room_ttl: float = 7 * 24 * 3600,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
@@ -176,6 +181,7 @@ class RedisBackplane:
         self.namespace = namespace
         self.history_size = history_size
         self.node_timeout = node_timeout
+        self._room_ttl = int(room_ttl * 1000)
         self._clock = clock
         self._prefix = "broadcaster:{}:".format(namespace)
         self.channel = self._prefix + "events" + (":db{}".format(address.db) if address.db else "")
@@ -536,7 +542,7 @@ class RedisBackplane:
             d = self._eval(
                 PUBLISH_TEXT,
                 self._room_keys(event.room),
-                [self.channel, body, new_epoch(), self.history_size],
+                [self.channel, body, new_epoch(), self.history_size, self._room_ttl],
             )
         elif isinstance(event, PRESENCE_EVENTS):
             d = self._eval(
@@ -654,7 +660,7 @@ class RedisBackplane:
     def position(self, room: str) -> Deferred:
         if not self.connected:
             return succeed(self._local_position(room))
-        d = self._eval(POSITION, self._room_keys(room), [new_epoch()])
+        d = self._eval(POSITION, self._room_keys(room), [new_epoch(), self._room_ttl])
         d.addCallback(lambda reply: (reply[0].decode("ascii"), int(reply[1])))
         # The welcome waits for this: never leave a client without one.
         return d.addErrback(lambda failure: self._local_position(room))
@@ -708,7 +714,9 @@ class RedisBackplane:
                 upto = 0
             return history.after(epoch, seq, upto=upto)
 
-        return self._eval(MISSED, self._room_keys(room), [new_epoch()]).addCallback(answered)
+        return self._eval(
+            MISSED, self._room_keys(room), [new_epoch(), self._room_ttl]
+        ).addCallback(answered)
 
     def members(self, room: str) -> list:
         """

@@ -398,6 +398,15 @@ class Options(usage.Options):
             positive_float,
         ],
         [
+            "room-ttl",
+            None,
+            7 * 24 * 3600.0,
+            "With --redis: seconds a room's keys (sequence, epoch, history) "
+            "are kept after its last join, recovery or message; 0 keeps them "
+            "for ever.",
+            non_negative_float,
+        ],
+        [
             "webhook-secret",
             None,
             None,

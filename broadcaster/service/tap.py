@@ -225,6 +225,7 @@ def makeService(options: Options, reactor=None) -> "BroadcasterService | MasterS
             namespace=options["redis-namespace"],
             history_size=options["history-size"],
             node_timeout=options["node-timeout"],
+            room_ttl=options["room-ttl"],
             clock=reactor,
             connections=RedisConnections(address, reactor),
         )

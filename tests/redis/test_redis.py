@@ -656,6 +656,48 @@ class RedisTestCase(TestCase):
         yield self.redis.start()
 
 
+class RoomKeyTests(RedisTestCase):
+    """What a room leaves in Redis, and for how long."""
+
+    @inlineCallbacks
+    def room_keys(self, room):
+        keys = yield self.redis.command("KEYS", "broadcaster:default:room:{}:*".format(room))
+        return sorted(keys)
+
+    @inlineCallbacks
+    def test_room_keys_expire_after_the_last_use(self):
+        """Joining a room and writing to it give its keys --room-ttl to
+        live, renewed by each use; asking about a room one is not in
+        creates no key at all."""
+        node, port = yield start_node(self, self.redis, "alpha", "--room-ttl", "600")
+        ann, _ = yield join_chat(self, port, "ann")
+        ann.send_json({"type": "join", "room": "dev"})
+        yield read_until(ann, of_type("presence", room="dev"))
+        self.assertEqual(
+            (yield self.room_keys("dev")),
+            ["broadcaster:default:room:dev:epoch", "broadcaster:default:room:dev:seq"],
+        )
+        ann.send_json({"type": "message", "room": "dev", "text": "kept a while"})
+        yield messages_until(ann, "kept a while")
+        for key in (yield self.room_keys("dev")):
+            ttl = yield self.redis.command("PTTL", key)
+            self.assertTrue(590_000 < ttl <= 600_000, (key, ttl))
+        for i in range(20):
+            ann.send_json({"type": "who", "room": "probe-{}".format(i), "ref": i})
+        errors = yield read_until(ann, of_type("error", ref=19))
+        self.assertEqual(len([e for e in errors if e["type"] == "error"]), 20)
+        self.assertEqual((yield self.room_keys("probe-*")), [])
+
+    @inlineCallbacks
+    def test_room_ttl_zero_keeps_rooms(self):
+        node, port = yield start_node(self, self.redis, "alpha", "--room-ttl", "0")
+        ann, _ = yield join_chat(self, port, "ann")
+        ann.send_json({"type": "message", "text": "for ever"})
+        yield messages_until(ann, "for ever")
+        for key in (yield self.room_keys("lobby")):
+            self.assertEqual((yield self.redis.command("PTTL", key)), -1, key)
+
+
 class CrossNodeTests(RedisTestCase):
     @inlineCallbacks
     def setUp(self):

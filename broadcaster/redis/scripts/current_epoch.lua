@@ -11,3 +11,15 @@ local function current_epoch(seq_key, epoch_key, history_key, candidate)
   end
   return epoch
 end
+
+-- Keep a room's keys for ttl more milliseconds (--room-ttl; 0: for ever):
+-- each use of a room renews them, so only rooms nobody joins or writes to
+-- are forgotten.
+local function keep_room(seq_key, epoch_key, history_key, ttl)
+  ttl = tonumber(ttl)
+  if ttl > 0 then
+    redis.call('PEXPIRE', seq_key, ttl)
+    redis.call('PEXPIRE', epoch_key, ttl)
+    redis.call('PEXPIRE', history_key, ttl)
+  end
+end
