@@ -261,7 +261,19 @@ class RedisBackplane:
                 DEREGISTER,
                 [self._nodes_key, self._alive_key, self._members_key],
                 [self.node_id, self._token, self.channel, self._state_event({}, alive=False)],
-            ).addErrback(lambda failure: None)
+            )
+            done.addCallbacks(
+                lambda _: self._log.info(
+                    "node {node} left Redis: the other nodes know its clients are gone",
+                    node=self.node_id,
+                ),
+                lambda failure: self._log.warn(
+                    "node {node} could not leave Redis ({error}): the other nodes will"
+                    " announce its clients gone within --node-timeout",
+                    node=self.node_id,
+                    error=failure.getErrorMessage(),
+                ),
+            )
         else:
             done = succeed(None)
 

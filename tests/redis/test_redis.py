@@ -20,7 +20,8 @@ import treq
 from PIL import Image
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import LogLevel, globalLogPublisher
@@ -48,6 +49,7 @@ from tests.support import (
     wait_for,
 )
 from tests.test_batching import BatchRecorder
+from tests.test_limits import StalledReader
 from tests.core.test_hub import RecordingMember
 from tests.test_rooms import join_chat, of_type, read_until
 
@@ -1047,6 +1049,32 @@ class NodeDeathTests(RedisTestCase):
         self.assertEqual((left["room"], left["name"]), ("lobby", "ann"))
         self.assertEqual(ids(b.hub.presence("lobby")), {bob_welcome["id"]})
         self.assertEqual(b.hub.backplane.state()["nodes"], 1)
+
+    @inlineCallbacks
+    def test_sigterm_drains_clients_before_leaving_redis(self):
+        """SIGTERM on a twistd node: its clients are drained first (a client
+        that never answers the close is waited for, --drain-timeout), and
+        only then does the node leave Redis; a client on another node hears
+        of its clients' departure no earlier than the drain's end."""
+        process, port_a = yield start_twistd(
+            self, ["--redis", self.redis.url, "--node-id", "alpha", "--drain-timeout", "2"]
+        )
+        b, port_b = yield start_node(self, self.redis, "beta")
+        bob, _ = yield join_chat(self, port_b, "bob")
+        frozen = yield TCP4ClientEndpoint(reactor, "127.0.0.1", port_a).connect(
+            Factory.forProtocol(StalledReader)
+        )
+        self.addCleanup(frozen.transport.abortConnection)
+        yield wait_for(lambda: len(b.hub.presence("lobby")) == 2, what="alpha's client on beta")
+        started = reactor.seconds()
+        process.transport.signalProcess(signal.SIGTERM)
+        yield read_until(bob, of_type("leave"), limit=10)
+        self.assertGreaterEqual(reactor.seconds() - started, 1.5)
+        out, err, status = yield process.ended()
+        self.assertEqual(status, 0, out + err)
+        drained = out.index("did not close within 2 s; dropping them")
+        left = out.index("node alpha left Redis")
+        self.assertLess(drained, left)
 
     @inlineCallbacks
     def test_a_stopping_node_says_goodbye(self):
