@@ -14,6 +14,7 @@ are tried on every run whatever Hypothesis draws.
 
 import functools
 import json
+import os
 import struct
 import traceback
 from contextlib import contextmanager
@@ -61,6 +62,7 @@ from tests.core.test_imaging import make_image
 #: Every property: 200 examples, no per-example deadline (the first example
 #: pays for imports), no example database written into the checkout, and
 #: one failure reported (the simplest Hypothesis found), not a group.
+# Derandomised in CI, with the failing blob printed: see tests/__init__.py.
 FUZZ = settings(max_examples=200, deadline=None, database=None, report_multiple_bugs=False)
 
 
@@ -788,3 +790,12 @@ class WebSocketFuzzTests(FuzzTestCase):
         self.assertEqual(len(hub), 0)
         self.assertEqual(hub.rooms(), [])
         self.assertEqual(reactor.getDelayedCalls(), [])
+
+
+class ReproducibleTests(SynchronousTestCase):
+    def test_ci_runs_the_same_examples_every_time(self):
+        """In CI the property tests are derandomised, so that a failure there
+        is the same failure on any machine; everywhere a failure prints the
+        blob that replays it."""
+        self.assertTrue(FUZZ.print_blob)
+        self.assertEqual(FUZZ.derandomize, bool(os.environ.get("CI")))
