@@ -15,6 +15,7 @@ are tried on every run whatever Hypothesis draws.
 import functools
 import json
 import os
+import re
 import struct
 import traceback
 from contextlib import contextmanager
@@ -30,6 +31,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from broadcaster.core.events import ImageMessage, TextMessage
+from broadcaster.core.text import escape_controls
 from broadcaster.protocols.images import ImageFactory, frame
 from broadcaster.core.imaging import ImageError, normalise
 from broadcaster.protocols.lines import LineBridgeFactory
@@ -62,6 +64,10 @@ from tests.core.test_imaging import make_image
 #: Every property: 200 examples, no per-example deadline (the first example
 #: pays for imports), no example database written into the checkout, and
 #: one failure reported (the simplest Hypothesis found), not a group.
+#: What the line bridge turns into spaces: every line break of a terminal
+#: or of str.splitlines() (see broadcaster.protocols.lines).
+LINE_BREAKS = re.compile("\r\n|[\r\n\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
+
 # Derandomised in CI, with the failing blob printed: see tests/__init__.py.
 FUZZ = settings(max_examples=200, deadline=None, database=None, report_multiple_bugs=False)
 
@@ -414,6 +420,7 @@ class LineBridgeFuzzTests(FuzzTestCase):
     @example(b"x" * LINE_LIMIT + b"\r\n", [LINE_LIMIT + 1])
     @example(b"x" * (LINE_LIMIT + 1) + b"\n", [LINE_LIMIT + 1])
     @example(b"ok\r\r\na\rb\xc2\x85c\n", [5])
+    @example(b"\x1b]0;x\x07 \x1f\t\xc2\x9b\n", [3])
     def test_any_bytes(self, data, cuts):
         """Every complete line is broadcast, or refused with one ERROR line;
         broadcasts hold no line break and fit the limit; the client reads
@@ -477,8 +484,9 @@ class LineBridgeFuzzTests(FuzzTestCase):
             if want == "error":
                 self.assertEqual(got, "error")
             else:
-                # Line breaks inside the message became spaces; all else is as sent.
-                self.assertEqual(got.split(), want.split())
+                # Line breaks inside the message became spaces, other
+                # control characters escapes; all else is as sent.
+                self.assertEqual(got, escape_controls(" ".join(LINE_BREAKS.split(want))))
         self.assertEqual(transport.disconnecting, closes)
 
         protocol.connectionLost(Failure(ConnectionDone()))
