@@ -38,6 +38,7 @@ from broadcaster.core.events import (
     TextMessage,
 )
 from broadcaster.core.fanout import FanOut
+from broadcaster.core.permissions import HISTORY, JOIN, PRESENCE, PUBLISH
 from broadcaster.core.members import Member
 from broadcaster.core.names import LOBBY
 from broadcaster.core.stats import Stats
@@ -209,19 +210,33 @@ class Hub:
 
     # Connections
 
-    def connect(self, member: Member) -> Joined:
+    def connect(self, member: Member) -> Optional[Joined]:
         """
-        Add ``member`` and put it in the lobby.  Everyone in the lobby, the
-        newcomer included, is told: a client learns its own id the same way
-        it learns others'.
+        Add ``member`` and put it in the lobby, if its grants let it join
+        the lobby.  Everyone in the lobby, the newcomer included, is told: a
+        client learns its own id the same way it learns others'.
+
+        :return: the lobby's announcement, or ``None`` if it may not join it.
         """
         if member.id in self._members:
             raise ValueError("member {!r} is already connected".format(member.id))
         self._members[member.id] = member
         self._memberships[member.id] = {}
-        joined = self._join(member, LOBBY, fresh=True)
-        assert joined is not None
-        return joined
+        if not member.grants.allows(LOBBY, JOIN):
+            return None
+        return self._join(member, LOBBY, fresh=True)
+
+    def check(self, member_id: str, room: str, right: str) -> None:
+        """
+        Refuse what a member may not do, before any work is done for it
+        (an image decoded, a download made).
+
+        :raise Forbidden: unless the member's grants allow ``right`` in
+            ``room`` (see :mod:`broadcaster.core.permissions`).
+        """
+        member = self._members.get(member_id)
+        if member is not None:
+            member.grants.check(room, right)
 
     def disconnect(self, member: Member) -> List[Left]:
         """
@@ -253,6 +268,7 @@ class Hub:
 
         :return: the announcement, or ``None`` if it was already there.
         :raise TooManyRooms: if the member is in as many rooms as allowed.
+        :raise Forbidden: if its grants do not let it join ``room``.
         """
         return self._join(member, room, fresh=False)
 
@@ -264,6 +280,7 @@ class Hub:
         rooms = self._memberships[member.id]
         if room in rooms:
             return None
+        member.grants.check(room, JOIN)
         if len(rooms) >= self.max_rooms_per_member:
             raise TooManyRooms(
                 "already in {} rooms, the most allowed".format(self.max_rooms_per_member)
@@ -319,10 +336,12 @@ class Hub:
         :return: a Deferred firing with the :class:`TextMessage` as
             delivered (with its ``seq`` and ``epoch``).
         :raise NotInRoom: if ``sender`` is not in ``room``.
+        :raise Forbidden: if it may not publish there.
         """
         member = self._members.get(sender)
         if member is None or room not in self._memberships[sender]:
             raise NotInRoom("not in room {!r}: join it first".format(room))
+        member.grants.check(room, PUBLISH)
         return self.backplane.publish(
             TextMessage(
                 ts=self._clock.seconds(), origin=self.node_id, room=room, sender=sender, text=text, name=member.name
@@ -347,7 +366,10 @@ class Hub:
     def publish_binary(self, sender: str, data: bytes) -> BinaryMessage:
         """
         Send ``data`` from ``sender`` to everyone in the lobby, the sender included.
+
+        :raise Forbidden: if it may not publish in the lobby.
         """
+        self.check(sender, LOBBY, PUBLISH)
         event = BinaryMessage(ts=self._clock.seconds(), origin=self.node_id, sender=sender, data=data)
         self.backplane.publish(event)
         return event
@@ -357,7 +379,11 @@ class Hub:
         Send a normalised PNG from ``sender`` to everyone in the lobby.
         Members decide whether the sender hears its own image (the image
         port does not).
+
+        :raise Forbidden: if it may not publish in the lobby (the
+            protocols ask :meth:`check` before decoding).
         """
+        self.check(sender, LOBBY, PUBLISH)
         event = ImageMessage(
             ts=self._clock.seconds(),
             origin=self.node_id,
@@ -384,6 +410,7 @@ class Hub:
         """
         if room not in self._memberships.get(member_id, ()):
             raise NotInRoom("not in room {!r}: join it first".format(room))
+        self.check(member_id, room, HISTORY)
         return self.backplane.history(room, limit, before)
 
     def who(self, member_id: str, room: str) -> Deferred:
@@ -400,6 +427,7 @@ class Hub:
         """
         if room not in self._memberships.get(member_id, ()):
             raise NotInRoom("not in room {!r}: join it first".format(room))
+        self.check(member_id, room, PRESENCE)
         return self.backplane.position(room).addCallback(
             lambda position: (self.presence(room), *position)
         )
@@ -424,6 +452,8 @@ class Hub:
         rooms = self._memberships.get(member.id, {})
         if room not in rooms:
             raise NotInRoom("not in room {!r}: join it first".format(room))
+        member.grants.check(room, HISTORY)
+
         def deliver(result):
             messages, complete = result
             for message in messages:

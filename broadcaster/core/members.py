@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Callable, Dict, List, Optional, Protocol
 
 from broadcaster.core.events import Event, EventBatch
+from broadcaster.core.permissions import EVERYTHING, Grants
 from broadcaster.core.stats import Stats
 
 
@@ -62,6 +63,8 @@ class Member(Protocol):
 
     id: str
     name: Optional[str]
+    #: What it may do in which room (:mod:`broadcaster.core.permissions`).
+    grants: Grants
 
     def deliver(self, event: Event) -> None: ...
 
@@ -89,6 +92,10 @@ class MemberBase:
     """
 
     __slots__ = ()
+
+    #: Every right in every room, unless the connection's sign-in said
+    #: otherwise.
+    grants: Grants = EVERYTHING
 
     def deliver_many(self, batch: EventBatch) -> None:
         """

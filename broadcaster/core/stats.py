@@ -64,6 +64,8 @@ class Stats:
         self.refused_requests: Counter = Counter()
         self.slow_consumers = 0
         self.rate_limited = 0
+        #: Requests refused because the member's grants do not allow them.
+        self.forbidden = 0
         self.bad_input: Counter = Counter()
         self.image_decode_errors = 0
         self.fan_out_seconds = Histogram()

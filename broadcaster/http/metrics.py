@@ -100,6 +100,11 @@ class StatsCollector:
             "Messages dropped for exceeding --rate.",
             value=stats.rate_limited,
         )
+        yield CounterMetricFamily(
+            "broadcaster_forbidden_requests",
+            "Requests refused because the client's rooms do not allow them.",
+            value=stats.forbidden,
+        )
         yield _by_label(
             "broadcaster_bad_input",
             "Client input refused with an error, by client kind.",

@@ -65,7 +65,8 @@ from twisted.python.threadpool import ThreadPool
 from broadcaster.protocols.admission import Admission, AdmittingFactory
 from broadcaster.core.flow import Limits
 from broadcaster.core.events import encoded, Event, ImageMessage
-from broadcaster.core.hub import Hub
+from broadcaster.core.hub import LOBBY, Hub
+from broadcaster.core.permissions import PUBLISH, Forbidden
 from broadcaster.core.imaging import (
     DEFAULT_FORMATS,
     DecodeBudget,
@@ -225,6 +226,12 @@ class ImageProtocol(RawMemberProtocol):
     def _frame_received(self, body: bytes) -> None:
         self.factory.hub.stats.received(self.kind, len(body))
         if not self.within_rate(error_frame):
+            return
+        try:
+            # Before it is decoded for nothing.
+            self.factory.hub.check(self.id, LOBBY, PUBLISH)
+        except Forbidden as e:
+            self.send(error_frame(str(e)))
             return
         self._queue.append(body)
         if len(self._queue) >= MAX_QUEUED_FRAMES and not self._paused:

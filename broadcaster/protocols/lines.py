@@ -44,7 +44,8 @@ from twisted.logger import Logger
 from broadcaster.protocols.admission import Admission, AdmittingFactory
 from broadcaster.core.flow import Limits
 from broadcaster.core.events import encoded, Event, Joined, Left, TextMessage
-from broadcaster.core.hub import Hub
+from broadcaster.core.hub import Hub, NotInRoom
+from broadcaster.core.permissions import Forbidden
 from broadcaster.core.text import escape_controls
 from broadcaster.protocols.connection import RawMemberProtocol
 
@@ -128,7 +129,10 @@ class LineBridgeProtocol(RawMemberProtocol):
             return
         self.factory.hub.stats.received(self.kind, len(line))
         if text.strip() and self.within_rate(_error_line):
-            self.factory.hub.publish_text(self.id, text)
+            try:
+                self.factory.hub.publish_text(self.id, text)
+            except (Forbidden, NotInRoom) as e:
+                self._refuse(str(e))
 
     def _refuse(self, reason: str) -> None:
         self.factory.hub.stats.bad_input[self.kind] += 1

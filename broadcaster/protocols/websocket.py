@@ -55,6 +55,7 @@ from broadcaster.protocols.internals import (
 from broadcaster.protocols.outbound import Outbound
 from broadcaster.core.events import encoded, Event
 from broadcaster.core.hub import Hub, NotInRoom, TooManyRooms
+from broadcaster.core.permissions import HISTORY, JOIN, PRESENCE, PUBLISH, Forbidden
 from broadcaster.core.members import MemberBase
 from broadcaster.core.imaging import ImageError, NormalisedImage
 from broadcaster.protocols.keepalive import Keepalive
@@ -357,9 +358,15 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
             return
         epoch, seq = position
         hub = self.factory.hub
+        in_lobby = self.grants.allows(LOBBY, JOIN)
         self._reply(
             _JSON.welcome(
-                self, hub.presence(LOBBY) + [self], epoch, seq, self.factory.client_limits
+                self,
+                (self._visible(LOBBY) + [self]) if in_lobby else [self],
+                epoch,
+                seq,
+                self.factory.client_limits,
+                rights=self.grants.listed(LOBBY),
             )
         )
         self._connect()
@@ -417,13 +424,17 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
                 kind="binary" if isBinary else "text",
             )
         hub = self.factory.hub
-        if isBinary:
-            hub.publish_binary(self.id, payload)
-        elif self.codec is _JSON:
-            self._json_request(payload)
-        else:
-            # Autobahn has validated UTF-8 already (invalid text closes 1007).
-            hub.publish_text(self.id, payload.decode("utf-8"))
+        try:
+            if isBinary:
+                hub.publish_binary(self.id, payload)
+            elif self.codec is _JSON:
+                self._json_request(payload)
+            else:
+                # Autobahn has validated UTF-8 already (invalid text closes 1007).
+                hub.publish_text(self.id, payload.decode("utf-8"))
+        except (Forbidden, NotInRoom) as e:
+            # A plain client has no error channel: the refusal is logged.
+            self._forbidden(str(e), None)
 
     def _json_request(self, payload: bytes) -> None:
         """
@@ -436,6 +447,18 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
             self._refuse(str(e), e.ref)
         except (NotInRoom, TooManyRooms) as e:
             self._refuse(str(e), request["ref"])
+        except Forbidden as e:
+            self._forbidden(str(e), request["ref"])
+
+    def _forbidden(self, reason: str, ref) -> None:
+        """
+        Refuse what the client's grants do not allow: an ``error`` with the
+        request's ``ref``, a warning, never a disconnect.
+        """
+        self.factory.hub.stats.forbidden += 1
+        self._log.warn("[FORBIDDEN] {client}: {reason}", client=self.id, reason=reason)
+        if self.codec is _JSON:
+            self._reply(_JSON.error(reason, ref))
 
     def _rate_limited(self, payload: Optional[bytes]) -> None:
         """
@@ -533,14 +556,33 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
 
         def presence(position: Tuple[str, int]):
             epoch, seq = position
-            self._reply(_JSON.presence(room, hub.presence(room), epoch, seq))
+            self._reply(
+                _JSON.presence(
+                    room, self._visible(room), epoch, seq, rights=self.grants.listed(room)
+                )
+            )
             if request["since"] is not None:
+                if not self.grants.allows(room, HISTORY):
+                    # In the room, but what it missed is not its to read.
+                    return self._forbidden(
+                        "not allowed to read the history of room {!r}".format(room),
+                        request["ref"],
+                    )
                 epoch, seq = request["since"]
                 return hub.replay(self, room, epoch, seq).addCallback(
                     lambda complete: self._reply(_JSON.recovered(room, complete))
                 )
 
         hub.position(room).addCallback(presence).addErrback(self._backplane_failed, request["ref"])
+
+    def _visible(self, room: str) -> list:
+        """
+        The members of ``room`` this client may see: all of them with the
+        ``presence`` right, else only itself.
+        """
+        if self.grants.allows(room, PRESENCE):
+            return self.factory.hub.presence(room)
+        return [self]
 
     def _do_leave(self, request) -> None:
         self.factory.hub.leave(self, request["room"])
@@ -581,6 +623,8 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
         fetcher = self.factory.fetcher
         if fetcher is None:
             raise BadRequest("image_url is not enabled on this server", ref)
+        # Before anything is downloaded for it.
+        self.factory.hub.check(self.id, LOBBY, PUBLISH)
         if self._fetches >= MAX_FETCHES_PER_CLIENT:
             raise BadRequest(
                 "at most {} image downloads at once; wait for one to finish".format(

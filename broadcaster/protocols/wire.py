@@ -201,13 +201,15 @@ class JSONCodec:
         epoch: str,
         seq: int,
         limits: Dict[str, int],
+        rights: Optional[List[str]] = None,
     ) -> bytes:
         """
         The first message a JSON client receives: who it is, the lobby's
         member count and first page of members (itself included), where the
         lobby's sequence stands (for recovery after a reconnect) and the
         limits it must keep to; with ``--auth-url``, also the ``user`` the
-        auth service named.
+        auth service named.  ``rights``: what it may do in the lobby (see
+        :mod:`broadcaster.core.permissions`; none if it may not join it).
         """
         page, cursor = members_page(members)
         welcome = {
@@ -222,6 +224,8 @@ class JSONCodec:
             "seq": seq,
             "limits": limits,
         }
+        if rights is not None:
+            welcome["rights"] = rights
         user = getattr(member, "user", None)
         if user is not None:
             welcome["user"] = user
@@ -235,6 +239,7 @@ class JSONCodec:
         seq: int,
         after: Optional[str] = None,
         limit: int = MEMBERS_PAGE,
+        rights: Optional[List[str]] = None,
     ) -> bytes:
         """
         Who is in ``room`` (its member count, and one page of its members:
@@ -242,18 +247,20 @@ class JSONCodec:
         (``epoch`` is ``None`` for a room that has no sequence yet).
         """
         page, cursor = members_page(members, after, limit)
-        return dumps(
-            {
-                "type": "presence",
-                "room": room,
-                "members": [member_entry(m) for m in page],
-                "count": len(members),
-                "next": cursor,
-                "cursor": after,
-                "epoch": epoch,
-                "seq": seq,
-            }
-        )
+        event = {
+            "type": "presence",
+            "room": room,
+            "members": [member_entry(m) for m in page],
+            "count": len(members),
+            "next": cursor,
+            "cursor": after,
+            "epoch": epoch,
+            "seq": seq,
+        }
+        if rights is not None:
+            # The answer to a join: what the member may do in the room.
+            event["rights"] = rights
+        return dumps(event)
 
     def history(
         self,
