@@ -254,7 +254,7 @@ class HTTPBoundsTests(TestCase):
         before = open_files(pid)
         for path in (b"/healthz", b"/api/publish"):
             head = (
-                b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k3y\r\n"
+                b"POST " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer k3y\r\n"
                 b"Content-Type: application/json\r\nContent-Length: 67108864\r\n\r\n"
             )
             answer = yield deferToThread(http_exchange, port, head)
@@ -265,7 +265,7 @@ class HTTPBoundsTests(TestCase):
         answer = yield deferToThread(
             http_exchange,
             port,
-            b"POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k3y\r\n"
+            b"POST /api/publish HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer k3y\r\n"
             b"Content-Type: application/json\r\nConnection: close\r\nContent-Length: "
             + str(len(body)).encode() + b"\r\n\r\n" + body,
         )
@@ -279,7 +279,7 @@ class HTTPBoundsTests(TestCase):
         answer = yield deferToThread(
             http_exchange,
             port,
-            b"POST /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n",
             chunk * 64,
         )
         self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer[:200])
@@ -292,7 +292,7 @@ class HTTPBoundsTests(TestCase):
             answer = yield deferToThread(
                 http_exchange,
                 port,
-                method + b" / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n",
+                method + b" / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000000000\r\n\r\n",
             )
             self.assertTrue(answer.startswith(b"HTTP/1.1 405 "), answer[:200])
 

@@ -12,6 +12,14 @@ them never touches the disk on the reactor thread.
 
 Every HTTP request is bounded before it is read (:class:`BoundedChannel`):
 
+- a request for a host name the server does not answer to (the
+  :class:`~broadcaster.protocols.origin.HostPolicy` of ``--allow-host``, and
+  by default on loopback the loopback names) gets 403 before anything else,
+  the WebSocket handshake, the page, ``/healthz``, ``/metrics`` and
+  ``/api`` alike: a page that rebinds its DNS name to this server must
+  read nothing of it.  Under such a policy an HTTP/1.1 request with no
+  ``Host``, or more than one, gets 400 (RFC 9112 3.2); an HTTP/1.0 one
+  with none is answered (no browser sends it);
 - the connection counts under ``--max-connections`` from the moment it is
   accepted (:mod:`broadcaster.protocols.admission`); over a limit it is answered 503;
 - from the connection (or the end of its previous request) to the end of
@@ -42,6 +50,7 @@ from twisted.web.server import Request, Site
 from broadcaster import __version__
 from broadcaster.core.stats import Stats
 from broadcaster.protocols.admission import Admission, AdmittingFactory, http_refusal, say_and_hang_up
+from broadcaster.protocols.origin import HostPolicy
 from broadcaster.protocols.websocket import BroadcastServerFactory
 
 #: The largest body accepted on any path but ``POST /api/publish``: none
@@ -218,11 +227,21 @@ class BoundedChannel(HTTPChannel):
             "the request did not arrive within {:g} s".format(self.site.request_timeout),
         )
 
-    def refuse(self, status: bytes, reason: str) -> None:
+    def refuse(
+        self,
+        status: bytes,
+        reason: str,
+        log_format: str = "[REFUSED] {peer}: {reason}; answered {status}",
+        **fields,
+    ) -> None:
         """
         Answer ``status`` and hang up, reading nothing more of this
         connection: what the client still sends is discarded until it
         closes, or for a few seconds.
+
+        :param reason: the body of the answer.
+        :param log_format: the warning logged, with the fields ``peer``,
+            ``reason``, ``status`` and ``fields``.
         """
         if self._refused or self.transport is None:
             return
@@ -231,10 +250,11 @@ class BoundedChannel(HTTPChannel):
         self.setTimeout(None)
         address = self.transport.getPeer()
         self._log.warn(
-            "[REFUSED] {peer}: {reason}; answered {status}",
+            log_format,
             peer=getattr(address, "host", address),
             reason=reason,
             status=status.decode("ascii"),
+            **fields,
         )
         self.site.stats.refused_requests[status[:3].decode("ascii")] += 1
         self._deadline = say_and_hang_up(
@@ -250,6 +270,8 @@ class BoundedChannel(HTTPChannel):
             super().rawDataReceived(data)
 
     def allHeadersReceived(self) -> None:
+        if not self._host_allowed():
+            return
         method = self._command
         if method not in (b"GET", b"HEAD", b"POST"):
             self.refuse(
@@ -270,6 +292,35 @@ class BoundedChannel(HTTPChannel):
             return
         self.requests[-1].body_limit = limit
         super().allHeadersReceived()
+
+    def _host_allowed(self) -> bool:
+        """
+        Whether the request names a host the site answers to
+        (:attr:`BoundedSite.hosts`); if not, it is refused.
+        """
+        policy = self.site.hosts
+        if policy.open:
+            return True
+        hosts = self.requests[-1].requestHeaders.getRawHeaders(b"host", [])
+        if not hosts and self._version == b"HTTP/1.0":
+            return True
+        if len(hosts) != 1:
+            self.refuse(
+                b"400 Bad Request",
+                "one Host header is required (RFC 9112 section 3.2)",
+            )
+            return False
+        # Latin-1 maps every byte: anything but ASCII is then no host name.
+        host = hosts[0].decode("latin-1")
+        if policy.permits(host):
+            return True
+        self.refuse(
+            b"403 Forbidden",
+            "host not allowed",
+            "[REFUSED] {peer}: Host {host!r} not allowed; answered 403",
+            host=host,
+        )
+        return False
 
     def allContentReceived(self) -> None:
         if self._refused:
@@ -336,6 +387,7 @@ class BoundedSite(AdmittingFactory, Site):
     (:class:`BoundedChannel`): the main port's, and ``--metrics-port``'s.
 
     :param request_timeout: seconds each whole request may take.
+    :param hosts: the host names it answers to (default: any).
     """
 
     protocol = BoundedChannel
@@ -351,8 +403,10 @@ class BoundedSite(AdmittingFactory, Site):
         request_timeout: float,
         admission: Optional[Admission] = None,
         listener: str = "HTTP port",
+        hosts: Optional[HostPolicy] = None,
     ) -> None:
         self.admission = admission
+        self.hosts = hosts if hosts is not None else HostPolicy()
         self.listener = listener
         self.clock = clock
         self.stats = stats
@@ -385,6 +439,7 @@ class BroadcasterSite(BoundedSite):
         api: Optional[Resource] = None,
         admission: Optional[Admission] = None,
         api_body_limit: int = 0,
+        hosts: Optional[HostPolicy] = None,
     ) -> None:
         self._debug = debug
         self._api_body_limit = api_body_limit if api is not None else 0
@@ -408,6 +463,7 @@ class BroadcasterSite(BoundedSite):
             factory.limits.open_handshake_timeout,
             admission,
             "main port",
+            hosts,
         )
 
     def body_limit(self, method: bytes, target: bytes) -> int:

@@ -1,8 +1,8 @@
 """
 Where the server listens: endpoint descriptions (checked when the options
-are parsed, with a ``backlog=`` added), the endpoint that logs and reports
-the address it listens on, and the open files limit every connection
-counts against.
+are parsed, with a ``backlog=`` added, and whether they listen on loopback
+only), the endpoint that logs and reports the address it listens on, and
+the open files limit every connection counts against.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
 from zope.interface import implementer
+
+from broadcaster.protocols.origin import is_loopback_name
 
 
 #: Endpoint types that take a ``backlog=`` parameter.
@@ -55,6 +57,43 @@ def check_endpoint(flag: str, description: str) -> None:
             "ssl:9443:privateKey=key.pem:certKey=cert.pem, "
             "unix:/run/chat.sock".format(flag, description, e)
         )
+
+
+#: Endpoint types that listen on an ``interface=`` (by default, all of them).
+_INTERFACE_TYPES = ("tcp", "tcp6", "ssl")
+
+
+class _InterfaceOnly:
+    """
+    The reactor an endpoint is built with to learn which interface it would
+    listen on: Twisted parses the description (``interface=``, positional,
+    escaped), this only notes the result.
+    """
+
+    interface = ""
+
+    def listenTCP(self, port, factory, backlog=50, interface="") -> None:
+        self.interface = interface
+
+    def listenSSL(self, port, factory, contextFactory, backlog=50, interface="") -> None:
+        self.interface = interface
+
+
+def loopback_only(description: str) -> bool:
+    """
+    Whether an endpoint description listens on loopback only (``interface=``
+    127.0.0.1, ::1, localhost or another loopback address), so that only
+    this machine can connect to it.  A ``unix:`` socket, or any other
+    type, is not counted as loopback: what sits in front of it (a proxy)
+    decides who reaches it.
+    """
+    if description.partition(":")[0] not in _INTERFACE_TYPES:
+        return False
+    from twisted.internet import endpoints
+
+    reactor = _InterfaceOnly()
+    endpoints.serverFromString(reactor, description).listen(None)
+    return bool(reactor.interface) and is_loopback_name(reactor.interface.lower())
 
 
 def describe_address(address) -> str:

@@ -23,7 +23,7 @@ from broadcaster.core.imaging import (
     MAX_BYTES_PER_PIXEL,
 )
 from broadcaster.http.fetch import url_problem
-from broadcaster.protocols.origin import parse_origin
+from broadcaster.protocols.origin import allowed_host_name, parse_origin
 from broadcaster.redis.address import parse_redis_url, redact_url
 from broadcaster.service import logs, secrets
 from broadcaster.service.listening import check_endpoint, with_backlog
@@ -499,6 +499,7 @@ class Options(usage.Options):
         super().__init__()
         self.environ = os.environ if environ is None else environ
         self["allow-origin"] = []
+        self["allow-host"] = []
         self["webhook"] = []
         self["api-key"] = []
 
@@ -538,6 +539,16 @@ class Options(usage.Options):
                 "e.g. https://chat.example.com, or '*'".format(origin)
             )
         self["allow-origin"].append(origin)
+
+    def opt_allow_host(self, name: str) -> None:
+        """Answer HTTP and WebSocket requests for this host name or address, e.g. chat.example.com (repeatable; any port; others get 403). Default: on a loopback --port, only localhost, *.localhost and loopback addresses; otherwise any name (set this in production, against DNS rebinding). On loopback, the loopback names stay allowed."""  # noqa: E501
+        if allowed_host_name(name) is None:
+            raise usage.UsageError(
+                "--allow-host {!r} is not a host name or address: give one such as "
+                "chat.example.com, 10.0.0.5 or [2001:db8::1], without scheme, port "
+                "or path".format(name)
+            )
+        self["allow-host"].append(name)
 
     def postOptions(self) -> None:
         if isinstance(self["image-formats"], str):  # the default, uncoerced

@@ -30,8 +30,8 @@ from broadcaster.core.hub import Hub
 from broadcaster.protocols.images import DecoderPool, ImageFactory
 from broadcaster.protocols.lines import LineBridgeFactory
 from broadcaster.http.metrics import MetricsResource, metrics_for
-from broadcaster.protocols.origin import OriginPolicy
-from broadcaster.service.listening import ReportingEndpoint, raise_open_files_limit
+from broadcaster.protocols.origin import HostPolicy, OriginPolicy
+from broadcaster.service.listening import ReportingEndpoint, loopback_only, raise_open_files_limit
 from broadcaster.service.options import Options
 from broadcaster.service.signals import handle_stop_signals
 from broadcaster.redis.address import parse_redis_url
@@ -332,6 +332,7 @@ def _clients(
         fetcher=service.fetcher,
         authenticator=service.authenticator,
     )
+    hosts = _host_policy(service._log, options)
     metrics = MetricsResource(registry) if registry is not None else None
     keys = options.get("api-keys", options["api-key"])
     api = api_resource(hub, keys, options["max-message-size"]) if keys else None
@@ -345,6 +346,7 @@ def _clients(
             api=api,
             admission=admission,
             api_body_limit=options["max-message-size"],
+            hosts=hosts,
         ),
         "WebSocket endpoint and chat page",
         reactor,
@@ -361,6 +363,8 @@ def _clients(
                 options["open-handshake-timeout"],
                 admission,
                 "metrics port",
+                # The names of --allow-host are the chat's, not the scraper's.
+                HostPolicy(loopback=loopback_only(options["metrics-port"])),
             ),
             "Metrics",
             reactor,
@@ -384,6 +388,28 @@ def _clients(
         service.line_endpoint = _listen(
             clients, options["line-port"], lines, "Line bridge", reactor, fds.get("line")
         )
+
+
+def _host_policy(log: Logger, options: Options) -> HostPolicy:
+    """
+    The host names the main port answers to (see
+    :class:`~broadcaster.protocols.origin.HostPolicy`), said in the log.
+    """
+    hosts = HostPolicy(options["allow-host"], loopback=loopback_only(options["port"]))
+    if hosts.open:
+        log.info(
+            "[CONFIG] --port answers to any Host name: it listens beyond loopback"
+            " without --allow-host (set it in production, against DNS rebinding)"
+        )
+    else:
+        names = list(options["allow-host"])
+        if hosts.loopback:
+            names.append("localhost, *.localhost and loopback addresses")
+        log.info(
+            "[CONFIG] --port answers only to the host names {names}; others get 403",
+            names=", ".join(names),
+        )
+    return hosts
 
 
 def _master(options: Options, reactor, handle_signals: bool) -> MasterService:

@@ -1,10 +1,19 @@
 """
-Tests for :mod:`broadcaster.protocols.origin`: which browser Origins may open a socket.
+Tests for :mod:`broadcaster.protocols.origin`: which browser Origins may open a
+socket, and which Host names the server answers to (against DNS rebinding).
 """
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from broadcaster.protocols.origin import OriginPolicy, own_origin, parse_origin
+from broadcaster.protocols.origin import (
+    HostPolicy,
+    OriginPolicy,
+    allowed_host_name,
+    host_name,
+    is_loopback_name,
+    own_origin,
+    parse_origin,
+)
 
 
 class ParseOriginTests(SynchronousTestCase):
@@ -59,3 +68,83 @@ class OriginPolicyTests(SynchronousTestCase):
         policy = OriginPolicy(["*"])
         self.assertTrue(policy.permits("http://evil.example", "localhost:9999", False))
         self.assertTrue(policy.permits("null", "localhost:9999", False))
+
+
+class HostNameTests(SynchronousTestCase):
+    def test_case_port_and_trailing_dot_do_not_matter(self):
+        """A Host header is compared without its port, in lower case, with
+        no trailing dot."""
+        for header in ("Chat.Example", "chat.example:8080", "CHAT.EXAMPLE.:443", "chat.example:"):
+            self.assertEqual(host_name(header), "chat.example", header)
+
+    def test_ipv6_addresses_are_bracketed_and_canonical(self):
+        """[::1], with or without a port and however it is spelt, is ::1."""
+        for header in ("[::1]", "[::1]:9999", "[0:0:0:0:0:0:0:1]:80", " [::1] "):
+            self.assertEqual(host_name(header), "::1", header)
+        self.assertEqual(host_name("127.0.0.1:9999"), "127.0.0.1")
+
+    def test_malformed_hosts_name_nothing(self):
+        """What is not host[:port] names no host: it can match no allowed name."""
+        for header in (
+            "", ":80", "::1", "[::1", "[::1]x", "[127.0.0.1]", "[v1.x]", "a.example:x",
+            "a..example", "a example", "a/b", "user@a.example", "\u00e9.example",
+            "evil.example\x00", "localhost:80:80",
+        ):
+            self.assertIsNone(host_name(header), header)
+
+    def test_allowed_names_take_no_port_scheme_or_path(self):
+        """--allow-host takes names and addresses, bracketed or not for IPv6."""
+        self.assertEqual(allowed_host_name("Chat.Example."), "chat.example")
+        self.assertEqual(allowed_host_name("[::1]"), "::1")
+        self.assertEqual(allowed_host_name("2001:DB8::1"), "2001:db8::1")
+        self.assertEqual(allowed_host_name("10.0.0.5"), "10.0.0.5")
+        for value in ("", " ", "chat.example:443", "http://chat.example", "a/b", "a b", "*", "[x]"):
+            self.assertIsNone(allowed_host_name(value), value)
+
+    def test_loopback_names(self):
+        """localhost, names under .localhost and loopback addresses are
+        loopback names; nothing else is."""
+        for name in ("localhost", "app.localhost", "127.0.0.1", "127.0.0.2", "::1", "::ffff:7f00:1"):
+            self.assertTrue(is_loopback_name(name), name)
+        for name in ("localhost.example", "notlocalhost", "evil.example", "0.0.0.0", "::", "10.0.0.1"):
+            self.assertFalse(is_loopback_name(name), name)
+
+
+class HostPolicyTests(SynchronousTestCase):
+    def test_beyond_loopback_without_names_any_host_is_answered(self):
+        """With no --allow-host, a server listening beyond loopback answers
+        to any name, as before."""
+        policy = HostPolicy()
+        self.assertTrue(policy.open)
+        self.assertTrue(policy.permits("evil.example"))
+
+    def test_loopback_answers_only_loopback_names(self):
+        """On loopback the rebinding page's name is refused, and the names
+        a local browser uses are answered, on any port."""
+        policy = HostPolicy(loopback=True)
+        self.assertFalse(policy.open)
+        for header in ("localhost:9999", "127.0.0.1:9999", "[::1]:9999", "LOCALHOST.", "chat.localhost:8"):
+            self.assertTrue(policy.permits(header), header)
+        for header in ("evil.example", "evil.example:9999", "localhost.evil.example", "0.0.0.0:9999", ""):
+            self.assertFalse(policy.permits(header), header)
+
+    def test_allowed_names_are_the_only_ones_beyond_loopback(self):
+        """With --allow-host and beyond loopback only the names given are
+        answered, loopback names included."""
+        policy = HostPolicy(["Chat.Example", "[2001:db8::1]"])
+        self.assertTrue(policy.permits("chat.example:443"))
+        self.assertTrue(policy.permits("[2001:DB8:0::1]:9999"))
+        for header in ("evil.example", "localhost", "127.0.0.1", "app.chat.example"):
+            self.assertFalse(policy.permits(header), header)
+
+    def test_on_loopback_allowed_names_add_to_the_loopback_names(self):
+        """With --allow-host on loopback (behind a local proxy, say) the
+        loopback names are still answered."""
+        policy = HostPolicy(["chat.example"], loopback=True)
+        for header in ("chat.example", "localhost:9999", "[::1]"):
+            self.assertTrue(policy.permits(header), header)
+        self.assertFalse(policy.permits("evil.example"))
+
+    def test_a_bad_name_is_refused(self):
+        """A name that is not one cannot be allowed by mistake."""
+        self.assertRaises(ValueError, HostPolicy, ["chat.example:443"])

@@ -13,7 +13,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
-from broadcaster.service.listening import with_backlog
+from broadcaster.service.listening import loopback_only, with_backlog
 from broadcaster.service.tap import Options, makeService
 from broadcaster.core.members import MemberBase
 
@@ -61,6 +61,18 @@ class OptionsTests(SynchronousTestCase):
     def test_bad_origin_names_the_flag(self):
         """An --allow-origin that is not an origin is refused, naming the flag."""
         self.assertUsageError("--allow-origin", "--allow-origin", "example.com")
+
+    def test_allow_host_is_repeatable(self):
+        """--allow-host collects every name given; by default there is none."""
+        self.assertEqual(parse()["allow-host"], [])
+        options = parse("--allow-host", "chat.example", "--allow-host", "[::1]")
+        self.assertEqual(options["allow-host"], ["chat.example", "[::1]"])
+
+    def test_bad_host_names_the_flag(self):
+        """An --allow-host that is empty, or holds a space, a slash or a
+        port, is refused, naming the flag."""
+        for bad in ("", "chat example", "https://chat.example", "chat.example/", "chat.example:443"):
+            self.assertUsageError("--allow-host {!r}".format(bad), "--allow-host", bad)
 
     def test_bad_port_names_the_flag(self):
         """An unparsable --port is refused, naming the flag."""
@@ -124,6 +136,44 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual([port for port, _, _, _ in reactor.tcpServers], [9999])
         self.assertIsNone(service.image_endpoint)
         self.assertIsNone(service.line_endpoint)
+
+    def test_host_policy_follows_the_port_and_allow_host(self):
+        """A --port on loopback answers only loopback names, with
+        --allow-host only those names too, and beyond loopback without
+        --allow-host any name; a loopback --metrics-port only loopback
+        names, whatever --allow-host says."""
+
+        def policies(*args):
+            service, reactor = self.start("--image-port", "none", "--line-port", "none", *args)
+            return {port: factory.hosts for port, factory, _, _ in reactor.tcpServers}
+
+        hosts = policies("--port", "tcp:9999")[9999]
+        self.assertTrue(hosts.permits("evil.example"))
+        hosts = policies("--port", "tcp:9999:interface=127.0.0.1")[9999]
+        self.assertEqual((hosts.permits("evil.example"), hosts.permits("localhost:9999")), (False, True))
+        hosts = policies("--port", "tcp:9999", "--allow-host", "chat.example")[9999]
+        self.assertEqual((hosts.permits("evil.example"), hosts.permits("chat.example")), (False, True))
+        found = policies(
+            "--port", "tcp:9999:interface=127.0.0.1", "--allow-host", "chat.example",
+            "--metrics-port", "tcp:9100:interface=127.0.0.1",
+        )
+        self.assertEqual([found[9999].permits(h) for h in ("chat.example", "[::1]")], [True, True])
+        self.assertEqual([found[9100].permits(h) for h in ("chat.example", "[::1]")], [False, True])
+        self.assertTrue(policies("--metrics-port", "tcp:9100")[9100].open)
+
+    def test_loopback_only_reads_the_interface(self):
+        """Only a tcp:, tcp6: or ssl: endpoint whose interface is a loopback
+        address or localhost listens on loopback only."""
+        for description in (
+            "tcp:9999:interface=127.0.0.1", "tcp:9999:127.0.0.1", "tcp:0:interface=127.0.0.2",
+            "tcp6:9999:interface=\\:\\:1", "tcp:9999:interface=localhost:backlog=5",
+        ):
+            self.assertTrue(loopback_only(description), description)
+        for description in (
+            "tcp:9999", "tcp6:9999", "tcp:9999:interface=0.0.0.0", "tcp:9999:interface=10.0.0.1",
+            "unix:/tmp/chat.sock", "systemd:domain=INET:index=0",
+        ):
+            self.assertFalse(loopback_only(description), description)
 
     def test_node_id_prefixes_client_ids(self):
         """Client ids carry the configured node id."""

@@ -157,7 +157,14 @@ LISTENERS = [
 
 
 class MasterTestCase(SynchronousTestCase):
-    def master(self, count=2, redis_server=None, listeners=LISTENERS, stop_timeout=15.0):
+    def master(
+        self,
+        count=2,
+        redis_server=None,
+        listeners=LISTENERS,
+        stop_timeout=15.0,
+        worker_args=("--port", "tcp:9999", "--rate", "5"),
+    ):
         self.clock = MemoryReactorClock()
         self.spawner = FakeSpawner()
         self.binder = FakeBinder()
@@ -166,7 +173,7 @@ class MasterTestCase(SynchronousTestCase):
             self.clock,
             count,
             listeners,
-            ["--port", "tcp:9999", "--rate", "5"],
+            worker_args,
             node_id="m",
             stop_timeout=stop_timeout,
             redis_server=redis_server,
@@ -221,6 +228,20 @@ class MasterTests(MasterTestCase):
             [("w0", w0.process.pid, "m-w0"), ("w1", w1.process.pid, "m-w1")],
         )
         self.assertEqual(self.spawner.redis(), [])
+
+    def test_a_repeated_flag_reaches_every_worker(self):
+        """Each --allow-host given reaches every worker, in order: a worker
+        parsing its command line answers to the same names."""
+        options = parse(
+            "--workers", "2", "--redis", "redis://127.0.0.1:6379",
+            "--allow-host", "chat.example", "--allow-host", "[::1]",
+        )
+        master = self.master(worker_args=options["worker-args"])
+        self.start(master)
+        for worker in self.spawner.workers():
+            parsed = parse(*worker.args[worker.args.index("broadcaster") + 1:])
+            self.assertEqual(parsed["allow-host"], ["chat.example", "[::1]"])
+            self.assertEqual(parsed["worker-fds"], {"port": 3, "image": 4})
 
     def test_a_dead_worker_is_restarted_with_backoff(self):
         """A worker that dies is logged with its signal or status and
