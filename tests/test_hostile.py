@@ -280,6 +280,40 @@ class RoomStateTests(HostileTestCase):
         yield self.assert_honest_chat_intact()
 
 
+class CrossProtocolTests(HostileTestCase):
+    """A browser made by some web page to talk HTTP to a raw port."""
+
+    @inlineCallbacks
+    def test_http_to_the_line_bridge_posts_nothing(self):
+        """A form posted to the line bridge (as a page can make a browser
+        do) is answered with one ERROR line and closed: its request line,
+        headers and body are not posted as chat messages."""
+        line_port = free_port()
+        yield self.start(
+            "--line-port", "tcp:{}:interface=127.0.0.1".format(line_port), image_port=False
+        )
+        nc = yield connect_raw(self, line_port, LineClient)
+        page = yield connect_raw(self, line_port, LineClient)
+        self.honest_say()
+        page.transport.write(
+            b"POST / HTTP/1.1\r\nHost: localhost:9997\r\nContent-Type: text/plain\r\n"
+            b"Content-Length: 14\r\n\r\nspam everyone\n"
+        )
+        yield page.closed
+        self.assertTrue(
+            page.received().endswith(
+                "\nERROR this is the line bridge, not an HTTP server; closing\n"
+            ),
+            page.received(),
+        )
+        self.honest_say()
+        yield self.assert_honest_chat_intact()
+        nc.transport.write(b"GET / HTTP/1.1 is how it starts, I read\n")
+        yield wait_for(lambda: "I read" in nc.received(), what="nc's own line back")
+        self.assertNotIn("spam", nc.received())
+        self.assertNotIn("Content-Type", nc.received())
+
+
 class NumberTests(HostileTestCase):
     """Numbers that are not ASCII digits, or too many of them."""
 

@@ -13,6 +13,9 @@ Client to server
     telling where its next line would start).  A client over
     ``--max-connections`` (see :mod:`broadcaster.protocols.admission`), or silent for
     ``--raw-idle-timeout``, gets one ``ERROR ...`` line and is disconnected.
+    So is a client whose first line is an HTTP request line (``POST /
+    HTTP/1.1``): a browser made to post a form here by some web page,
+    whose headers would otherwise become chat messages.
 
 Server to client
     Every text message broadcast in the lobby, one per line, as ``<sender
@@ -48,6 +51,9 @@ from broadcaster.core.hub import Hub, NotInRoom
 from broadcaster.core.permissions import Forbidden
 from broadcaster.core.text import escape_controls
 from broadcaster.protocols.connection import RawMemberProtocol
+
+# An HTTP/1.x request line, as a browser sends one.
+_HTTP_REQUEST_LINE = re.compile(rb"[A-Z]{3,10} \S+ HTTP/1\.[01]\Z")
 
 # Everything a terminal, or Python's str.splitlines(), treats as a line break.
 _LINE_BREAKS = re.compile("\r\n|[\r\n\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
@@ -87,6 +93,7 @@ class LineBridgeProtocol(RawMemberProtocol):
 
     def __init__(self) -> None:
         self._buffer = bytearray()
+        self._first_line = True
 
     def dataReceived(self, data: bytes) -> None:
         if self.closing:
@@ -118,6 +125,13 @@ class LineBridgeProtocol(RawMemberProtocol):
             self.close_with(_error_line(reason))
 
     def _line_received(self, line: bytes, limit: int) -> None:
+        if self._first_line:
+            self._first_line = False
+            if _HTTP_REQUEST_LINE.match(line):
+                self._speaks_http()
+                return
+        if self.closing:
+            return
         if len(line) > limit:
             self._refuse("line of {} bytes is longer than the limit of {}".format(len(line), limit))
             return
@@ -133,6 +147,24 @@ class LineBridgeProtocol(RawMemberProtocol):
                 self.factory.hub.publish_text(self.id, text)
             except (Forbidden, NotInRoom) as e:
                 self._refuse(str(e))
+
+    def _speaks_http(self) -> None:
+        """
+        The client's first line is an HTTP request line: a web page that
+        a browser was made to send here (a form posted to
+        ``http://localhost:9997/``), whose headers and body would otherwise
+        be posted line by line as chat messages.  Nobody typing into ``nc``
+        starts with one.
+        """
+        reason = "this is the line bridge, not an HTTP server; closing"
+        self.factory.hub.stats.bad_input[self.kind] += 1
+        self._log.warn(
+            "[BAD INPUT] {client} ({peer}): an HTTP request; closing",
+            client=self.id,
+            peer=self.peer,
+        )
+        self._buffer = bytearray()
+        self.close_with(_error_line(reason))
 
     def _refuse(self, reason: str) -> None:
         self.factory.hub.stats.bad_input[self.kind] += 1

@@ -114,6 +114,25 @@ class LineBridgeProtocolTests(SynchronousTestCase):
             b"recorder: \\x1b]0;owned\\x07x\\x08\\x7f\\x9b\\u202e\ty\n",
         )
 
+    def test_an_http_request_is_not_chat(self):
+        """A first line that is an HTTP request line closes the connection
+        with one ERROR line; nothing after it is posted.  Later lines that
+        look like one are chat like any other."""
+        protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5002))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        transport.clear()
+        protocol.dataReceived(b"POST /submit HTTP/1.1\r\nHost: localhost\r\n\r\nspam\n")
+        self.assertEqual(
+            transport.value(), b"ERROR this is the line bridge, not an HTTP server; closing\n"
+        )
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.recorder.texts, [])
+        self.protocol.dataReceived(b"hi\nGET / HTTP/1.1\n")
+        self.assertEqual(
+            [text for _, text in self.recorder.texts][-2:], ["hi", "GET / HTTP/1.1"]
+        )
+
     def test_announcements_are_lines(self):
         """Arrivals and departures arrive as '<id> connected' / '<id> disconnected'."""
         other = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5001))
