@@ -23,7 +23,7 @@ from typing import List, Optional, Protocol, Tuple
 
 from twisted.internet.defer import Deferred, succeed
 
-from broadcaster.core.events import Event, TextMessage
+from broadcaster.core.events import Event, TextMessage, uncached
 from broadcaster.core.history import Histories
 from broadcaster.core.members import Member
 
@@ -148,7 +148,7 @@ class LocalBackplane:
             history = self.histories.get(event.room)
             seq = history.next_seq()
             event = replace(event, seq=seq, epoch=history.epoch)
-            history.record(seq, event)
+            history.record(seq, uncached(event))
         self._hub.deliver(event)
         return succeed(event)
 

@@ -36,6 +36,7 @@ from broadcaster.core.events import (
     Left,
     Renamed,
     TextMessage,
+    uncached,
 )
 from broadcaster.core.fanout import FanOut
 from broadcaster.core.permissions import HISTORY, JOIN, PRESENCE, PUBLISH
@@ -457,7 +458,9 @@ class Hub:
         def deliver(result):
             messages, complete = result
             for message in messages:
-                member.deliver(message)
+                # A copy: what the member caches on it must not stay with
+                # the kept message (see broadcaster.core.events.uncached).
+                member.deliver(uncached(message))
             return complete
 
         return self.backplane.missed(room, epoch, seq, rooms[room]).addCallback(deliver)

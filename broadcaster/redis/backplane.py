@@ -86,7 +86,7 @@ from twisted.logger import Logger
 
 from broadcaster.core.history import RoomHistory, new_epoch
 from broadcaster.core.backplane import Attached
-from broadcaster.core.events import Event, TextMessage
+from broadcaster.core.events import Event, TextMessage, uncached
 from broadcaster.redis.address import RedisAddress
 from broadcaster.redis.codec import (
     MESSAGES,
@@ -534,7 +534,7 @@ class RedisBackplane:
                 )
             seq = history.next_seq()
             event = replace(event, seq=seq, epoch=history.epoch, kept=False)
-            history.record(seq, event)
+            history.record(seq, uncached(event))
         self._hub.deliver(event)
         if isinstance(event, MESSAGES) and self._running:
             self._local_only += 1

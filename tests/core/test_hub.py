@@ -39,6 +39,15 @@ class RecordingMember(MemberBase):
         return [(e.room, e.text) for e in self.events if isinstance(e, TextMessage)]
 
 
+class EncodingMember(RecordingMember):
+    """A member that encodes what it is given, as a protocol does, and so
+    fills the event's cache."""
+
+    def deliver(self, event: Event) -> None:
+        super().deliver(event)
+        encoded(event, EncodingMember, lambda e: b"framed " + getattr(e, "text", "").encode())
+
+
 class BrokenMember(RecordingMember):
     """A member whose connection fails on every delivery."""
 
@@ -352,6 +361,19 @@ class HistoryTests(HubTestCase):
         self.assertFalse(self.successResultOf(self.hub.replay(bob, "lobby", "old-epoch", 3)))
         self.turn()
         self.assertEqual(bob.texts(), [("lobby", "after restart")])
+
+    def test_kept_messages_hold_no_encodings(self) -> None:
+        """What the fan-out and replays encode for their recipients is not
+        kept in the history with the message."""
+        ann = self.connect("ann", EncodingMember)
+        first = self.successResultOf(self.hub.publish_text("ann", "hi"))
+        self.turn()
+        self.assertEqual(list(ann.events[-1].wire.values()), [b"framed hi"])
+        bob = self.connect("bob", EncodingMember)
+        self.assertTrue(self.successResultOf(self.hub.replay(bob, "lobby", first.epoch, 0)))
+        self.assertEqual([e.text for e in bob.events if isinstance(e, TextMessage)], ["hi"])
+        (kept,) = self.successResultOf(self.hub.backplane.history("lobby", 10))
+        self.assertEqual((kept, kept.wire), (first, {}))
 
     def test_idle_empty_rooms_are_forgotten_beyond_max_rooms(self) -> None:
         """With more rooms than allowed, the least recently used empty one is
