@@ -2,8 +2,9 @@
 The bounds hold on every path out of a connection, against a real ``twistd
 broadcaster`` whose memory is read from ``/proc``: clients that never read
 are cut at ``--max-buffer`` whatever produced their backlog (their own
-requests' replies, images), shared payloads are not copied per client, and
-an honest client meanwhile receives everything.
+requests' replies, images), shared payloads are not copied per client, an
+honest client meanwhile receives everything, and room histories keep no
+more than ``--history-memory``.
 """
 
 from __future__ import annotations
@@ -310,3 +311,35 @@ class BigRoomTests(TestCase):
         self.assertGreater(len(pages), 2)
         self.assertEqual([m["text"] for page in pages for m in page], texts)
         self.assertNotIn("PayloadExceededError", process.output())
+
+
+class HistoryMemoryTests(TestCase):
+    """
+    What room histories keep is bounded in bytes, whatever clients send.
+    """
+
+    timeout = 120
+
+    @inlineCallbacks
+    def test_a_flood_of_big_messages_into_many_rooms(self):
+        """
+        A client sends 60 MB of messages into 40 rooms of a server with
+        4 MiB of --history-memory: the server grows by little more than
+        that, where it would otherwise keep all 60 MB (--history-size 100
+        and --max-rooms allow it; a budget of 1 GiB grows it by 59 MiB).
+        """
+        process, port = yield start_twistd(self, ["--history-memory", str(4 * MiB), "--rate", "0"])
+        eve, _ = yield join_chat(self, port, "eve")
+        rooms = ["flood{}".format(i) for i in range(40)]
+        for room in rooms:
+            eve.send_json({"type": "join", "room": room})
+            yield read_until(eve, of_type("presence", room=room))
+        before = rss(process.transport.pid)
+        for n in range(25):
+            for room in rooms:
+                eve.send_json({"type": "message", "room": room, "ref": n,
+                               "text": "{} {} ".format(room, n).ljust(60000, "x")})
+            # One round at a time: the server reads no faster than eve does.
+            yield read_until(eve, of_type("ack", room=rooms[-1], ref=n), limit=1000)
+        grown = rss(process.transport.pid) - before
+        self.assertLess(grown, 4 * MiB + 12 * MiB, "the server grew by {} bytes".format(grown))

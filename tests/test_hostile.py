@@ -22,7 +22,10 @@ from tests.support import (
     start_twistd,
     wait_for,
 )
-from tests.test_rooms import join_chat
+from tests.http.test_metrics import scrape
+from tests.test_rooms import join_chat, of_type, read_until
+
+MiB = 1024 * 1024
 
 
 def costly_png(width, height):
@@ -171,6 +174,77 @@ class ImageTests(HostileTestCase):
                 break
         self.assertEqual(errors, ["ERROR the server is busy decoding other images; retry later"])
         yield self.assert_honest_chat_intact()
+
+
+class HistoryFloodTests(HostileTestCase):
+    """A client filling the server's memory with history."""
+
+    @inlineCallbacks
+    def flood(self, client, rooms, count, size):
+        """
+        ``client`` joins ``rooms`` and says ``count`` messages of ``size``
+        characters in each, round the rooms, at the most its burst allows.
+
+        :return: ``(sent, acks)``: the texts by room, and the acks by
+            ``room/n`` reference.
+        """
+        for room in rooms:
+            client.send_json({"type": "join", "room": room})
+            yield read_until(client, of_type("presence", room=room))
+        sent = {room: [] for room in rooms}
+        for n in range(count):
+            for room in rooms:
+                text = "{} {} ".format(room, n).ljust(size, "x")
+                sent[room].append(text)
+                client.send_json(
+                    {"type": "message", "room": room, "text": text, "ref": "{}/{}".format(room, n)}
+                )
+        last = "{}/{}".format(rooms[-1], count - 1)
+        events = yield read_until(client, of_type("ack", ref=last), limit=5 * count * len(rooms))
+        return sent, {e["ref"]: e for e in events if e["type"] == "ack"}
+
+    @inlineCallbacks
+    def test_big_messages_into_many_rooms(self):
+        """
+        With 1 MiB of --history-memory, a client sends 12 MB of history
+        into 20 rooms: its rooms lose their oldest messages (logged once),
+        and a client recovering in one of them is told complete false with
+        the latest of them; the lobby, quiet meanwhile, keeps all of its
+        history, so an honest client recovering there gets everything;
+        the honest chat goes on.
+        """
+        yield self.start("--history-memory", str(MiB), image_port=False)
+        carol, welcome = yield join_chat(self, self.port, "carol")
+        self.honest_say(3)
+        yield read_until(carol, of_type("message", text=self.honest_sent[-1]))
+        carol.transport.abortConnection()
+        yield carol.closed
+
+        eve, _ = yield join_chat(self, self.port, "eve")
+        rooms = ["flood{}".format(i) for i in range(20)]
+        sent, acks = yield self.flood(eve, rooms, 10, 60000)
+        self.honest_say(3)
+        yield self.assert_honest_chat_intact()
+
+        again, _ = yield join_chat(self, self.port, "carol", since=(welcome["epoch"], welcome["seq"]))
+        events = yield read_until(again, of_type("recovered"))
+        self.assertEqual([e["text"] for e in events if e["type"] == "message"], self.honest_sent)
+        self.assertTrue(events[-1]["complete"])
+
+        watcher, _ = yield join_chat(self, self.port, "wendy")
+        first = acks["flood0/0"]
+        watcher.send_json(
+            {"type": "join", "room": "flood0", "since": {"epoch": first["epoch"], "seq": first["seq"]}}
+        )
+        events = yield read_until(watcher, of_type("recovered", room="flood0"))
+        self.assertFalse(events[-1]["complete"])
+        replayed = [e["text"] for e in events if e["type"] == "message"]
+        self.assertEqual(replayed, sent["flood0"][len(sent["flood0"]) - len(replayed):])
+
+        samples = yield scrape(self.port)
+        self.assertLessEqual(samples[("broadcaster_history_bytes", ())], MiB)
+        self.assertGreater(samples[("broadcaster_history_evicted_messages_total", ())], 150)
+        self.assertEqual(self.process.output().count("[HISTORY] over --history-memory"), 1)
 
 
 class Frames(FrameClient):

@@ -22,9 +22,10 @@ from dataclasses import replace
 from typing import List, Optional, Protocol, Tuple
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
 
 from broadcaster.core.events import Event, TextMessage, uncached
-from broadcaster.core.history import Histories
+from broadcaster.core.history import DEFAULT_MEMORY, Histories, HistoryMemory
 from broadcaster.core.members import Member
 
 
@@ -61,6 +62,11 @@ class Backplane(Protocol):
 
     #: Messages each room keeps (0: none).
     history_size: int
+
+    #: The bytes of room history this process keeps (all of it in process;
+    #: a networked backplane's fallback while its store is unreachable), and
+    #: their bound, ``--history-memory``.  /metrics reports them.
+    memory: HistoryMemory
 
     #: Seconds the fan-out should wait for a turn's events to gather
     #: before delivering them (see :attr:`broadcaster.core.fanout.FanOut.batch_delay`):
@@ -125,23 +131,36 @@ class LocalBackplane:
     A single node: sequences and histories in memory, delivery in the same
     call.
 
+    :param clock: times the episodes of evictions over ``history_memory``.
     :param history_size: text messages each room keeps.
     :param max_rooms: rooms whose history is kept; beyond it, the least
         recently used rooms nobody is in are forgotten.
+    :param history_memory: bytes all rooms' histories may keep together;
+        beyond it, the rooms that keep the most forget their oldest
+        messages (see :class:`~broadcaster.core.history.HistoryMemory`).
     """
 
     name = "local"
     batch_delay = 0.0
 
-    def __init__(self, history_size: int = 100, max_rooms: int = 10000) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        history_size: int = 100,
+        max_rooms: int = 10000,
+        history_memory: int = DEFAULT_MEMORY,
+    ) -> None:
         self.history_size = history_size
         self._max_rooms = max_rooms
+        self.memory = HistoryMemory(history_memory, clock)
         self._hub: Optional["Attached"] = None
         self.histories: Optional[Histories] = None
 
     def attach(self, hub: "Attached") -> None:
         self._hub = hub
-        self.histories = Histories(self.history_size, self._max_rooms, hub.occupied)
+        self.histories = Histories(
+            self.history_size, self._max_rooms, hub.occupied, memory=self.memory
+        )
 
     def publish(self, event: Event) -> Deferred:
         if isinstance(event, TextMessage):

@@ -17,6 +17,25 @@ def positive_int(value: str) -> int:
 positive_int.coerceDoc = "A positive integer."  # type: ignore[attr-defined]
 
 
+def byte_count(value: str) -> int:
+    """
+    A size in bytes, for the byte budgets: a whole number above zero.
+
+    :raise ValueError: otherwise, saying that a number of bytes is wanted
+        (``256MiB`` is refused: say 268435456).
+    """
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number <= 0:
+        raise ValueError("must be a number of bytes above zero, not {!r}".format(value))
+    return number
+
+
+byte_count.coerceDoc = "A number of bytes, above zero."  # type: ignore[attr-defined]
+
+
 def positive_float(value: str) -> float:
     """
     :raise ValueError: unless ``value`` is a number above zero.

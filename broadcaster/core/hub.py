@@ -40,6 +40,7 @@ from broadcaster.core.events import (
 )
 from broadcaster.core.fanout import FanOut
 from broadcaster.core.permissions import HISTORY, JOIN, PRESENCE, PUBLISH
+from broadcaster.core.history import DEFAULT_MEMORY
 from broadcaster.core.members import Member
 from broadcaster.core.names import LOBBY
 from broadcaster.core.stats import Stats
@@ -76,6 +77,8 @@ class Hub:
     :param history_size: text messages each room remembers (0: none).
     :param max_rooms: rooms whose history is remembered; beyond it, the
         least recently used empty rooms are forgotten.
+    :param history_memory: bytes the rooms' histories may keep together
+        (with the in-process backplane; a backplane given keeps its own bound).
     :param max_rooms_per_member: rooms one member may be in at once.
     """
 
@@ -90,6 +93,7 @@ class Hub:
         max_rooms_per_member: int = 100,
         stats: Optional[Stats] = None,
         backplane: Optional[Backplane] = None,
+        history_memory: int = DEFAULT_MEMORY,
     ) -> None:
         self._clock = clock
         self.stats = stats if stats is not None else Stats()
@@ -107,7 +111,9 @@ class Hub:
         # room -> (epoch, seq) of the last message delivered here: a member
         # joining now gets every later one live.
         self._positions: Dict[str, Tuple[str, int]] = {}
-        self.backplane: Backplane = backplane or LocalBackplane(history_size, max_rooms)
+        self.backplane: Backplane = backplane or LocalBackplane(
+            clock, history_size, max_rooms, history_memory
+        )
         self.backplane.attach(self)
         self._empty_waiters: List[Deferred] = []
         self._observers: List[Callable[[Event], None]] = []

@@ -130,6 +130,18 @@ class StatsCollector:
             "Nodes sharing the backplane, this one included.",
             value=backplane.get("nodes", 1),
         )
+        memory = hub.backplane.memory
+        yield GaugeMetricFamily(
+            "broadcaster_history_bytes",
+            "Bytes of room history kept in this process (with --redis, only while"
+            " Redis is unreachable), bounded by --history-memory.",
+            value=memory.used,
+        )
+        yield CounterMetricFamily(
+            "broadcaster_history_evicted_messages",
+            "Messages evicted from room histories to stay within --history-memory.",
+            value=memory.evicted,
+        )
         histogram = stats.fan_out_seconds
         yield HistogramMetricFamily(
             "broadcaster_fan_out_seconds",

@@ -56,7 +56,8 @@ kept up) and this module (the backplane).
 
 When Redis is unreachable a node goes on serving its own clients: what they
 publish is delivered locally, numbered in a local epoch
-(``local-<node>-<n>``) that is never stored.  The outage is logged once,
+(``local-<node>-<n>``) that is never stored in Redis (the node keeps it,
+within ``--history-memory``, until Redis is back).  The outage is logged once,
 and again when Redis is back, with how many messages were delivered only
 locally; on reconnecting the node registers again and publishes its
 presence, so the others catch up with who came and went meanwhile.
@@ -84,7 +85,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.logger import Logger
 
-from broadcaster.core.history import RoomHistory, new_epoch
+from broadcaster.core.history import DEFAULT_MEMORY, HistoryMemory, RoomHistory, new_epoch
 from broadcaster.core.backplane import Attached
 from broadcaster.core.events import Event, TextMessage, uncached
 from broadcaster.redis.address import RedisAddress
@@ -142,6 +143,8 @@ class RedisBackplane:
     :param address: where Redis is.
     :param namespace: keeps apart deployments that share one Redis.
     :param history_size: text messages each room keeps (0: none).
+    :param history_memory: bytes the outage fallback's histories may keep
+        together (Redis's own memory is Redis's to bound: ``maxmemory``).
     :param node_timeout: seconds after which a node that stopped
         heartbeating is declared dead and its clients announced as gone.
     :param room_ttl: seconds a room's keys outlive its last use (a join,
@@ -171,6 +174,7 @@ class RedisBackplane:
         clock: Optional[IReactorTime] = None,
         connections: Optional[Connections] = None,
         room_ttl: float = 7 * 24 * 3600,
+        history_memory: int = DEFAULT_MEMORY,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
@@ -210,6 +214,7 @@ class RedisBackplane:
         self._local_only = 0
         self._local_epoch = ""
         self._fallback: Dict[str, RoomHistory] = {}
+        self.memory = HistoryMemory(history_memory, clock)
 
     # Set-up
 
@@ -479,7 +484,7 @@ class RedisBackplane:
         self._outage_logged = False
         self._local_only = 0
         self._local_epoch = "local-{}-{}".format(self.node_id, self._outages)
-        self._fallback = {}
+        self._forget_fallback()
 
     def _went_down(self, reason: str) -> None:
         if not self._running:
@@ -519,6 +524,14 @@ class RedisBackplane:
                 node=self.node_id,
             )
         self._down_since = None
+        self._forget_fallback()
+
+    def _forget_fallback(self) -> None:
+        """
+        Forget the histories kept locally during an outage, and their bytes.
+        """
+        for history in self._fallback.values():
+            self.memory.release(history)
         self._fallback = {}
 
     def _deliver_locally(self, event: Event, publication: Optional[_Pending] = None) -> Deferred:
@@ -530,7 +543,7 @@ class RedisBackplane:
             history = self._fallback.get(event.room)
             if history is None:
                 history = self._fallback[event.room] = RoomHistory(
-                    self.history_size, epoch=self._local_epoch
+                    self.history_size, epoch=self._local_epoch, memory=self.memory
                 )
             seq = history.next_seq()
             event = replace(event, seq=seq, epoch=history.epoch, kept=False)

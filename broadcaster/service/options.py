@@ -15,7 +15,14 @@ from typing import Mapping, Optional
 
 from twisted.python import usage
 
-from broadcaster.core.coercions import non_negative_float, non_negative_int, positive_float, positive_int
+from broadcaster.core.coercions import (
+    byte_count,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
+from broadcaster.core.history import DEFAULT_MEMORY, KEPT_OVERHEAD
 from broadcaster.core.imaging import (
     DEFAULT_FORMATS,
     DEFAULT_MAX_PIXELS,
@@ -328,6 +335,18 @@ class Options(usage.Options):
             non_negative_int,
         ],
         [
+            "history-memory",
+            None,
+            DEFAULT_MEMORY,
+            "Bytes the histories of all rooms may keep together (each message "
+            "counts its text as held in memory, 1 to 4 bytes a character, plus "
+            "{} bytes); past it the rooms that keep the most forget their "
+            "oldest messages, and recoveries that needed them are incomplete. "
+            "With --redis it bounds the history kept locally while Redis is "
+            "unreachable.  At least --max-message-size.".format(KEPT_OVERHEAD),
+            byte_count,
+        ],
+        [
             "max-rooms",
             None,
             10000,
@@ -587,6 +606,12 @@ class Options(usage.Options):
                 "could not be sent one message of the largest allowed size".format(
                     self["max-buffer"], self["max-message-size"]
                 )
+            )
+        if self["history-memory"] < self["max-message-size"]:
+            raise usage.UsageError(
+                "--history-memory {} is smaller than --max-message-size {}: a message"
+                " of the largest allowed size could never be kept (--history-memory"
+                " is in bytes)".format(self["history-memory"], self["max-message-size"])
             )
         if self["image-decode-memory"] < self["image-max-pixels"] * MAX_BYTES_PER_PIXEL:
             raise usage.UsageError(

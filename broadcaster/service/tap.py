@@ -228,6 +228,7 @@ def makeService(options: Options, reactor=None) -> "BroadcasterService | MasterS
             room_ttl=options["room-ttl"],
             clock=reactor,
             connections=RedisConnections(address, reactor),
+            history_memory=options["history-memory"],
         )
     hub = Hub(
         reactor,
@@ -236,6 +237,7 @@ def makeService(options: Options, reactor=None) -> "BroadcasterService | MasterS
         max_rooms=options["max-rooms"],
         max_rooms_per_member=options["max-rooms-per-client"],
         backplane=backplane,
+        history_memory=options["history-memory"],
     )
     service = BroadcasterService(reactor, hub, options["drain-timeout"])
     # Only as twistd runs us (on the global reactor): a test process that

@@ -3,6 +3,8 @@ Tests for :mod:`broadcaster.core.hub`: connections, rooms and fan-out, with plai
 Python members and a fake clock.
 """
 
+import gc
+import tracemalloc
 from typing import List
 
 from twisted.internet.task import Clock
@@ -390,6 +392,88 @@ class HistoryTests(HubTestCase):
         self.hub.publish_text("ann", "x", "c")
         self.assertEqual(sorted(self.hub.backplane.histories), ["b", "c", "lobby"])
         self.assertNotEqual(self.epoch("a"), epochs["a"])
+
+
+class SilentMember(RecordingMember):
+    """A member that keeps nothing of what it is given."""
+
+    def deliver(self, event: Event) -> None:
+        pass
+
+
+class HistoryMemoryTests(HubTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.hub = Hub(self.clock, node_id="n1", history_size=100, max_rooms=100,
+                       history_memory=64 * 1024)
+        self.memory = self.hub.backplane.memory
+
+    def test_what_is_counted_is_what_is_kept(self) -> None:
+        """A kept message is counted as about what it takes in memory,
+        however long its text and whatever its characters."""
+        for text in ("", "x" * 100, "x" * 2000, "é" * 2000, "x" * 60000 + "\U0001F600"):
+            hub = Hub(self.clock, node_id="n1")
+            ann = SilentMember("ann")
+            hub.connect(ann)
+            for room in ("a", "b", "c"):
+                hub.join(ann, room)
+                # What a room costs once is not a message's to count.
+                hub.publish_text("ann", "first", room)
+            self.turn()
+            gc.collect()
+            counted = hub.backplane.memory.used
+            tracemalloc.start()
+            self.addCleanup(tracemalloc.stop)
+            before = tracemalloc.get_traced_memory()[0]
+            for i in range(60):
+                for room in ("a", "b", "c"):
+                    # A string of its own, as one read from a socket is.
+                    hub.publish_text("ann", "{}{:03d}".format(text, i), room)
+                self.turn()
+            gc.collect()
+            taken = tracemalloc.get_traced_memory()[0] - before
+            tracemalloc.stop()
+            counted = hub.backplane.memory.used - counted
+            self.assertTrue(0.9 * taken < counted < 1.25 * taken, (len(text), counted, taken))
+
+    def test_a_recovery_past_messages_evicted_for_memory_is_incomplete(self) -> None:
+        """Once a room's old messages were evicted to stay within
+        --history-memory, a member recovering from before them gets the
+        rest with complete false; one recovering after them, complete true."""
+        ann = self.connect("ann")
+        self.hub.join(ann, "big")
+        first = self.successResultOf(self.hub.publish_text("ann", "first", "big"))
+        for i in range(10):
+            last = self.successResultOf(self.hub.publish_text("ann", str(i) * 10000, "big"))
+        self.assertGreater(self.memory.evicted, 0)
+        self.assertLessEqual(self.memory.used, 64 * 1024)
+        bob = self.connect("bob")
+        self.hub.join(bob, "big")
+        self.assertFalse(self.successResultOf(self.hub.replay(bob, "big", first.epoch, first.seq)))
+        self.turn()
+        replayed = [t for _, t in bob.texts()]
+        self.assertEqual(replayed, [str(i) * 10000 for i in range(10)][-len(replayed):])
+        carl = self.connect("carl")
+        self.hub.join(carl, "big")
+        self.assertTrue(self.successResultOf(self.hub.replay(carl, "big", last.epoch, last.seq - 1)))
+
+    def test_a_quiet_room_keeps_its_history_through_a_flood_elsewhere(self) -> None:
+        """A member flooding other rooms past --history-memory trims those
+        rooms, and a quiet room's history stays whole."""
+        ann, eve = self.connect("ann"), self.connect("eve", SilentMember)
+        self.hub.join(ann, "quiet")
+        said = [self.successResultOf(self.hub.publish_text("ann", t, "quiet")) for t in "abc"]
+        for i in range(100):
+            room = "flood{}".format(i % 10)
+            self.hub.join(eve, room)
+            self.hub.publish_text("eve", "x" * 5000, room)
+            self.turn()
+        self.assertGreater(self.memory.evicted, 50)
+        bob = self.connect("bob")
+        self.hub.join(bob, "quiet")
+        self.assertTrue(self.successResultOf(self.hub.replay(bob, "quiet", said[0].epoch, 0)))
+        self.turn()
+        self.assertEqual(bob.texts(), [("quiet", t) for t in "abc"])
 
 
 class EncodedTests(SynchronousTestCase):

@@ -5,6 +5,7 @@ operator's Prometheus and log shipper see.
 
 import io
 import json
+import sys
 
 import treq
 import websocket as websocket_client
@@ -15,6 +16,7 @@ from twisted.logger import Logger, LogPublisher
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from broadcaster.core.history import KEPT_OVERHEAD
 from broadcaster.service import logs
 from broadcaster.service.tap import Options
 from tests.support import connect_plain_clients, port_of, start_server
@@ -80,6 +82,11 @@ class MetricsTests(TestCase):
         self.assertEqual(samples[("broadcaster_slow_consumer_disconnects_total", ())], 0)
         self.assertEqual(samples[("broadcaster_backplane_connected", (("kind", "local"),))], 1)
         self.assertEqual(samples[("broadcaster_backplane_nodes", ())], 1)
+        # The lobby keeps the 3 messages, well within --history-memory.
+        self.assertEqual(
+            samples[("broadcaster_history_bytes", ())], 3 * (sys.getsizeof("hello 0") + KEPT_OVERHEAD)
+        )
+        self.assertEqual(samples[("broadcaster_history_evicted_messages_total", ())], 0)
 
     @inlineCallbacks
     def test_metrics_on_their_own_port(self):

@@ -31,6 +31,7 @@ from twisted.trial.unittest import FailTest, SkipTest, SynchronousTestCase, Test
 import txredisapi
 from broadcaster.core.events import BinaryMessage, ImageMessage, Joined, Left, Renamed, TextMessage
 from broadcaster.core.hub import Hub
+from broadcaster.core.history import kept_size
 from broadcaster.redis import connections as redis_connections
 from broadcaster.redis.address import RedisAddress, parse_redis_url, redact_url
 from broadcaster.redis.backplane import RedisBackplane
@@ -159,14 +160,15 @@ class MakeServiceTests(SynchronousTestCase):
 
         options = Options()
         options.parseOptions(
-            ["--redis", "redis://127.0.0.1:7000/2", "--redis-namespace", "chat", "--node-id", "n1"]
+            ["--redis", "redis://127.0.0.1:7000/2", "--redis-namespace", "chat", "--node-id", "n1",
+             "--history-memory", "5000000"]
         )
         service = makeService(options, reactor=MemoryReactorClock())
         backplane = service.hub.backplane
         self.assertIsInstance(backplane, RedisBackplane)
         self.assertEqual(
-            (backplane.channel, backplane.node_id, backplane.node_timeout),
-            ("broadcaster:chat:events:db2", "n1", 15.0),
+            (backplane.channel, backplane.node_id, backplane.node_timeout, backplane.memory.limit),
+            ("broadcaster:chat:events:db2", "n1", 15.0, 5000000),
         )
         # Started first and stopped last (the service starts its children
         # in order, and stops them one by one in reverse): the listeners
@@ -487,6 +489,23 @@ class BackplaneTests(SynchronousTestCase):
             self.backplane.missed("lobby", "local-a-2", 1, None)
         )
         self.assertEqual(([m.text for m in messages], complete), (["y"], True))
+
+    def test_the_outage_history_is_bounded_by_history_memory(self):
+        """What a node keeps locally while Redis is down counts against
+        --history-memory: past it the oldest local messages go, and a replay
+        that needed them is incomplete; once Redis is back it is let go."""
+        memory = self.backplane.memory
+        memory.limit = 5000
+        self.connections.listener.commands_lost(self.commands)
+        for i in range(5):
+            self.hub.publish_text("a-1", str(i) * 1000)
+        self.assertEqual((memory.used, memory.evicted), (3 * kept_size(self.member.events[-1]), 2))
+        messages, complete = self.successResultOf(self.backplane.missed("lobby", "local-a-2", 0, None))
+        self.assertEqual(([m.text[0] for m in messages], complete), (["2", "3", "4"], False))
+        messages, complete = self.successResultOf(self.backplane.missed("lobby", "local-a-2", 2, None))
+        self.assertEqual(([m.text[0] for m in messages], complete), (["2", "3", "4"], True))
+        self.connections.come_up(FakeCommands())
+        self.assertEqual(memory.used, 0)
 
     def test_position_falls_back_when_redis_fails(self):
         """A welcome never waits on a failed position: it gets the local one."""

@@ -91,6 +91,21 @@ class OptionsTests(SynchronousTestCase):
         self.assertRaises(UsageError, parse, "--max-message-size", "lots")
         self.assertRaises(UsageError, parse, "--open-handshake-timeout", "-1")
 
+    def test_history_memory(self):
+        """--history-memory is a number of bytes, 256 MiB by default, and at
+        least --max-message-size (so that it is not mistaken for MiB)."""
+        self.assertEqual(parse()["history-memory"], 256 * 1024 * 1024)
+        self.assertEqual(parse("--history-memory", "1000000")["history-memory"], 1000000)
+        for bad in ("0", "-5", "256MiB"):
+            self.assertUsageError("a number of bytes above zero", "--history-memory", bad)
+        self.assertUsageError(
+            "--history-memory 256 is smaller than --max-message-size 65536",
+            "--history-memory", "256",
+        )
+        self.assertEqual(
+            parse("--history-memory", "256", "--max-message-size", "256")["history-memory"], 256
+        )
+
     def test_node_id_is_checked(self):
         """--node-id accepts letters and digits only."""
         self.assertEqual(parse("--node-id", "web1")["node-id"], "web1")
@@ -174,6 +189,11 @@ class MakeServiceTests(SynchronousTestCase):
             "unix:/tmp/chat.sock", "systemd:domain=INET:index=0",
         ):
             self.assertFalse(loopback_only(description), description)
+
+    def test_history_memory_bounds_the_hub_s_history(self):
+        """--history-memory is the in-process history's bound."""
+        service = makeService(parse("--history-memory", "5000000"), reactor=MemoryReactorClock())
+        self.assertEqual(service.hub.backplane.memory.limit, 5000000)
 
     def test_node_id_prefixes_client_ids(self):
         """Client ids carry the configured node id."""
