@@ -4,11 +4,23 @@ and the client's options.  Each has a ``coerceDoc`` that ``--help`` shows.
 """
 
 
+def _whole(value: str, wanted: str) -> int:
+    """
+    ``value`` as an int.
+
+    :raise ValueError: saying what was ``wanted`` rather than quoting int().
+    """
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(wanted) from None
+
+
 def positive_int(value: str) -> int:
     """
     :raise ValueError: unless ``value`` is a whole number above zero.
     """
-    number = int(value)
+    number = _whole(value, "must be a positive integer")
     if number <= 0:
         raise ValueError("must be a positive integer")
     return number
@@ -21,15 +33,11 @@ def byte_count(value: str) -> int:
     """
     A size in bytes, for the byte budgets: a whole number above zero.
 
-    :raise ValueError: otherwise, saying that a number of bytes is wanted
-        (``256MiB`` is refused: say 268435456).
+    :raise ValueError: otherwise (``256MiB`` too: say 268435456).
     """
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
+    number = _whole(value, "must be a whole number of bytes above zero")
     if number <= 0:
-        raise ValueError("must be a number of bytes above zero, not {!r}".format(value))
+        raise ValueError("must be a whole number of bytes above zero")
     return number
 
 
@@ -53,7 +61,7 @@ def non_negative_int(value: str) -> int:
     """
     :raise ValueError: unless ``value`` is a whole number, zero or more.
     """
-    number = int(value)
+    number = _whole(value, "must be zero or a positive integer")
     if number < 0:
         raise ValueError("must be zero or a positive integer")
     return number

@@ -535,7 +535,29 @@ class Options(usage.Options):
         self["given"] = [
             (self.synonyms.get(opt.lstrip("-"), opt.lstrip("-")), value) for opt, value in pairs
         ]
-        super().parseOptions(options)
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if not str(e).startswith("Parameter type enforcement failed"):
+                raise
+            raise self._refused_value(e) from None
+
+    def _refused_value(self, error: usage.UsageError) -> usage.UsageError:
+        """
+        ``error`` with the flag whose value its coercion refused: Twisted
+        says only "Parameter type enforcement failed: must be a positive
+        integer", whichever of thirty flags it was.
+        """
+        coercions = {name: row[3] for name, *row in self.optParameters if len(row) > 3}
+        for name, value in self["given"]:
+            coerce = coercions.get(name)
+            if coerce is None:
+                continue
+            try:
+                coerce(value)
+            except ValueError as e:
+                return usage.UsageError("--{} {!r}: {}".format(name, value, e))
+        return error
 
     def opt_webhook(self, url: str) -> None:
         """POST every chat event, in batches, to this http(s) URL (repeatable). See docs/webhooks.rst for the format and signature."""  # noqa: E501

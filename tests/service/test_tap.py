@@ -86,10 +86,15 @@ class OptionsTests(SynchronousTestCase):
         self.assertUsageError("--port", "--port", "ssl:9443:privateKey=/nonexistent.pem")
 
     def test_limits_must_be_positive(self):
-        """Sizes and timeouts must be positive numbers."""
-        self.assertRaises(UsageError, parse, "--max-message-size", "0")
-        self.assertRaises(UsageError, parse, "--max-message-size", "lots")
-        self.assertRaises(UsageError, parse, "--open-handshake-timeout", "-1")
+        """Sizes and timeouts must be positive numbers; the error names the flag."""
+        self.assertUsageError("--max-message-size '0': must be a positive integer",
+                              "--max-message-size", "0")
+        self.assertUsageError("--max-message-size 'lots': must be a positive integer",
+                              "--max-message-size", "lots")
+        self.assertUsageError("--open-handshake-timeout '-1': must be a positive number",
+                              "--open-handshake-timeout", "-1")
+        self.assertUsageError("--max-rooms '0'", "--max-rooms", "0")
+        self.assertUsageError("--history-size '-1'", "--history-size", "-1")
 
     def test_history_memory(self):
         """--history-memory is a number of bytes, 256 MiB by default, and at
@@ -97,7 +102,10 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(parse()["history-memory"], 256 * 1024 * 1024)
         self.assertEqual(parse("--history-memory", "1000000")["history-memory"], 1000000)
         for bad in ("0", "-5", "256MiB"):
-            self.assertUsageError("a number of bytes above zero", "--history-memory", bad)
+            self.assertUsageError(
+                "--history-memory {!r}: must be a whole number of bytes above zero".format(bad),
+                "--history-memory", bad,
+            )
         self.assertUsageError(
             "--history-memory 256 is smaller than --max-message-size 65536",
             "--history-memory", "256",
