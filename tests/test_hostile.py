@@ -23,7 +23,7 @@ from tests.support import (
     wait_for,
 )
 from tests.http.test_metrics import scrape
-from tests.test_rooms import join_chat, of_type, read_until
+from tests.test_rooms import flood, join_chat, of_type, read_until
 
 MiB = 1024 * 1024
 
@@ -180,30 +180,6 @@ class HistoryFloodTests(HostileTestCase):
     """A client filling the server's memory with history."""
 
     @inlineCallbacks
-    def flood(self, client, rooms, count, size):
-        """
-        ``client`` joins ``rooms`` and says ``count`` messages of ``size``
-        characters in each, round the rooms, at the most its burst allows.
-
-        :return: ``(sent, acks)``: the texts by room, and the acks by
-            ``room/n`` reference.
-        """
-        for room in rooms:
-            client.send_json({"type": "join", "room": room})
-            yield read_until(client, of_type("presence", room=room))
-        sent = {room: [] for room in rooms}
-        for n in range(count):
-            for room in rooms:
-                text = "{} {} ".format(room, n).ljust(size, "x")
-                sent[room].append(text)
-                client.send_json(
-                    {"type": "message", "room": room, "text": text, "ref": "{}/{}".format(room, n)}
-                )
-        last = "{}/{}".format(rooms[-1], count - 1)
-        events = yield read_until(client, of_type("ack", ref=last), limit=5 * count * len(rooms))
-        return sent, {e["ref"]: e for e in events if e["type"] == "ack"}
-
-    @inlineCallbacks
     def test_big_messages_into_many_rooms(self):
         """
         With 1 MiB of --history-memory, a client sends 12 MB of history
@@ -222,7 +198,7 @@ class HistoryFloodTests(HostileTestCase):
 
         eve, _ = yield join_chat(self, self.port, "eve")
         rooms = ["flood{}".format(i) for i in range(20)]
-        sent, acks = yield self.flood(eve, rooms, 10, 60000)
+        sent, acks = yield flood(eve, rooms, 10, 60000)
         self.honest_say(3)
         yield self.assert_honest_chat_intact()
 

@@ -58,6 +58,31 @@ def of_type(kind, **fields):
     return lambda e: e["type"] == kind and all(e.get(k) == v for k, v in fields.items())
 
 
+@inlineCallbacks
+def flood(client, rooms, count, size):
+    """
+    ``client`` joins ``rooms`` and says ``count`` messages of ``size``
+    characters in each, round the rooms, as fast as it can.
+
+    :return: ``(sent, acks)``: the texts by room, and the acks by their
+        ``ref``, ``<room>/<n>``.
+    """
+    for room in rooms:
+        client.send_json({"type": "join", "room": room})
+        yield read_until(client, of_type("presence", room=room))
+    sent = {room: [] for room in rooms}
+    for n in range(count):
+        for room in rooms:
+            text = "{} {} ".format(room, n).ljust(size, "x")
+            sent[room].append(text)
+            client.send_json(
+                {"type": "message", "room": room, "text": text, "ref": "{}/{}".format(room, n)}
+            )
+    last = "{}/{}".format(rooms[-1], count - 1)
+    events = yield read_until(client, of_type("ack", ref=last), limit=5 * count * len(rooms))
+    return sent, {e["ref"]: e for e in events if e["type"] == "ack"}
+
+
 class RoomTests(TestCase):
     @inlineCallbacks
     def setUp(self):

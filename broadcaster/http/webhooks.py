@@ -30,13 +30,16 @@ a 5xx, 408 or 429 is retried with exponential backoff and full jitter for
 up to ``--webhook-retry-for`` seconds, then the batch is dropped and logged.
 Any other answer outside 2xx (4xx, 3xx) is logged as an error and the
 batch dropped, not retried: sending it again would get the same answer.
-The queue holds ``--webhook-queue`` events; when it is full the oldest are
-dropped (counted, and logged once per episode).  Each retry is signed
-afresh with a new ``sent_at``.
+The queue holds ``--webhook-queue`` events and ``--webhook-queue-bytes``
+bytes of their JSON (the batch in flight aside); past either the oldest are
+dropped (counted, and logged once per episode), as the count bound always
+did.  An event larger than the whole byte budget still waits, alone.  Each
+retry is signed afresh with a new ``sent_at``.
 
-Nothing here slows the fan-out: the hub observer turns an event into a
-small dict and appends it to a deque; JSON encoding, signing and HTTP
-happen later, once per batch.
+Little here slows the fan-out: the hub observer turns an event into JSON
+once for every URL (its size is what the byte budget counts, and bytes
+wait in less memory than a dict) and appends it to a deque; signing and
+HTTP happen later, once per batch.
 """
 
 from __future__ import annotations
@@ -82,6 +85,14 @@ TIMESTAMP_HEADER = b"X-Broadcaster-Timestamp"
 #: Statuses that mean "not now" rather than "never": retried like 5xx.
 _RETRY_STATUSES = (408, 429)
 
+#: ``--webhook-queue-bytes``'s default, per URL: 64 MiB.  At ordinary sizes
+#: (a join or a short message is 200 to 400 bytes of JSON) --webhook-queue's
+#: 10,000 events take 2 to 4 MB, so it binds first; with 64 KiB messages,
+#: whose JSON may be six times larger when escaped, 10,000 of them were
+#: 640 MiB to 3.75 GiB a URL, and 64 MiB still holds about 1,000 of them:
+#: ten batches.
+DEFAULT_QUEUE_BYTES = 64 * 1024 * 1024
+
 
 
 def sign(body: bytes, secret: bytes) -> bytes:
@@ -102,6 +113,13 @@ def backoff_delay(failures: int, random: Callable[[], float], base: float = BASE
     back at the same moment.
     """
     return random() * min(cap, base * 2 ** (failures - 1))
+
+
+def encode(payload: Dict[str, Any]) -> bytes:
+    """
+    A :func:`webhook_event` as it goes into a POST: compact UTF-8 JSON.
+    """
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 def webhook_event(event: Event, hub: Optional[Hub] = None) -> Optional[Dict[str, Any]]:
@@ -133,11 +151,15 @@ class WebhookDelivery:
     :param retry_for: seconds a batch is retried before it is dropped.
     :param max_queue: events waiting (beyond the batch in flight) before
         the oldest are dropped.
+    :param max_queue_bytes: bytes of encoded events waiting (beyond the
+        batch in flight) before the oldest are dropped; the newest event
+        always waits, were it alone larger.
     :param random: returns a float in [0, 1); jitters the backoff.
 
     :ivar delivered: events delivered (2xx).
     :ivar retries: attempts that were retried.
     :ivar dropped: events dropped (queue overflow, refused, given up, shutdown).
+    :ivar queued_bytes: bytes of the events waiting, the batch in flight aside.
     """
 
     _log = Logger()
@@ -153,6 +175,7 @@ class WebhookDelivery:
         max_queue: int = 10000,
         random: Callable[[], float] = _random.random,
         batch_size: int = BATCH_SIZE,
+        max_queue_bytes: int = DEFAULT_QUEUE_BYTES,
         batch_interval: float = BATCH_INTERVAL,
     ) -> None:
         self.url = url
@@ -163,14 +186,16 @@ class WebhookDelivery:
         self.timeout = timeout
         self.retry_for = retry_for
         self.max_queue = max_queue
+        self.max_queue_bytes = max_queue_bytes
         self._random = random
         self.batch_size = batch_size
         self.batch_interval = batch_interval
 
-        # (when it was queued, event)
-        self._queue: Deque[Tuple[float, Dict[str, Any]]] = deque()
-        # The batch being delivered, and its events encoded once for all attempts.
-        self._batch: Optional[List[Dict[str, Any]]] = None
+        # (when it was queued, event encoded)
+        self._queue: Deque[Tuple[float, bytes]] = deque()
+        self.queued_bytes = 0
+        # The batch being delivered, and its events as one JSON array for all attempts.
+        self._batch: Optional[List[bytes]] = None
         self._batch_json = b""
         self._batch_started = 0.0
         self._failures = 0
@@ -192,22 +217,43 @@ class WebhookDelivery:
         """Events not yet delivered, the batch in flight included."""
         return len(self._queue) + (len(self._batch) if self._batch is not None else 0)
 
-    def enqueue(self, event: Dict[str, Any]) -> None:
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of events not yet delivered, the batch in flight included."""
+        return self.queued_bytes + len(self._batch_json)
+
+    def enqueue(self, event: Dict[str, Any], encoded: Optional[bytes] = None) -> None:
         """
-        Queue one event (a :func:`webhook_event` dict) for delivery.
+        Queue one event (a :func:`webhook_event` dict) for delivery, first
+        dropping the oldest waiting if either bound would be passed.
+
+        :param encoded: the event's :func:`encode`, if done already (once
+            for every URL).
         """
-        if len(self._queue) >= self.max_queue:
-            self._queue.popleft()
+        if encoded is None:
+            encoded = encode(event)
+        queue = self._queue
+        while queue:
+            if len(queue) >= self.max_queue:
+                limit, unit, flag = self.max_queue, "events", "--webhook-queue"
+            elif self.queued_bytes + len(encoded) > self.max_queue_bytes:
+                limit, unit, flag = self.max_queue_bytes, "bytes", "--webhook-queue-bytes"
+            else:
+                break
+            self.queued_bytes -= len(queue.popleft()[1])
             self.dropped += 1
             self._overflow += 1
             if self._overflow == 1:
                 self._log.warn(
-                    "[WEBHOOK] {target}: queue full ({limit} events, --webhook-queue);"
+                    "[WEBHOOK] {target}: queue full ({limit} {unit}, {flag});"
                     " dropping the oldest events until it catches up",
                     target=self.target,
-                    limit=self.max_queue,
+                    limit=limit,
+                    unit=unit,
+                    flag=flag,
                 )
-        self._queue.append((self._clock.seconds(), event))
+        queue.append((self._clock.seconds(), encoded))
+        self.queued_bytes += len(encoded)
         self._pump()
 
     # The loop: take a batch, attempt it until it is done, repeat.
@@ -245,9 +291,8 @@ class WebhookDelivery:
     def _take_batch(self) -> None:
         count = min(self.batch_size, len(self._queue))
         self._batch = [self._queue.popleft()[1] for _ in range(count)]
-        self._batch_json = json.dumps(
-            self._batch, ensure_ascii=False, separators=(",", ":")
-        ).encode("utf-8")
+        self._batch_json = b"[" + b",".join(self._batch) + b"]"
+        self.queued_bytes -= sum(map(len, self._batch))
         self._batch_started = self._clock.seconds()
         self._failures = 0
         if self._overflow:
@@ -415,7 +460,9 @@ class WebhookDelivery:
         )
         self.dropped += lost
         self._queue.clear()
+        self.queued_bytes = 0
         self._batch = None
+        self._batch_json = b""
         attempt, self._attempt = self._attempt, None
         if attempt is not None:
             attempt.cancel()
@@ -450,6 +497,7 @@ class WebhookService(Service):
         flush_timeout: float = 5.0,
         random: Callable[[], float] = _random.random,
         pool=None,
+        max_queue_bytes: int = DEFAULT_QUEUE_BYTES,
     ) -> None:
         self._hub = hub
         self._secret = secret
@@ -464,6 +512,7 @@ class WebhookService(Service):
                 timeout=timeout,
                 retry_for=retry_for,
                 max_queue=max_queue,
+                max_queue_bytes=max_queue_bytes,
                 random=random,
             )
             for url in urls
@@ -480,6 +529,12 @@ class WebhookService(Service):
             lambda: sum(len(d) for d in deliveries),
         )
         collector.add_gauge(
+            "broadcaster_webhook_queued_bytes",
+            "Bytes of JSON of the events waiting for webhook delivery (all URLs),"
+            " the batches in flight included.",
+            lambda: sum(d.pending_bytes for d in deliveries),
+        )
+        collector.add_gauge(
             "broadcaster_webhook_delivered_events",
             "Events delivered to webhooks since start (all URLs).",
             lambda: sum(d.delivered for d in deliveries),
@@ -491,8 +546,9 @@ class WebhookService(Service):
         )
         collector.add_gauge(
             "broadcaster_webhook_dropped_events",
-            "Events never delivered to a webhook since start: queue overflow,"
-            " refused, retries exhausted or shutdown (all URLs).",
+            "Events never delivered to a webhook since start: queue overflow"
+            " (--webhook-queue or --webhook-queue-bytes), refused, retries"
+            " exhausted or shutdown (all URLs).",
             lambda: sum(d.dropped for d in deliveries),
         )
 
@@ -515,8 +571,9 @@ class WebhookService(Service):
         payload = webhook_event(event, self._hub)
         if payload is None:
             return
+        encoded = encode(payload)
         for delivery in self.deliveries:
-            delivery.enqueue(payload)
+            delivery.enqueue(payload, encoded)
 
     def stopService(self) -> Deferred:
         """

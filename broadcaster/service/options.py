@@ -30,6 +30,7 @@ from broadcaster.core.imaging import (
     MAX_BYTES_PER_PIXEL,
 )
 from broadcaster.http.fetch import url_problem
+from broadcaster.http.webhooks import DEFAULT_QUEUE_BYTES
 from broadcaster.protocols.origin import allowed_host_name, parse_origin
 from broadcaster.redis.address import parse_redis_url, redact_url
 from broadcaster.service import logs, secrets
@@ -464,6 +465,15 @@ class Options(usage.Options):
             positive_int,
         ],
         [
+            "webhook-queue-bytes",
+            None,
+            DEFAULT_QUEUE_BYTES,
+            "Bytes (of JSON) the events waiting for each webhook URL may take; "
+            "beyond it the oldest are dropped, as beyond --webhook-queue.  At "
+            "least --max-message-size.",
+            byte_count,
+        ],
+        [
             "auth-url",
             None,
             None,
@@ -629,12 +639,14 @@ class Options(usage.Options):
                     self["max-buffer"], self["max-message-size"]
                 )
             )
-        if self["history-memory"] < self["max-message-size"]:
-            raise usage.UsageError(
-                "--history-memory {} is smaller than --max-message-size {}: a message"
-                " of the largest allowed size could never be kept (--history-memory"
-                " is in bytes)".format(self["history-memory"], self["max-message-size"])
-            )
+        for flag in ("history-memory", "webhook-queue-bytes"):
+            if self[flag] < self["max-message-size"]:
+                raise usage.UsageError(
+                    "--{} {} is smaller than --max-message-size {}: one message of the"
+                    " largest allowed size would not fit (--{} is in bytes)".format(
+                        flag, self[flag], self["max-message-size"], flag
+                    )
+                )
         if self["image-decode-memory"] < self["image-max-pixels"] * MAX_BYTES_PER_PIXEL:
             raise usage.UsageError(
                 "--image-decode-memory {} is smaller than --image-max-pixels {} x {}"

@@ -513,6 +513,7 @@ def _webhooks(options: Options, hub: Hub, metrics, reactor) -> Optional[WebhookS
         timeout=options["webhook-timeout"],
         retry_for=options["webhook-retry-for"],
         max_queue=options["webhook-queue"],
+        max_queue_bytes=options["webhook-queue-bytes"],
         # The last attempt at shutdown, once the clients are gone.
         flush_timeout=min(options["webhook-timeout"], options["drain-timeout"]),
         pool=pool,

@@ -31,15 +31,21 @@ from twisted.web.server import NOT_DONE_YET, Site
 from broadcaster.core.events import BinaryMessage, ImageMessage, TextMessage
 from broadcaster.http.metrics import StatsCollector
 from broadcaster.service.tap import Options, makeService
+from broadcaster.http import webhooks
 from broadcaster.http.webhooks import (
     WebhookDelivery,
     WebhookService,
     backoff_delay,
+    encode,
     sign,
     webhook_event,
 )
 from broadcaster.core.members import MemberBase
+from tests.http.test_metrics import scrape
 from tests.support import immediate_hub, Inbox, connect_client, start_server, wait_for
+from tests.test_rooms import flood, join_chat, of_type, read_until
+
+MiB = 1024 * 1024
 
 
 # A real HTTP server on loopback, shared with test_auth and test_fetch.
@@ -197,8 +203,12 @@ class FakeMember(MemberBase):
         pass
 
 
-def events_of(count: int) -> List[dict]:
-    return [{"type": "message", "text": str(i), "event_id": "e{}".format(i)} for i in range(count)]
+def events_of(count: int, size: int = 0) -> List[dict]:
+    """``count`` message events, each with a text of ``size`` characters or more."""
+    return [
+        {"type": "message", "text": str(i).ljust(size, "x"), "event_id": "e{}".format(i)}
+        for i in range(count)
+    ]
 
 
 class RealReceiverTests(TestCase):
@@ -312,27 +322,57 @@ class RealReceiverTests(TestCase):
         self.assertEqual(later.events[0]["event_id"], "later")
 
     @inlineCallbacks
-    def test_overflow_drops_the_oldest(self):
-        """With the queue full, the oldest waiting events are dropped and it is logged once."""
+    def overflowed(self, events, **kwargs):
+        """
+        Deliver ``events[0]`` and have the receiver hold it, queue the
+        others meanwhile, then let the receiver answer.
+
+        :return: ``(delivery, ids)``: the delivery, and the ``event_id`` of
+            each event in the POST after the one held.
+        """
         self.receiver.hold = True
-        delivery = self.delivery(max_queue=3)
-        events = events_of(7)
+        delivery = self.delivery(**kwargs)
         delivery.enqueue(events[0])
         self.clock.advance(1)
-        yield self.receiver.next()  # e0 in flight, held by the receiver
+        yield self.receiver.next()
         for event in events[1:]:
             delivery.enqueue(event)
-        self.assertEqual(delivery.dropped, 3)
-        overflow = [e for e in self.logged if "queue full" in e.get("log_format", "")]
-        self.assertEqual(len(overflow), 1)
         self.receiver.hold = False
         self.receiver.release()
         yield wait_for(lambda: delivery.delivered == 1, what="the first batch")
         self.clock.advance(1)
         rest = yield self.receiver.next()
-        self.assertEqual([e["event_id"] for e in rest.events], ["e4", "e5", "e6"])
-        summary = [e for e in self.logged if "while the queue was full" in e.get("log_format", "")]
-        self.assertEqual([e["count"] for e in summary], [3])
+        return delivery, [e["event_id"] for e in rest.events]
+
+    def overflow_logged(self):
+        """The overflow warnings, and the counts of the summaries after them."""
+        return (
+            [e for e in self.logged if "queue full" in e.get("log_format", "")],
+            [e["count"] for e in self.logged
+             if "while the queue was full" in e.get("log_format", "")],
+        )
+
+    @inlineCallbacks
+    def test_overflow_drops_the_oldest(self):
+        """With the queue full, the oldest waiting events are dropped and it is logged once."""
+        delivery, ids = yield self.overflowed(events_of(7), max_queue=3)
+        self.assertEqual((ids, delivery.dropped), (["e4", "e5", "e6"], 3))
+        warnings, summaries = self.overflow_logged()
+        self.assertEqual(([e["flag"] for e in warnings], summaries), (["--webhook-queue"], [3]))
+
+    @inlineCallbacks
+    def test_overflow_by_bytes_drops_the_oldest(self):
+        """Past --webhook-queue-bytes the oldest waiting events are dropped,
+        counted, and logged once with the flag; the newest go out."""
+        events = events_of(9, size=1000)
+        budget = 3 * len(encode(events[1])) + 10
+        delivery, ids = yield self.overflowed(events, max_queue_bytes=budget)
+        self.assertEqual((ids, delivery.dropped), (["e6", "e7", "e8"], 5))
+        (warning,), summaries = self.overflow_logged()
+        self.assertEqual(
+            (warning["limit"], warning["unit"], warning["flag"], summaries),
+            (budget, "bytes", "--webhook-queue-bytes", [5]),
+        )
 
 
 class ShutdownTests(TestCase):
@@ -355,6 +395,55 @@ class ShutdownTests(TestCase):
         for received in receiver.received:
             signature = received.headers[b"x-broadcaster-signature"]
             self.assertEqual(signature, sign(received.body, b"k"))
+
+
+class FloodTests(TestCase):
+    """A client flooding a real server's webhooks while their receiver is stuck."""
+
+    @inlineCallbacks
+    def test_big_messages_into_many_rooms(self):
+        """
+        While the receiver holds a POST, a client sends 12 MB of messages
+        into 20 rooms of a server with 1 MiB of --webhook-queue-bytes: the
+        oldest events are dropped (counted on /metrics, logged once), what
+        waits stays within the budget, and once the receiver answers again
+        it gets the latest of the flood and the honest client's message
+        sent after it, in order.
+        """
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        receiver = Receiver()
+        receiver.hold = True
+        server = serve(self, receiver)
+        service, port = yield start_server(
+            self, ["--webhook", server.url + "/hook", "--webhook-queue-bytes", str(MiB)]
+        )
+        (delivery,) = service.webhooks.deliveries
+        ann, _ = yield join_chat(self, port, "ann")
+        yield receiver.next()  # ann's join, held
+
+        eve, _ = yield join_chat(self, port, "eve")
+        rooms = ["flood{}".format(i) for i in range(20)]
+        sent, _ = yield flood(eve, rooms, 10, 60000)
+        ann.send_json({"type": "message", "text": "after the flood", "ref": 1})
+        yield read_until(ann, of_type("ack", ref=1))
+        self.assertGreater(delivery.dropped, 180)
+        self.assertLessEqual(delivery.queued_bytes, MiB)
+        samples = yield scrape(port)
+        self.assertEqual(samples[("broadcaster_webhook_dropped_events", ())], delivery.dropped)
+
+        receiver.hold = False
+        receiver.release()
+        yield wait_for(
+            lambda: "after the flood" in [e.get("text") for e in receiver.events()],
+            what="the honest message to reach the receiver",
+        )
+        floods = [e["text"] for e in receiver.events() if e.get("room", "").startswith("flood")
+                  and e["type"] == "message"]
+        everything = [sent[room][n] for n in range(10) for room in rooms]
+        self.assertEqual(floods, everything[len(everything) - len(floods):])
+        self.assertEqual(receiver.events()[-1]["text"], "after the flood")
+        overflow = [e for e in logged if "queue full" in e.get("log_format", "")]
+        self.assertEqual([e["flag"] for e in overflow], ["--webhook-queue-bytes"])
 
 
 class AlwaysFailing(Resource):
@@ -456,6 +545,79 @@ class BackoffTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
+class ByteBudgetTests(SynchronousTestCase):
+    """
+    ``--webhook-queue-bytes`` with a receiver that never answers (the
+    first batch stays in flight) and a ``task.Clock``.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+    def stuck(self, **kwargs) -> WebhookDelivery:
+        """A delivery whose first batch is in flight and never answered."""
+        delivery = WebhookDelivery(
+            "http://hooks.example/h", StubTreq(Silent()), self.clock, timeout=3600, **kwargs
+        )
+        delivery.enqueue({"type": "message", "event_id": "in flight"})
+        self.clock.advance(1)
+        self.assertEqual(len(delivery), 1)
+        return delivery
+
+    def test_waiting_events_stay_within_the_budget(self):
+        """However many big events come, what waits stays within the byte
+        budget, the newest events kept, the rest counted as dropped and
+        logged once."""
+        delivery = self.stuck(max_queue_bytes=100_000)
+        for event in events_of(1000, size=3000):
+            delivery.enqueue(event)
+            self.assertLessEqual(delivery.queued_bytes, 100_000)
+        waiting = 100_000 // len(encode(events_of(1, size=3000)[0]))
+        self.assertEqual((len(delivery), delivery.dropped), (1 + waiting, 1000 - waiting))
+        self.assertEqual(
+            delivery.pending_bytes,
+            delivery.queued_bytes + len(encode({"type": "message", "event_id": "in flight"})) + 2,
+        )
+        warnings = [e for e in self.logged if e["log_level"] == LogLevel.warn]
+        self.assertEqual([e["flag"] for e in warnings], ["--webhook-queue-bytes"])
+
+    def test_an_event_larger_than_the_budget_waits_alone(self):
+        """An event whose JSON alone passes the budget is not lost: it
+        waits alone, the others dropped."""
+        delivery = self.stuck(max_queue_bytes=5000)
+        small, big = events_of(2, size=100)
+        big["text"] = "x" * 6000
+        delivery.enqueue(small)
+        delivery.enqueue(big)
+        self.assertEqual((len(delivery), delivery.dropped), (2, 1))
+        self.assertEqual(delivery.queued_bytes, len(encode(big)))
+
+    def test_the_count_bound_still_applies(self):
+        """With room for the bytes, --webhook-queue still bounds the count,
+        and the warning names it."""
+        delivery = self.stuck(max_queue=5)
+        for event in events_of(8):
+            delivery.enqueue(event)
+        self.assertEqual((len(delivery), delivery.dropped), (6, 3))
+        (warning,) = [e for e in self.logged if e["log_level"] == LogLevel.warn]
+        self.assertEqual((warning["flag"], warning["limit"]), ("--webhook-queue", 5))
+
+    def test_each_event_is_encoded_once_for_every_url(self):
+        """With several URLs an event's JSON is made once and queued for each."""
+        hub = immediate_hub(self.clock)
+        service = WebhookService(
+            hub, ["http://a.example/", "http://b.example/"], StubTreq(Silent()), self.clock
+        )
+        service.startService()
+        self.addCleanup(setattr, service, "running", 0)
+        encoded = []
+        self.patch(webhooks, "encode", lambda payload: encoded.append(payload) or b"{}")
+        hub.connect(FakeMember("n-1"))
+        self.assertEqual(len(encoded), 1)
+        self.assertEqual([d.queued_bytes for d in service.deliveries], [2, 2])
+
+
 class FlushTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
@@ -550,6 +712,7 @@ class EventFormTests(SynchronousTestCase):
             values,
             {
                 "broadcaster_webhook_queued_events": 1,
+                "broadcaster_webhook_queued_bytes": len(encode(events_of(1)[0])),
                 "broadcaster_webhook_delivered_events": 0,
                 "broadcaster_webhook_retries": 0,
                 "broadcaster_webhook_dropped_events": 0,
@@ -563,7 +726,7 @@ class MakeServiceTests(SynchronousTestCase):
         options = Options()
         options.parseOptions(
             ["--webhook", "https://a.example/h", "--webhook", "https://b.example/h",
-             "--webhook-queue", "5", "--drain-timeout", "3"]
+             "--webhook-queue", "5", "--webhook-queue-bytes", "100000", "--drain-timeout", "3"]
         )
         service = makeService(options, reactor=MemoryReactorClock())
         webhooks = service.webhooks
@@ -571,7 +734,11 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(list(service)[-2:], [webhooks, service.clients])
         self.assertEqual([d.url for d in webhooks.deliveries],
                          ["https://a.example/h", "https://b.example/h"])
-        self.assertEqual((webhooks.deliveries[0].max_queue, webhooks.flush_timeout), (5, 3))
+        self.assertEqual(
+            (webhooks.deliveries[0].max_queue, webhooks.deliveries[0].max_queue_bytes,
+             webhooks.flush_timeout),
+            (5, 100000, 3),
+        )
         names = {family.name for family in service.metrics.collect()}
         self.assertIn("broadcaster_webhook_queued_events", names)
 
