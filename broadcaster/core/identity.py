@@ -1,39 +1,58 @@
 """
-Who a client is, as a sign-in service says, and how asking can fail: the
-contract between the WebSocket handshake and whatever signs clients in
-(:mod:`broadcaster.http.auth` asks an HTTP service, ``--auth-url``).
+Who a client is, as a sign-in service or a signed token says, and how
+asking can fail: the contract between the WebSocket handshake and whatever
+signs clients in (:mod:`broadcaster.http.auth` asks an HTTP service,
+``--auth-url``; :mod:`broadcaster.http.tokens` verifies signed tokens,
+``--jwt-*``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 
 @dataclass(frozen=True)
 class Identity:
     """
-    Who the auth service says a client is; either may be ``None``.
+    Who the client is, as far as sign-in says; each field may be ``None``.
+
+    :ivar user: the user id (``user`` from ``--auth-url``, a token's ``sub``).
+    :ivar name: the display name sign-in chose, which ``hello`` cannot change.
+    :ivar rooms: a token's ``rooms`` claim as the token gave it (a JSON list
+        or object), for room permissions to read; ``None`` without one.  Not
+        part of the hash, so that an identity stays hashable.
+    :ivar expires: when the token stops being valid (its ``exp``, seconds
+        since the epoch), or ``None``.
     """
 
     user: Optional[str] = None
     name: Optional[str] = None
+    rooms: Any = field(default=None, hash=False)
+    expires: Optional[float] = None
 
 
 class AuthDenied(Exception):
     """
-    The auth service refused the client (401 or 403).
+    Sign-in refused the client: the auth service answered 401 or 403, or a
+    token did not verify.
 
-    :ivar status: the status it answered.
+    :ivar status: the status the auth service answered (403 for a token).
+    :ivar reason: why, for the log, when there is more to say than the
+        status (a token's ``"expired"``, ``"bad signature"``...); never
+        holds a credential.
     """
 
-    def __init__(self, status: int) -> None:
-        super().__init__("the auth service refused the client (HTTP {})".format(status))
+    def __init__(self, status: int, reason: Optional[str] = None) -> None:
+        super().__init__(
+            reason or "the auth service refused the client (HTTP {})".format(status)
+        )
         self.status = status
+        self.reason = reason
 
 
 class AuthUnavailable(Exception):
     """
-    No usable answer from the auth service; ``str()`` says why (no
-    credentials in it).
+    No usable answer from the auth service, or no keys to check a token
+    with (the JWKS URL is down); ``str()`` says why (no credentials in it).
     """

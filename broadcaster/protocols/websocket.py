@@ -15,6 +15,8 @@ Wire format (see :mod:`broadcaster.protocols.wire` for the events themselves):
   :mod:`broadcaster.http.site`).
 - With ``--auth-url`` (see :mod:`broadcaster.http.auth`), after those checks the
   auth service is asked: a refusal is answered 403, no usable answer 503.
+  With ``--jwt-*`` (see :mod:`broadcaster.http.tokens`) a signed token is
+  checked instead: one that does not verify is answered 403.
 - JSON mode: input that is not a valid client message gets
   ``{"type": "error", "reason": ...}`` back; the connection stays open.
   ``image_url`` requests are fetched by :mod:`broadcaster.http.fetch`; a failure
@@ -158,7 +160,7 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
     name: Optional[str] = None
     _lobby_since: Optional[Tuple[str, int]] = None
 
-    #: Who the --auth-url service says this client is, if it said.
+    #: Who sign-in (--auth-url, a token's sub) says this client is, if it said.
     user: Optional[str] = None
     # The auth service chose the display name: hello may not change it.
     _name_from_auth = False
@@ -268,12 +270,20 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
             # connection, not CancelledError): nobody is left to answer.
             raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "connection lost")
         if failure.check(AuthDenied):
-            self._log.warn(
-                "[REFUSED] {peer}: the auth service refused the credentials (HTTP {status});"
-                " answered 403",
-                peer=peer,
-                status=failure.value.status,
-            )
+            if failure.value.reason is not None:
+                # A token that did not verify: why is for the log, not the client.
+                self._log.warn(
+                    "[REFUSED] {peer}: {reason}; answered 403",
+                    peer=peer,
+                    reason=failure.value.reason,
+                )
+            else:
+                self._log.warn(
+                    "[REFUSED] {peer}: the auth service refused the credentials (HTTP {status});"
+                    " answered 403",
+                    peer=peer,
+                    status=failure.value.status,
+                )
             stats.refused_handshakes["auth"] += 1
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "not authorised")
         if failure.check(AuthUnavailable):
@@ -825,8 +835,9 @@ class BroadcastServerFactory(LeanWebSocketServerFactory):
         #: An :class:`broadcaster.http.fetch.ImageFetcher` for ``image_url``
         #: requests, or ``None`` (refused).
         self.fetcher = fetcher
-        #: An :class:`broadcaster.http.auth.Authenticator` asked about every
-        #: handshake (``--auth-url``), or ``None``.
+        #: Asked about every handshake (``authenticate``, as
+        #: :class:`broadcaster.http.auth.Authenticator` and
+        #: :class:`broadcaster.http.tokens.TokenAuthenticator` answer it), or ``None``.
         self.authenticator = authenticator
         self.origin_policy = origin_policy
         self.clock = clock
