@@ -1,5 +1,5 @@
 """
 The HTTP side: the site on the main port (chat page, /healthz, the
-WebSocket endpoint), the publish API, sign-in through --auth-url, webhooks,
-image fetching and metrics.
+WebSocket endpoint), the publish API, sign-in through --auth-url or signed
+tokens (``--jwt-*``), webhooks, image fetching and metrics.
 """

@@ -29,6 +29,7 @@ from broadcaster.core.imaging import (
     KNOWN_FORMATS,
     MAX_BYTES_PER_PIXEL,
 )
+from broadcaster.http import tokens
 from broadcaster.http.fetch import url_problem
 from broadcaster.http.webhooks import DEFAULT_QUEUE_BYTES
 from broadcaster.protocols.origin import allowed_host_name, parse_origin
@@ -109,10 +110,16 @@ class Options(usage.Options):
         [
             "anonymous-raw-ports",
             None,
-            "With --auth-url, still open the image port and the line bridge: "
-            "their clients cannot sign in, so they are anonymous members of "
-            "the lobby.  Without this flag those ports stay off when "
-            "--auth-url is set.",
+            "With --auth-url or --jwt-*, still open the image port and the "
+            "line bridge: their clients cannot sign in, so they are anonymous "
+            "members of the lobby.  Without this flag those ports stay off "
+            "when clients must sign in.",
+        ],
+        [
+            "jwt-allow-no-exp",
+            None,
+            "Accept tokens without an exp claim (by default exp is required: "
+            "a token without one is valid for ever).",
         ],
     ]
 
@@ -489,6 +496,76 @@ class Options(usage.Options):
             positive_float,
         ],
         [
+            "jwt-secret-file",
+            None,
+            None,
+            "Admit WebSocket clients whose token (Authorization: Bearer or "
+            "?token=) is an HS256 JWT signed with the secret this file holds "
+            "(read at start-up; the line breaks at its end are dropped; at "
+            "least 32 bytes).  See docs/auth.rst.",
+        ],
+        [
+            "jwt-public-key",
+            None,
+            None,
+            "Admit WebSocket clients whose token is a JWT signed with the "
+            "private half of this PEM public key: RS256 (RSA, 2048 bits or "
+            "more) or ES256 (P-256).",
+        ],
+        [
+            "jwt-jwks-url",
+            None,
+            None,
+            "Admit WebSocket clients whose token is an RS256 or ES256 JWT "
+            "signed with a key of the JWK set at this http(s) URL (fetched at "
+            "start-up, every --jwt-jwks-refresh seconds, and for an unknown "
+            "kid at most once every --jwt-jwks-min-interval seconds).",
+        ],
+        [
+            "jwt-audience",
+            None,
+            None,
+            "Require this aud claim in tokens (default: aud is not checked).",
+        ],
+        [
+            "jwt-issuer",
+            None,
+            None,
+            "Require this iss claim in tokens (default: iss is not checked).",
+        ],
+        [
+            "jwt-leeway",
+            None,
+            30.0,
+            "Seconds of slack when checking a token's exp, nbf and iat, for "
+            "clocks that disagree.",
+            non_negative_float,
+        ],
+        [
+            "jwt-jwks-timeout",
+            None,
+            5.0,
+            "Seconds one fetch of --jwt-jwks-url may take.",
+            positive_float,
+        ],
+        [
+            "jwt-jwks-refresh",
+            None,
+            3600.0,
+            "Seconds between fetches of --jwt-jwks-url while all is well, so "
+            "that a key removed from the set stops being accepted.",
+            positive_float,
+        ],
+        [
+            "jwt-jwks-min-interval",
+            None,
+            30.0,
+            "Fewest seconds between two fetches of --jwt-jwks-url for tokens "
+            "whose kid is not in the set: tokens with made-up kids cannot make "
+            "the server hammer the URL.",
+            positive_float,
+        ],
+        [
             "api-key-file",
             None,
             None,
@@ -611,13 +688,6 @@ class Options(usage.Options):
                 self[flag] = None
                 continue
             check_endpoint(flag, self[flag])
-        #: The raw ports that --auth-url closed (their clients cannot sign in).
-        self["closed-for-auth"] = []
-        if self["auth-url"] is not None and not self["anonymous-raw-ports"]:
-            for flag in ("image-port", "line-port"):
-                if self[flag] is not None:
-                    self["closed-for-auth"].append(flag)
-                    self[flag] = None
         if self["log-format"] not in ("text", "json"):
             raise usage.UsageError(
                 "--log-format must be text or json, not {!r}".format(self["log-format"])
@@ -679,6 +749,17 @@ class Options(usage.Options):
                 "--redis-namespace {!r} must be non-empty, without spaces".format(namespace)
             )
         self._check_http_options()
+        self._check_jwt_options()
+        #: The raw ports that sign-in closed (their clients cannot sign in).
+        self["closed-for-auth"] = []
+        signing_in = (
+            self["auth-url"] is not None or self["jwt-keys"] or self["jwt-jwks-url"] is not None
+        )
+        if signing_in and not self["anonymous-raw-ports"]:
+            for flag in ("image-port", "line-port"):
+                if self[flag] is not None:
+                    self["closed-for-auth"].append(flag)
+                    self[flag] = None
         self._check_workers()
         self._keep_secrets_off_command_lines()
         # Last, so that every error above quotes the description as given.
@@ -748,6 +829,57 @@ class Options(usage.Options):
             keys.extend(secrets.worker_api_keys(self.environ))
         self["api-keys"] = keys
 
+    def _check_jwt_options(self) -> None:
+        """
+        Validate the --jwt-* options and read the secret and the public key
+        into ``jwt-keys`` (at start-up, as the other secrets).  A worker
+        takes the secret from its environment and reads the public key
+        itself.
+        """
+        keys = []
+        secret = self["jwt-secret-file"]
+        if secret is not None:
+            secret = secrets.read_secret_file("jwt-secret-file", secret)
+        elif self["worker-fds"] is not None:
+            secret = self.environ.get(secrets.WORKER_JWT_SECRET) or None
+        #: The HS256 secret, for a --workers master to hand its workers.
+        self["jwt-secret"] = secret
+        if secret is not None:
+            try:
+                keys.append(tokens.secret_key(secret.encode("utf-8")))
+            except ValueError as e:
+                raise usage.UsageError("--jwt-secret-file: {}".format(e))
+        path = self["jwt-public-key"]
+        if path is not None:
+            pem = secrets.read_secret_file("jwt-public-key", path)
+            try:
+                keys.append(tokens.public_key(pem.encode("utf-8")))
+            except ValueError as e:
+                raise usage.UsageError("--jwt-public-key {!r}: {}".format(path, e))
+        self["jwt-keys"] = keys
+        url = self["jwt-jwks-url"]
+        if url is not None:
+            problem = url_problem(url, allow_credentials=True)
+            if problem is not None:
+                raise usage.UsageError("--jwt-jwks-url {!r}: {}".format(url, problem))
+            if self["jwt-jwks-timeout"] >= self["open-handshake-timeout"]:
+                raise usage.UsageError(
+                    "--jwt-jwks-timeout {:g} must be shorter than --open-handshake-timeout"
+                    " {:g}: a handshake waiting for the keys would time out first".format(
+                        self["jwt-jwks-timeout"], self["open-handshake-timeout"]
+                    )
+                )
+        if not keys and url is None:
+            for flag in ("jwt-audience", "jwt-issuer"):
+                if self[flag] is not None:
+                    raise usage.UsageError(
+                        "--{} needs a key to check tokens with: --jwt-secret-file,"
+                        " --jwt-public-key or --jwt-jwks-url".format(flag)
+                    )
+        for flag in ("jwt-audience", "jwt-issuer"):
+            if self[flag] is not None and not self[flag]:
+                raise usage.UsageError("--{} must not be empty".format(flag))
+
     def _keep_secrets_off_command_lines(self) -> None:
         """
         Note the secrets given on the command line (``secrets-on-command-line``,
@@ -767,6 +899,7 @@ class Options(usage.Options):
             self["webhook-secret"],
             self["api-keys"],
             address.password if address is not None else None,
+            self["jwt-secret"],
         )
 
     def _check_workers(self) -> None:

@@ -1,6 +1,6 @@
 """
-Secrets kept off command lines: the webhook secret, the publish API keys
-and the Redis password.
+Secrets kept off command lines: the webhook secret, the publish API keys,
+the Redis password and the HS256 token secret.
 
 Any local user can read any process's command line (``ps``,
 ``/proc/<pid>/cmdline``); only its own user (and root) can read its
@@ -13,6 +13,7 @@ Where each comes from:
 ==================  ========================================================
 webhook secret      ``--webhook-secret-file PATH`` or ``--webhook-secret
                     SECRET`` (not both)
+token secret        ``--jwt-secret-file PATH``
 API keys            ``--api-key-file PATH`` and every ``--api-key KEY``
 Redis password      the URL of ``--redis`` or ``--redis-password-file
                     PATH`` (not both); else the environment variable
@@ -38,13 +39,15 @@ reads:
 =======================================  ===================================
 ``BROADCASTER_WORKER_WEBHOOK_SECRET``    the webhook secret
 ``BROADCASTER_WORKER_API_KEYS``          the API keys, as a JSON list
+``BROADCASTER_WORKER_JWT_SECRET``        the HS256 token secret
 ``BROADCASTER_REDIS_PASSWORD``           the Redis password
 =======================================  ===================================
 
-The first two are internal (hence ``WORKER`` in their names): a single
-server ignores them, so a stray one cannot turn the API on.  A variable
-with nothing to say is removed from the worker's environment, and all
-three from the private ``redis-server``'s.
+The ``WORKER`` ones are internal: a single server ignores them, so a stray
+one cannot turn the API or token sign-in on.  A variable with nothing to
+say is removed from the worker's environment, and all of them from the
+private ``redis-server``'s.  (A worker reads ``--jwt-public-key`` itself,
+as it reads an ``ssl:`` port's certificate: a public key is no secret.)
 """
 
 from __future__ import annotations
@@ -66,8 +69,11 @@ WORKER_WEBHOOK_SECRET = "BROADCASTER_WORKER_WEBHOOK_SECRET"
 #: Internal to ``--workers``: the API keys, a JSON list of strings, for a worker.
 WORKER_API_KEYS = "BROADCASTER_WORKER_API_KEYS"
 
+#: Internal to ``--workers``: the ``--jwt-secret-file`` secret, for a worker.
+WORKER_JWT_SECRET = "BROADCASTER_WORKER_JWT_SECRET"
+
 #: Every variable that may hold a secret.
-SECRET_VARIABLES = (WORKER_WEBHOOK_SECRET, WORKER_API_KEYS, REDIS_PASSWORD)
+SECRET_VARIABLES = (WORKER_WEBHOOK_SECRET, WORKER_API_KEYS, WORKER_JWT_SECRET, REDIS_PASSWORD)
 
 #: The options a worker is not given: it gets what they say in its environment.
 SECRET_OPTIONS = (
@@ -76,6 +82,7 @@ SECRET_OPTIONS = (
     "api-key",
     "api-key-file",
     "redis-password-file",
+    "jwt-secret-file",
 )
 
 #: The largest secret file read, in bytes: a path to something else (a log,
@@ -236,7 +243,10 @@ def worker_args(
 
 
 def worker_environment(
-    webhook_secret: Optional[str], api_keys: Sequence[str], redis_password: Optional[str]
+    webhook_secret: Optional[str],
+    api_keys: Sequence[str],
+    redis_password: Optional[str],
+    jwt_secret: Optional[str] = None,
 ) -> Dict[str, Optional[str]]:
     """
     The secrets for a worker's environment: each variable of
@@ -246,5 +256,6 @@ def worker_environment(
     return {
         WORKER_WEBHOOK_SECRET: webhook_secret,
         WORKER_API_KEYS: json.dumps(list(api_keys)) if api_keys else None,
+        WORKER_JWT_SECRET: jwt_secret,
         REDIS_PASSWORD: redis_password,
     }

@@ -24,7 +24,9 @@ from broadcaster import __version__
 from broadcaster.protocols.admission import Admission
 from broadcaster.http.api import api_resource
 from broadcaster.http.auth import Authenticator
+from broadcaster.http.tokens import JWKS, EitherAuthenticator, TokenAuthenticator
 from broadcaster.http.fetch import ImageFetcher, fetch_client
+from broadcaster.core.fetching import describe_url
 from broadcaster.core.flow import Limits
 from broadcaster.core.hub import Hub
 from broadcaster.protocols.images import DecoderPool, ImageFactory
@@ -150,7 +152,8 @@ class BroadcasterService(InOrder):
         ``image_endpoint``, ``line_endpoint`` and ``metrics_endpoint`` those
         of the other ports (``None`` when off).
     :ivar fetcher: the ``image_url`` fetcher; ``authenticator`` and
-        ``webhooks`` the ``--auth-url`` and ``--webhook`` services, or ``None``.
+        ``webhooks`` the sign-in (``--auth-url``, ``--jwt-*``) and
+        ``--webhook`` services, or ``None``.
     :ivar metrics: the Prometheus metrics, or ``None`` with ``--no-metrics``.
     """
 
@@ -246,9 +249,17 @@ def makeService(options: Options, reactor=None) -> "BroadcasterService | MasterS
     _warn_of_secrets(service._log, options)
     for flag in options.get("closed-for-auth", ()):
         service._log.warn(
-            "[CONFIG] --{flag} is off: with --auth-url every client must sign in, and"
-            " raw-TCP clients cannot (--anonymous-raw-ports opens it to anonymous clients)",
+            "[CONFIG] --{flag} is off: with --auth-url or --jwt-* every client must sign"
+            " in, and raw-TCP clients cannot (--anonymous-raw-ports opens it to anonymous"
+            " clients)",
             flag=flag,
+        )
+    jwks_url = options["jwt-jwks-url"]
+    if jwks_url is not None and jwks_url.lower().startswith("http:"):
+        service._log.warn(
+            "[CONFIG] --jwt-jwks-url {url} is plain http: whoever can tamper with the"
+            " traffic can hand the server keys of their own; prefer https",
+            url=describe_url(jwks_url),
         )
 
     # First in, last out: the backplane.  Start-up does not wait for Redis;
@@ -478,22 +489,49 @@ def _image_fetcher(options: Options, decoder: DecoderPool, metrics, reactor) -> 
     return fetcher
 
 
-def _authenticator(options: Options, reactor) -> Optional[Authenticator]:
+def _authenticator(options: Options, reactor):
     """
-    The ``--auth-url`` client, or ``None``.
+    What signs clients in: the ``--auth-url`` client, the ``--jwt-*`` token
+    checker, both (a token wins: see :mod:`broadcaster.http.tokens`), or
+    ``None``.
     """
-    if options["auth-url"] is None:
-        return None
-    # A new connection per handshake: a kept-alive one the service has
-    # just timed out would fail a POST (not retried) and refuse a user.
-    agent = Agent(reactor, connectTimeout=options["auth-timeout"])
-    return Authenticator(
-        options["auth-url"],
-        HTTPClient(agent),
-        reactor,
-        timeout=options["auth-timeout"],
-        max_name_length=options["max-name-length"],
-    )
+    service = tokens = None
+    if options["auth-url"] is not None:
+        # A new connection per handshake: a kept-alive one the service has
+        # just timed out would fail a POST (not retried) and refuse a user.
+        agent = Agent(reactor, connectTimeout=options["auth-timeout"])
+        service = Authenticator(
+            options["auth-url"],
+            HTTPClient(agent),
+            reactor,
+            timeout=options["auth-timeout"],
+            max_name_length=options["max-name-length"],
+        )
+    jwks = None
+    if options["jwt-jwks-url"] is not None:
+        # Fetched rarely: no connection is worth keeping.
+        jwks = JWKS(
+            options["jwt-jwks-url"],
+            HTTPClient(Agent(reactor, connectTimeout=options["jwt-jwks-timeout"])),
+            reactor,
+            timeout=options["jwt-jwks-timeout"],
+            refresh_interval=options["jwt-jwks-refresh"],
+            min_interval=options["jwt-jwks-min-interval"],
+        )
+    if options["jwt-keys"] or jwks is not None:
+        tokens = TokenAuthenticator(
+            options["jwt-keys"],
+            reactor,
+            jwks=jwks,
+            audience=options["jwt-audience"],
+            issuer=options["jwt-issuer"],
+            require_exp=not options["jwt-allow-no-exp"],
+            leeway=options["jwt-leeway"],
+            max_name_length=options["max-name-length"],
+        )
+    if tokens is not None and service is not None:
+        return EitherAuthenticator(tokens, service)
+    return tokens if tokens is not None else service
 
 
 def _webhooks(options: Options, hub: Hub, metrics, reactor) -> Optional[WebhookService]:

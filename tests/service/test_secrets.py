@@ -26,6 +26,7 @@ from broadcaster.service.secrets import (
     MAX_SECRET_FILE,
     REDIS_PASSWORD,
     WORKER_API_KEYS,
+    WORKER_JWT_SECRET,
     WORKER_WEBHOOK_SECRET,
     read_secret_file,
 )
@@ -267,6 +268,7 @@ class WorkerHandOverTests(FileTestCase):
             {
                 WORKER_WEBHOOK_SECRET: HOOK_SECRET,
                 WORKER_API_KEYS: json.dumps([API_KEY, "key-2"]),
+                WORKER_JWT_SECRET: None,
                 REDIS_PASSWORD: REDIS_SECRET,
             },
         )
@@ -283,7 +285,12 @@ class WorkerHandOverTests(FileTestCase):
         options = master_options(environ={REDIS_PASSWORD: REDIS_SECRET})
         self.assertEqual(
             options["worker-env"],
-            {WORKER_WEBHOOK_SECRET: None, WORKER_API_KEYS: None, REDIS_PASSWORD: None},
+            {
+                WORKER_WEBHOOK_SECRET: None,
+                WORKER_API_KEYS: None,
+                WORKER_JWT_SECRET: None,
+                REDIS_PASSWORD: None,
+            },
         )
 
     def test_a_worker_reads_the_secrets_from_its_environment(self):

@@ -1,0 +1,814 @@
+"""
+Tests for :mod:`broadcaster.http.tokens`: real tokens signed here with PyJWT
+(HS256, RS256 and ES256 keys made by ``cryptography``) checked against a
+``task.Clock``; a JWKS served by a real local twisted.web server, its keys
+rotated; and real WebSocket handshakes against a server started with the
+``--jwt-*`` flags, alone and beside ``--auth-url``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import time
+import uuid
+from typing import List
+
+import jwt
+import websocket as websocket_client
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+from treq.client import HTTPClient
+from treq.testing import StubTreq
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
+from twisted.internet.protocol import Factory
+from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
+from twisted.internet.threads import deferToThread
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import Agent
+from twisted.web.resource import Resource
+
+from broadcaster.core.identity import AuthDenied, AuthUnavailable, Identity
+from broadcaster.http.tokens import (
+    JWKS,
+    EitherAuthenticator,
+    TokenAuthenticator,
+    parse_jwks,
+    public_key,
+    secret_key,
+    token_from,
+)
+from broadcaster.service.secrets import WORKER_JWT_SECRET
+from broadcaster.service.tap import Options
+from tests.http.test_auth import AuthService
+from tests.http.test_webhooks import serve
+from tests.support import connect_client, start_server
+
+#: The clock of the unit tests: an hour of tokens either side of it.
+NOW = 1_700_000_000
+
+SECRET = "jwt-secret-0b7e51c2d94f4a8e9a3c6d21f08e7b55"
+
+RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+OTHER_RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+EC_KEY = ec.generate_private_key(ec.SECP256R1())
+
+
+def pem(private_key) -> bytes:
+    """The PEM of a private key's public half."""
+    return private_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def jwk(private_key, kid: str, **extra) -> dict:
+    """The public JWK of a private key."""
+    if isinstance(private_key, rsa.RSAPrivateKey):
+        key = RSAAlgorithm.to_jwk(private_key.public_key(), as_dict=True)
+    else:
+        key = ECAlgorithm.to_jwk(private_key.public_key(), as_dict=True)
+    return {**key, "kid": kid, **extra}
+
+
+def claims(**overrides) -> dict:
+    """A valid token's claims at :data:`NOW`, with ``overrides`` (``None`` drops one)."""
+    base = {"sub": "u-1842", "exp": NOW + 600, "iat": NOW}
+    base.update(overrides)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def hs256(payload: dict, secret: str = SECRET, **headers) -> str:
+    return jwt.encode(payload, secret, algorithm="HS256", headers=headers or None)
+
+
+def rs256(payload: dict, key=RSA_KEY, **headers) -> str:
+    return jwt.encode(payload, key, algorithm="RS256", headers=headers or None)
+
+
+def es256(payload: dict, key=EC_KEY, **headers) -> str:
+    return jwt.encode(payload, key, algorithm="ES256", headers=headers or None)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def forged(header: dict, payload: dict, mac_key: bytes = b"") -> str:
+    """
+    A token made by hand, as an attacker would, not by PyJWT (which
+    refuses to make these): HMAC-SHA256 with ``mac_key``, or no signature
+    for ``alg: none``.
+    """
+    signing_input = "{}.{}".format(
+        _b64(json.dumps(header).encode()), _b64(json.dumps(payload).encode())
+    )
+    if header.get("alg") == "none":
+        return signing_input + "."
+    mac = hmac.new(mac_key, signing_input.encode("ascii"), hashlib.sha256).digest()
+    return signing_input + "." + _b64(mac)
+
+
+class TokenChecks(SynchronousTestCase):
+    """
+    Shared by the unit tests: a verifier on a ``Clock`` at :data:`NOW`.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(NOW)
+
+    def verifier(self, keys=None, **kwargs) -> TokenAuthenticator:
+        if keys is None:
+            keys = [secret_key(SECRET.encode()), public_key(pem(RSA_KEY)), public_key(pem(EC_KEY))]
+        return TokenAuthenticator(keys, self.clock, **kwargs)
+
+    def accepted(self, token: str, verifier=None) -> Identity:
+        return self.successResultOf((verifier or self.verifier()).verify(token))
+
+    def refused(self, token: str, verifier=None) -> str:
+        """The reason a token is refused with; it must not quote the token."""
+        failure = self.failureResultOf((verifier or self.verifier()).verify(token), AuthDenied)
+        self.assertEqual(failure.value.status, 403)
+        if token:
+            self.assertNotIn(token, failure.value.reason)
+        return failure.value.reason
+
+
+class SignatureTests(TokenChecks):
+    def test_each_algorithm_admits_with_its_sub(self):
+        """HS256, RS256 and ES256 tokens signed with the configured keys admit their sub as user."""
+        for token in (hs256(claims()), rs256(claims()), es256(claims())):
+            self.assertEqual(
+                self.accepted(token), Identity(user="u-1842", expires=float(NOW + 600))
+            )
+
+    def test_name_and_rooms_are_carried(self):
+        """name becomes the display name (trimmed, as hello trims it); rooms is kept as given."""
+        rooms = {"lobby": ["read"], "ops": ["read", "write"]}
+        identity = self.accepted(hs256(claims(name="  Ann  ", rooms=rooms)))
+        self.assertEqual((identity.user, identity.name, identity.rooms), ("u-1842", "Ann", rooms))
+        self.assertEqual(self.accepted(hs256(claims(rooms=["lobby"]))).rooms, ["lobby"])
+        self.assertEqual(hash(identity), hash(Identity("u-1842", "Ann", None, NOW + 600.0)))
+
+    def test_wrong_signature(self):
+        """A token signed with another secret or another RSA key is refused: bad signature."""
+        self.assertEqual(self.refused(hs256(claims(), secret=SECRET[::-1])), "bad signature")
+        self.assertEqual(self.refused(rs256(claims(), key=OTHER_RSA_KEY)), "bad signature")
+        token = hs256(claims())
+        head, payload, signature = token.split(".")
+        tampered = json.loads(base64.urlsafe_b64decode(payload + "=="))
+        tampered["sub"] = "admin"
+        token = ".".join([head, _b64(json.dumps(tampered).encode()), signature])
+        self.assertEqual(self.refused(token), "bad signature")
+
+    def test_alg_none_is_refused(self):
+        """An unsigned token (alg none, in any case) is refused whatever it claims."""
+        for alg in ("none", "None", "NONE"):
+            reason = self.refused(forged({"alg": alg, "typ": "JWT"}, claims()))
+            self.assertEqual(reason, "algorithm {} not accepted".format(alg))
+
+    def test_hs256_made_with_the_public_key_is_refused(self):
+        """The algorithm-confusion attack: an HS256 token whose MAC key is the
+        public key's PEM is refused, with or without a secret configured."""
+        for key in (RSA_KEY, EC_KEY):
+            token = forged({"alg": "HS256", "typ": "JWT"}, claims(), mac_key=pem(key))
+            only_public = self.verifier([public_key(pem(key))])
+            self.assertEqual(
+                self.refused(token, only_public), "signed with HS256, for which no key is configured"
+            )
+            self.assertEqual(self.refused(token), "bad signature")
+
+    def test_a_key_checks_only_its_own_algorithm(self):
+        """An RS256 token is not checked with an ES256 key, nor the other way round."""
+        verifier = self.verifier([public_key(pem(EC_KEY))])
+        self.assertEqual(
+            self.refused(rs256(claims()), verifier),
+            "signed with RS256, for which no key is configured",
+        )
+
+    def test_other_algorithms_are_refused(self):
+        """Algorithms other than HS256, RS256 and ES256 are refused, even with a valid signature."""
+        token = jwt.encode(claims(), SECRET + "-longer-for-hs512" * 4, algorithm="HS512")
+        self.assertEqual(self.refused(token), "algorithm HS512 not accepted")
+        token = forged({"alg": "../../etc/passwd"}, claims())
+        self.assertEqual(self.refused(token), "algorithm ? not accepted")
+
+    def test_malformed_tokens(self):
+        """Garbage, an empty token and a token with a non-string kid are refused as malformed."""
+        for token in ("", "abc", "a.b.c", hs256(claims()).replace(".", "", 1)):
+            self.assertTrue(self.refused(token).startswith("malformed token"), token)
+        token = forged({"alg": "HS256", "kid": 7}, claims(), mac_key=SECRET.encode())
+        self.assertTrue(self.refused(token).startswith("malformed token"))
+
+
+class ClaimTests(TokenChecks):
+    def test_expired_by_the_clock(self):
+        """A token is refused once exp is more than the leeway (30 s) in the past."""
+        verifier = self.verifier()
+        token = hs256(claims(exp=NOW + 60))
+        self.clock.advance(60 + 29)
+        self.accepted(token, verifier)
+        self.clock.advance(1)
+        self.assertEqual(self.refused(token, verifier), "the token has expired")
+
+    def test_leeway_is_configurable(self):
+        """--jwt-leeway 0 refuses a token the moment exp passes."""
+        verifier = self.verifier(leeway=0)
+        token = hs256(claims(exp=NOW + 60))
+        self.clock.advance(59.5)
+        self.accepted(token, verifier)
+        self.clock.advance(0.5)
+        self.assertEqual(self.refused(token, verifier), "the token has expired")
+
+    def test_not_yet_valid_by_the_clock(self):
+        """nbf (and iat) in the future beyond the leeway refuse the token until the clock gets there."""
+        verifier = self.verifier()
+        early = hs256(claims(nbf=NOW + 100))
+        from_the_future = hs256(claims(iat=NOW + 100))
+        self.assertEqual(self.refused(early, verifier), "the token is not valid yet (nbf)")
+        self.assertEqual(
+            self.refused(from_the_future, verifier),
+            "the token is not valid yet (iat in the future)",
+        )
+        self.clock.advance(70)
+        self.accepted(early, verifier)
+        self.accepted(from_the_future, verifier)
+
+    def test_exp_is_required_unless_allowed(self):
+        """A token without exp is refused, unless --jwt-allow-no-exp."""
+        token = hs256(claims(exp=None))
+        self.assertEqual(self.refused(token), 'missing "exp" claim')
+        self.assertIsNone(self.accepted(token, self.verifier(require_exp=False)).expires)
+
+    def test_times_must_be_numbers(self):
+        """An exp, nbf or iat that is not a number is refused."""
+        for claim in ("exp", "nbf", "iat"):
+            for value in ("soon", True, [1]):
+                reason = self.refused(hs256(claims(**{claim: value})))
+                self.assertIn('"{}"'.format(claim), reason)
+
+    def test_sub_is_required_and_checked(self):
+        """sub must be there, a string, and usable as a user id."""
+        self.assertEqual(self.refused(hs256(claims(sub=None))), 'missing "sub" claim')
+        self.assertEqual(self.refused(hs256(claims(sub=42))), 'bad "sub" claim: not a string')
+        self.assertIn('unusable "sub" claim', self.refused(hs256(claims(sub="   "))))
+        self.assertIn('unusable "sub" claim', self.refused(hs256(claims(sub="a\u202eb"))))
+
+    def test_bad_name_is_refused(self):
+        """A name that hello would refuse (too long, control characters, not a string) refuses the token."""
+        for name in ("x" * 33, "Ann\nBob", 7, ""):
+            reason = self.refused(hs256(claims(name=name)))
+            self.assertTrue(reason.startswith('unusable "name" claim'), reason)
+        self.assertEqual(self.accepted(hs256(claims(name="x" * 40)), self.verifier(max_name_length=40)).name, "x" * 40)
+
+    def test_bad_rooms_is_refused(self):
+        """rooms must be a JSON list or object."""
+        for rooms in ("lobby", 3, True):
+            reason = self.refused(hs256(claims(rooms=rooms)))
+            self.assertEqual(reason, 'unusable "rooms" claim: not a list or an object')
+
+    def test_audience(self):
+        """With --jwt-audience, aud must name it (alone or in a list); without, aud is not checked."""
+        verifier = self.verifier(audience="chat")
+        self.accepted(hs256(claims(aud="chat")), verifier)
+        self.accepted(hs256(claims(aud=["billing", "chat"])), verifier)
+        self.assertEqual(self.refused(hs256(claims(aud="billing")), verifier), "wrong audience")
+        self.assertEqual(self.refused(hs256(claims()), verifier), 'missing "aud" claim')
+        self.accepted(hs256(claims(aud="billing")))
+
+    def test_issuer(self):
+        """With --jwt-issuer, iss must be it; without, iss is not checked."""
+        verifier = self.verifier(issuer="https://id.example")
+        self.accepted(hs256(claims(iss="https://id.example")), verifier)
+        self.assertEqual(
+            self.refused(hs256(claims(iss="https://evil.example")), verifier), "wrong issuer"
+        )
+        self.assertEqual(self.refused(hs256(claims()), verifier), 'missing "iss" claim')
+        self.accepted(hs256(claims(iss="https://evil.example")))
+
+
+class TokenSourceTests(SynchronousTestCase):
+    def test_bearer_header(self):
+        """Authorization: Bearer gives the token, the scheme in any case."""
+        for value in ("Bearer t.o.k", "bearer t.o.k", "  BEARER   t.o.k  "):
+            self.assertEqual(token_from({}, {"authorization": value}), "t.o.k")
+
+    def test_query(self):
+        """Without a Bearer header, the last ?token= gives it."""
+        self.assertEqual(token_from({"token": ["a", "b"]}, {}), "b")
+        self.assertEqual(token_from({"token": ["q"]}, {"authorization": "Basic eDp5"}), "q")
+
+    def test_header_beats_query(self):
+        """With both, the header's token is the one checked."""
+        self.assertEqual(token_from({"token": ["q"]}, {"authorization": "Bearer h"}), "h")
+
+    def test_no_token(self):
+        """Another scheme or no credentials at all is no token; an empty Bearer is an empty one."""
+        self.assertIsNone(token_from({"name": ["ann"]}, {"authorization": "Basic eDp5"}))
+        self.assertIsNone(token_from({}, {"cookie": "sid=1"}))
+        self.assertEqual(token_from({}, {"authorization": "Bearer"}), "")
+
+    def test_authenticate_reads_the_handshake(self):
+        """authenticate checks the handshake's token; a handshake without one is refused."""
+        clock = Clock()
+        clock.advance(NOW)
+        verifier = TokenAuthenticator([secret_key(SECRET.encode())], clock)
+        token = hs256(claims())
+        identity = self.successResultOf(
+            verifier.authenticate("tcp4:1.2.3.4:5", "/", {"token": [token]}, None, {})
+        )
+        self.assertEqual(identity.user, "u-1842")
+        failure = self.failureResultOf(
+            verifier.authenticate("tcp4:1.2.3.4:5", "/", {}, None, {}), AuthDenied
+        )
+        self.assertIn("no token", failure.value.reason)
+
+
+class RecordingAuthenticator:
+    """
+    Stands in for the ``--auth-url`` client (the real one is exercised end
+    to end below): records the handshakes it is asked about.
+    """
+
+    def __init__(self) -> None:
+        self.asked: List[dict] = []
+
+    def setServiceParent(self, parent) -> None:
+        pass
+
+    def authenticate(self, peer, path, query, origin, headers):
+        self.asked.append(dict(query=query, headers=headers))
+        return succeed(Identity(user="from-the-service"))
+
+
+class EitherAuthenticatorTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        clock = Clock()
+        clock.advance(NOW)
+        self.service = RecordingAuthenticator()
+        self.either = EitherAuthenticator(
+            TokenAuthenticator([secret_key(SECRET.encode())], clock), self.service
+        )
+
+    def ask(self, query, headers):
+        return self.either.authenticate("tcp4:1.2.3.4:5", "/", query, None, headers)
+
+    def test_a_token_wins(self):
+        """A handshake carrying a token is checked as a JWT, whatever the verdict; the service is not asked."""
+        identity = self.successResultOf(self.ask({}, {"authorization": "Bearer " + hs256(claims())}))
+        self.assertEqual(identity.user, "u-1842")
+        self.failureResultOf(self.ask({"token": ["nonsense"]}, {}), AuthDenied)
+        self.failureResultOf(self.ask({}, {"authorization": "Bearer"}), AuthDenied)
+        self.assertEqual(self.service.asked, [])
+
+    def test_no_token_goes_to_the_service(self):
+        """A handshake without a token (a cookie, Basic) is asked of --auth-url."""
+        identity = self.successResultOf(self.ask({}, {"authorization": "Basic eDp5"}))
+        self.assertEqual(identity.user, "from-the-service")
+        self.assertEqual(len(self.service.asked), 1)
+
+
+class KeyLoadingTests(SynchronousTestCase):
+    def test_short_secret_is_refused(self):
+        """An HS256 secret shorter than 32 bytes is refused, saying how long it is, not what it is."""
+        error = self.assertRaises(ValueError, secret_key, b"short-secret")
+        self.assertIn("at least 32 bytes", str(error))
+        self.assertNotIn("short-secret", str(error))
+
+    def test_public_keys(self):
+        """An RSA key of 2048 bits is RS256, a P-256 key ES256; others and private keys are refused."""
+        self.assertEqual(public_key(pem(RSA_KEY)).algorithm, "RS256")
+        self.assertEqual(public_key(pem(EC_KEY)).algorithm, "ES256")
+        small = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+        self.assertRaises(ValueError, public_key, pem(small))
+        self.assertRaises(ValueError, public_key, pem(ec.generate_private_key(ec.SECP384R1())))
+        private = RSA_KEY.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        self.assertRaises(ValueError, public_key, private)
+        self.assertRaises(ValueError, public_key, b"not a key")
+
+    def test_jwks_keeps_only_signing_keys_it_may_use(self):
+        """Of a JWKS, only RSA and P-256 signing keys whose alg is theirs are kept."""
+        oct_key = {"kty": "oct", "k": _b64(SECRET.encode()), "kid": "oct"}
+        document = {
+            "keys": [
+                jwk(RSA_KEY, "rsa"),
+                jwk(EC_KEY, "ec", alg="ES256", use="sig"),
+                oct_key,
+                jwk(OTHER_RSA_KEY, "enc", use="enc"),
+                jwk(OTHER_RSA_KEY, "confused", alg="HS256"),
+                jwk(ec.generate_private_key(ec.SECP384R1()), "p384"),
+                "nonsense",
+            ]
+        }
+        keys, skipped = parse_jwks(json.dumps(document).encode())
+        self.assertEqual([(k.kid, k.algorithm) for k in keys], [("rsa", "RS256"), ("ec", "ES256")])
+        self.assertEqual(skipped, 5)
+        self.assertRaises(ValueError, parse_jwks, b"[]")
+        self.assertRaises(ValueError, parse_jwks, b"<html>")
+
+
+class JWKSServer(Resource):
+    """
+    A JWKS URL: serves :attr:`keys` and counts the requests.
+    """
+
+    isLeaf = True
+
+    def __init__(self, *keys) -> None:
+        super().__init__()
+        self.keys = list(keys)
+        self.requests = 0
+
+    def render_GET(self, request):
+        self.requests += 1
+        request.setHeader(b"Content-Type", b"application/json")
+        return json.dumps({"keys": self.keys}).encode()
+
+
+class JWKSTests(TestCase):
+    """
+    A real local JWKS server; the rate of fetches counted on a ``Clock``.
+    """
+
+    def setUp(self) -> None:
+        self.server = JWKSServer(jwk(RSA_KEY, "k1"))
+        self.url = serve(self, self.server).url + "/jwks.json"
+        self.clock = Clock()
+        self.clock.advance(NOW)
+        self.jwks = JWKS(
+            self.url, HTTPClient(Agent(reactor)), self.clock, min_interval=30.0
+        )
+        self.verifier = TokenAuthenticator([], self.clock, jwks=self.jwks)
+
+    @inlineCallbacks
+    def test_rotation(self):
+        """A token with a kid the server has just started serving triggers
+        one fetch and is accepted; the old key still works."""
+        identity = yield self.verifier.verify(rs256(claims(), kid="k1"))
+        self.assertEqual((identity.user, self.server.requests), ("u-1842", 1))
+        self.server.keys.append(jwk(EC_KEY, "k2"))
+        self.clock.advance(30)
+        identity = yield self.verifier.verify(es256(claims(), kid="k2"))
+        self.assertEqual((identity.user, self.server.requests), ("u-1842", 2))
+        yield self.verifier.verify(rs256(claims(), kid="k1"))
+        self.assertEqual(self.server.requests, 2)
+
+    @inlineCallbacks
+    def test_a_flood_of_unknown_kids_fetches_at_most_once_per_interval(self):
+        """Tokens with made-up kids cause one fetch (those arriving meanwhile
+        wait for it), then none until --jwt-jwks-min-interval has passed."""
+        yield self.verifier.verify(rs256(claims(), kid="k1"))
+        self.clock.advance(30)
+
+        def flood(count):
+            attempts = []
+            for _ in range(count):
+                d = self.verifier.verify(rs256(claims(), kid=uuid.uuid4().hex))
+                attempts.append(self.assertFailure(d, AuthDenied))
+            return gatherResults(attempts)
+
+        refusals = yield flood(50)
+        self.assertEqual({e.reason for e in refusals}, {"unknown key id"})
+        self.assertEqual(self.server.requests, 2)
+        self.clock.advance(29)
+        yield flood(50)
+        self.assertEqual(self.server.requests, 2)
+        self.clock.advance(1)
+        yield flood(50)
+        self.assertEqual(self.server.requests, 3)
+
+    @inlineCallbacks
+    def test_kid_of_another_algorithm_is_not_used(self):
+        """A token naming an RSA key's kid but signed ES256 is not checked with the RSA key."""
+        yield self.verifier.verify(rs256(claims(), kid="k1"))
+        self.clock.advance(30)
+        failure = yield self.assertFailure(self.verifier.verify(es256(claims(), kid="k1")), AuthDenied)
+        self.assertEqual(failure.reason, "unknown key id")
+
+    @inlineCallbacks
+    def test_a_jwks_without_usable_keys_is_unavailable(self):
+        """With no keys ever fetched, a token cannot be checked: 503, not 403."""
+        self.server.keys = [{"kty": "oct", "k": _b64(SECRET.encode())}]
+        failure = yield self.assertFailure(
+            self.verifier.verify(rs256(claims(), kid="k1")), AuthUnavailable
+        )
+        self.assertIn("no RS256 or ES256 signing key", str(failure))
+
+    @inlineCallbacks
+    def test_unreachable_jwks_is_unavailable(self):
+        """Nothing listening at the JWKS URL: the token cannot be checked, 503."""
+        closed = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+        url = "http://127.0.0.1:{}/jwks".format(closed.getHost().port)
+        yield closed.stopListening()
+        verifier = TokenAuthenticator(
+            [], self.clock, jwks=JWKS(url, HTTPClient(Agent(reactor)), self.clock)
+        )
+        failure = yield self.assertFailure(
+            verifier.verify(rs256(claims(), kid="k1")), AuthUnavailable
+        )
+        self.assertIn("could not connect", str(failure))
+
+
+class JWKSScheduleTests(SynchronousTestCase):
+    """
+    When the keys are fetched while the service runs, with ``StubTreq``.
+    """
+
+    def test_fetched_at_start_and_every_refresh(self):
+        """Started, the JWKS is fetched at once and then every --jwt-jwks-refresh seconds."""
+        server = JWKSServer(jwk(RSA_KEY, "k1"))
+        clock = Clock()
+        jwks = JWKS("https://id.example/jwks", StubTreq(server), clock, refresh_interval=600)
+        jwks.startService()
+        self.assertEqual((server.requests, jwks.problem), (1, None))
+        clock.advance(599)
+        self.assertEqual(server.requests, 1)
+        clock.advance(1)
+        self.assertEqual(server.requests, 2)
+        jwks.stopService()
+        clock.advance(600)
+        self.assertEqual(server.requests, 2)
+
+    def test_a_failed_refresh_keeps_the_keys(self):
+        """A refresh that fails keeps the keys already known, and logs why."""
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        server = JWKSServer(jwk(RSA_KEY, "k1"))
+        clock = Clock()
+        clock.advance(NOW)
+        jwks = JWKS("https://id.example/jwks", StubTreq(server), clock, refresh_interval=600)
+        jwks.startService()
+        self.addCleanup(jwks.stopService)
+        server.keys = []
+        clock.advance(600)
+        verifier = TokenAuthenticator([], clock, jwks=jwks)
+        self.assertEqual(self.successResultOf(verifier.verify(rs256(claims(), kid="k1"))).user, "u-1842")
+        errors = [e for e in logged if e["log_level"] == LogLevel.error]
+        self.assertEqual(len(errors), 1)
+        self.assertEqual(errors[0]["reason"], "the JWKS holds no RS256 or ES256 signing key")
+
+
+def handshake_status(port: int, path: str = "/", headers=()) -> "Deferred":
+    """
+    Try a WebSocket handshake (websocket-client, in a thread).
+
+    :return: a Deferred firing with 101 if it succeeded, else the HTTP status.
+    """
+
+    def attempt():
+        try:
+            ws = websocket_client.create_connection(
+                "ws://127.0.0.1:{}{}".format(port, path), header=list(headers), timeout=10
+            )
+        except websocket_client.WebSocketBadStatusException as e:
+            return e.status_code
+        ws.close()
+        return 101
+
+    return deferToThread(attempt)
+
+
+def live_claims(**overrides) -> dict:
+    """Claims valid now, by the wall clock (the real server's)."""
+    now = int(time.time())
+    return {**claims(exp=now + 600, iat=now), **overrides}
+
+
+class HandshakeTests(TestCase):
+    """
+    Real servers with the --jwt-* flags, real clients.
+    """
+
+    def setUp(self) -> None:
+        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.tokens: List[str] = []
+
+    def tearDown(self) -> None:
+        for event in self.logged:
+            text = repr(event) + (formatEvent(event) or "")
+            for secret in [SECRET] + self.tokens:
+                self.assertNotIn(secret, text, "a token or a secret was logged")
+                signature = secret.rsplit(".", 1)[-1]
+                if signature:
+                    self.assertNotIn(signature, text, "a token's signature was logged")
+
+    def token(self, maker, *args, **kwargs) -> str:
+        token = maker(*args, **kwargs)
+        self.tokens.append(token)
+        return token
+
+    def write(self, content: bytes) -> str:
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(content)
+        os.chmod(path, 0o600)
+        return path
+
+    def jwt_flags(self) -> List[str]:
+        return [
+            "--jwt-secret-file", self.write(SECRET.encode() + b"\n"),
+            "--jwt-public-key", self.write(pem(RSA_KEY)),
+        ]
+
+    @inlineCallbacks
+    def test_bearer_and_query_tokens_are_admitted(self):
+        """A client with Authorization: Bearer and one with ?token= are
+        admitted; their welcome carries the token's sub as user, and its name."""
+        service, port = yield start_server(self, self.jwt_flags())
+        header = self.token(hs256, live_claims(name="Ann"))
+        client = yield connect_client(
+            self, port, json_mode=True, path="/?name=bob", headers={"Authorization": "Bearer " + header}
+        )
+        welcome = yield client.next_json()
+        self.assertEqual((welcome["user"], welcome["name"]), ("u-1842", "Ann"))
+
+        query = self.token(rs256, live_claims(sub="u-77"))
+        other = yield connect_client(
+            self, port, json_mode=True, path="/?name=bob&token=" + query
+        )
+        welcome = yield other.next_json()
+        self.assertEqual((welcome["user"], welcome["name"]), ("u-77", "bob"))
+        connects = [e for e in self.logged if "[CONNECT]" in e.get("log_format", "")]
+        self.assertEqual([e.get("user") for e in connects], ["u-1842", "u-77"])
+        # The raw ports are off: their clients could not sign in.
+        self.assertEqual((service.image_endpoint, service.line_endpoint), (None, None))
+
+    @inlineCallbacks
+    def test_bad_tokens_get_403_and_a_reason_in_the_log(self):
+        """Expired, wrongly signed, unsigned and missing tokens get 403, each
+        logged with why, and never the token."""
+        service, port = yield start_server(self, self.jwt_flags())
+        now = int(time.time())
+        cases = [
+            (self.token(hs256, live_claims(exp=now - 3600)), "the token has expired"),
+            (self.token(hs256, live_claims(), secret=SECRET[::-1]), "bad signature"),
+            (self.token(forged, {"alg": "none"}, live_claims()), "algorithm none not accepted"),
+            (
+                self.token(forged, {"alg": "HS256"}, live_claims(), mac_key=pem(RSA_KEY)),
+                "bad signature",
+            ),
+        ]
+        for token, _ in cases:
+            status = yield handshake_status(port, headers=["Authorization: Bearer " + token])
+            self.assertEqual(status, 403)
+        status = yield handshake_status(port, path="/?token=" + cases[0][0])
+        self.assertEqual(status, 403)
+        self.assertEqual((yield handshake_status(port)), 403)
+        refusals = [e for e in self.logged if e.get("log_format") == "[REFUSED] {peer}: {reason}; answered 403"]
+        self.assertEqual(
+            [e["reason"] for e in refusals],
+            [reason for _, reason in cases]
+            + ["the token has expired", "no token (Authorization: Bearer or ?token=)"],
+        )
+        self.assertEqual({e["log_level"] for e in refusals}, {LogLevel.warn})
+        self.assertEqual(service.hub.stats.refused_handshakes["auth"], 6)
+
+    @inlineCallbacks
+    def test_jwks_keys_admit(self):
+        """With --jwt-jwks-url, a token signed with a key of the set is admitted."""
+        jwks = serve(self, JWKSServer(jwk(EC_KEY, "k1")))
+        service, port = yield start_server(self, ["--jwt-jwks-url", jwks.url + "/jwks"])
+        token = self.token(es256, live_claims(), kid="k1")
+        client = yield connect_client(
+            self, port, json_mode=True, headers={"Authorization": "Bearer " + token}
+        )
+        welcome = yield client.next_json()
+        self.assertEqual(welcome["user"], "u-1842")
+        unknown = self.token(es256, live_claims(), kid="k9")
+        self.assertEqual(
+            (yield handshake_status(port, headers=["Authorization: Bearer " + unknown])), 403
+        )
+
+    @inlineCallbacks
+    def test_with_auth_url_a_token_wins(self):
+        """With --auth-url as well: a token is checked as a JWT and the
+        service is not asked, good token or bad; no token goes to the service."""
+        auth = AuthService(body=json.dumps({"user": "from-the-service"}).encode())
+        auth_server = serve(self, auth)
+        service, port = yield start_server(
+            self, ["--auth-url", auth_server.url + "/check", *self.jwt_flags()]
+        )
+        good = self.token(hs256, live_claims())
+        client = yield connect_client(self, port, json_mode=True, path="/?token=" + good)
+        self.assertEqual((yield client.next_json())["user"], "u-1842")
+        bad = self.token(hs256, live_claims(), secret=SECRET[::-1])
+        self.assertEqual(
+            (yield handshake_status(port, headers=["Authorization: Bearer " + bad])), 403
+        )
+        self.assertEqual(auth.asked, [])
+
+        other = yield connect_client(
+            self, port, json_mode=True, headers={"Cookie": "sid=cookie-1"}
+        )
+        self.assertEqual((yield other.next_json())["user"], "from-the-service")
+        (asked,) = auth.asked
+        self.assertEqual(asked["headers"], {"cookie": "sid=cookie-1"})
+
+
+class OptionsTests(SynchronousTestCase):
+    def write(self, content: bytes) -> str:
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(content)
+        return path
+
+    def parse(self, *args, environ=None):
+        options = Options(environ={} if environ is None else environ)
+        options.parseOptions(list(args))
+        return options
+
+    def refused(self, *args) -> str:
+        return str(self.assertRaises(UsageError, self.parse, *args))
+
+    def test_keys_are_read_at_start_up(self):
+        """The secret and the public key are read when the options are parsed."""
+        options = self.parse(
+            "--jwt-secret-file", self.write(SECRET.encode() + b"\r\n"),
+            "--jwt-public-key", self.write(pem(EC_KEY)),
+        )
+        self.assertEqual([k.algorithm for k in options["jwt-keys"]], ["HS256", "ES256"])
+        self.assertEqual(options["jwt-keys"][0].key, SECRET.encode())
+        self.assertEqual(options["closed-for-auth"], ["image-port", "line-port"])
+
+    def test_defaults(self):
+        """Without --jwt-* flags no key is configured; the limits have their documented defaults."""
+        options = self.parse()
+        self.assertEqual(options["jwt-keys"], [])
+        self.assertEqual(
+            (
+                options["jwt-leeway"],
+                options["jwt-jwks-timeout"],
+                options["jwt-jwks-refresh"],
+                options["jwt-jwks-min-interval"],
+                options["jwt-allow-no-exp"],
+            ),
+            (30.0, 5.0, 3600.0, 30.0, 0),
+        )
+
+    def test_short_secret_is_refused_without_showing_it(self):
+        """A secret file of fewer than 32 bytes stops start-up, naming the flag and not the secret."""
+        error = self.refused("--jwt-secret-file", self.write(b"tiny-secret\n"))
+        self.assertIn("--jwt-secret-file", error)
+        self.assertIn("at least 32 bytes", error)
+        self.assertNotIn("tiny-secret", error)
+
+    def test_unreadable_files_name_the_flag(self):
+        """A missing secret or key file is a usage error naming the flag and the path."""
+        for flag in ("--jwt-secret-file", "--jwt-public-key"):
+            path = self.mktemp()
+            error = self.refused(flag, path)
+            self.assertIn("{} {!r} cannot be read".format(flag, path), error)
+
+    def test_bad_public_key_names_the_flag(self):
+        """A file that is not an RS256 or ES256 public key is refused, naming the flag."""
+        private = RSA_KEY.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        error = self.refused("--jwt-public-key", self.write(private))
+        self.assertIn("--jwt-public-key", error)
+        self.assertIn("not a PEM public key", error)
+        self.assertNotIn("PRIVATE", error)
+
+    def test_jwks_url_and_timeout(self):
+        """--jwt-jwks-url must be http(s), and its timeout shorter than the handshake's."""
+        self.assertIn("--jwt-jwks-url", self.refused("--jwt-jwks-url", "ftp://id.example/jwks"))
+        error = self.refused(
+            "--jwt-jwks-url", "https://id.example/jwks", "--jwt-jwks-timeout", "10"
+        )
+        self.assertIn("--jwt-jwks-timeout", error)
+
+    def test_audience_needs_a_key(self):
+        """--jwt-audience or --jwt-issuer without a key to check tokens with is a mistake."""
+        for flag in ("--jwt-audience", "--jwt-issuer"):
+            self.assertIn(flag, self.refused(flag, "chat"))
+
+    def test_workers_get_the_secret_in_their_environment(self):
+        """A --workers master keeps --jwt-secret-file off its workers' command
+        lines and hands them the secret in their environment."""
+        master = self.parse(
+            "--workers", "2", "--redis", "unix:/run/r.sock",
+            "--jwt-secret-file", self.write(SECRET.encode()),
+        )
+        self.assertNotIn("--jwt-secret-file", master["worker-args"])
+        self.assertEqual(master["worker-env"][WORKER_JWT_SECRET], SECRET)
+        worker = self.parse(
+            *master["worker-args"], "--workers", "1", "--worker-fds", "port=3",
+            "--node-id", "m-w0", environ={WORKER_JWT_SECRET: SECRET},
+        )
+        self.assertEqual([k.key for k in worker["jwt-keys"]], [SECRET.encode()])
+        self.assertEqual(worker["closed-for-auth"], ["image-port", "line-port"])
+        single = self.parse(environ={WORKER_JWT_SECRET: SECRET})
+        self.assertEqual(single["jwt-keys"], [])
