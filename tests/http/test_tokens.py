@@ -182,7 +182,8 @@ class SignatureTests(TokenChecks):
             token = forged({"alg": "HS256", "typ": "JWT"}, claims(), mac_key=pem(key))
             only_public = self.verifier([public_key(pem(key))])
             self.assertEqual(
-                self.refused(token, only_public), "signed with HS256, for which no key is configured"
+                self.refused(token, only_public),
+                "signed with HS256, for which no key is configured",
             )
             self.assertEqual(self.refused(token), "bad signature")
 
@@ -229,7 +230,7 @@ class ClaimTests(TokenChecks):
         self.assertEqual(self.refused(token, verifier), "the token has expired")
 
     def test_not_yet_valid_by_the_clock(self):
-        """nbf (and iat) in the future beyond the leeway refuse the token until the clock gets there."""
+        """nbf or iat more than the leeway ahead refuses the token until the clock is there."""
         verifier = self.verifier()
         early = hs256(claims(nbf=NOW + 100))
         from_the_future = hs256(claims(iat=NOW + 100))
@@ -263,11 +264,12 @@ class ClaimTests(TokenChecks):
         self.assertIn('unusable "sub" claim', self.refused(hs256(claims(sub="a\u202eb"))))
 
     def test_bad_name_is_refused(self):
-        """A name that hello would refuse (too long, control characters, not a string) refuses the token."""
+        """A name that hello would refuse (too long, control characters...) refuses the token."""
         for name in ("x" * 33, "Ann\nBob", 7, ""):
             reason = self.refused(hs256(claims(name=name)))
             self.assertTrue(reason.startswith('unusable "name" claim'), reason)
-        self.assertEqual(self.accepted(hs256(claims(name="x" * 40)), self.verifier(max_name_length=40)).name, "x" * 40)
+        longer = self.verifier(max_name_length=40)
+        self.assertEqual(self.accepted(hs256(claims(name="x" * 40)), longer).name, "x" * 40)
 
     def test_bad_rooms_is_refused(self):
         """rooms must be a JSON list or object."""
@@ -276,7 +278,7 @@ class ClaimTests(TokenChecks):
             self.assertEqual(reason, 'unusable "rooms" claim: not a list or an object')
 
     def test_audience(self):
-        """With --jwt-audience, aud must name it (alone or in a list); without, aud is not checked."""
+        """With --jwt-audience, aud must name it (alone or in a list); else it is not checked."""
         verifier = self.verifier(audience="chat")
         self.accepted(hs256(claims(aud="chat")), verifier)
         self.accepted(hs256(claims(aud=["billing", "chat"])), verifier)
@@ -362,8 +364,9 @@ class EitherAuthenticatorTests(SynchronousTestCase):
         return self.either.authenticate("tcp4:1.2.3.4:5", "/", query, None, headers)
 
     def test_a_token_wins(self):
-        """A handshake carrying a token is checked as a JWT, whatever the verdict; the service is not asked."""
-        identity = self.successResultOf(self.ask({}, {"authorization": "Bearer " + hs256(claims())}))
+        """A handshake with a token is checked as a JWT, good or bad, never by the service."""
+        bearer = {"authorization": "Bearer " + hs256(claims())}
+        identity = self.successResultOf(self.ask({}, bearer))
         self.assertEqual(identity.user, "u-1842")
         self.failureResultOf(self.ask({"token": ["nonsense"]}, {}), AuthDenied)
         self.failureResultOf(self.ask({}, {"authorization": "Bearer"}), AuthDenied)
@@ -378,13 +381,13 @@ class EitherAuthenticatorTests(SynchronousTestCase):
 
 class KeyLoadingTests(SynchronousTestCase):
     def test_short_secret_is_refused(self):
-        """An HS256 secret shorter than 32 bytes is refused, saying how long it is, not what it is."""
+        """A secret shorter than 32 bytes is refused, saying how long it is, not what it is."""
         error = self.assertRaises(ValueError, secret_key, b"short-secret")
         self.assertIn("at least 32 bytes", str(error))
         self.assertNotIn("short-secret", str(error))
 
     def test_public_keys(self):
-        """An RSA key of 2048 bits is RS256, a P-256 key ES256; others and private keys are refused."""
+        """A 2048-bit RSA key is RS256, a P-256 key ES256; others and private keys are refused."""
         self.assertEqual(public_key(pem(RSA_KEY)).algorithm, "RS256")
         self.assertEqual(public_key(pem(EC_KEY)).algorithm, "ES256")
         small = rsa.generate_private_key(public_exponent=65537, key_size=1024)
@@ -494,7 +497,8 @@ class JWKSTests(TestCase):
         """A token naming an RSA key's kid but signed ES256 is not checked with the RSA key."""
         yield self.verifier.verify(rs256(claims(), kid="k1"))
         self.clock.advance(30)
-        failure = yield self.assertFailure(self.verifier.verify(es256(claims(), kid="k1")), AuthDenied)
+        token = es256(claims(), kid="k1")
+        failure = yield self.assertFailure(self.verifier.verify(token), AuthDenied)
         self.assertEqual(failure.reason, "unknown key id")
 
     @inlineCallbacks
@@ -553,7 +557,8 @@ class JWKSScheduleTests(SynchronousTestCase):
         server.keys = []
         clock.advance(600)
         verifier = TokenAuthenticator([], clock, jwks=jwks)
-        self.assertEqual(self.successResultOf(verifier.verify(rs256(claims(), kid="k1"))).user, "u-1842")
+        identity = self.successResultOf(verifier.verify(rs256(claims(), kid="k1")))
+        self.assertEqual(identity.user, "u-1842")
         errors = [e for e in logged if e["log_level"] == LogLevel.error]
         self.assertEqual(len(errors), 1)
         self.assertEqual(errors[0]["reason"], "the JWKS holds no RS256 or ES256 signing key")
@@ -628,7 +633,11 @@ class HandshakeTests(TestCase):
         service, port = yield start_server(self, self.jwt_flags())
         header = self.token(hs256, live_claims(name="Ann"))
         client = yield connect_client(
-            self, port, json_mode=True, path="/?name=bob", headers={"Authorization": "Bearer " + header}
+            self,
+            port,
+            json_mode=True,
+            path="/?name=bob",
+            headers={"Authorization": "Bearer " + header},
         )
         welcome = yield client.next_json()
         self.assertEqual((welcome["user"], welcome["name"]), ("u-1842", "Ann"))
@@ -665,7 +674,8 @@ class HandshakeTests(TestCase):
         status = yield handshake_status(port, path="/?token=" + cases[0][0])
         self.assertEqual(status, 403)
         self.assertEqual((yield handshake_status(port)), 403)
-        refusals = [e for e in self.logged if e.get("log_format") == "[REFUSED] {peer}: {reason}; answered 403"]
+        line = "[REFUSED] {peer}: {reason}; answered 403"
+        refusals = [e for e in self.logged if e.get("log_format") == line]
         self.assertEqual(
             [e["reason"] for e in refusals],
             [reason for _, reason in cases]
@@ -757,7 +767,7 @@ class OptionsTests(SynchronousTestCase):
         )
 
     def test_short_secret_is_refused_without_showing_it(self):
-        """A secret file of fewer than 32 bytes stops start-up, naming the flag and not the secret."""
+        """A secret file of under 32 bytes stops start-up, naming the flag and not the secret."""
         error = self.refused("--jwt-secret-file", self.write(b"tiny-secret\n"))
         self.assertIn("--jwt-secret-file", error)
         self.assertIn("at least 32 bytes", error)
