@@ -518,9 +518,11 @@ def _authenticator(options: Options, reactor):
             refresh_interval=options["jwt-jwks-refresh"],
             min_interval=options["jwt-jwks-min-interval"],
         )
-    if options["jwt-keys"] or jwks is not None:
+    # Read by postOptions: options built but never parsed have none.
+    keys = options.get("jwt-keys", [])
+    if keys or jwks is not None:
         tokens = TokenAuthenticator(
-            options["jwt-keys"],
+            keys,
             reactor,
             jwks=jwks,
             audience=options["jwt-audience"],
