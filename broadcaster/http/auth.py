@@ -11,10 +11,12 @@ a foreign page never reaches the service) the server POSTs
 
 ``headers`` holds only those of the two the client sent.  The answer:
 
-- 2xx: accepted.  An optional JSON body ``{"user": "...", "name": "..."}``
-  (both optional) is the client's identity: ``name`` is its display name
-  (it beats ``?name=``, and ``hello`` cannot change it), ``user`` appears
-  in its ``welcome``, in webhook events and in the logs.
+- 2xx: accepted.  An optional JSON body ``{"user": "...", "name": "...",
+  "rooms": ...}`` (each optional) is the client's identity: ``name`` is its
+  display name (it beats ``?name=``, and ``hello`` cannot change it),
+  ``user`` appears in its ``welcome``, in webhook events and in the logs,
+  and ``rooms`` says what it may do in which room, as a signed token's
+  claim does (:mod:`broadcaster.core.permissions`; none: everything).
 - 401 or 403: refused; the handshake is answered 403.
 - anything else, no answer within ``--auth-timeout``, a connection error or
   a malformed 2xx body: the handshake is answered 503 and an error logged.
@@ -39,6 +41,7 @@ from broadcaster.core.identity import AuthDenied, AuthUnavailable, Identity
 from broadcaster.core.fetching import describe_url
 from broadcaster.http.outgoing import USER_AGENT, describe_http_failure, read_body, with_timeout
 from broadcaster.core.names import InvalidName, check_display_name
+from broadcaster.core.permissions import parse_grants
 
 #: The largest answer body read from the auth service.
 MAX_ANSWER_SIZE = 64 * 1024
@@ -161,7 +164,14 @@ class Authenticator(Service):
                 raise AuthUnavailable(
                     'the auth service accepted, but its "name" is unusable: {}'.format(e)
                 ) from None
-        return Identity(user=user, name=name)
+        rooms = answer.get("rooms")
+        try:
+            parse_grants(rooms)
+        except ValueError as e:
+            raise AuthUnavailable(
+                'the auth service accepted, but its "rooms" is unusable: {}'.format(e)
+            ) from None
+        return Identity(user=user, name=name, rooms=rooms)
 
     def _failed(self, failure: Failure) -> Failure:
         if failure.check(AuthDenied, AuthUnavailable, CancelledError):

@@ -57,7 +57,14 @@ from broadcaster.protocols.internals import (
 from broadcaster.protocols.outbound import Outbound
 from broadcaster.core.events import encoded, Event
 from broadcaster.core.hub import Hub, NotInRoom, TooManyRooms
-from broadcaster.core.permissions import HISTORY, JOIN, PRESENCE, PUBLISH, Forbidden
+from broadcaster.core.permissions import (
+    HISTORY,
+    JOIN,
+    PRESENCE,
+    PUBLISH,
+    Forbidden,
+    parse_grants,
+)
 from broadcaster.core.members import MemberBase
 from broadcaster.core.imaging import ImageError, NormalisedImage
 from broadcaster.protocols.keepalive import Keepalive
@@ -256,6 +263,19 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
         if self.state == self.STATE_CLOSED:
             # The client gave up (or the handshake timed out) meanwhile.
             raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "connection lost")
+        try:
+            grants = parse_grants(identity.rooms)
+        except ValueError as e:
+            # A token signed with a "rooms" claim the server cannot read:
+            # refused rather than given more (or less) than was meant.
+            self.factory.hub.stats.refused_handshakes["auth"] += 1
+            self._log.warn(
+                "[REFUSED] {peer}: unusable rooms in the sign-in ({reason}); answered 403",
+                peer=peer,
+                reason=str(e),
+            )
+            raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "unusable rooms: {}".format(e))
+        self.grants = grants
         self.user = identity.user
         if identity.name is not None:
             self.name = identity.name

@@ -130,6 +130,26 @@ class HandshakeTests(TestCase):
         self.assertEqual([e.get("user") for e in connects], ["ann@example.com"])
 
     @inlineCallbacks
+    def test_rooms_from_the_answer_are_kept(self):
+        """The rooms the service answers bound what the client may do."""
+        auth = AuthService(body=json.dumps({"user": "u1", "rooms": ["desk-*"]}).encode())
+        port = yield self.start(auth)
+        client = yield connect_client(
+            self, port, json_mode=True, headers={"Authorization": TOKEN}
+        )
+        welcome = yield client.next_json()
+        self.assertEqual(welcome["rights"], [])
+        client.send_json({"type": "join", "room": "desk-7"})
+        client.send_json({"type": "join", "room": "finance", "ref": 1})
+        presence = yield client.next_json()
+        self.assertEqual((presence["room"], presence["rights"]), ("desk-7", ["join", "publish", "history", "presence"]))
+        while True:
+            event = yield client.next_json()
+            if event["type"] == "error":
+                break
+        self.assertEqual((event["ref"], event["reason"]), (1, "not allowed to join room 'finance'"))
+
+    @inlineCallbacks
     def test_empty_2xx_admits_without_identity(self):
         """A 204 admits the client with its own ?name= and no user."""
         port = yield self.start(AuthService(code=204))
@@ -244,6 +264,17 @@ class AuthenticatorTests(SynchronousTestCase):
         auth = AuthService(body=json.dumps({"name": "x" * 40}).encode())
         failure = self.failureResultOf(self.authenticate(auth), AuthUnavailable)
         self.assertIn('"name"', str(failure.value))
+
+    def test_rooms(self):
+        """rooms comes from the answer as a token's claim would; one the
+        server cannot read makes the answer unusable (fail closed)."""
+        rooms = {"support-u1": ["join", "publish"]}
+        auth = AuthService(body=json.dumps({"user": "u1", "rooms": rooms}).encode())
+        identity = self.successResultOf(self.authenticate(auth))
+        self.assertEqual((identity.user, identity.rooms), ("u1", rooms))
+        auth = AuthService(body=json.dumps({"rooms": {"x": ["fly"]}}).encode())
+        failure = self.failureResultOf(self.authenticate(auth), AuthUnavailable)
+        self.assertIn('"rooms" is unusable: unknown right \'fly\'', str(failure.value))
 
     def test_denied(self):
         """401 is a denial, carrying the status."""

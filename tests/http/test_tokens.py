@@ -590,9 +590,10 @@ def live_claims(**overrides) -> dict:
     return {**claims(exp=now + 600, iat=now), **overrides}
 
 
-class HandshakeTests(TestCase):
+class SignedInTestCase(TestCase):
     """
-    Real servers with the --jwt-* flags, real clients.
+    Real servers with the --jwt-* flags, real clients: no token or secret
+    may be logged.
     """
 
     def setUp(self) -> None:
@@ -625,6 +626,12 @@ class HandshakeTests(TestCase):
             "--jwt-secret-file", self.write(SECRET.encode() + b"\n"),
             "--jwt-public-key", self.write(pem(RSA_KEY)),
         ]
+
+
+class HandshakeTests(SignedInTestCase):
+    """
+    Who gets in with which token.
+    """
 
     @inlineCallbacks
     def test_bearer_and_query_tokens_are_admitted(self):
@@ -822,3 +829,82 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(worker["closed-for-auth"], ["image-port", "line-port"])
         single = self.parse(environ={WORKER_JWT_SECRET: SECRET})
         self.assertEqual(single["jwt-keys"], [])
+
+
+class RoomRightsTests(SignedInTestCase):
+    """The support desk of the docs, signed in with real tokens: customers
+    see only their own room, staff see all, announcements are staff-only."""
+
+    CUSTOMER_ROOMS = {
+        "support-u1842": ["join", "publish", "history"],
+        "announcements": ["join", "history"],
+    }
+
+    @inlineCallbacks
+    def read(self, client, kind, **fields):
+        while True:
+            event = yield client.next_json()
+            if event["type"] == kind and all(event.get(k) == v for k, v in fields.items()):
+                return event
+
+    @inlineCallbacks
+    def test_support_desk(self):
+        service, port = yield start_server(self, self.jwt_flags())
+        staff_token = self.token(hs256, live_claims(sub="staff-1", name="Sam"))
+        customer_token = self.token(
+            hs256, live_claims(sub="u-1842", name="Cus", rooms=self.CUSTOMER_ROOMS)
+        )
+        staff = yield connect_client(
+            self, port, json_mode=True, headers={"Authorization": "Bearer " + staff_token}
+        )
+        staff_welcome = yield staff.next_json()
+        self.assertEqual(staff_welcome["rights"], ["join", "publish", "history", "presence"])
+        customer = yield connect_client(
+            self, port, json_mode=True, path="/?token=" + customer_token
+        )
+        welcome = yield customer.next_json()
+        # Not in the lobby: it sees nobody there and nobody sees it.
+        self.assertEqual((welcome["rights"], welcome["count"]), ([], 1))
+        self.assertEqual(service.hub.rooms_of(welcome["id"]), [])
+
+        customer.send_json({"type": "join", "room": "support-u1842", "ref": 1})
+        joined = yield self.read(customer, "presence", room="support-u1842")
+        self.assertEqual(joined["rights"], ["join", "publish", "history"])
+        self.assertEqual([m["id"] for m in joined["members"]], [welcome["id"]])
+        for request, reason in (
+            ({"type": "join", "room": "support-u1843"}, "not allowed to join room 'support-u1843'"),
+            ({"type": "join", "room": "lobby"}, "not allowed to join room 'lobby'"),
+            ({"type": "who", "room": "support-u1842"}, "not allowed to see who is in room 'support-u1842'"),
+        ):
+            customer.send_json({**request, "ref": reason})
+            error = yield self.read(customer, "error", ref=reason)
+            self.assertEqual(error["reason"], reason)
+
+        for client in (staff, customer):
+            client.send_json({"type": "join", "room": "announcements"})
+            yield self.read(client, "presence", room="announcements")
+        customer.send_json({"type": "message", "room": "announcements", "text": "me too", "ref": 2})
+        error = yield self.read(customer, "error", ref=2)
+        self.assertEqual(error["reason"], "not allowed to publish in room 'announcements'")
+        staff.send_json({"type": "message", "room": "announcements", "text": "we open at 9"})
+        heard = yield self.read(customer, "message", room="announcements")
+        self.assertEqual(heard["text"], "we open at 9")
+
+        staff.send_json({"type": "join", "room": "support-u1842"})
+        yield self.read(staff, "presence", room="support-u1842")
+        customer.send_json({"type": "message", "room": "support-u1842", "text": "help"})
+        heard = yield self.read(staff, "message", room="support-u1842")
+        self.assertEqual((heard["text"], heard["name"]), ("help", "Cus"))
+        forbidden = [e for e in self.logged if "[FORBIDDEN]" in e.get("log_format", "")]
+        self.assertEqual(len(forbidden), 4)
+
+    @inlineCallbacks
+    def test_unusable_rooms_are_refused(self):
+        """A token whose rooms name an unknown right is refused at the
+        handshake (403), not given more or less than was meant."""
+        _, port = yield start_server(self, self.jwt_flags())
+        token = self.token(hs256, live_claims(rooms={"lobby": ["join", "admin"]}))
+        status = yield handshake_status(port, "/?token=" + token)
+        self.assertEqual(status, 403)
+        refused = [e for e in self.logged if "unusable rooms" in e.get("log_format", "")]
+        self.assertEqual(len(refused), 1)
