@@ -312,3 +312,54 @@ class RecoveryTests(TestCase):
         )
         recovered = (yield read_until(again, of_type("recovered")))[-1]
         self.assertFalse(recovered["complete"])
+
+
+class AnonymousRoomsTests(TestCase):
+    """--anonymous-rooms: what clients that do not sign in may do."""
+
+    def grants(self, *args):
+        from broadcaster.service.tap import Options
+
+        options = Options()
+        options.parseOptions(list(args))
+        return options["anonymous-grants"]
+
+    def test_defaults(self):
+        """Everything without sign-in; with it, nothing, or the lobby for
+        the raw ports that --anonymous-raw-ports keeps open."""
+        self.assertTrue(self.grants().everything)
+        signed = ("--auth-url", "http://127.0.0.1:1/check")
+        self.assertEqual(self.grants(*signed).listed("lobby"), [])
+        raw = self.grants(*signed, "--anonymous-raw-ports")
+        self.assertEqual((raw.listed("lobby"), raw.listed("dev")), (["join", "publish", "history", "presence"], []))
+        chosen = self.grants("--anonymous-rooms", "lobby, public-*")
+        self.assertEqual([bool(chosen.listed(r)) for r in ("lobby", "public-1", "dev")], [True, True, False])
+
+    def test_bad_patterns_name_the_flag(self):
+        from twisted.python.usage import UsageError
+
+        error = self.assertRaises(UsageError, self.grants, "--anonymous-rooms", "a*b")
+        self.assertIn("--anonymous-rooms 'a*b'", str(error))
+
+    @inlineCallbacks
+    def test_every_kind_of_anonymous_client_keeps_to_them(self):
+        """With --anonymous-rooms public-*, a JSON client is outside the
+        lobby and may join public rooms only; a line-bridge client cannot
+        post to the lobby and is told why."""
+        from tests.support import connect_raw, port_of, wait_for
+        from tests.test_hostile import LineClient
+
+        service, port = yield start_server(self, ["--anonymous-rooms", "public-*"])
+        client = yield connect_client(self, port, json_mode=True)
+        welcome = yield client.next_json()
+        self.assertEqual((welcome["type"], welcome["rights"], welcome["count"]), ("welcome", [], 1))
+        client.send_json({"type": "join", "room": "public-1"})
+        presence = (yield read_until(client, of_type("presence", room="public-1")))[-1]
+        self.assertEqual(presence["rights"], ["join", "publish", "history", "presence"])
+        client.send_json({"type": "join", "room": "staff", "ref": 1})
+        error = (yield read_until(client, of_type("error")))[-1]
+        self.assertEqual((error["ref"], error["reason"]), (1, "not allowed to join room 'staff'"))
+        nc = yield connect_raw(self, port_of(service.line_endpoint), LineClient)
+        nc.transport.write(b"hello lobby\n")
+        yield wait_for(lambda: "ERROR" in nc.received(), what="the line bridge's refusal")
+        self.assertEqual(nc.received(), "ERROR not in room 'lobby': join it first\n")

@@ -146,6 +146,8 @@ class RawMemberProtocol(MemberBase, Protocol):
         timeout = factory.limits.raw_idle_timeout
         if timeout:
             self._idle = factory.clock.callLater(timeout, self._idle_timed_out)
+        # Raw-TCP clients cannot sign in: they have the anonymous rights.
+        self.grants = factory.anonymous
         factory.hub.connect(self)
         log_connect(self._log, self.id, self.peer, self.kind, len(factory.hub))
 

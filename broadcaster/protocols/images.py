@@ -66,7 +66,7 @@ from broadcaster.protocols.admission import Admission, AdmittingFactory
 from broadcaster.core.flow import Limits
 from broadcaster.core.events import encoded, Event, ImageMessage
 from broadcaster.core.hub import LOBBY, Hub
-from broadcaster.core.permissions import PUBLISH, Forbidden
+from broadcaster.core.permissions import EVERYTHING, PUBLISH, Forbidden, Grants
 from broadcaster.core.imaging import (
     DEFAULT_FORMATS,
     DecodeBudget,
@@ -327,12 +327,15 @@ class ImageFactory(AdmittingFactory, ServerFactory):
         image_timeout: float = 30.0,
         limits: Limits = Limits(),
         admission: Optional[Admission] = None,
+        anonymous: Grants = EVERYTHING,
     ) -> None:
         self.hub = hub
         self.admission = admission
         self.limits = limits
         self.clock = clock
         self.decode = decode
+        #: What its clients, who cannot sign in, may do (--anonymous-rooms).
+        self.anonymous = anonymous
         self.max_image_size = max_image_size
         self.image_timeout = image_timeout
 

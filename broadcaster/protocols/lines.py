@@ -48,7 +48,7 @@ from broadcaster.protocols.admission import Admission, AdmittingFactory
 from broadcaster.core.flow import Limits
 from broadcaster.core.events import encoded, Event, Joined, Left, TextMessage
 from broadcaster.core.hub import Hub, NotInRoom
-from broadcaster.core.permissions import Forbidden
+from broadcaster.core.permissions import EVERYTHING, Forbidden, Grants
 from broadcaster.core.text import escape_controls
 from broadcaster.protocols.connection import RawMemberProtocol
 
@@ -200,9 +200,12 @@ class LineBridgeFactory(AdmittingFactory, ServerFactory):
         max_line_length: int = 64 * 1024,
         limits: Limits = Limits(),
         admission: Optional[Admission] = None,
+        anonymous: Grants = EVERYTHING,
     ) -> None:
         self.hub = hub
         self.admission = admission
         self.clock = clock
         self.max_line_length = max_line_length
         self.limits = limits
+        #: What its clients, who cannot sign in, may do (--anonymous-rooms).
+        self.anonymous = anonymous

@@ -62,7 +62,9 @@ from broadcaster.core.permissions import (
     JOIN,
     PRESENCE,
     PUBLISH,
+    EVERYTHING,
     Forbidden,
+    Grants,
     parse_grants,
 )
 from broadcaster.core.members import MemberBase
@@ -234,6 +236,7 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
             subprotocol = JSON_SUBPROTOCOL
         if self.factory.authenticator is not None:
             return self._authenticate(request, subprotocol)
+        self.grants = self.factory.anonymous
         return subprotocol
 
     def _authenticate(self, request: ConnectionRequest, subprotocol: Optional[str]) -> Deferred:
@@ -849,9 +852,12 @@ class BroadcastServerFactory(LeanWebSocketServerFactory):
         max_name_length: int = 32,
         fetcher=None,
         authenticator=None,
+        anonymous: Grants = EVERYTHING,
     ) -> None:
         super().__init__(server="broadcaster/{}".format(__version__), reactor=clock)
         self.hub = hub
+        #: What clients that do not sign in may do (--anonymous-rooms).
+        self.anonymous = anonymous
         #: An :class:`broadcaster.http.fetch.ImageFetcher` for ``image_url``
         #: requests, or ``None`` (refused).
         self.fetcher = fetcher

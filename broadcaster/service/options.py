@@ -23,6 +23,7 @@ from broadcaster.core.coercions import (
     positive_int,
 )
 from broadcaster.core.history import DEFAULT_MEMORY, KEPT_OVERHEAD
+from broadcaster.core.permissions import EVERYTHING, parse_grants
 from broadcaster.core.imaging import (
     DEFAULT_FORMATS,
     DEFAULT_MAX_PIXELS,
@@ -425,6 +426,15 @@ class Options(usage.Options):
             positive_float,
         ],
         [
+            "anonymous-rooms",
+            None,
+            None,
+            "Rooms that clients who do not sign in may use (with every right), "
+            "comma-separated; a name may end in * (public-*).  Default: every "
+            "room when nobody signs in; with --auth-url or --jwt-*, the lobby "
+            "for --anonymous-raw-ports clients and nothing otherwise.",
+        ],
+        [
             "room-ttl",
             None,
             7 * 24 * 3600.0,
@@ -678,6 +688,24 @@ class Options(usage.Options):
             )
         self["allow-host"].append(name)
 
+    def _anonymous_grants(self, signing_in: bool):
+        """
+        What clients that do not sign in may do: --anonymous-rooms if given;
+        without it, everything when nobody signs in, the lobby for the raw
+        ports that --anonymous-raw-ports keeps open (as before rooms had
+        rights), and nothing otherwise.
+        """
+        value = self["anonymous-rooms"]
+        if value is None:
+            if not signing_in:
+                return EVERYTHING
+            return parse_grants(["lobby"] if self["anonymous-raw-ports"] else [])
+        patterns = [part.strip() for part in value.split(",") if part.strip()]
+        try:
+            return parse_grants(patterns)
+        except ValueError as e:
+            raise usage.UsageError("--anonymous-rooms {!r}: {}".format(value, e)) from None
+
     def postOptions(self) -> None:
         if isinstance(self["image-formats"], str):  # the default, uncoerced
             self["image-formats"] = image_formats(self["image-formats"])
@@ -760,6 +788,7 @@ class Options(usage.Options):
                 if self[flag] is not None:
                     self["closed-for-auth"].append(flag)
                     self[flag] = None
+        self["anonymous-grants"] = self._anonymous_grants(signing_in)
         self._check_workers()
         self._keep_secrets_off_command_lines()
         # Last, so that every error above quotes the description as given.

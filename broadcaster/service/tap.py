@@ -29,6 +29,7 @@ from broadcaster.http.fetch import ImageFetcher, fetch_client
 from broadcaster.core.fetching import describe_url
 from broadcaster.core.flow import Limits
 from broadcaster.core.hub import Hub
+from broadcaster.core.permissions import EVERYTHING
 from broadcaster.protocols.images import DecoderPool, ImageFactory
 from broadcaster.protocols.lines import LineBridgeFactory
 from broadcaster.http.metrics import MetricsResource, metrics_for
@@ -344,6 +345,7 @@ def _clients(
         max_name_length=options["max-name-length"],
         fetcher=service.fetcher,
         authenticator=service.authenticator,
+        anonymous=options.get("anonymous-grants", EVERYTHING),
     )
     hosts = _host_policy(service._log, options)
     metrics = MetricsResource(registry) if registry is not None else None
@@ -392,12 +394,20 @@ def _clients(
             max_image_size=options["max-image-size"],
             image_timeout=options["image-timeout"],
             admission=admission,
+            anonymous=options.get("anonymous-grants", EVERYTHING),
         )
         service.image_endpoint = _listen(
             clients, options["image-port"], images, "Image protocol", reactor, fds.get("image")
         )
     if options["line-port"] is not None:
-        lines = LineBridgeFactory(hub, reactor, options["max-line-length"], limits, admission)
+        lines = LineBridgeFactory(
+            hub,
+            reactor,
+            options["max-line-length"],
+            limits,
+            admission,
+            anonymous=options.get("anonymous-grants", EVERYTHING),
+        )
         service.line_endpoint = _listen(
             clients, options["line-port"], lines, "Line bridge", reactor, fds.get("line")
         )
