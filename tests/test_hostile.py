@@ -4,6 +4,29 @@ tries after the obvious (issue 16).  Each test replays one attack and
 checks the refusal the attacker gets, the log line the operator gets, and
 that an honest pair of clients chatting in the lobby meanwhile receives
 every message, in order.
+
+Where each attack is replayed:
+
+1. raw binary shown as a picture: ``tests/test_page.py``
+   (``ImagePageTests``, a real browser: the page is where it happened);
+2. image formats: :class:`ImageTests`;
+3. ``who`` creating rooms: :class:`RoomStateTests` (and, with a real
+   ``redis-server``, ``tests/redis/test_redis.py`` ``RoomKeyTests``);
+4. the decode queue and decoded memory: :class:`ImageTests`;
+5. control characters in logs and terminals: :class:`TerminalAndLogTests`
+   (``broadcaster-client`` in ``tests/clients/test_client.py``);
+6. bad numbers: :class:`NumberTests`;
+7. ``--debug`` and credentials: :class:`TerminalAndLogTests`;
+8. secrets on command lines: ``tests/service/test_secrets.py``
+   (``EndToEndTests``, a real ``twistd --workers 2``);
+9. shutdown order: ``tests/redis/test_redis.py``
+   (``test_sigterm_drains_clients_before_leaving_redis``, real twistd and
+   redis-server);
+10. byte budgets: :class:`HistoryFloodTests` (webhook queues:
+    ``tests/http/test_webhooks.py``, a real receiver).
+
+And one found on the way: HTTP sent to the line bridge,
+:class:`CrossProtocolTests`.
 """
 
 import io
