@@ -16,7 +16,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from broadcaster.core.flow import RateLimit
+from broadcaster.core.identity import AuthDenied, AuthUnavailable, Identity
 from broadcaster.core.members import MemberBase
+from broadcaster.core.names import LOBBY
+from broadcaster.core.permissions import JOIN, parse_grants
 from broadcaster.protocols.outbound import Outbound
 
 
@@ -135,6 +138,91 @@ class RawMemberProtocol(MemberBase, Protocol):
 
         outbound.when_drained(half_close)
         self._linger = self.factory.clock.callLater(LINGER_SECONDS, self.transport.abortConnection)
+
+    #: Who signed in (``AUTH``), if anybody.
+    user: Optional[str] = None
+    #: Whether an ``AUTH`` is being checked: input waits meanwhile.
+    signing_in = False
+
+    def sign_in(self, credential: str) -> None:
+        """
+        The client's first input was ``AUTH <credential>``: check it exactly
+        as a WebSocket handshake's ``Authorization: Bearer`` credential (a
+        signed token, or a question to ``--auth-url``), reading nothing
+        more meanwhile.  Signed in, the client has the rights its sign-in
+        gives (and is put in, or taken out of, the lobby accordingly) and
+        is told :meth:`signed_in`; refused, it is told why and closed.
+        """
+        authenticator = getattr(self.factory, "authenticator", None)
+        if authenticator is None:
+            self.close_with(self.error("nobody signs in on this server; closing"))
+            return
+        self.signing_in = True
+        self.transport.pauseProducing()
+        d = authenticator.authenticate(
+            self.peer, "/", {}, None, {"authorization": "Bearer " + credential}
+        )
+        d.addCallback(self._identity_checked).addCallbacks(
+            self._signed_in, self._not_signed_in
+        )
+
+    def _identity_checked(self, identity: Identity) -> Identity:
+        parse_grants(identity.rooms)  # ValueError: refused, as at a handshake
+        return identity
+
+    def _signed_in(self, identity: Identity) -> None:
+        self.signing_in = False
+        if self.closing or self.transport is None:
+            return
+        hub = self.factory.hub
+        self.user = identity.user
+        self.grants = parse_grants(identity.rooms)
+        in_lobby = LOBBY in hub.rooms_of(self.id)
+        may_join = self.grants.allows(LOBBY, JOIN)
+        if identity.name is not None and identity.name != self.name:
+            self.name = identity.name
+            hub.rename(self)
+        if may_join and not in_lobby:
+            hub.join(self, LOBBY)
+        elif in_lobby and not may_join:
+            hub.leave(self, LOBBY)
+        self._log.info(
+            "[SIGNED IN] {client} ({peer}) as user {user!r}",
+            client=self.id,
+            peer=self.peer,
+            user=self.user,
+        )
+        self.send(self.signed_in())
+        self.transport.resumeProducing()
+        self.resume_input()
+
+    def _not_signed_in(self, failure: Failure) -> None:
+        self.signing_in = False
+        if failure.check(AuthDenied, ValueError):
+            reason = "authentication failed"
+            detail = getattr(failure.value, "reason", None) or str(failure.value)
+        elif failure.check(AuthUnavailable):
+            reason = "authentication unavailable; try again later"
+            detail = str(failure.value)
+        else:
+            self._log.failure("{client}: signing in failed unexpectedly", failure, client=self.id)
+            reason = detail = "authentication unavailable; try again later"
+        self.factory.hub.stats.refused_handshakes["auth"] += 1
+        self._log.warn(
+            "[REFUSED] {client} ({peer}): AUTH refused, {detail}",
+            client=self.id,
+            peer=self.peer,
+            detail=detail,
+        )
+        if not self.closing and self.transport is not None:
+            self.close_with(self.error(reason + "; closing"))
+
+    def signed_in(self) -> bytes:
+        """What a client that signed in is told (a subclass's format)."""
+        return b""
+
+    def resume_input(self) -> None:
+        """Carry on with input that arrived while signing in."""
 
     def connectionMade(self) -> None:
         factory = self.factory

@@ -17,6 +17,15 @@ Client to server
     HTTP/1.1``): a browser made to post a form here by some web page,
     whose headers would otherwise become chat messages.
 
+    With sign-in configured (``--auth-url``, ``--jwt-*``) and the port open
+    (``--anonymous-raw-ports``), a first line ``AUTH <credential>`` (a
+    signed token, or whatever ``--auth-url`` takes as a bearer credential)
+    signs the client in, checked exactly as a WebSocket handshake's
+    ``Authorization: Bearer``: it is answered ``OK signed in as <user>``
+    and has the rights its sign-in gives, or ``ERROR authentication
+    failed; closing`` and is disconnected.  Without ``AUTH`` a client has
+    the rights of ``--anonymous-rooms``.
+
 Server to client
     Every text message broadcast in the lobby, one per line, as ``<sender
     id>: <text>``; line breaks inside a message are replaced by spaces so
@@ -51,6 +60,10 @@ from broadcaster.core.hub import Hub, NotInRoom
 from broadcaster.core.permissions import EVERYTHING, Forbidden, Grants
 from broadcaster.core.text import escape_controls
 from broadcaster.protocols.connection import RawMemberProtocol
+
+#: The longest ``AUTH`` line taken for a sign-in (a signed token is a few
+#: hundred bytes to a few KiB); a longer one is chat.
+MAX_CREDENTIAL_LENGTH = 8192
 
 # An HTTP/1.x request line, as a browser sends one.
 _HTTP_REQUEST_LINE = re.compile(rb"[A-Z]{3,10} \S+ HTTP/1\.[01]\Z")
@@ -102,7 +115,7 @@ class LineBridgeProtocol(RawMemberProtocol):
         limit = self.factory.max_line_length
         self._buffer += data
         start = 0
-        while True:
+        while not self.signing_in:
             end = self._buffer.find(b"\n", start)
             if end < 0:
                 break
@@ -130,6 +143,13 @@ class LineBridgeProtocol(RawMemberProtocol):
             if _HTTP_REQUEST_LINE.match(line):
                 self._speaks_http()
                 return
+            if (
+                line.startswith(b"AUTH ")
+                and len(line) <= MAX_CREDENTIAL_LENGTH
+                and self.factory.authenticator is not None
+            ):
+                self.sign_in(line[5:].decode("utf-8", "replace").strip())
+                return
         if self.closing:
             return
         if len(line) > limit:
@@ -147,6 +167,13 @@ class LineBridgeProtocol(RawMemberProtocol):
                 self.factory.hub.publish_text(self.id, text)
             except (Forbidden, NotInRoom) as e:
                 self._refuse(str(e))
+
+    def signed_in(self) -> bytes:
+        return "OK signed in as {}\n".format(escape_controls(self.user or "-")).encode("utf-8")
+
+    def resume_input(self) -> None:
+        # Lines that came with the AUTH line, or while it was checked.
+        self.dataReceived(b"")
 
     def _speaks_http(self) -> None:
         """
@@ -201,8 +228,12 @@ class LineBridgeFactory(AdmittingFactory, ServerFactory):
         limits: Limits = Limits(),
         admission: Optional[Admission] = None,
         anonymous: Grants = EVERYTHING,
+        authenticator=None,
     ) -> None:
         self.hub = hub
+        #: Checks ``AUTH`` lines (as the WebSocket handshake's
+        #: authenticator), or ``None``: nobody signs in.
+        self.authenticator = authenticator
         self.admission = admission
         self.clock = clock
         self.max_line_length = max_line_length

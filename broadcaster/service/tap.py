@@ -407,6 +407,7 @@ def _clients(
             limits,
             admission,
             anonymous=options.get("anonymous-grants", EVERYTHING),
+            authenticator=service.authenticator,
         )
         service.line_endpoint = _listen(
             clients, options["line-port"], lines, "Line bridge", reactor, fds.get("line")

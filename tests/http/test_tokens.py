@@ -908,3 +908,50 @@ class RoomRightsTests(SignedInTestCase):
         self.assertEqual(status, 403)
         refused = [e for e in self.logged if "unusable rooms" in e.get("log_format", "")]
         self.assertEqual(len(refused), 1)
+
+
+class RawSignInTests(SignedInTestCase):
+    """A line-bridge client signs in with a first line AUTH <token>."""
+
+    @inlineCallbacks
+    def nc(self, port):
+        from tests.support import connect_raw
+        from tests.test_hostile import LineClient
+
+        client = yield connect_raw(self, port, LineClient)
+        return client
+
+    @inlineCallbacks
+    def test_auth_line(self):
+        """A good token signs the client in with its rights; lines sent with
+        the AUTH line wait for it; a bad token is refused and closed; a
+        client that does not sign in has the anonymous rights (the lobby)."""
+        from tests.support import port_of, wait_for
+
+        service, _ = yield start_server(self, [*self.jwt_flags(), "--anonymous-raw-ports"])
+        port = port_of(service.line_endpoint)
+        good = self.token(hs256, live_claims(sub="u-9", name="Nia", rooms=["lobby"]))
+        nia = yield self.nc(port)
+        nia.transport.write("AUTH {}\nhello from nia\n".format(good).encode())
+        yield wait_for(lambda: "hello from nia" in nia.received(), what="nia's line back")
+        lines = nia.received().splitlines()
+        self.assertIn("OK signed in as u-9", lines)
+        self.assertLess(lines.index("OK signed in as u-9"), len(lines) - 1)
+        self.assertTrue(lines[-1].endswith(": hello from nia"), lines)
+
+        elsewhere = self.token(hs256, live_claims(sub="u-10", rooms=["desk-*"]))
+        outsider = yield self.nc(port)
+        outsider.transport.write("AUTH {}\nhi lobby\n".format(elsewhere).encode())
+        yield wait_for(lambda: "ERROR" in outsider.received(), what="the refusal")
+        self.assertIn("ERROR not in room 'lobby': join it first", outsider.received())
+
+        bad = self.token(hs256, live_claims(sub="u-11"), secret="x" * 40)
+        mallory = yield self.nc(port)
+        mallory.transport.write("AUTH {}\nspam\n".format(bad).encode())
+        yield mallory.closed
+        self.assertIn("ERROR authentication failed; closing", mallory.received())
+        self.assertNotIn("spam", nia.received())
+
+        anonymous = yield self.nc(port)
+        anonymous.transport.write(b"just passing\n")
+        yield wait_for(lambda: "just passing" in anonymous.received(), what="the anonymous line")
