@@ -551,6 +551,26 @@ RSV1, RSV2, RSV3 = 4, 2, 1
 DEFAULT_MASK = b"\x37\xfa\x21\x3d"
 
 
+def handshake_request(json_mode: bool = False, headers: Iterable[str] = ()) -> bytes:
+    """
+    The bytes of a client's WebSocket handshake for ``/``, to feed a
+    protocol over an in-memory transport: asking for the JSON subprotocol
+    if ``json_mode``, with each of ``headers`` (``"Name: value"``) added.
+    """
+    lines = [
+        "GET / HTTP/1.1",
+        "Host: 127.0.0.1:9999",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13",
+    ]
+    if json_mode:
+        lines.append("Sec-WebSocket-Protocol: broadcaster.json")
+    lines.extend(headers)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+
+
 def build_frame(
     opcode: int,
     payload: bytes = b"",

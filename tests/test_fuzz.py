@@ -207,6 +207,7 @@ message_like = st.fixed_dictionaries(
             json_values,
         ),
         "limit": mostly(st.integers(), json_values),
+        "token": mostly(any_text, json_values),
     },
 )
 
@@ -270,8 +271,12 @@ def valid_messages(draw):
             )
     elif kind == "image_url":
         message["url"] = expected["url"] = draw(st.text(min_size=1, max_size=2048))
+    elif kind == "refresh":
+        message["token"] = expected["token"] = draw(st.text(min_size=1, max_size=8192))
     # Fields the server does not know are ignored.
-    known = {"type", "ref", "room", "text", "name", "since", "limit", "url", "cursor", "before"}
+    known = {
+        "type", "ref", "room", "text", "name", "since", "limit", "url", "cursor", "before", "token"
+    }
     extra = draw(
         st.dictionaries(
             st.text().filter(lambda k: k not in known), json_of(st.text(max_size=20)), max_size=2

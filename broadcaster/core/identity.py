@@ -24,12 +24,16 @@ class Identity:
         part of the hash, so that an identity stays hashable.
     :ivar expires: when the token stops being valid (its ``exp``, seconds
         since the epoch), or ``None``.
+    :ivar from_token: whether a signed token said so, rather than a service
+        asked: only such a sign-in can be renewed on an open connection
+        (``refresh``), by another token of the same ``user``.
     """
 
     user: Optional[str] = None
     name: Optional[str] = None
     rooms: Any = field(default=None, hash=False)
     expires: Optional[float] = None
+    from_token: bool = False
 
 
 class AuthDenied(Exception):

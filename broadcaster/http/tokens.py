@@ -474,7 +474,10 @@ class TokenAuthenticator(MultiService):
 
     def verify(self, token: str) -> Deferred:
         """
-        Check one token: its signature, then its claims.
+        Check one token: its signature, then its claims.  The token of a
+        handshake and that of a ``refresh`` on an open connection are
+        checked alike, so that renewing cannot let in what signing in
+        would not.
 
         :return: as :meth:`authenticate`.
         """
@@ -591,7 +594,9 @@ class TokenAuthenticator(MultiService):
         rooms = claims.get("rooms")
         if rooms is not None and not isinstance(rooms, (list, dict)):
             raise AuthDenied(DENIED, 'unusable "rooms" claim: not a list or an object')
-        return Identity(user=user, name=name, rooms=rooms, expires=times.get("exp"))
+        return Identity(
+            user=user, name=name, rooms=rooms, expires=times.get("exp"), from_token=True
+        )
 
 
 def _shown(algorithm: object) -> str:
@@ -639,3 +644,12 @@ class EitherAuthenticator(MultiService):
         else:
             chosen = self.service
         return chosen.authenticate(peer, path, query, origin, headers)
+
+    def verify(self, token: str) -> Deferred:
+        """
+        Check a token given on an open connection (``refresh``), as
+        :meth:`TokenAuthenticator.verify` does: only a connection that
+        signed in with a token renews its sign-in, so the service is never
+        asked.
+        """
+        return self.tokens.verify(token)

@@ -17,6 +17,15 @@ Wire format (see :mod:`broadcaster.protocols.wire` for the events themselves):
   auth service is asked: a refusal is answered 403, no usable answer 503.
   With ``--jwt-*`` (see :mod:`broadcaster.http.tokens`) a signed token is
   checked instead: one that does not verify is answered 403.
+- A connection signed in with a token that has an ``exp`` lasts as long as
+  its sign-in (see :mod:`broadcaster.protocols.expiry`): a JSON client is
+  sent ``{"type": "expiring", "expires": <exp>, "in": <seconds>}``
+  ``--token-refresh-window`` seconds before ``exp``, may answer
+  ``{"type": "refresh", "token": <jwt>}`` with a newer token of the same
+  user (checked as at the handshake; its ``rooms`` replace the old rights,
+  and rooms it may no longer join are left; answered ``refreshed``), and
+  is closed with 4001 at ``exp`` plus ``--jwt-leeway`` if it does not.  A
+  plain client cannot refresh: it is closed then.
 - JSON mode: input that is not a valid client message gets
   ``{"type": "error", "reason": ...}`` back; the connection stays open.
   ``image_url`` requests are fetched by :mod:`broadcaster.http.fetch`; a failure
@@ -24,7 +33,8 @@ Wire format (see :mod:`broadcaster.protocols.wire` for the events themselves):
 
 Close codes the server sends: 1001 shutting down; 1002 protocol error; 1007
 invalid UTF-8; 1008 kept sending past ``--rate``; 1009 a message (or frame,
-or decompressed message) larger than ``--max-message-size``; 4008 slow
+or decompressed message) larger than ``--max-message-size``; 4001 the
+token the client signed in with expired and no newer one came; 4008 slow
 consumer, more than ``--max-buffer`` bytes behind.  A client that does not
 answer a keepalive ping within ``--ping-timeout`` is dropped.
 
@@ -54,6 +64,7 @@ from broadcaster.protocols.internals import (
     LeanWebSocketServerProtocol,
     fan_out,
 )
+from broadcaster.protocols.expiry import TokenExpiry
 from broadcaster.protocols.outbound import Outbound
 from broadcaster.core.events import encoded, Event
 from broadcaster.core.hub import Hub, NotInRoom, TooManyRooms
@@ -86,6 +97,13 @@ from broadcaster.protocols.wire import (
 
 #: Close code for a client that fell more than --max-buffer behind.
 SLOW_CONSUMER = 4008
+
+#: Close code for a client whose token expired (exp plus --jwt-leeway)
+#: without a ``refresh``.
+TOKEN_EXPIRED = 4001
+
+# The answer to a refresh whose token could not be checked at all.
+_REFRESH_UNAVAILABLE = "refresh failed: tokens cannot be checked right now; try again"
 
 _PLAIN = PlainCodec()
 _JSON = JSONCodec()
@@ -177,6 +195,10 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
     _auth: Optional[Deferred] = None
     # image_url downloads under way.
     _fetches = 0
+    # The timer of the token signed in with (None: not signed in with one).
+    _expiry: Optional[TokenExpiry] = None
+    # A refresh's token being checked.
+    _refreshing: Optional[Deferred] = None
 
     def onConnect(self, request: ConnectionRequest) -> Optional[str]:
         headers = request.headers
@@ -280,6 +302,17 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "unusable rooms: {}".format(e))
         self.grants = grants
         self.user = identity.user
+        if identity.from_token:
+            factory = self.factory
+            self._expiry = TokenExpiry(
+                factory.clock,
+                self,
+                identity.expires,
+                factory.token_refresh_window,
+                factory.token_leeway,
+                # Only JSON clients can be told, or refresh.
+                warn=self.codec is _JSON,
+            )
         if identity.name is not None:
             self.name = identity.name
             self._name_from_auth = True
@@ -428,6 +461,9 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
                 user=self.user,
                 count=len(hub),
             )
+        if self._expiry is not None:
+            # After the welcome: it is always the first message.
+            self._expiry.start()
 
     def _backplane_failed(self, failure, ref=None) -> None:
         """
@@ -715,6 +751,119 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
         if self.state == self.STATE_OPEN:
             self._reply(_JSON.error("image_url: {}".format(reason), ref))
 
+    # A sign-in by token (see broadcaster.protocols.expiry): warned before
+    # its exp, renewed by a refresh, closed without one.
+
+    def token_expiring(self, expires: float, seconds: float) -> None:
+        if self.state != self.STATE_OPEN:
+            return
+        self._log.info(
+            "[TOKEN] {client} (user {user!r}): its token expires in {seconds:.0f}s;"
+            " asked to refresh it",
+            client=self.id,
+            user=self.user,
+            seconds=seconds,
+        )
+        self._reply(_JSON.expiring(expires, seconds))
+
+    def token_expired(self) -> None:
+        if self.state != self.STATE_OPEN:
+            return  # closing already
+        self._log.info(
+            "[TOKEN EXPIRED] {client} (user {user!r}): its token expired at {expires}"
+            " (+{leeway:g}s leeway) and no newer one came; closing with {code}",
+            client=self.id,
+            user=self.user,
+            expires=self._expiry.expires,
+            leeway=self.factory.token_leeway,
+            code=TOKEN_EXPIRED,
+        )
+        self.close_with(TOKEN_EXPIRED, "token expired")
+
+    def _do_refresh(self, request) -> None:
+        ref = request["ref"]
+        if self._expiry is None:
+            raise BadRequest("this connection did not sign in with a token", ref)
+        if self._refreshing is not None:
+            raise BadRequest("a refresh is already under way: wait for its answer", ref)
+        # Only a connection signed in with a token gets here, so the
+        # authenticator is one that checks tokens.
+        d = self.factory.authenticator.verify(request["token"])
+        d.addCallbacks(
+            self._refreshed, self._not_refreshed, callbackArgs=(ref,), errbackArgs=(ref,)
+        )
+        # Kept only while it is awaited (a JWKS fetch), to cancel on a close.
+        if not d.called:
+            self._refreshing = d
+
+    def _refreshed(self, identity: Identity, ref) -> None:
+        self._refreshing = None
+        if self.state != self.STATE_OPEN:
+            return
+        if identity.user != self.user:
+            return self._refresh_refused("the token is for another user", ref)
+        try:
+            grants = parse_grants(identity.rooms)
+        except ValueError as e:
+            return self._refresh_refused("unusable rooms: {}".format(e), ref)
+        self.grants = grants
+        hub = self.factory.hub
+        # Rights may shrink: a room the member may no longer join is left,
+        # as a leave request would, rather than kept against its new rights.
+        left = [room for room in hub.rooms_of(self.id) if not grants.allows(room, JOIN)]
+        for room in left:
+            hub.leave(self, room)
+        rights = {room: grants.listed(room) for room in hub.rooms_of(self.id)}
+        self._log.info(
+            "[TOKEN REFRESHED] {client} (user {user!r}): its token now expires at {expires};"
+            " {left} rooms left",
+            client=self.id,
+            user=self.user,
+            expires=identity.expires,
+            left=len(left),
+        )
+        self._reply(_JSON.refreshed(identity.expires, rights, left, ref))
+        # After the answer: a token with less than the window left is
+        # warned about at once, and that warning follows the answer.
+        self._expiry.renew(identity.expires)
+
+    def _not_refreshed(self, failure: Failure, ref) -> None:
+        self._refreshing = None
+        if self.state != self.STATE_OPEN or failure.check(CancelledError):
+            return
+        if failure.check(AuthDenied):
+            return self._refresh_refused(failure.value.reason or str(failure.value), ref)
+        if failure.check(AuthUnavailable):
+            return self._refresh_refused(str(failure.value), ref, unavailable=True)
+        self._log.failure(
+            "[REFRESH FAILED] {client} (user {user!r}): checking the token failed unexpectedly",
+            failure,
+            client=self.id,
+            user=self.user,
+        )
+        self._reply(_JSON.error(_REFRESH_UNAVAILABLE, ref))
+
+    def _refresh_refused(self, reason: str, ref, unavailable: bool = False) -> None:
+        """
+        Refuse a ``refresh``: the sign-in in force, and its expiry, stay.
+        The client is told why (never the token), or, if the keys to check
+        it could not be had (``unavailable``: logged as an error, since the
+        client is not at fault), to try again.
+        """
+        if unavailable:
+            log, told = self._log.error, _REFRESH_UNAVAILABLE
+        else:
+            log, told = self._log.warn, "refresh refused: {}".format(reason)
+        log(
+            "[REFRESH REFUSED] {client} (user {user!r}): {reason}; its token still"
+            " expires at {expires}",
+            client=self.id,
+            user=self.user,
+            reason=reason,
+            expires=self._expiry.expires,
+        )
+        self._reply(_JSON.error(told, ref))
+
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
         if not self._joined:
             return
@@ -738,6 +887,10 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
         if self._auth is not None:
             # Nobody is waiting for the auth service's answer any more.
             self._auth.cancel()
+        if self._expiry is not None:
+            self._expiry.cancel()
+        if self._refreshing is not None:
+            self._refreshing.cancel()
         if self.ticket is not None:
             self.ticket.release()
 
@@ -853,6 +1006,8 @@ class BroadcastServerFactory(LeanWebSocketServerFactory):
         fetcher=None,
         authenticator=None,
         anonymous: Grants = EVERYTHING,
+        token_refresh_window: float = 60.0,
+        token_leeway: float = 30.0,
     ) -> None:
         super().__init__(server="broadcaster/{}".format(__version__), reactor=clock)
         self.hub = hub
@@ -864,7 +1019,14 @@ class BroadcastServerFactory(LeanWebSocketServerFactory):
         #: Asked about every handshake (``authenticate``, as
         #: :class:`broadcaster.http.auth.Authenticator` and
         #: :class:`broadcaster.http.tokens.TokenAuthenticator` answer it), or ``None``.
+        #: One that checks tokens also has ``verify``, for a ``refresh``'s token.
         self.authenticator = authenticator
+        #: Seconds before a token's exp its client is sent ``expiring``
+        #: (``--token-refresh-window``).
+        self.token_refresh_window = token_refresh_window
+        #: Seconds after a token's exp its client is closed with 4001
+        #: (``--jwt-leeway``, as the handshake allows).
+        self.token_leeway = token_leeway
         self.origin_policy = origin_policy
         self.clock = clock
         self.limits = limits

@@ -14,9 +14,10 @@ JSON (subprotocol ``broadcaster.json``)
     documents each.  Server to client: ``welcome`` (first), ``join``,
     ``leave``, ``rename``, ``message``, ``binary`` and ``image`` (each
     followed by one binary message), ``ack``, ``presence``, ``history``,
-    ``recovered``, ``error``.  Client to server: ``message``, ``join``,
-    ``leave``, ``hello``, ``who``, ``history``, ``image_url`` (see
-    :data:`CLIENT_TYPES`), or a binary message.
+    ``recovered``, ``expiring``, ``refreshed``, ``error``.  Client to
+    server: ``message``, ``join``, ``leave``, ``hello``, ``who``,
+    ``history``, ``image_url``, ``refresh`` (see :data:`CLIENT_TYPES`), or
+    a binary message.
 
 A codec turns one hub event into a list of ``(payload, is_binary)`` frames.
 These functions are pure, so they are tested without any network.
@@ -302,6 +303,33 @@ class JSONCodec:
         """
         return dumps({"type": "recovered", "room": room, "complete": complete})
 
+    def expiring(self, expires: float, seconds: float) -> bytes:
+        """
+        Warns a client signed in with a token that its ``exp`` is near:
+        ``seconds`` from now (0 once passed).  It should send a ``refresh``
+        before the server closes it (4001).
+        """
+        return dumps({"type": "expiring", "expires": expires, "in": round(max(seconds, 0.0), 3)})
+
+    def refreshed(
+        self, expires: Optional[float], rights: Dict[str, List[str]], left: List[str], ref: Any
+    ) -> bytes:
+        """
+        The answer to a ``refresh`` that was accepted: the new token's
+        ``exp`` (``None``: it has none), what the client may now do in each
+        room it is still in, and the rooms it was taken out of because the
+        new token no longer lets it join them.
+        """
+        event: Dict[str, Any] = {
+            "type": "refreshed",
+            "expires": expires,
+            "rights": rights,
+            "left": left,
+        }
+        if ref is not None:
+            event["ref"] = ref
+        return dumps(event)
+
     def error(self, reason: str, ref: Any = None) -> bytes:
         """
         The answer to input the server could not accept.
@@ -325,7 +353,11 @@ class BadRequest(ValueError):
 
 
 #: The client message types JSON mode understands.
-CLIENT_TYPES = ("message", "join", "leave", "hello", "who", "history", "image_url")
+CLIENT_TYPES = ("message", "join", "leave", "hello", "who", "history", "image_url", "refresh")
+
+#: Longest token a ``refresh`` may carry, in characters: real tokens are a
+#: few hundred bytes, a few KiB with many ``rooms``.
+MAX_TOKEN_LENGTH = 8 * 1024
 
 #: Longest URL an ``image_url`` request may carry.
 MAX_IMAGE_URL_LENGTH = 2048
@@ -420,7 +452,7 @@ def parse_client_message(
     :param max_history: largest ``limit`` a ``history`` request gets.
     :return: the request: ``type``, ``ref`` (or ``None``) and the checked
         fields of that type (``room``, ``text``, ``name``, ``since`` as
-        ``(epoch, seq)`` or ``None``, ``limit``).
+        ``(epoch, seq)`` or ``None``, ``limit``, ``url``, ``token``).
     :raise BadRequest: with a reason fit to send back to the client.
     """
     try:
@@ -479,12 +511,20 @@ def parse_client_message(
         if request.get("before") is not None:
             parsed["before"] = _positive_int(request, "before", None, ref)
     elif kind == "image_url":
-        url = request.get("url")
-        if not isinstance(url, str) or not url:
-            raise BadRequest('an "image_url" needs a "url" string', ref)
-        if len(url) > MAX_IMAGE_URL_LENGTH:
-            raise BadRequest(
-                '"url" must be at most {} characters'.format(MAX_IMAGE_URL_LENGTH), ref
-            )
-        parsed["url"] = url
+        parsed["url"] = _string(request, "url", MAX_IMAGE_URL_LENGTH, ref, 'an "image_url"')
+    elif kind == "refresh":
+        parsed["token"] = _string(request, "token", MAX_TOKEN_LENGTH, ref, 'a "refresh"')
     return parsed
+
+
+def _string(request: Dict[str, Any], field: str, max_length: int, ref: Any, what: str) -> str:
+    """
+    A required, non-empty string field of at most ``max_length`` characters
+    (``what`` names the request in the refusal).
+    """
+    value = request.get(field)
+    if not isinstance(value, str) or not value:
+        raise BadRequest('{} needs a "{}" string'.format(what, field), ref)
+    if len(value) > max_length:
+        raise BadRequest('"{}" must be at most {} characters'.format(field, max_length), ref)
+    return value

@@ -548,7 +548,18 @@ class Options(usage.Options):
             None,
             30.0,
             "Seconds of slack when checking a token's exp, nbf and iat, for "
-            "clocks that disagree.",
+            "clocks that disagree; a connection signed in with a token is "
+            "closed this long after its exp (unless it refreshes it).",
+            non_negative_float,
+        ],
+        [
+            "token-refresh-window",
+            None,
+            60.0,
+            "Seconds before a token's exp a JSON client signed in with it is "
+            "sent an expiring event (at once if less is left), so that it can "
+            "send a refresh with a newer token; without one the connection is "
+            "closed with 4001 at exp plus --jwt-leeway.",
             non_negative_float,
         ],
         [

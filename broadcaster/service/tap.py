@@ -346,6 +346,8 @@ def _clients(
         fetcher=service.fetcher,
         authenticator=service.authenticator,
         anonymous=options.get("anonymous-grants", EVERYTHING),
+        token_refresh_window=options["token-refresh-window"],
+        token_leeway=options["jwt-leeway"],
     )
     hosts = _host_policy(service._log, options)
     metrics = MetricsResource(registry) if registry is not None else None

@@ -144,10 +144,12 @@ class TokenChecks(SynchronousTestCase):
 
 class SignatureTests(TokenChecks):
     def test_each_algorithm_admits_with_its_sub(self):
-        """HS256, RS256 and ES256 tokens signed with the configured keys admit their sub as user."""
+        """HS256, RS256 and ES256 tokens signed with the configured keys admit
+        their sub as user, an identity that came from a token."""
         for token in (hs256(claims()), rs256(claims()), es256(claims())):
             self.assertEqual(
-                self.accepted(token), Identity(user="u-1842", expires=float(NOW + 600))
+                self.accepted(token),
+                Identity(user="u-1842", expires=float(NOW + 600), from_token=True),
             )
 
     def test_name_and_rooms_are_carried(self):
@@ -156,7 +158,9 @@ class SignatureTests(TokenChecks):
         identity = self.accepted(hs256(claims(name="  Ann  ", rooms=rooms)))
         self.assertEqual((identity.user, identity.name, identity.rooms), ("u-1842", "Ann", rooms))
         self.assertEqual(self.accepted(hs256(claims(rooms=["lobby"]))).rooms, ["lobby"])
-        self.assertEqual(hash(identity), hash(Identity("u-1842", "Ann", None, NOW + 600.0)))
+        self.assertEqual(
+            hash(identity), hash(Identity("u-1842", "Ann", None, NOW + 600.0, from_token=True))
+        )
 
     def test_wrong_signature(self):
         """A token signed with another secret or another RSA key is refused: bad signature."""
@@ -377,6 +381,14 @@ class EitherAuthenticatorTests(SynchronousTestCase):
         identity = self.successResultOf(self.ask({}, {"authorization": "Basic eDp5"}))
         self.assertEqual(identity.user, "from-the-service")
         self.assertEqual(len(self.service.asked), 1)
+        self.assertFalse(identity.from_token)
+
+    def test_a_refresh_token_is_checked_as_a_jwt(self):
+        """A token given on an open connection is verified as a JWT, never sent to the service."""
+        identity = self.successResultOf(self.either.verify(hs256(claims(sub="u-5"))))
+        self.assertEqual((identity.user, identity.from_token), ("u-5", True))
+        self.failureResultOf(self.either.verify("nonsense"), AuthDenied)
+        self.assertEqual(self.service.asked, [])
 
 
 class KeyLoadingTests(SynchronousTestCase):
@@ -627,6 +639,15 @@ class SignedInTestCase(TestCase):
             "--jwt-public-key", self.write(pem(RSA_KEY)),
         ]
 
+    @inlineCallbacks
+    def read(self, client, kind, timeout=10.0, **fields):
+        """The next event of type ``kind`` (with ``fields``) ``client`` receives; others skipped."""
+        deadline = time.monotonic() + timeout
+        while True:
+            event = yield client.next_json(timeout=max(deadline - time.monotonic(), 0.01))
+            if event["type"] == kind and all(event.get(k) == v for k, v in fields.items()):
+                return event
+
 
 class HandshakeTests(SignedInTestCase):
     """
@@ -841,13 +862,6 @@ class RoomRightsTests(SignedInTestCase):
     }
 
     @inlineCallbacks
-    def read(self, client, kind, **fields):
-        while True:
-            event = yield client.next_json()
-            if event["type"] == kind and all(event.get(k) == v for k, v in fields.items()):
-                return event
-
-    @inlineCallbacks
     def test_support_desk(self):
         service, port = yield start_server(self, self.jwt_flags())
         staff_token = self.token(hs256, live_claims(sub="staff-1", name="Sam"))
@@ -955,3 +969,46 @@ class RawSignInTests(SignedInTestCase):
         anonymous = yield self.nc(port)
         anonymous.transport.write(b"just passing\n")
         yield wait_for(lambda: "just passing" in anonymous.received(), what="the anonymous line")
+
+
+class TokenRefreshTests(SignedInTestCase):
+    """
+    A real server with --token-refresh-window 1 and --jwt-leeway 0, real
+    clients signed in with tokens that expire 2.5 s after they connect.
+    """
+
+    @inlineCallbacks
+    def test_expiring_then_refresh_or_close(self):
+        """Each JSON client hears expiring about a second before exp; the one that
+        refreshes outlives the first exp, the one that does not is closed with 4001,
+        and so is a plain client, which cannot refresh."""
+        _, port = yield start_server(
+            self, [*self.jwt_flags(), "--token-refresh-window", "1", "--jwt-leeway", "0"]
+        )
+        exp = time.time() + 2.5
+        short = self.token(hs256, live_claims(exp=exp))
+        bearer = {"Authorization": "Bearer " + short}
+        keeper = yield connect_client(self, port, json_mode=True, headers=bearer)
+        silent = yield connect_client(self, port, json_mode=True, headers=bearer)
+        plain = yield connect_client(self, port, headers=bearer)
+
+        expiring = yield self.read(keeper, "expiring", timeout=5)
+        self.assertEqual(expiring["expires"], exp)
+        self.assertTrue(0 <= expiring["in"] <= 1, expiring)
+        fresh_exp = time.time() + 60
+        keeper.send_json(
+            {"type": "refresh", "token": self.token(hs256, live_claims(exp=fresh_exp)), "ref": "r"}
+        )
+        refreshed = yield self.read(keeper, "refreshed", timeout=5)
+        self.assertEqual((refreshed["expires"], refreshed["ref"]), (fresh_exp, "r"))
+
+        yield self.read(silent, "expiring", timeout=5)
+        for client in (silent, plain):
+            # Bounded: exp is 2.5 s after the connect.
+            clean, code, reason = yield client.closed.addTimeout(5, reactor)
+            self.assertEqual((code, reason), (4001, "token expired"))
+        self.assertGreater(time.time(), exp)
+        keeper.send_json({"type": "message", "text": "still here", "ref": 1})
+        yield self.read(keeper, "ack", timeout=5, ref=1)
+        expired = [e for e in self.logged if "[TOKEN EXPIRED]" in e.get("log_format", "")]
+        self.assertEqual(len(expired), 2)

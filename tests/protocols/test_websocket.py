@@ -33,6 +33,7 @@ from tests.support import (
     connect_raw,
     port_of,
     connect_plain_clients,
+    handshake_request,
     self_signed_certificate,
     start_server,
     wait_for,
@@ -431,14 +432,7 @@ class ProtocolUnitTests(SynchronousTestCase):
         protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         transport = transport or StringTransport()
         protocol.makeConnection(transport)
-        request = (
-            "GET / HTTP/1.1\r\nHost: 127.0.0.1:9999\r\nUpgrade: websocket\r\n"
-            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            "Sec-WebSocket-Version: 13\r\n"
-        )
-        if json_mode:
-            request += "Sec-WebSocket-Protocol: broadcaster.json\r\n"
-        protocol.dataReceived((request + "\r\n").encode("ascii"))
+        protocol.dataReceived(handshake_request(json_mode))
         self.assertIn(b"101 Switching Protocols", transport.value())
         transport.clear()
         return protocol, transport

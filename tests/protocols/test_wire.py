@@ -304,6 +304,17 @@ class ParseClientMessageTests(SynchronousTestCase):
         self.assertRefused({"type": "message"}, '"text"')
         self.assertRefused({"type": "message", "text": 5}, '"text"')
 
+    def test_refresh_carries_a_bounded_token(self) -> None:
+        """A refresh needs a token string of 1 to 8192 characters; the ref is kept on refusal."""
+        self.assertEqual(
+            self.parse({"type": "refresh", "token": "a.b.c", "ref": 9}),
+            {"type": "refresh", "token": "a.b.c", "ref": 9},
+        )
+        self.assertEqual(len(self.parse({"type": "refresh", "token": "t" * 8192})["token"]), 8192)
+        for bad in (None, "", 5, ["a.b.c"]):
+            self.assertRefused({"type": "refresh", "token": bad, "ref": 1}, '"token"', ref=1)
+        self.assertRefused({"type": "refresh", "token": "t" * 8193}, "at most 8192")
+
 
 class ClientNumberTests(SynchronousTestCase):
     """Numbers from clients are ASCII digits within what JavaScript holds,
