@@ -40,6 +40,8 @@ from broadcaster.protocols.origin import OriginPolicy
 from broadcaster.protocols.websocket import BroadcastServerFactory
 from broadcaster.protocols.wire import (
     CLIENT_TYPES,
+    MAX_EPOCH_LENGTH,
+    MAX_SAFE_INTEGER,
     MAX_REF_LENGTH,
     BadRequest,
     JSONCodec,
@@ -240,7 +242,10 @@ def valid_messages(draw):
                 since = draw(
                     st.none()
                     | st.fixed_dictionaries(
-                        {"epoch": st.text(), "seq": st.integers(min_value=0, max_value=2**63)}
+                        {
+                            "epoch": st.text(max_size=MAX_EPOCH_LENGTH),
+                            "seq": st.integers(min_value=0, max_value=MAX_SAFE_INTEGER),
+                        }
                     )
                 )
                 message["since"] = since
