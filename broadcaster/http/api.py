@@ -1,37 +1,56 @@
 """
-The publish API: ``POST /api/publish`` on the main port, for scripts and
-other services to say something in the chat.
+The server API on the main port, for scripts and other services: say
+something in the chat, see who is in a room and what was said there.
+docs/publish-api.rst is its reference.
 
-Wire format::
+Every request carries one of the ``--api-key`` / ``--api-key-file`` keys::
 
-    POST /api/publish
-    Authorization: Bearer <one of the --api-key / --api-key-file keys>
-    Content-Type: application/json
+    Authorization: Bearer <key>
 
-    {"text": "Deploy finished", "room": "ops"}
+Endpoints:
 
-``room`` is optional (default ``lobby``) and need not have anybody in it.
-The message is sent from the server itself (``"from": "server"``,
-``"name": "server"``), numbered and remembered in the room's history like
-any other.  Answers, each with a JSON body:
+``POST /api/publish``, body ``{"text": "Deploy finished", "room": "ops"}``
+    ``room`` is optional (default ``lobby``) and need not have anybody in
+    it.  The message is sent from the server itself (``"from": "server"``,
+    ``"name": "server"``), numbered and remembered in the room's history
+    like any other.  202 ``{"id": "<epoch>:<seq>", "room": ..., "seq": ...,
+    "epoch": ...}``; 413 for a body larger than ``--max-message-size``.
 
-- 202 ``{"id": "<epoch>:<seq>", "room": ..., "seq": ..., "epoch": ...}``;
-- 400 ``{"error": ...}``: not JSON, no ``text`` string, a bad ``room``;
-- 401 ``{"error": ...}`` and ``WWW-Authenticate: Bearer``: no key or a wrong one;
-- 405: a method other than POST;
-- 413: a body larger than ``--max-message-size``.
+``GET /api/rooms/<room>/presence?cursor=<next>&limit=<n>``
+    The room's member count and one page of its members on every node, as
+    the ``presence`` event lists them: ``{"type": "presence", "room",
+    "members": [{"id", "name"}, ...], "count", "next", "cursor"}``.
+    ``limit``: at most :data:`~broadcaster.protocols.wire.MEMBERS_PAGE`
+    (the default); ``cursor``: the ``next`` of the page before (empty or
+    absent: the first page).
 
-Without any key configured the API does not exist (404).  Keys are
-compared in constant time with every configured key.  They, and the
-texts, are never logged.
+``GET /api/rooms/<room>/history?limit=<n>&before=<seq>``
+    The room's last messages (those numbered below ``before``, if given),
+    as a member's ``history`` request gets them: ``{"type": "history",
+    "room", "more", "messages": [...]}``, bounded in bytes as that reply is.
+    ``limit``: at most ``--history-size`` (the default).
+
+Asking about a room never makes the server keep anything for it: a room
+nobody is in and nothing was said in answers ``count`` 0 and no messages.
+
+Errors are JSON, ``{"error": <why>}``: 400 for a bad body, room name or
+query parameter (numbers are ASCII digits, 1 to 2**53; a parameter given
+twice is refused); 401 and ``WWW-Authenticate: Bearer`` for no key or a
+wrong one; 405 (with ``Allow``) for another method; 503 if the backplane
+cannot answer.  Without any key configured the API does not exist (404).
+Keys are compared in constant time with every configured key.  They, and
+the texts, are never logged; a key is named in the logs by :func:`key_id`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from urllib.parse import unquote
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -40,6 +59,14 @@ from twisted.web.server import NOT_DONE_YET, Request
 from broadcaster.core.events import TextMessage
 from broadcaster.core.hub import Hub
 from broadcaster.core.names import LOBBY, InvalidName, check_room
+from broadcaster.protocols.wire import (
+    HISTORY_REPLY_SIZE,
+    MAX_REF_LENGTH,
+    MEMBERS_PAGE,
+    JSONCodec,
+    parse_positive_param,
+    presence_event,
+)
 
 
 def read_key_file(path: str) -> List[str]:
@@ -54,58 +81,86 @@ def read_key_file(path: str) -> List[str]:
     return [line for line in lines if line and not line.startswith("#")]
 
 
+def key_id(key: str) -> str:
+    """
+    How the logs name an API key without giving it away: the first 8 hex
+    digits of its SHA-256 (``printf %s "$KEY" | sha256sum | cut -c1-8``).
+    """
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:8]
+
+
 def _json(request: Request, code: int, body: Dict[str, Any]) -> bytes:
+    return _body(request, code, json.dumps(body).encode("utf-8"))
+
+
+def _body(request: Request, code: int, body: bytes) -> bytes:
     request.setResponseCode(code)
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"Cache-Control", b"no-store")
-    return json.dumps(body).encode("utf-8")
+    return body
 
 
-class PublishResource(Resource):
+def _peer(request: Request) -> str:
+    return getattr(request.getClientAddress(), "host", "-")
+
+
+class BadInput(ValueError):
     """
-    ``/api/publish``.
+    A request the API cannot accept; ``str()`` is the reason it answers with 400.
+    """
+
+
+class KeyedResource(Resource):
+    """
+    An endpoint of the server API: one method, the caller's API key
+    checked before anything else is read, JSON answers.
 
     :param keys: the accepted API keys.
-    :param max_size: the largest request body accepted, in bytes.
     """
 
     isLeaf = True
     _log = Logger()
+    #: The one HTTP method the endpoint answers.
+    method = b"GET"
+    #: What the logs call a request to it.
+    what = "API"
 
-    def __init__(self, hub: Hub, keys: Iterable[str], max_size: int) -> None:
+    def __init__(self, hub: Hub, keys: Iterable[str]) -> None:
         super().__init__()
         self._hub = hub
-        self._keys = [key.encode("utf-8") for key in keys]
-        self.max_size = max_size
+        self._keys = [(key.encode("utf-8"), key_id(key)) for key in keys]
 
-    def _authorized(self, request: Request) -> Optional[str]:
+    def _authorized(self, request: Request) -> Tuple[Optional[str], Optional[str]]:
         """
-        ``None`` if the request carries one of the keys, else why not.
+        :return: ``(key id, None)`` if the request carries one of the keys,
+            else ``(None, why not)``.
         """
         header = request.getHeader(b"authorization")
         if header is None:
-            return "missing"
+            return None, "missing"
         scheme, _, token = header.partition(b" ")
         if scheme.lower() != b"bearer" or not token.strip():
-            return "not a Bearer token"
+            return None, "not a Bearer token"
         token = token.strip()
         # Every key compared, each in constant time: the answer's timing
         # tells nothing about which key came close.
-        matched = False
-        for key in self._keys:
-            matched |= hmac.compare_digest(token, key)
-        return None if matched else "wrong key"
+        matched = None
+        for key, identity in self._keys:
+            if hmac.compare_digest(token, key):
+                matched = identity
+        return (matched, None) if matched is not None else (None, "wrong key")
 
     def render(self, request: Request) -> bytes:
-        peer = getattr(request.getClientAddress(), "host", "-")
-        if request.method != b"POST":
-            request.setHeader(b"Allow", b"POST")
-            return _json(request, 405, {"error": "use POST"})
-        problem = self._authorized(request)
+        peer = _peer(request)
+        if request.method != self.method:
+            request.setHeader(b"Allow", self.method)
+            return _json(request, 405, {"error": "use " + self.method.decode("ascii")})
+        identity, problem = self._authorized(request)
         if problem is not None:
             self._log.warn(
-                "[API] {peer}: publish refused, API key {problem}; answered 401",
+                "[API] {peer}: {what} refused, API key {problem}; answered 401",
                 peer=peer,
+                what=self.what,
                 problem=problem,
             )
             request.setHeader(
@@ -117,31 +172,103 @@ class PublishResource(Resource):
             return _json(
                 request, 401, {"error": "an API key is required: Authorization: Bearer <key>"}
             )
+        try:
+            return self.serve(request, peer, identity)
+        except BadInput as e:
+            self._log.warn(
+                "[API] {peer}: bad {what} request: {reason}",
+                peer=peer,
+                what=self.what,
+                reason=str(e),
+            )
+            return _json(request, 400, {"error": str(e)})
+
+    def serve(self, request: Request, peer: str, key: str) -> Any:
+        """
+        Answer a request that carries an API key, as ``render`` would.
+
+        :param key: the key's id (:func:`key_id`), for the logs.
+        :raise BadInput: to answer 400.
+        """
+        raise NotImplementedError
+
+    def answer_later(
+        self, request: Request, peer: str, result: Deferred, answer: Callable[[Any], bytes]
+    ) -> Any:
+        """
+        Answer with ``answer(r)`` once ``result`` fires with ``r`` (a
+        networked backplane answers later), or 503 if it fails; not at all
+        if the client is gone meanwhile.
+        """
+        gone: List[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def write(body: bytes) -> None:
+            if not gone:
+                request.write(body)
+                request.finish()
+
+        def failed(failure: Failure) -> bytes:
+            self._log.failure(
+                "[API] {peer}: {what} failed", failure, peer=peer, what=self.what
+            )
+            return _json(request, 503, {"error": "temporarily unavailable, try again"})
+
+        result.addCallbacks(answer, failed).addCallback(write)
+        return NOT_DONE_YET
+
+
+def _json_body(request: Request, limit: int) -> Dict[str, Any]:
+    """
+    The JSON object a request's body holds.
+
+    :raise BadInput: if it is not one.
+    """
+    request.content.seek(0)
+    try:
+        message = json.loads(request.content.read(limit + 1))
+    except ValueError as e:
+        raise BadInput("malformed JSON: {}".format(e)) from None
+    if not isinstance(message, dict):
+        raise BadInput("expected a JSON object")
+    return message
+
+
+def _room(value: object) -> str:
+    try:
+        return check_room(value)
+    except InvalidName as e:
+        raise BadInput(str(e)) from None
+
+
+class PublishResource(KeyedResource):
+    """
+    ``POST /api/publish``.
+
+    :param max_size: the largest request body accepted, in bytes.
+    """
+
+    method = b"POST"
+    what = "publish"
+
+    def __init__(self, hub: Hub, keys: Iterable[str], max_size: int) -> None:
+        super().__init__(hub, keys)
+        self.max_size = max_size
+
+    def serve(self, request: Request, peer: str, key: str) -> Any:
         declared = request.getHeader(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_size:
             return self._too_large(request, peer)
         request.content.seek(0)
-        body = request.content.read(self.max_size + 1)
-        if len(body) > self.max_size:
+        if len(request.content.read(self.max_size + 1)) > self.max_size:
             return self._too_large(request, peer)
-        try:
-            message = json.loads(body)
-        except ValueError as e:
-            return self._bad(request, peer, "malformed JSON: {}".format(e))
-        if not isinstance(message, dict):
-            return self._bad(request, peer, "expected a JSON object")
+        message = _json_body(request, self.max_size)
         text = message.get("text")
         if not isinstance(text, str):
-            return self._bad(request, peer, 'a "text" string is required')
-        room = message.get("room", LOBBY)
-        try:
-            room = check_room(room)
-        except InvalidName as e:
-            return self._bad(request, peer, str(e))
-        gone: List[bool] = []
-        request.notifyFinish().addErrback(lambda _: gone.append(True))
+            raise BadInput('a "text" string is required')
+        room = _room(message.get("room", LOBBY))
 
-        def published(event: TextMessage) -> None:
+        def published(event: TextMessage) -> bytes:
             self._log.info(
                 "[API] {peer} published {size} bytes to {room} (seq {seq})",
                 peer=peer,
@@ -155,24 +282,10 @@ class PublishResource(Resource):
                 "seq": event.seq,
                 "epoch": event.epoch,
             }
-            answer(202, body)
-
-        def failed(failure: Failure) -> None:
-            self._log.failure("[API] {peer}: publishing failed", failure, peer=peer)
-            answer(503, {"error": "temporarily unavailable, try again"})
-
-        def answer(code: int, body: Dict[str, Any]) -> None:
-            if not gone:
-                request.write(_json(request, code, body))
-                request.finish()
+            return _json(request, 202, body)
 
         # The backplane numbers the message; a networked one answers later.
-        self._hub.announce(text, room).addCallbacks(published, failed)
-        return NOT_DONE_YET
-
-    def _bad(self, request: Request, peer: str, reason: str) -> bytes:
-        self._log.warn("[API] {peer}: bad publish request: {reason}", peer=peer, reason=reason)
-        return _json(request, 400, {"error": reason})
+        return self.answer_later(request, peer, self._hub.announce(text, room), published)
 
     def _too_large(self, request: Request, peer: str) -> bytes:
         self._log.warn(
@@ -191,10 +304,105 @@ class PublishResource(Resource):
         )
 
 
-def api_resource(hub: Hub, keys: Iterable[str], max_size: int) -> Resource:
+def _param(request: Request, name: str) -> Optional[str]:
     """
-    ``/api``, with ``publish`` under it.
+    The query parameter ``name``, or ``None`` if absent.
+
+    :raise BadInput: if it is given more than once, or is not UTF-8.
     """
+    values = request.args.get(name.encode("ascii"))
+    if not values:
+        return None
+    if len(values) > 1:
+        raise BadInput("give {} at most once".format(name))
+    try:
+        return values[0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadInput("{} is not UTF-8".format(name)) from None
+
+
+def _positive(request: Request, name: str, default: int) -> int:
+    value = _param(request, name)
+    if value is None:
+        return default
+    number = parse_positive_param(value)
+    if number is None:
+        raise BadInput("{} must be a positive integer (ASCII digits, at most 2**53)".format(name))
+    return number
+
+
+_JSON = JSONCodec()
+
+
+class RoomsResource(KeyedResource):
+    """
+    ``GET /api/rooms/<room>/presence`` and ``GET /api/rooms/<room>/history``:
+    what a member of the room would see, read without creating anything
+    for the room (a room's position is what the backplane keeps once
+    asked for, so it is not asked for).
+
+    :param history_reply_size: bytes of messages one history answer
+        holds, as a member's history reply (but one message always fits).
+    """
+
+    what = "room"
+
+    def __init__(self, hub: Hub, keys: Iterable[str], history_reply_size: int) -> None:
+        super().__init__(hub, keys)
+        self._history_reply_size = history_reply_size
+
+    def serve(self, request: Request, peer: str, key: str) -> Any:
+        path = request.postpath
+        if len(path) != 2 or path[1] not in (b"presence", b"history"):
+            return _json(
+                request,
+                404,
+                {"error": "not found: /api/rooms/<room>/presence or /api/rooms/<room>/history"},
+            )
+        room = _room(unquote(path[0].decode("latin-1")))
+        if path[1] == b"presence":
+            return self._presence(request, room)
+        return self._history(request, peer, room)
+
+    def _presence(self, request: Request, room: str) -> bytes:
+        cursor = _param(request, "cursor") or None
+        if cursor is not None and len(cursor) > MAX_REF_LENGTH:
+            raise BadInput("cursor must be the next of an earlier page")
+        limit = min(_positive(request, "limit", MEMBERS_PAGE), MEMBERS_PAGE)
+        members = self._hub.presence(room)
+        return _json(request, 200, presence_event(room, members, cursor, limit))
+
+    def _history(self, request: Request, peer: str, room: str) -> Any:
+        size = self._hub.history_size
+        limit = min(_positive(request, "limit", size), size)
+        before = _positive(request, "before", 0) or None
+
+        def answer(messages: List[TextMessage]) -> bytes:
+            # One more than asked for tells whether older ones are kept.
+            more = len(messages) > limit
+            kept = messages[-limit:] if limit else []
+            return _body(request, 200, _JSON.history(room, kept, more, self._history_reply_size))
+
+        # The backplane, not the hub: the hub answers members only.  With
+        # the in-process backplane a room without history stays without;
+        # Redis answers an empty list for a key it does not have.
+        found = self._hub.backplane.history(room, limit + 1, before)
+        return self.answer_later(request, peer, found, answer)
+
+
+def api_resource(
+    hub: Hub,
+    keys: Iterable[str],
+    max_size: int,
+    history_reply_size: int = HISTORY_REPLY_SIZE,
+) -> Resource:
+    """
+    ``/api``, with ``publish`` and ``rooms`` under it.
+
+    :param max_size: the largest body ``publish`` accepts (``--max-message-size``).
+    """
+    keys = list(keys)
     api = Resource()
     api.putChild(b"publish", PublishResource(hub, keys, max_size))
+    api.putChild(b"rooms", RoomsResource(hub, keys, history_reply_size))
     return api

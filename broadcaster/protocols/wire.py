@@ -137,6 +137,25 @@ def member_entry(member: Member) -> Dict[str, Any]:
     return {"id": member.id, "name": member.name}
 
 
+def presence_event(
+    room: str, members: List[Member], after: Optional[str] = None, limit: int = MEMBERS_PAGE
+) -> Dict[str, Any]:
+    """
+    Who is in ``room``: its member count and one page of its members (those
+    after the cursor ``after``), as a ``presence`` event lists them and the
+    server API's ``GET /api/rooms/<room>/presence`` answers.
+    """
+    page, cursor = members_page(members, after, limit)
+    return {
+        "type": "presence",
+        "room": room,
+        "members": [member_entry(m) for m in page],
+        "count": len(members),
+        "next": cursor,
+        "cursor": after,
+    }
+
+
 def event_json(event: Event) -> Optional[Dict[str, Any]]:
     """
     The JSON-mode object for a hub event (for ``binary`` and ``image``, the
@@ -247,17 +266,9 @@ class JSONCodec:
         those after the cursor ``after``), and where its sequence stands
         (``epoch`` is ``None`` for a room that has no sequence yet).
         """
-        page, cursor = members_page(members, after, limit)
-        event = {
-            "type": "presence",
-            "room": room,
-            "members": [member_entry(m) for m in page],
-            "count": len(members),
-            "next": cursor,
-            "cursor": after,
-            "epoch": epoch,
-            "seq": seq,
-        }
+        event = presence_event(room, members, after, limit)
+        event["epoch"] = epoch
+        event["seq"] = seq
         if rights is not None:
             # The answer to a join: what the member may do in the room.
             event["rights"] = rights
@@ -412,6 +423,20 @@ def parse_since_param(value: str) -> Optional[Tuple[str, int]]:
     if match is None or int(match.group(2)) > MAX_SAFE_INTEGER:
         return None
     return match.group(1), int(match.group(2))
+
+
+_POSITIVE_PARAM = re.compile(r"[0-9]{1,16}", re.ASCII)
+
+
+def parse_positive_param(value: str) -> Optional[int]:
+    """
+    Read a positive integer from a query string (``?limit=``, ``?before=``):
+    ASCII digits only, 1 to :data:`MAX_SAFE_INTEGER`; ``None`` if it is not one.
+    """
+    if _POSITIVE_PARAM.fullmatch(value) is None:
+        return None
+    number = int(value)
+    return number if 1 <= number <= MAX_SAFE_INTEGER else None
 
 
 def _since(value: Any, ref: Any) -> Optional[Tuple[str, int]]:

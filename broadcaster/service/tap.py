@@ -352,7 +352,11 @@ def _clients(
     hosts = _host_policy(service._log, options)
     metrics = MetricsResource(registry) if registry is not None else None
     keys = options.get("api-keys", options["api-key"])
-    api = api_resource(hub, keys, options["max-message-size"]) if keys else None
+    api = (
+        api_resource(hub, keys, options["max-message-size"], factory.history_reply_size)
+        if keys
+        else None
+    )
     service.web_endpoint = _listen(
         clients,
         options["port"],

@@ -1,6 +1,8 @@
 """
-Tests for :mod:`broadcaster.http.api`: ``POST /api/publish`` on a real server,
-with good, wrong and missing keys, bad bodies, and messages reaching clients.
+Tests for :mod:`broadcaster.http.api` on a real server: ``POST
+/api/publish`` with good, wrong and missing keys, bad bodies, and messages
+reaching clients; the rooms' presence and history, paged, read without
+creating anything.
 """
 
 from __future__ import annotations
@@ -17,23 +19,21 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from broadcaster.service.tap import Options
 from tests.support import connect_client, start_server
+from tests.test_rooms import join_chat, of_type, read_until
 
 KEY = "k-5b0e9d2a7c"
 OTHER_KEY = "k-other-41d7"
 
 
 @inlineCallbacks
-def publish(port, body, key=KEY, method="POST", raw=None):
+def api_request(port, path, key=KEY, method="GET", data=None):
     """
-    :return: ``(status, headers, JSON body or None)``.
+    :return: ``(status, headers, JSON body or None)`` of ``/api/<path>``.
     """
-    headers = {}
-    if key is not None:
-        headers["Authorization"] = "Bearer " + key
-    data = raw if raw is not None else json.dumps(body).encode()
+    headers = {} if key is None else {"Authorization": "Bearer " + key}
     response = yield treq.request(
         method,
-        "http://127.0.0.1:{}/api/publish".format(port),
+        "http://127.0.0.1:{}/api/{}".format(port, path).encode("ascii"),
         data=data,
         headers=headers,
         persistent=False,
@@ -44,6 +44,14 @@ def publish(port, body, key=KEY, method="POST", raw=None):
     except ValueError:
         answer = None
     return response.code, response.headers, answer
+
+
+def publish(port, body, key=KEY, method="POST", raw=None):
+    """
+    :return: a Deferred firing with ``(status, headers, JSON body or None)``.
+    """
+    data = raw if raw is not None else json.dumps(body).encode()
+    return api_request(port, "publish", key, method, data)
 
 
 class PublishTests(TestCase):
@@ -185,6 +193,156 @@ class PublishTests(TestCase):
         self.assertEqual(status, 202)
         status, _, _ = yield publish(port, {"text": "x"}, key="# deploy bot")
         self.assertEqual(status, 401)
+
+
+def key_file(testcase) -> str:
+    """An --api-key-file holding :data:`KEY`."""
+    path = testcase.mktemp()
+    with open(path, "w") as f:
+        f.write(KEY + "\n")
+    return path
+
+
+class RoomsTests(TestCase):
+    """GET /api/rooms/<room>/presence and /history."""
+
+    @inlineCallbacks
+    def setUp(self):
+        self.service, self.port = yield start_server(self, ["--api-key-file", key_file(self)])
+
+    @inlineCallbacks
+    def test_presence_pages_through_the_members(self):
+        """Presence answers the room's count and one page of members in id
+        order; its next is the cursor of the following page, null on the last."""
+        joined = []
+        for name in ("ann", "bob", "cy"):
+            client, welcome = yield join_chat(self, self.port, name)
+            client.send_json({"type": "join", "room": "dev"})
+            yield read_until(client, of_type("presence", room="dev"))
+            joined.append((welcome["id"], name))
+        joined.sort()
+        status, _, first = yield api_request(self.port, "rooms/dev/presence?limit=2")
+        self.assertEqual(status, 200)
+        self.assertEqual(
+            first,
+            {
+                "type": "presence",
+                "room": "dev",
+                "members": [{"id": i, "name": n} for i, n in joined[:2]],
+                "count": 3,
+                "next": joined[1][0],
+                "cursor": None,
+            },
+        )
+        status, _, last = yield api_request(
+            self.port, "rooms/dev/presence?limit=2&cursor=" + first["next"]
+        )
+        self.assertEqual((status, last["count"], last["next"]), (200, 3, None))
+        self.assertEqual(last["members"], [{"id": joined[2][0], "name": joined[2][1]}])
+        status, _, everyone = yield api_request(self.port, "rooms/dev/presence?cursor=")
+        self.assertEqual([m["id"] for m in everyone["members"]], [i for i, _ in joined])
+
+    @inlineCallbacks
+    def test_history_is_what_a_member_sees(self):
+        """History answers the room's last messages as a member's history
+        request gets them, and before pages further back until more is false."""
+        for i in range(5):
+            yield publish(self.port, {"text": "m{}".format(i), "room": "ops"})
+        status, _, newest = yield api_request(self.port, "rooms/ops/history?limit=2")
+        self.assertEqual(status, 200)
+        self.assertEqual(
+            (newest["type"], newest["room"], newest["more"]), ("history", "ops", True)
+        )
+        self.assertEqual([m["text"] for m in newest["messages"]], ["m3", "m4"])
+        member, _ = yield join_chat(self, self.port)
+        member.send_json({"type": "join", "room": "ops"})
+        member.send_json({"type": "history", "room": "ops", "limit": 2})
+        seen = (yield read_until(member, of_type("history")))[-1]
+        self.assertEqual(seen, newest)
+        texts = []
+        page = newest
+        while True:
+            texts[:0] = [m["text"] for m in page["messages"]]
+            if not page["more"]:
+                break
+            status, _, page = yield api_request(
+                self.port,
+                "rooms/ops/history?limit=2&before={}".format(page["messages"][0]["seq"]),
+            )
+        self.assertEqual(texts, ["m0", "m1", "m2", "m3", "m4"])
+
+    @inlineCallbacks
+    def test_history_is_bounded_in_bytes(self):
+        """A history answer holds no more message bytes than a member's
+        history reply may, and says there is more."""
+        for i in range(5):
+            status, _, _ = yield publish(self.port, {"text": str(i) * 60000})
+            self.assertEqual(status, 202)
+        status, _, answer = yield api_request(self.port, "rooms/lobby/history")
+        self.assertEqual((status, answer["more"]), (200, True))
+        self.assertEqual([m["text"][0] for m in answer["messages"]], ["1", "2", "3", "4"])
+
+    @inlineCallbacks
+    def test_bad_room_or_numbers_are_400(self):
+        """A bad room name, a limit or before that is not ASCII digits from
+        1 to 2**53, a parameter given twice, or a bad cursor get 400 saying why."""
+        cases = [
+            ("rooms/no%20spaces/history", "room name"),
+            ("rooms/-dash/presence", "room name"),
+            ("rooms/{}/presence".format("r" * 65), "room name"),
+            ("rooms/lobby/history?limit=0", "limit"),
+            ("rooms/lobby/history?limit=-1", "limit"),
+            ("rooms/lobby/history?limit=ten", "limit"),
+            ("rooms/lobby/history?limit=%D9%A3", "limit"),
+            ("rooms/lobby/history?limit=", "limit"),
+            ("rooms/lobby/history?before=9007199254740993", "before"),
+            ("rooms/lobby/history?limit=1&limit=2", "at most once"),
+            ("rooms/lobby/presence?limit=1.5", "limit"),
+            ("rooms/lobby/presence?cursor=" + "c" * 129, "cursor"),
+            ("rooms/lobby/presence?cursor=%FF", "UTF-8"),
+        ]
+        for path, reason in cases:
+            status, headers, answer = yield api_request(self.port, path)
+            self.assertEqual(status, 400, path)
+            self.assertEqual(headers.getRawHeaders(b"content-type"), [b"application/json"])
+            self.assertIn(reason, answer["error"], path)
+
+    @inlineCallbacks
+    def test_no_key_is_401(self):
+        """Without a key, or with a wrong one, neither endpoint answers but 401."""
+        for path in ("rooms/lobby/presence", "rooms/lobby/history"):
+            for key in (None, "wrong-key"):
+                status, headers, answer = yield api_request(self.port, path, key=key)
+                self.assertEqual(status, 401, (path, key))
+                self.assertIn(b"Bearer", headers.getRawHeaders(b"www-authenticate")[0])
+
+    @inlineCallbacks
+    def test_unknown_paths_and_methods(self):
+        """Another path under a room is 404; another method than GET is 405."""
+        status, _, _ = yield api_request(self.port, "rooms/lobby/members")
+        self.assertEqual(status, 404)
+        status, _, _ = yield api_request(self.port, "rooms/lobby")
+        self.assertEqual(status, 404)
+        status, headers, _ = yield api_request(self.port, "rooms/lobby/history", method="POST")
+        self.assertEqual((status, headers.getRawHeaders(b"allow")), (405, [b"GET"]))
+
+    @inlineCallbacks
+    def test_unknown_room_is_empty_and_stays_unknown(self):
+        """Asking about a room nobody is in and nothing was said in answers
+        nobody and nothing, and leaves the server keeping nothing for it."""
+        hub = self.service.hub
+        histories = hub.backplane.histories
+        kept = len(histories)
+        status, _, presence = yield api_request(self.port, "rooms/nowhere/presence")
+        self.assertEqual(
+            (status, presence["count"], presence["members"], presence["next"]),
+            (200, 0, [], None),
+        )
+        status, _, history = yield api_request(self.port, "rooms/nowhere/history?before=7")
+        self.assertEqual((status, history["messages"], history["more"]), (200, [], False))
+        self.assertIsNone(histories.peek("nowhere"))
+        self.assertEqual(len(histories), kept)
+        self.assertNotIn("nowhere", hub.rooms())
 
 
 class OptionsTests(SynchronousTestCase):
