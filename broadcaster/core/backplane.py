@@ -27,6 +27,7 @@ from twisted.internet.interfaces import IReactorTime
 from broadcaster.core.events import Event, TextMessage, uncached
 from broadcaster.core.history import DEFAULT_MEMORY, Histories, HistoryMemory
 from broadcaster.core.members import Member
+from broadcaster.core.moderation import Expulsion
 
 
 class Attached(Protocol):
@@ -53,6 +54,9 @@ class Attached(Protocol):
 
     def rooms_of(self, member_id: str) -> List[str]:
         """The rooms a member is in."""
+
+    def expel_here(self, expulsion: Expulsion, origin: Optional[str] = None) -> int:
+        """Carry out an expulsion another node (``origin``) ordered."""
 
 
 class Backplane(Protocol):
@@ -109,6 +113,16 @@ class Backplane(Protocol):
         :return: a Deferred firing with ``(messages, complete)``: the
             messages of ``room`` after ``seq`` of ``epoch``, up to
             ``joined_at``, and whether that is all of them.
+        """
+
+    def spread(self, expulsion: Expulsion) -> Deferred:
+        """
+        Have every other node carry out ``expulsion`` (the hub has carried
+        it out on this one): a control message between nodes, never
+        delivered to clients.
+
+        :return: a Deferred firing with whether the other nodes were told
+            (``False`` if they could not be; it never fails).
         """
 
     def members(self, room: str) -> list:
@@ -195,6 +209,10 @@ class LocalBackplane:
             upto = 0
         result: Tuple[List[TextMessage], bool] = history.after(epoch, seq, upto=upto)
         return succeed(result)
+
+    def spread(self, expulsion: Expulsion) -> Deferred:
+        # There is no other node.
+        return succeed(True)
 
     def members(self, room: str) -> list:
         return self._hub.room_members(room)

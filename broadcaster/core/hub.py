@@ -42,6 +42,7 @@ from broadcaster.core.fanout import FanOut
 from broadcaster.core.permissions import HISTORY, JOIN, PRESENCE, PUBLISH
 from broadcaster.core.history import DEFAULT_MEMORY
 from broadcaster.core.members import Member
+from broadcaster.core.moderation import Bans, Expulsion
 from broadcaster.core.names import LOBBY
 from broadcaster.core.stats import Stats
 
@@ -115,6 +116,9 @@ class Hub:
             clock, history_size, max_rooms, history_memory
         )
         self.backplane.attach(self)
+        #: Users whose new connections are refused for a while
+        #: (``POST /api/disconnect``'s ``ban_seconds``).
+        self.bans = Bans(clock)
         self._empty_waiters: List[Deferred] = []
         self._observers: List[Callable[[Event], None]] = []
         #: Delivers each event to the members of its room.
@@ -266,6 +270,55 @@ class Hub:
             for d in waiting:
                 d.callback(None)
         return departures
+
+    def expel(self, expulsion: Expulsion) -> Deferred:
+        """
+        Disconnect the members ``expulsion`` names, here and on every other
+        node sharing the backplane, and ban its user as it says.
+
+        :return: a Deferred firing with ``(count, everywhere)``: how many
+            connections were closed on this node, and whether the other
+            nodes were told (``False``: a networked backplane could not
+            reach them; they were not).
+        """
+        count = self.expel_here(expulsion)
+        return self.backplane.spread(expulsion).addCallback(lambda told: (count, told))
+
+    def expel_here(self, expulsion: Expulsion, origin: Optional[str] = None) -> int:
+        """
+        Carry out ``expulsion`` on this node only: ban its user, and close
+        each member it names with its reason.
+
+        :param origin: the node that ordered it, if another (then the
+            order is logged here, as that node logs its own).
+        :return: how many connections were closed (one already closing is
+            not counted).
+        """
+        if expulsion.user is not None and expulsion.ban_seconds:
+            self.bans.ban(expulsion.user, expulsion.ban_seconds)
+        count = 0
+        for member in self.members():
+            if expulsion.matches(member) and member.expel(expulsion.reason):
+                count += 1
+        if origin is not None:
+            self._log.warn(
+                "[DISCONNECT BY SERVER] node {origin}, key {key}: {target} ({count} connections"
+                " here){banned}",
+                origin=origin,
+                key=expulsion.by,
+                target=expulsion.target(),
+                count=count,
+                banned=expulsion.ban_text(),
+                reason=expulsion.reason,
+            )
+        return count
+
+    def banned(self, user: str) -> float:
+        """
+        Seconds until ``user`` may connect again (0: now): the WebSocket
+        handshake asks, once sign-in has said who the client is.
+        """
+        return self.bans.remaining(user)
 
     # Rooms
 

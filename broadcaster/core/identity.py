@@ -11,6 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+#: The longest user id sign-in may name (``--auth-url``'s ``user``, a
+#: token's ``sub``), and so the longest the server API can disconnect.
+MAX_USER_LENGTH = 256
+
 
 @dataclass(frozen=True)
 class Identity:

@@ -57,12 +57,17 @@ class Member(Protocol):
 
     ``shut_down`` asks the connection to close politely because the server
     is stopping (a WebSocket sends close code 1001); ``abort`` drops it
-    when it has not gone in time.  Either way the member leaves the hub
-    when its connection is lost.
+    when it has not gone in time.  ``expel`` closes it because the server
+    was told to (:mod:`broadcaster.core.moderation`; a WebSocket sends
+    close code 4003 with ``reason``) and answers whether it did (``False``:
+    it was closing already).  Either way the member leaves the hub when
+    its connection is lost.
     """
 
     id: str
     name: Optional[str]
+    #: Who sign-in says the client is, or ``None``.
+    user: Optional[str]
     #: What it may do in which room (:mod:`broadcaster.core.permissions`).
     grants: Grants
 
@@ -84,6 +89,8 @@ class Member(Protocol):
 
     def abort(self) -> None: ...
 
+    def expel(self, reason: str) -> bool: ...
+
 
 class MemberBase:
     """
@@ -96,6 +103,8 @@ class MemberBase:
     #: Every right in every room, unless the connection's sign-in said
     #: otherwise.
     grants: Grants = EVERYTHING
+    #: Nobody in particular, unless sign-in said who.
+    user: Optional[str] = None
 
     def deliver_many(self, batch: EventBatch) -> None:
         """
@@ -134,3 +143,7 @@ class MemberBase:
 
     def abort(self) -> None:
         """The server is stopping and this member did not go in time."""
+
+    def expel(self, reason: str) -> bool:
+        """The server was told to disconnect this member: nothing to close by default."""
+        return False

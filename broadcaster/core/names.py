@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from typing import Optional
 
 LOBBY = "lobby"
 
@@ -58,11 +59,21 @@ def check_display_name(name: object, max_length: int) -> str:
         raise InvalidName("a name must not be empty")
     if len(name) > max_length:
         raise InvalidName("a name must be at most {} characters".format(max_length))
-    for character in name:
-        if unicodedata.category(character) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
-            raise InvalidName(
-                "a name must not contain control characters (found U+{:04X})".format(
-                    ord(character)
-                )
-            )
+    found = control_character(name)
+    if found is not None:
+        raise InvalidName(
+            "a name must not contain control characters (found U+{:04X})".format(ord(found))
+        )
     return name
+
+
+def control_character(text: str) -> Optional[str]:
+    """
+    The first character of ``text`` that has no place in text shown to
+    people (control, formatting, private-use, unassigned characters, line
+    and paragraph separators), or ``None``.
+    """
+    for character in text:
+        if unicodedata.category(character) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
+            return character
+    return None

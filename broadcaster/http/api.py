@@ -1,6 +1,7 @@
 """
 The server API on the main port, for scripts and other services: say
-something in the chat, see who is in a room and what was said there.
+something in the chat, see who is in a room and what was said there,
+and disconnect a user.
 docs/publish-api.rst is its reference.
 
 Every request carries one of the ``--api-key`` / ``--api-key-file`` keys::
@@ -30,6 +31,17 @@ Endpoints:
     "room", "more", "messages": [...]}``, bounded in bytes as that reply is.
     ``limit``: at most ``--history-size`` (the default).
 
+``POST /api/disconnect``, body ``{"user": "u-1842"}`` or ``{"client": "<id>"}``
+    Closes every connection of that signed-in user, or the one client, on
+    every node: WebSocket clients with close code 4003 and ``"reason"``
+    (optional, at most 123 bytes; default ``disconnected by the
+    server``), raw-TCP clients with an error saying it.  ``"ban_seconds"``
+    (optional, 0 to 86400, a user only) refuses the user's handshakes on
+    every node for that long: 403 "disconnected by the server; try again
+    later".  200 ``{"disconnected": <connections closed on this node>}``;
+    503 with the same field if the other nodes could not be told.  Each
+    is logged as a warning with the key's id and the target.
+
 Asking about a room never makes the server keep anything for it: a room
 nobody is in and nothing was said in answers ``count`` 0 and no messages.
 
@@ -58,6 +70,8 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from broadcaster.core.events import TextMessage
 from broadcaster.core.hub import Hub
+from broadcaster.core.moderation import InvalidExpulsion, parse_expulsion
+from broadcaster.http.site import SMALL_BODY
 from broadcaster.core.names import LOBBY, InvalidName, check_room
 from broadcaster.protocols.wire import (
     HISTORY_REPLY_SIZE,
@@ -390,6 +404,49 @@ class RoomsResource(KeyedResource):
         return self.answer_later(request, peer, found, answer)
 
 
+class DisconnectResource(KeyedResource):
+    """
+    ``POST /api/disconnect``: close a user's connections, or one client's,
+    on every node, and keep the user out for a while if asked
+    (:mod:`broadcaster.core.moderation`).
+    """
+
+    method = b"POST"
+    what = "disconnect"
+    def serve(self, request: Request, peer: str, key: str) -> Any:
+        try:
+            expulsion = parse_expulsion(_json_body(request, SMALL_BODY), by=key)
+        except InvalidExpulsion as e:
+            raise BadInput(str(e)) from None
+
+        def done(result: Tuple[int, bool]) -> bytes:
+            count, everywhere = result
+            self._log.warn(
+                "[DISCONNECT BY SERVER] {peer}, key {key}: {target} ({count} connections"
+                " here){banned}{nowhere_else}",
+                peer=peer,
+                key=key,
+                target=expulsion.target(),
+                count=count,
+                banned=expulsion.ban_text(),
+                nowhere_else="" if everywhere else "; the other nodes could not be told",
+                reason=expulsion.reason,
+            )
+            if not everywhere:
+                return _json(
+                    request,
+                    503,
+                    {
+                        "error": "disconnected on this node only: the other nodes could"
+                        " not be told; try again",
+                        "disconnected": count,
+                    },
+                )
+            return _json(request, 200, {"disconnected": count})
+
+        return self.answer_later(request, peer, self._hub.expel(expulsion), done)
+
+
 def api_resource(
     hub: Hub,
     keys: Iterable[str],
@@ -397,7 +454,7 @@ def api_resource(
     history_reply_size: int = HISTORY_REPLY_SIZE,
 ) -> Resource:
     """
-    ``/api``, with ``publish`` and ``rooms`` under it.
+    ``/api``, with ``publish``, ``rooms`` and ``disconnect`` under it.
 
     :param max_size: the largest body ``publish`` accepts (``--max-message-size``).
     """
@@ -405,4 +462,5 @@ def api_resource(
     api = Resource()
     api.putChild(b"publish", PublishResource(hub, keys, max_size))
     api.putChild(b"rooms", RoomsResource(hub, keys, history_reply_size))
+    api.putChild(b"disconnect", DisconnectResource(hub, keys))
     return api

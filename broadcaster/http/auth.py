@@ -37,7 +37,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from broadcaster.core.identity import AuthDenied, AuthUnavailable, Identity
+from broadcaster.core.identity import MAX_USER_LENGTH, AuthDenied, AuthUnavailable, Identity
 from broadcaster.core.fetching import describe_url
 from broadcaster.http.outgoing import USER_AGENT, describe_http_failure, read_body, with_timeout
 from broadcaster.core.names import InvalidName, check_display_name
@@ -45,9 +45,6 @@ from broadcaster.core.permissions import parse_grants
 
 #: The largest answer body read from the auth service.
 MAX_ANSWER_SIZE = 64 * 1024
-
-#: The longest ``user`` accepted from the auth service.
-MAX_USER_LENGTH = 256
 
 #: The request headers passed on to the auth service.
 FORWARDED_HEADERS = ("authorization", "cookie")

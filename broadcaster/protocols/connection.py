@@ -354,6 +354,16 @@ class RawMemberProtocol(MemberBase, Protocol):
         """
         self.transport.abortConnection()
 
+    def expel(self, reason: str) -> bool:
+        """
+        The server was told to disconnect this client: tell it ``reason``
+        as an error, and hang up.
+        """
+        if self.closing:
+            return False
+        self.close_with(self.error(reason))
+        return True
+
     def connectionLost(self, reason: Optional[Failure] = None) -> None:
         if self._linger is not None and self._linger.active():
             self._linger.cancel()

@@ -16,7 +16,9 @@ Wire format (see :mod:`broadcaster.protocols.wire` for the events themselves):
 - With ``--auth-url`` (see :mod:`broadcaster.http.auth`), after those checks the
   auth service is asked: a refusal is answered 403, no usable answer 503.
   With ``--jwt-*`` (see :mod:`broadcaster.http.tokens`) a signed token is
-  checked instead: one that does not verify is answered 403.
+  checked instead: one that does not verify is answered 403.  A user
+  banned by ``POST /api/disconnect`` is answered 403 ("disconnected by
+  the server; try again later") until the ban ends.
 - A connection signed in with a token that has an ``exp`` lasts as long as
   its sign-in (see :mod:`broadcaster.protocols.expiry`): a JSON client is
   sent ``{"type": "expiring", "expires": <exp>, "in": <seconds>}``
@@ -34,8 +36,10 @@ Wire format (see :mod:`broadcaster.protocols.wire` for the events themselves):
 Close codes the server sends: 1001 shutting down; 1002 protocol error; 1007
 invalid UTF-8; 1008 kept sending past ``--rate``; 1009 a message (or frame,
 or decompressed message) larger than ``--max-message-size``; 4001 the
-token the client signed in with expired and no newer one came; 4008 slow
-consumer, more than ``--max-buffer`` bytes behind.  A client that does not
+token the client signed in with expired and no newer one came; 4003
+disconnected by the server (``POST /api/disconnect``), with the reason
+given there; 4008 slow consumer, more than ``--max-buffer`` bytes behind.
+A client that does not
 answer a keepalive ping within ``--ping-timeout`` is dropped.
 
 Logs: every handshake at info (peer, path, Origin, User-Agent), refusals at
@@ -104,6 +108,13 @@ TOKEN_EXPIRED = 4001
 
 # The answer to a refresh whose token could not be checked at all.
 _REFRESH_UNAVAILABLE = "refresh failed: tokens cannot be checked right now; try again"
+
+#: Close code for a client the server was told to disconnect (``POST
+#: /api/disconnect``): the reason is the one given there.
+DISCONNECTED = 4003
+
+#: The answer to a handshake of a user banned by ``POST /api/disconnect``.
+BANNED = "disconnected by the server; try again later"
 
 _PLAIN = PlainCodec()
 _JSON = JSONCodec()
@@ -300,6 +311,8 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
                 reason=str(e),
             )
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "unusable rooms: {}".format(e))
+        if identity.user is not None:
+            self._refuse_if_banned(identity.user, peer)
         self.grants = grants
         self.user = identity.user
         if identity.from_token:
@@ -317,6 +330,23 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
             self.name = identity.name
             self._name_from_auth = True
         return subprotocol
+
+    def _refuse_if_banned(self, user: str, peer: str) -> None:
+        """
+        :raise ConnectionDeny: 403, if ``user`` is banned for now.
+        """
+        left = self.factory.hub.banned(user)
+        if not left:
+            return
+        self._log.warn(
+            "[REFUSED] {peer}: user {user!r} is banned for {left:.0f} more s"
+            " (POST /api/disconnect); answered 403",
+            peer=peer,
+            user=user,
+            left=left,
+        )
+        self.factory.hub.stats.refused_handshakes["banned"] += 1
+        raise ConnectionDeny(ConnectionDeny.FORBIDDEN, BANNED)
 
     def _not_authenticated(self, failure: Failure, peer: str) -> None:
         self._auth = None
@@ -447,6 +477,10 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
 
     def _connect(self) -> None:
         hub = self.factory.hub
+        if self.user is not None and hub.banned(self.user):
+            # Banned while its welcome was on its way: it never joins.
+            self.close_with(DISCONNECTED, BANNED)
+            return
         hub.connect(self)
         self._joined = True
         if self.user is None:
@@ -903,6 +937,21 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
 
     def abort(self) -> None:
         self.transport.abortConnection()
+
+    def expel(self, reason: str) -> bool:
+        """
+        The server was told to disconnect this client: close with 4003
+        and ``reason``.
+        """
+        if self.state != self.STATE_OPEN:
+            return False
+        self._log.info(
+            "{client} is disconnected by the server; closing with {code}",
+            client=self.id,
+            code=DISCONNECTED,
+        )
+        self.close_with(DISCONNECTED, reason)
+        return True
 
     def deliver(self, event: Event) -> None:
         """

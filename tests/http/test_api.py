@@ -2,23 +2,32 @@
 Tests for :mod:`broadcaster.http.api` on a real server: ``POST
 /api/publish`` with good, wrong and missing keys, bad bodies, and messages
 reaching clients; the rooms' presence and history, paged, read without
-creating anything.
+creating anything; ``POST /api/disconnect`` closing signed-in users' and
+single clients' connections, and bans refusing their return for a while.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 
 import treq
+from autobahn.twisted.websocket import WebSocketClientFactory
+from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.task import deferLater
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from broadcaster.http.api import key_id
+from broadcaster.protocols.websocket import DISCONNECTED
 from broadcaster.service.tap import Options
-from tests.support import connect_client, start_server
+from tests.http.test_tokens import SECRET, hs256, live_claims
+from tests.support import RecordingClientProtocol, connect_client, start_server
 from tests.test_rooms import join_chat, of_type, read_until
 
 KEY = "k-5b0e9d2a7c"
@@ -343,6 +352,150 @@ class RoomsTests(TestCase):
         self.assertIsNone(histories.peek("nowhere"))
         self.assertEqual(len(histories), kept)
         self.assertNotIn("nowhere", hub.rooms())
+
+
+def token_path(user: str) -> str:
+    """The handshake path of a client signed in as ``user`` with a token."""
+    return "/?token=" + hs256(live_claims(sub=user))
+
+
+@inlineCallbacks
+def refusal(port: int, path: str):
+    """
+    Try a WebSocket handshake that must be refused.
+
+    :return: why the client says it failed (the HTTP status and reason).
+    """
+    factory = WebSocketClientFactory("ws://127.0.0.1:{}{}".format(port, path))
+    factory.protocol = RecordingClientProtocol
+    client = yield TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
+    try:
+        yield client.opened
+    except ConnectionError:
+        return client.wasNotCleanReason or ""
+    client.sendClose()
+    raise AssertionError("the handshake was accepted")
+
+
+def disconnect(port, body, key=KEY):
+    """POST ``body`` to /api/disconnect: a Deferred firing as :func:`api_request`."""
+    return api_request(port, "disconnect", key, "POST", json.dumps(body).encode())
+
+
+class DisconnectTests(TestCase):
+    """POST /api/disconnect, and the bans it sets."""
+
+    @inlineCallbacks
+    def setUp(self):
+        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        secret = self.mktemp()
+        with open(secret, "w") as f:
+            f.write(SECRET + "\n")
+        self.service, self.port = yield start_server(
+            self, ["--api-key-file", key_file(self), "--jwt-secret-file", secret]
+        )
+
+    def tearDown(self):
+        for event in self.logged:
+            self.assertNotIn(KEY, repr(event) + (formatEvent(event) or ""), "the key was logged")
+
+    @inlineCallbacks
+    def sign_in(self, user):
+        """A JSON client signed in as ``user``, its welcome read: ``(client, id)``."""
+        client = yield connect_client(self, self.port, json_mode=True, path=token_path(user))
+        welcome = yield client.next_json()
+        return client, welcome["id"]
+
+    @inlineCallbacks
+    def test_disconnect_by_user_closes_all_its_connections(self):
+        """Every connection of the user is closed with 4003 and the reason;
+        another user's stays, and the disconnect is logged with the key's id."""
+        ann1, _ = yield self.sign_in("u-ann")
+        ann2, _ = yield self.sign_in("u-ann")
+        bob, _ = yield self.sign_in("u-bob")
+        status, _, answer = yield disconnect(self.port, {"user": "u-ann", "reason": "spam"})
+        self.assertEqual((status, answer), (200, {"disconnected": 2}))
+        for client in (ann1, ann2):
+            self.assertEqual((yield client.closed), (True, DISCONNECTED, "spam"))
+        bob.send_json({"type": "message", "text": "still here"})
+        events = yield read_until(bob, of_type("message", text="still here"))
+        self.assertLessEqual({e["type"] for e in events}, {"join", "leave", "message"})
+        self.assertFalse(bob.closed.called)
+        [logged] = [e for e in self.logged if "[DISCONNECT BY SERVER]" in e["log_format"]]
+        self.assertEqual(
+            (logged["log_level"].name, logged["key"], logged["target"], logged["count"]),
+            ("warn", key_id(KEY), "user 'u-ann'", 2),
+        )
+
+    @inlineCallbacks
+    def test_disconnect_by_client_id_closes_that_one(self):
+        """A client id closes that connection alone, with the default reason;
+        asking again finds nothing left to close."""
+        first, first_id = yield self.sign_in("u-ann")
+        second, _ = yield self.sign_in("u-ann")
+        status, _, answer = yield disconnect(self.port, {"client": first_id})
+        self.assertEqual((status, answer), (200, {"disconnected": 1}))
+        self.assertEqual(
+            (yield first.closed), (True, DISCONNECTED, "disconnected by the server")
+        )
+        status, _, answer = yield disconnect(self.port, {"client": first_id})
+        self.assertEqual((status, answer), (200, {"disconnected": 0}))
+        self.assertFalse(second.closed.called)
+
+    @inlineCallbacks
+    def test_bad_requests_are_refused(self):
+        """A body that names nobody, or both, or has a bad reason or ban, is
+        400 saying why; no key is 401; another method than POST is 405."""
+        cases = [
+            ({}, '"user" or a "client"'),
+            ({"user": "u-ann", "client": "x-1"}, '"user" or a "client"'),
+            ({"user": 5}, '"user"'),
+            ({"user": " "}, '"user"'),
+            ({"client": "c" * 129}, '"client"'),
+            ({"user": "u-ann", "reason": "é" * 62}, '"reason"'),
+            ({"user": "u-ann", "reason": ""}, '"reason"'),
+            ({"user": "u-ann", "reason": "line\nbreak"}, "control characters"),
+            ({"user": "u-ann", "ban_seconds": -1}, '"ban_seconds"'),
+            ({"user": "u-ann", "ban_seconds": 86401}, '"ban_seconds"'),
+            ({"user": "u-ann", "ban_seconds": True}, '"ban_seconds"'),
+            ({"user": "u-ann", "ban_seconds": 1.5}, '"ban_seconds"'),
+            ({"user": "u-ann", "ban_seconds": "60"}, '"ban_seconds"'),
+            ({"client": "x-1", "ban_seconds": 60}, 'needs a "user"'),
+            ([1], "JSON object"),
+        ]
+        for body, reason in cases:
+            status, _, answer = yield disconnect(self.port, body)
+            self.assertEqual(status, 400, body)
+            self.assertIn(reason, answer["error"], body)
+        status, _, _ = yield disconnect(self.port, {"user": "u-ann"}, key=None)
+        self.assertEqual(status, 401)
+        status, headers, _ = yield api_request(self.port, "disconnect")
+        self.assertEqual((status, headers.getRawHeaders(b"allow")), (405, [b"POST"]))
+        self.assertEqual(len(self.service.hub.bans), 0)
+
+    @inlineCallbacks
+    def test_ban_refuses_the_user_until_it_ends(self):
+        """A banned user's reconnects are refused with 403 and why, other
+        users still get in, and once the ban's seconds pass the user does too."""
+        ann, _ = yield self.sign_in("u-ann")
+        status, _, answer = yield disconnect(self.port, {"user": "u-ann", "ban_seconds": 1})
+        self.assertEqual((status, answer), (200, {"disconnected": 1}))
+        banned_at = time.monotonic()
+        yield ann.closed
+        reason = yield refusal(self.port, token_path("u-ann"))
+        self.assertIn("403", reason)
+        self.assertIn("disconnected by the server; try again later", reason)
+        yield self.sign_in("u-bob")
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                yield self.sign_in("u-ann")
+                break
+            except ConnectionError:
+                self.assertLess(time.monotonic(), deadline, "still refused 10 s after a 1 s ban")
+                yield deferLater(reactor, 0.05, lambda: None)
+        self.assertGreaterEqual(time.monotonic() - banned_at, 0.9)
+        self.assertGreaterEqual(self.service.hub.stats.refused_handshakes["banned"], 1)
 
 
 class OptionsTests(SynchronousTestCase):
