@@ -32,11 +32,20 @@ Wire format of a published event (and of a history entry)::
     <seq> SP <epoch> SP <JSON> [LF <bytes>]
 
 ``seq`` and ``epoch`` are ``0`` and ``-`` for anything but a text message.
-The JSON object has ``t`` (the event's class name, ``state`` or
-``snapshot``), ``o`` (the origin node), ``p`` (the origin's publication
-number) and the event's fields; a ``bytes`` field (a binary message's data,
-an image's PNG) follows the JSON raw, after a newline, named by ``blob``.
-JSON never contains a raw newline, so the first one ends it.
+The JSON object has ``t`` (the event's class name, ``state``,
+``snapshot`` or ``expel``), ``o`` (the origin node), ``p`` (the origin's
+publication number) and the event's fields; a ``bytes`` field (a binary
+message's data, an image's PNG) follows the JSON raw, after a newline,
+named by ``blob``.  JSON never contains a raw newline, so the first one
+ends it.
+
+``expel`` is the one control message: ``POST /api/disconnect`` on node
+``o`` (see :mod:`broadcaster.core.moderation`), for every other node to
+carry out on its own clients and bans; it is never delivered to a client,
+and its origin ignores it::
+
+    0 - {"t":"expel","o":"<node>","by":"<API key id>","user":"u-1842",
+         "client":null,"reason":"disconnected by the server","ban_seconds":600}
 
 Presence across nodes: each node keeps its clients in its ``members`` hash,
 changed in the same script that publishes the join, leave or rename, and
@@ -88,6 +97,7 @@ from twisted.logger import Logger
 from broadcaster.core.history import DEFAULT_MEMORY, HistoryMemory, RoomHistory, new_epoch
 from broadcaster.core.backplane import Attached
 from broadcaster.core.events import Event, TextMessage, uncached
+from broadcaster.core.moderation import Expulsion, InvalidExpulsion, parse_expulsion
 from broadcaster.redis.address import RedisAddress
 from broadcaster.redis.codec import (
     MESSAGES,
@@ -629,6 +639,9 @@ class RedisBackplane:
                 if channel.decode("utf-8", "replace") == self._private_channel:
                     self._apply_snapshot(body.get("nodes"))
                 return
+            if kind == "expel":
+                self._expelled(body)
+                return
             if kind == "state":
                 node = body.get("node")
                 if node != self.node_id:
@@ -659,6 +672,43 @@ class RedisBackplane:
         elif isinstance(event, PRESENCE_EVENTS):
             self.presence.apply(origin, event)
         self._hub.deliver(event)
+
+    def spread(self, expulsion: Expulsion) -> Deferred:
+        """
+        Publish an ``expel`` control message on the events channel: every
+        other node carries it out (:meth:`_expelled`).
+        """
+        if not self.connected:
+            return succeed(False)
+        body = {"t": "expel", "o": self.node_id, "by": expulsion.by, **expulsion.fields()}
+
+        def failed(failure: Failure) -> bool:
+            self._log.error(
+                "could not tell the other nodes to disconnect {target}: {error}",
+                target=expulsion.target(),
+                error=failure.getErrorMessage(),
+            )
+            return False
+
+        d = self._run("PUBLISH", self.channel, b"0 - " + dumps(body))
+        return d.addCallbacks(lambda _: True, failed)
+
+    def _expelled(self, body: Dict[str, Any]) -> None:
+        """
+        Carry out an ``expel`` control message from another node (this
+        node carried out its own already); it goes to no client.
+        """
+        origin = body.get("o")
+        if origin == self.node_id:
+            return
+        try:
+            expulsion = parse_expulsion(body, by=str(body.get("by"))[:16])
+        except InvalidExpulsion as e:
+            self._log.error(
+                "ignored an expel message from node {origin}: {error}", origin=origin, error=e
+            )
+            return
+        self._hub.expel_here(expulsion, origin=str(origin))
 
     def _replace(self, node: str, members: Any) -> None:
         if not isinstance(members, dict):

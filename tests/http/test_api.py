@@ -360,6 +360,18 @@ def token_path(user: str) -> str:
 
 
 @inlineCallbacks
+def sign_in(testcase, port: int, user: str):
+    """
+    Connect a JSON client signed in as ``user`` and read its welcome.
+
+    :return: a Deferred firing with ``(client, its id)``.
+    """
+    client = yield connect_client(testcase, port, json_mode=True, path=token_path(user))
+    welcome = yield client.next_json()
+    return client, welcome["id"]
+
+
+@inlineCallbacks
 def refusal(port: int, path: str):
     """
     Try a WebSocket handshake that must be refused.
@@ -399,12 +411,8 @@ class DisconnectTests(TestCase):
         for event in self.logged:
             self.assertNotIn(KEY, repr(event) + (formatEvent(event) or ""), "the key was logged")
 
-    @inlineCallbacks
     def sign_in(self, user):
-        """A JSON client signed in as ``user``, its welcome read: ``(client, id)``."""
-        client = yield connect_client(self, self.port, json_mode=True, path=token_path(user))
-        welcome = yield client.next_json()
-        return client, welcome["id"]
+        return sign_in(self, self.port, user)
 
     @inlineCallbacks
     def test_disconnect_by_user_closes_all_its_connections(self):

@@ -31,6 +31,7 @@ from twisted.trial.unittest import FailTest, SkipTest, SynchronousTestCase, Test
 import txredisapi
 from broadcaster.core.events import BinaryMessage, ImageMessage, Joined, Left, Renamed, TextMessage
 from broadcaster.core.hub import Hub
+from broadcaster.core.moderation import Expulsion
 from broadcaster.core.history import kept_size
 from broadcaster.redis import connections as redis_connections
 from broadcaster.redis.address import RedisAddress, parse_redis_url, redact_url
@@ -53,6 +54,16 @@ from tests.test_batching import BatchRecorder
 from tests.test_limits import StalledReader
 from tests.core.test_hub import RecordingMember
 from tests.test_rooms import join_chat, of_type, read_until
+from tests.http.test_api import (
+    KEY,
+    api_request,
+    disconnect,
+    key_file,
+    refusal,
+    sign_in,
+    token_path,
+)
+from tests.http.test_tokens import SECRET
 
 REDIS_SERVER = shutil.which("redis-server") or (
     "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
@@ -416,6 +427,52 @@ class BackplaneTests(SynchronousTestCase):
 
     def texts(self):
         return [(e.text, e.seq, e.epoch) for e in self.member.events if isinstance(e, TextMessage)]
+
+    def test_expel_goes_to_the_other_nodes_and_to_no_client(self):
+        """An expulsion is carried out here and published as an expel
+        control message; one from another node is carried out, one of this
+        node's own or an unreadable one is not, and none reaches a client."""
+        expelled = []
+        self.member.expel = lambda reason: expelled.append(reason) or True
+        self.member.events.clear()
+        result = self.hub.expel(Expulsion(client="a-1", reason="bye", by="1a2b3c4d"))
+        ((command, _, (channel, payload), answer),) = self.commands.calls
+        self.assertEqual((command, channel, expelled), ("PUBLISH", self.backplane.channel, ["bye"]))
+        self.assertTrue(payload.startswith(b"0 - "))
+        self.assertEqual(
+            json.loads(payload[4:]),
+            {
+                "t": "expel",
+                "o": "a",
+                "by": "1a2b3c4d",
+                "user": None,
+                "client": "a-1",
+                "reason": "bye",
+                "ban_seconds": 0,
+            },
+        )
+        answer.callback(1)
+        self.assertEqual(self.successResultOf(result), (1, True))
+        self.connections.listener.message_received(self.events_channel, payload)
+        self.assertEqual(expelled, ["bye"])
+        from_b = payload.replace(b'"o":"a"', b'"o":"b"')
+        self.connections.listener.message_received(self.events_channel, from_b)
+        self.assertEqual(expelled, ["bye", "bye"])
+        unreadable = from_b.replace(b'"ban_seconds":0', b'"ban_seconds":-5')
+        self.connections.listener.message_received(self.events_channel, unreadable)
+        self.assertEqual(expelled, ["bye", "bye"])
+        self.assertEqual(self.member.events, [])
+
+    def test_expel_says_when_the_others_could_not_be_told(self):
+        """If Redis does not take the control message, the hub says the
+        other nodes were not told; during an outage it does not try."""
+        result = self.hub.expel(Expulsion(user="u-ann", ban_seconds=60))
+        self.commands.calls[0][3].errback(txredisapi.ConnectionError("gone"))
+        self.assertEqual(self.successResultOf(result), (0, False))
+        self.assertEqual(self.hub.banned("u-ann"), 60)
+        self.connections.listener.commands_lost(self.commands)
+        result = self.hub.expel(Expulsion(user="u-bob"))
+        self.assertEqual(self.successResultOf(result), (0, False))
 
     def test_exactly_once_whenever_redis_goes(self):
         """Whether the connection went before or after Redis answered, and
@@ -861,6 +918,61 @@ class CrossNodeTests(RedisTestCase):
         cy.send_json({"type": "message", "text": "through the socket"})
         message = (yield read_until(ann, of_type("message")))[-1]
         self.assertEqual(message["text"], "through the socket")
+
+
+class ServerAPITests(RedisTestCase):
+    """The server API on nodes sharing Redis."""
+
+    @inlineCallbacks
+    def setUp(self):
+        yield super().setUp()
+        secret = self.mktemp()
+        with open(secret, "w") as f:
+            f.write(SECRET + "\n")
+        flags = ["--api-key-file", key_file(self), "--jwt-secret-file", secret]
+        self.a, self.port_a = yield start_node(self, self.redis, "alpha", *flags)
+        self.b, self.port_b = yield start_node(self, self.redis, "beta", *flags)
+
+    @inlineCallbacks
+    def test_disconnect_on_one_node_closes_the_user_on_another(self):
+        """/api/disconnect on node A closes the user's connection on node B
+        with 4003 and the reason, and both nodes refuse its return while
+        banned; another user on B stays and hears only that it left."""
+        ann, ann_id = yield sign_in(self, self.port_b, "u-ann")
+        bob, _ = yield sign_in(self, self.port_b, "u-bob")
+        yield wait_for(lambda: ann_id in ids(self.a.hub.presence("lobby")), what="ann on A")
+        status, _, answer = yield disconnect(
+            self.port_a, {"user": "u-ann", "reason": "spam", "ban_seconds": 600}
+        )
+        self.assertEqual((status, answer), (200, {"disconnected": 0}))
+        self.assertEqual((yield ann.closed), (True, 4003, "spam"))
+        for port in (self.port_a, self.port_b):
+            self.assertIn("403", (yield refusal(port, token_path("u-ann"))))
+        bob.send_json({"type": "message", "text": "after"})
+        events = yield read_until(bob, of_type("message", text="after"))
+        self.assertLessEqual({e["type"] for e in events}, {"join", "leave", "message"})
+        self.assertIn(ann_id, [e["id"] for e in events if e["type"] == "leave"])
+        self.assertFalse(bob.closed.called)
+
+    @inlineCallbacks
+    def test_rooms_are_read_across_nodes_without_creating_keys(self):
+        """Presence on A lists B's members; history on A has what was said
+        on B; asking about an unknown room creates no key."""
+        ann, ann_id = yield sign_in(self, self.port_b, "u-ann")
+        ann.send_json({"type": "join", "room": "dev"})
+        ann.send_json({"type": "message", "room": "dev", "text": "hello", "ref": 1})
+        yield read_until(ann, of_type("ack", ref=1))
+        yield wait_for(lambda: len(self.a.hub.presence("dev")) == 1, what="ann in dev on A")
+        status, _, presence = yield api_request(self.port_a, "rooms/dev/presence")
+        self.assertEqual((status, presence["count"]), (200, 1))
+        self.assertEqual(presence["members"], [{"id": ann_id, "name": None}])
+        status, _, history = yield api_request(self.port_a, "rooms/dev/history", key=KEY)
+        self.assertEqual([m["text"] for m in history["messages"]], ["hello"])
+        for what in ("presence", "history", "history?before=3"):
+            status, _, _ = yield api_request(self.port_a, "rooms/nowhere/" + what)
+            self.assertEqual(status, 200)
+        keys = yield self.redis.command("KEYS", "broadcaster:default:room:nowhere*")
+        self.assertEqual(keys, [])
 
 
 class OutageTests(RedisTestCase):
