@@ -2,7 +2,7 @@
 The server API on the main port, for scripts and other services: say
 something in the chat, see who is in a room and what was said there,
 and disconnect a user.
-docs/publish-api.rst is its reference.
+docs/server-api.rst is its reference.
 
 Every request carries one of the ``--api-key`` / ``--api-key-file`` keys::
 

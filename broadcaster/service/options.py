@@ -590,7 +590,7 @@ class Options(usage.Options):
             "api-key-file",
             None,
             None,
-            "A file of keys for POST /api/publish, one per line (read at "
+            "A file of keys for the server API (/api/...), one per line (read at "
             "start-up; blank lines and # comments skipped).",
         ],
         [
@@ -675,7 +675,7 @@ class Options(usage.Options):
         self["webhook"].append(url)
 
     def opt_api_key(self, key: str) -> None:
-        """Accept this key for POST /api/publish (Authorization: Bearer KEY; repeatable). Without any key the API is off. Every local user can read it on the command line: prefer --api-key-file."""  # noqa: E501
+        """Accept this key for the server API, /api/... (Authorization: Bearer KEY; repeatable). Without any key the API is off. Every local user can read it on the command line: prefer --api-key-file."""  # noqa: E501
         if not key.strip() or key != key.strip():
             raise usage.UsageError("--api-key must be non-empty, without surrounding spaces")
         self["api-key"].append(key)
