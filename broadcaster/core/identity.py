@@ -9,7 +9,10 @@ signs clients in (:mod:`broadcaster.http.auth` asks an HTTP service,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, List, Mapping, Optional, Protocol
+
+if TYPE_CHECKING:  # pragma: no cover
+    from twisted.internet.defer import Deferred
 
 #: The longest user id sign-in may name (``--auth-url``'s ``user``, a
 #: token's ``sub``), and so the longest the server API can disconnect.
@@ -64,3 +67,27 @@ class AuthUnavailable(Exception):
     No usable answer from the auth service, or no keys to check a token
     with (the JWKS URL is down); ``str()`` says why (no credentials in it).
     """
+
+
+class SignIn(Protocol):
+    """
+    What checks a client's credentials: :class:`broadcaster.http.auth.Authenticator`
+    (``--auth-url``), :class:`broadcaster.http.tokens.TokenAuthenticator`
+    (``--jwt-*``), or :class:`broadcaster.http.tokens.EitherAuthenticator`
+    (both).  The WebSocket handshake asks it, and so does a raw-TCP
+    client's ``AUTH`` line (as ``Authorization: Bearer <credential>``).
+    """
+
+    def authenticate(
+        self,
+        peer: str,
+        path: str,
+        query: Mapping[str, List[str]],
+        origin: Optional[str],
+        headers: Mapping[str, str],
+    ) -> "Deferred":
+        """
+        :param headers: the request's headers, names in lower case.
+        :return: a Deferred firing with an :class:`Identity`, or failing
+            with :class:`AuthDenied` or :class:`AuthUnavailable`.
+        """

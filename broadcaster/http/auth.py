@@ -39,7 +39,7 @@ from twisted.python.failure import Failure
 
 from broadcaster.core.identity import MAX_USER_LENGTH, AuthDenied, AuthUnavailable, Identity
 from broadcaster.core.fetching import describe_url
-from broadcaster.http.outgoing import USER_AGENT, describe_http_failure, read_body, with_timeout
+from broadcaster.http.outgoing import describe_http_failure, exchange
 from broadcaster.core.names import InvalidName, check_display_name
 from broadcaster.core.permissions import parse_grants
 
@@ -107,25 +107,17 @@ class Authenticator(Service):
             "origin": origin,
             "headers": {name: headers[name] for name in FORWARDED_HEADERS if name in headers},
         }
-        d = self._client.post(
+        d = exchange(
+            self._client,
+            self._clock,
+            "post",
             self.url,
+            self.timeout,
+            MAX_ANSWER_SIZE,
+            {b"Content-Type": [b"application/json"], b"Accept": [b"application/json"]},
             data=json.dumps(body).encode("utf-8"),
-            headers={
-                b"Content-Type": [b"application/json"],
-                b"Accept": [b"application/json"],
-                b"User-Agent": [USER_AGENT],
-            },
-            allow_redirects=False,
-            unbuffered=True,
         )
-        d.addCallback(self._read)
-        with_timeout(d, self.timeout, self._clock)
         d.addCallbacks(self._answered, self._failed)
-        return d
-
-    def _read(self, response) -> Deferred:
-        d = read_body(response, MAX_ANSWER_SIZE)
-        d.addCallback(lambda body: (response.code, body))
         return d
 
     def _answered(self, answer) -> Identity:

@@ -9,7 +9,7 @@ logs and for the client it concerns.
 
 from __future__ import annotations
 
-from typing import List
+from typing import Dict, List, Optional
 
 import treq
 from twisted.internet.defer import Deferred, TimeoutError, fail
@@ -37,6 +37,42 @@ class BodyTooLarge(FetchError):
     """
     A response body was larger than allowed; the transfer was cut off.
     """
+
+
+def exchange(
+    client,
+    clock: IReactorTime,
+    method: str,
+    url: str,
+    timeout: float,
+    limit: int,
+    headers: Dict[bytes, List[bytes]],
+    data: Optional[bytes] = None,
+) -> Deferred:
+    """
+    One request the server makes and its answer, as the sign-in checks
+    make them: no redirect followed (a redirect is an answer), the whole
+    exchange within ``timeout`` seconds, the body read up to ``limit``
+    bytes, our ``User-Agent``.
+
+    :param client: a treq-like client (``get``, ``post``).
+    :return: a Deferred firing with ``(status, body)``, or failing with
+        :class:`TimeoutError`, :class:`BodyTooLarge` or what the network
+        did (see :func:`describe_http_failure`).
+    """
+    d = getattr(client, method)(
+        url,
+        data=data,
+        headers={b"User-Agent": [USER_AGENT], **headers},
+        allow_redirects=False,
+        unbuffered=True,
+    )
+    d.addCallback(
+        lambda response: read_body(response, limit).addCallback(
+            lambda body: (response.code, body)
+        )
+    )
+    return with_timeout(d, timeout, clock)
 
 
 def with_timeout(d: Deferred, timeout: float, clock: IReactorTime) -> Deferred:

@@ -90,7 +90,7 @@ from broadcaster.core.fetching import describe_url
 from broadcaster.core.identity import AuthDenied, AuthUnavailable, Identity
 from broadcaster.core.names import InvalidName, check_display_name
 from broadcaster.http.auth import MAX_USER_LENGTH
-from broadcaster.http.outgoing import USER_AGENT, describe_http_failure, read_body, with_timeout
+from broadcaster.http.outgoing import describe_http_failure, exchange
 
 #: The algorithms a token may be signed with.
 ALGORITHMS = ("HS256", "RS256", "ES256")
@@ -342,25 +342,21 @@ class JWKS(Service):
     def _fetch(self) -> None:
         self._started_at = self._clock.seconds()
         self.fetches += 1
-        d = self._client.get(
+        d = exchange(
+            self._client,
+            self._clock,
+            "get",
             self.url,
-            headers={b"Accept": [b"application/json"], b"User-Agent": [USER_AGENT]},
-            allow_redirects=False,
-            unbuffered=True,
+            self.timeout,
+            MAX_JWKS_SIZE,
+            {b"Accept": [b"application/json"]},
         )
-        d.addCallback(self._read)
-        with_timeout(d, self.timeout, self._clock)
         d.addCallback(self._fetched)
         d.addErrback(self._failed)
         d.addBoth(self._done)
         # Set last: a client that answers at once has finished by now.
         if not d.called:
             self._fetching = d
-
-    def _read(self, response) -> Deferred:
-        d = read_body(response, MAX_JWKS_SIZE)
-        d.addCallback(lambda body: (response.code, body))
-        return d
 
     def _fetched(self, answer) -> None:
         code, body = answer

@@ -57,6 +57,7 @@ from broadcaster.protocols.admission import Admission, AdmittingFactory
 from broadcaster.core.flow import Limits
 from broadcaster.core.events import encoded, Event, Joined, Left, TextMessage
 from broadcaster.core.hub import Hub, NotInRoom
+from broadcaster.core.identity import SignIn
 from broadcaster.core.permissions import EVERYTHING, Forbidden, Grants
 from broadcaster.core.text import escape_controls
 from broadcaster.protocols.connection import RawMemberProtocol
@@ -228,7 +229,7 @@ class LineBridgeFactory(AdmittingFactory, ServerFactory):
         limits: Limits = Limits(),
         admission: Optional[Admission] = None,
         anonymous: Grants = EVERYTHING,
-        authenticator=None,
+        authenticator: Optional[SignIn] = None,
     ) -> None:
         self.hub = hub
         #: Checks ``AUTH`` lines (as the WebSocket handshake's

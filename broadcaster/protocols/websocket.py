@@ -60,7 +60,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from broadcaster import __version__
-from broadcaster.core.identity import AuthDenied, AuthUnavailable, Identity
+from broadcaster.core.identity import AuthDenied, AuthUnavailable, Identity, SignIn
 from broadcaster.core.fetching import MAX_FETCHES_PER_CLIENT, FetchError, describe_url
 from broadcaster.core.flow import Limits, RateLimit
 from broadcaster.protocols.internals import (
@@ -1053,7 +1053,7 @@ class BroadcastServerFactory(LeanWebSocketServerFactory):
         debug: bool = False,
         max_name_length: int = 32,
         fetcher=None,
-        authenticator=None,
+        authenticator: Optional[SignIn] = None,
         anonymous: Grants = EVERYTHING,
         token_refresh_window: float = 60.0,
         token_leeway: float = 30.0,
