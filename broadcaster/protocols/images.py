@@ -6,7 +6,12 @@ Wire format, both directions: a frame is a 4-byte big-endian unsigned length
 
 Client to server
     Each frame holds one image: PNG, JPEG, GIF, WebP or BMP by default
-    (``--image-formats``).
+    (``--image-formats``).  With sign-in configured (``--auth-url``,
+    ``--jwt-*``) and the port open (``--anonymous-raw-ports``), a first
+    frame ``AUTH <credential>`` signs the client in, checked as a WebSocket
+    handshake's ``Authorization: Bearer``: answered with a frame ``OK
+    signed in as <user>``, or an error frame and a disconnect.  Without it
+    a client has the rights of ``--anonymous-rooms``.
 
 Server to client
     Each frame holds a PNG: an image another client sent (any image-port
@@ -66,6 +71,7 @@ from broadcaster.protocols.admission import Admission, AdmittingFactory
 from broadcaster.core.flow import Limits
 from broadcaster.core.events import encoded, Event, ImageMessage
 from broadcaster.core.hub import LOBBY, Hub
+from broadcaster.core.identity import SignIn
 from broadcaster.core.permissions import EVERYTHING, PUBLISH, Forbidden, Grants
 from broadcaster.core.imaging import (
     DEFAULT_FORMATS,
@@ -84,6 +90,9 @@ _HEADER = struct.Struct(">I")
 MAX_QUEUED_FRAMES = 2
 
 Decoder = Callable[[bytes], Deferred]
+
+#: The longest ``AUTH`` frame taken for a sign-in; a longer one is an image.
+MAX_CREDENTIAL_LENGTH = 8192
 
 
 def frame(payload: bytes) -> bytes:
@@ -120,6 +129,7 @@ class ImageProtocol(RawMemberProtocol):
         self._deadline: Optional[IDelayedCall] = None
         self._queue: Deque[bytes] = deque()
         self._decoding = False
+        self._first_frame = True
         self._paused = False
 
     # Connection lifecycle
@@ -146,7 +156,7 @@ class ImageProtocol(RawMemberProtocol):
         if not self._buffer and self._expected is None:
             self._start_deadline()
         self._buffer += data
-        while not self.closing:
+        while not self.closing and not self.signing_in:
             if self._expected is None:
                 if len(self._buffer) < _HEADER.size:
                     return
@@ -218,12 +228,28 @@ class ImageProtocol(RawMemberProtocol):
         self._cancel_deadline()
         self.close_with(error_frame(reason))
 
+    def signed_in(self) -> bytes:
+        return frame("OK signed in as {}".format(self.user or "-").encode("utf-8"))
+
+    def resume_input(self) -> None:
+        # Frames that came with the AUTH frame, or while it was checked.
+        self.dataReceived(b"")
+
     def busy(self) -> bool:
         return self._decoding or bool(self._queue)
 
     # Decoding, in order, off the reactor thread
 
     def _frame_received(self, body: bytes) -> None:
+        if self._first_frame:
+            self._first_frame = False
+            if (
+                body.startswith(b"AUTH ")
+                and len(body) <= MAX_CREDENTIAL_LENGTH
+                and self.factory.authenticator is not None
+            ):
+                self.sign_in(body[5:].decode("utf-8", "replace").strip())
+                return
         self.factory.hub.stats.received(self.kind, len(body))
         if not self.within_rate(error_frame):
             return
@@ -328,9 +354,12 @@ class ImageFactory(AdmittingFactory, ServerFactory):
         limits: Limits = Limits(),
         admission: Optional[Admission] = None,
         anonymous: Grants = EVERYTHING,
+        authenticator: Optional[SignIn] = None,
     ) -> None:
         self.hub = hub
         self.admission = admission
+        #: Checks ``AUTH`` frames, or ``None``: nobody signs in.
+        self.authenticator = authenticator
         self.limits = limits
         self.clock = clock
         self.decode = decode

@@ -401,6 +401,7 @@ def _clients(
             image_timeout=options["image-timeout"],
             admission=admission,
             anonymous=options.get("anonymous-grants", EVERYTHING),
+            authenticator=service.authenticator,
         )
         service.image_endpoint = _listen(
             clients, options["image-port"], images, "Image protocol", reactor, fds.get("image")

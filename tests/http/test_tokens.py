@@ -1012,3 +1012,41 @@ class TokenRefreshTests(SignedInTestCase):
         yield self.read(keeper, "ack", timeout=5, ref=1)
         expired = [e for e in self.logged if "[TOKEN EXPIRED]" in e.get("log_format", "")]
         self.assertEqual(len(expired), 2)
+
+
+class ImagePortSignInTests(SignedInTestCase):
+    """An image-port client signs in with a first frame AUTH <token>."""
+
+    @inlineCallbacks
+    def test_auth_frame(self):
+        """On the image port the first frame AUTH <token> signs in: frames
+        sent with it wait for it; a token without the lobby may not
+        publish images there; a bad token is refused and closed."""
+        from tests.core.test_imaging import make_image
+        from tests.support import FrameClient, connect_raw, port_of
+
+        service, _ = yield start_server(self, [*self.jwt_flags(), "--anonymous-raw-ports"])
+        port = port_of(service.image_endpoint)
+        watcher = yield connect_raw(self, port, FrameClient)
+        camera = yield connect_raw(self, port, FrameClient)
+        good = self.token(hs256, live_claims(sub="cam-1", rooms=["lobby"]))
+        camera.send_frame(b"AUTH " + good.encode())
+        camera.send_frame(make_image("PNG", size=(3, 2)))
+        self.assertEqual((yield camera.next()), b"OK signed in as cam-1")
+        png = yield watcher.next()
+        self.assertTrue(png.startswith(b"\x89PNG"))
+
+        elsewhere = self.token(hs256, live_claims(sub="cam-2", rooms=["desk-*"]))
+        outsider = yield connect_raw(self, port, FrameClient)
+        outsider.send_frame(b"AUTH " + elsewhere.encode())
+        self.assertEqual((yield outsider.next()), b"OK signed in as cam-2")
+        outsider.send_frame(make_image("PNG", size=(3, 2)))
+        self.assertEqual(
+            (yield outsider.next()), b"ERROR not allowed to publish in room 'lobby'"
+        )
+
+        bad = self.token(hs256, live_claims(sub="cam-3"), secret="y" * 40)
+        mallory = yield connect_raw(self, port, FrameClient)
+        mallory.send_frame(b"AUTH " + bad.encode())
+        self.assertEqual((yield mallory.next()), b"ERROR authentication failed; closing")
+        yield mallory.closed
