@@ -84,6 +84,11 @@ def log_disconnect(
     )
 
 
+#: The longest ``AUTH`` line or frame taken for a sign-in (a signed token
+#: is a few hundred bytes to a few KiB); a longer one is chat, or an image.
+MAX_CREDENTIAL_LENGTH = 8192
+
+
 class RawMemberProtocol(MemberBase, Protocol):
     """
     A raw-TCP connection that is a hub member for as long as it is connected.
@@ -143,6 +148,23 @@ class RawMemberProtocol(MemberBase, Protocol):
     user: Optional[str] = None
     #: Whether an ``AUTH`` is being checked: input waits meanwhile.
     signing_in = False
+
+    def signs_in(self, first: bytes) -> bool:
+        """
+        If the client's first line or frame is ``AUTH <credential>`` and
+        this server signs clients in, start signing it in.
+
+        :return: whether it was that (and is not to be taken as chat or
+            an image).
+        """
+        if (
+            not first.startswith(b"AUTH ")
+            or len(first) > MAX_CREDENTIAL_LENGTH
+            or getattr(self.factory, "authenticator", None) is None
+        ):
+            return False
+        self.sign_in(first[5:].decode("utf-8", "replace").strip())
+        return True
 
     def sign_in(self, credential: str) -> None:
         """

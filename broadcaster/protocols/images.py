@@ -91,9 +91,6 @@ MAX_QUEUED_FRAMES = 2
 
 Decoder = Callable[[bytes], Deferred]
 
-#: The longest ``AUTH`` frame taken for a sign-in; a longer one is an image.
-MAX_CREDENTIAL_LENGTH = 8192
-
 
 def frame(payload: bytes) -> bytes:
     """
@@ -243,12 +240,7 @@ class ImageProtocol(RawMemberProtocol):
     def _frame_received(self, body: bytes) -> None:
         if self._first_frame:
             self._first_frame = False
-            if (
-                body.startswith(b"AUTH ")
-                and len(body) <= MAX_CREDENTIAL_LENGTH
-                and self.factory.authenticator is not None
-            ):
-                self.sign_in(body[5:].decode("utf-8", "replace").strip())
+            if self.signs_in(body):
                 return
         self.factory.hub.stats.received(self.kind, len(body))
         if not self.within_rate(error_frame):

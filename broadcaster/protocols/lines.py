@@ -62,10 +62,6 @@ from broadcaster.core.permissions import EVERYTHING, Forbidden, Grants
 from broadcaster.core.text import escape_controls
 from broadcaster.protocols.connection import RawMemberProtocol
 
-#: The longest ``AUTH`` line taken for a sign-in (a signed token is a few
-#: hundred bytes to a few KiB); a longer one is chat.
-MAX_CREDENTIAL_LENGTH = 8192
-
 # An HTTP/1.x request line, as a browser sends one.
 _HTTP_REQUEST_LINE = re.compile(rb"[A-Z]{3,10} \S+ HTTP/1\.[01]\Z")
 
@@ -144,12 +140,7 @@ class LineBridgeProtocol(RawMemberProtocol):
             if _HTTP_REQUEST_LINE.match(line):
                 self._speaks_http()
                 return
-            if (
-                line.startswith(b"AUTH ")
-                and len(line) <= MAX_CREDENTIAL_LENGTH
-                and self.factory.authenticator is not None
-            ):
-                self.sign_in(line[5:].decode("utf-8", "replace").strip())
+            if self.signs_in(line):
                 return
         if self.closing:
             return
