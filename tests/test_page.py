@@ -1126,3 +1126,49 @@ class BigLobbyPageTests(PageTestCase):
         self.assertEqual(len(listed), len(set(listed)))
         errors = yield deferToThread(self.page.console_errors)
         self.assertEqual(errors, [])
+
+
+class SignedInPageTests(PageTestCase):
+    """The page signed in with a token given in its fragment."""
+
+    SECRET = "page-secret-7c1e0f3a9b2d4e6f8a0b1c2d3e4f5a6b"
+
+    def setUp(self):
+        # Only clients with a token get in: the secret file is the test's.
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(self.SECRET)
+        getattr(type(self), self._testMethodName).server_args = ("--jwt-secret-file", path)
+        return super().setUp()
+
+    def token(self, **claims):
+        import time
+
+        import jwt
+
+        now = int(time.time())
+        return jwt.encode({"sub": "u-7", "exp": now + 600, "iat": now, **claims}, self.SECRET, algorithm="HS256")
+
+    @inlineCallbacks
+    def test_token_in_the_fragment(self):
+        """Opened as /#token=..., the page signs in with it (the server
+        knows the user, the token's name is the page's), and the token
+        leaves the address bar; without a token the page is refused."""
+        page_id = yield deferToThread(self.page.open, self.url + "#token=" + self.token(name="Tia"))
+        member = self.service.hub.member(page_id)
+        self.assertEqual((member.user, member.name), ("u-7", "Tia"))
+        address = yield deferToThread(lambda: self.page.driver.current_url)
+        self.assertNotIn("token", address)
+        # A reload in the same tab keeps the sign-in (sessionStorage).
+        yield deferToThread(self.page.driver.refresh)
+        again = yield deferToThread(self.page.wait_connected, page_id)
+        self.assertEqual(self.service.hub.member(again).user, "u-7")
+
+        refused_before = self.service.hub.stats.refused_handshakes["auth"]
+        yield deferToThread(self.page.driver.execute_script, "sessionStorage.clear();")
+        yield deferToThread(self.page.driver.get, self.url)
+        yield wait_for(
+            lambda: self.service.hub.stats.refused_handshakes["auth"] > refused_before,
+            what="the page without a token refused",
+        )
+        yield wait_for(lambda: len(self.service.hub) == 0, what="nobody connected")

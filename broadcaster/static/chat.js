@@ -1051,6 +1051,11 @@
       case 'recovered': onRecovered(event); break;
       case 'ack': onAck(event); break;
       case 'error': onError(event); break;
+      case 'expiring':
+        noticeEverywhere(
+          `Your sign-in ends in ${Math.round(event.in)} s: open the page again with a new token.`,
+          'connection');
+        break;
       case 'binary':
       case 'image':
         // The bytes follow as the next binary message.
@@ -1091,6 +1096,26 @@
   // ------------------------------------------------ connect and reconnect
 
   /**
+   * A sign-in token given in the page's fragment (#token=...): fragments
+   * never reach a server, nor a Referer.  It is kept for this tab only
+   * (sessionStorage, so that a reload keeps it) and taken out of the
+   * address bar, and sent as ?token= on the WebSocket handshake, the one
+   * place a browser can put it.
+   */
+  const signInToken = (() => {
+    const fragment = new URLSearchParams(location.hash.slice(1));
+    const given = fragment.get('token');
+    if (given) {
+      fragment.delete('token');
+      const rest = fragment.toString();
+      history.replaceState(null, '', location.pathname + location.search + (rest ? `#${rest}` : ''));
+      try { sessionStorage.setItem('broadcaster.token', given); } catch (e) { /* private mode */ }
+      return given;
+    }
+    try { return sessionStorage.getItem('broadcaster.token'); } catch (e) { return null; }
+  })();
+
+  /**
    * The WebSocket URL: this page's host and query, with our name and the
    * lobby's cursor (so the server replays what we missed there).
    */
@@ -1099,6 +1124,7 @@
     const params = new URLSearchParams(location.search);
     params.delete('name');
     params.delete('since');
+    if (signInToken) params.set('token', signInToken);
     const query = [];
     for (const [key, value] of params) {
       query.push(`${encodeURIComponent(key)}=${encodeURIComponent(value)}`);
