@@ -73,6 +73,7 @@ from broadcaster.core.hub import Hub
 from broadcaster.core.moderation import InvalidExpulsion, parse_expulsion
 from broadcaster.http.site import SMALL_BODY
 from broadcaster.core.names import LOBBY, InvalidName, check_room
+from broadcaster.core.permissions import EVERYTHING, PUBLISH, Grants, parse_grants
 from broadcaster.protocols.wire import (
     HISTORY_REPLY_SIZE,
     MAX_REF_LENGTH,
@@ -265,11 +266,60 @@ class PublishResource(KeyedResource):
     method = b"POST"
     what = "publish"
 
-    def __init__(self, hub: Hub, keys: Iterable[str], max_size: int) -> None:
+    def __init__(
+        self, hub: Hub, keys: Iterable[str], max_size: int, tokens: Optional[Any] = None
+    ) -> None:
         super().__init__(hub, keys)
         self.max_size = max_size
+        #: Checks a signed token (``verify``) given instead of a key, or
+        #: ``None``: keys only.
+        self._tokens = tokens
 
-    def serve(self, request: Request, peer: str, key: str) -> Any:
+    def render(self, request: Request) -> bytes:
+        """
+        As every endpoint, with one more way in: a bearer that is no API
+        key but a signed token whose ``rooms`` let its user publish in the
+        room (scripts that should not hold a key).
+        """
+        if self._tokens is None or request.method != self.method:
+            return super().render(request)
+        _, problem = self._authorized(request)
+        if problem != "wrong key":
+            return super().render(request)
+        peer = _peer(request)
+        token = request.getHeader(b"authorization").partition(b" ")[2].strip()
+        gone: List[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def signed_in(identity) -> Any:
+            try:
+                grants = parse_grants(identity.rooms)
+                return self.serve(request, peer, "user " + str(identity.user), grants)
+            except (BadInput, ValueError) as e:
+                return _json(request, 400, {"error": str(e)})
+
+        def refused(failure: Failure) -> bytes:
+            reason = getattr(failure.value, "reason", None) or "the token was refused"
+            self._log.warn(
+                "[API] {peer}: publish refused, neither a key nor a good token ({reason});"
+                " answered 401",
+                peer=peer,
+                reason=reason,
+            )
+            request.setHeader(b"WWW-Authenticate", b'Bearer realm="broadcaster", error="invalid_token"')
+            return _json(request, 401, {"error": "a key or a signed token is required"})
+
+        def write(body: Any) -> None:
+            if body is NOT_DONE_YET or gone:
+                return
+            request.write(body)
+            request.finish()
+
+        d = self._tokens.verify(token.decode("utf-8", "replace"))
+        d.addCallbacks(signed_in, refused).addCallback(write)
+        return NOT_DONE_YET
+
+    def serve(self, request: Request, peer: str, key: str, grants: Grants = EVERYTHING) -> Any:
         declared = request.getHeader(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_size:
             return self._too_large(request, peer)
@@ -281,6 +331,16 @@ class PublishResource(KeyedResource):
         if not isinstance(text, str):
             raise BadInput('a "text" string is required')
         room = _room(message.get("room", LOBBY))
+        if not grants.allows(room, PUBLISH):
+            self._log.warn(
+                "[FORBIDDEN] {peer} ({key}): not allowed to publish in room {room!r}",
+                peer=peer,
+                key=key,
+                room=room,
+            )
+            return _json(
+                request, 403, {"error": "not allowed to publish in room {!r}".format(room)}
+            )
 
         def published(event: TextMessage) -> bytes:
             self._log.info(
@@ -452,15 +512,18 @@ def api_resource(
     keys: Iterable[str],
     max_size: int,
     history_reply_size: int = HISTORY_REPLY_SIZE,
+    tokens: Optional[Any] = None,
 ) -> Resource:
     """
     ``/api``, with ``publish``, ``rooms`` and ``disconnect`` under it.
 
     :param max_size: the largest body ``publish`` accepts (``--max-message-size``).
+    :param tokens: checks signed tokens (``verify``), which ``publish``
+        also takes, within their ``rooms``; ``None``: keys only.
     """
     keys = list(keys)
     api = Resource()
-    api.putChild(b"publish", PublishResource(hub, keys, max_size))
+    api.putChild(b"publish", PublishResource(hub, keys, max_size, tokens))
     api.putChild(b"rooms", RoomsResource(hub, keys, history_reply_size))
     api.putChild(b"disconnect", DisconnectResource(hub, keys))
     return api

@@ -351,10 +351,14 @@ def _clients(
     )
     hosts = _host_policy(service._log, options)
     metrics = MetricsResource(registry) if registry is not None else None
-    keys = options.get("api-keys", options["api-key"])
+    keys = options.get("api-keys", options["api-key"]) or []
+    # Signed tokens may publish too, within their rooms.
+    tokens = service.authenticator if options.get("jwt-keys") or options.get("jwt-jwks-url") else None
     api = (
-        api_resource(hub, keys, options["max-message-size"], factory.history_reply_size)
-        if keys
+        api_resource(
+            hub, keys, options["max-message-size"], factory.history_reply_size, tokens=tokens
+        )
+        if keys or tokens is not None
         else None
     )
     service.web_endpoint = _listen(

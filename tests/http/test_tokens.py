@@ -1050,3 +1050,48 @@ class ImagePortSignInTests(SignedInTestCase):
         mallory.send_frame(b"AUTH " + bad.encode())
         self.assertEqual((yield mallory.next()), b"ERROR authentication failed; closing")
         yield mallory.closed
+
+
+class PublishWithTokenTests(SignedInTestCase):
+    """POST /api/publish with a signed token instead of an API key."""
+
+    @inlineCallbacks
+    def post(self, port, token, body):
+        import json as _json
+
+        import treq
+
+        response = yield treq.post(
+            "http://127.0.0.1:{}/api/publish".format(port),
+            data=_json.dumps(body).encode(),
+            headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"},
+            persistent=False,
+        )
+        answer = yield response.json()
+        return response.code, answer
+
+    @inlineCallbacks
+    def test_publish_within_the_token_s_rooms(self):
+        """A token whose rooms grant publish in 'news' publishes there (a
+        member hears it), not in the lobby (403); a bad token is 401; no
+        API key is configured at all."""
+        service, port = yield start_server(self, self.jwt_flags())
+        reader = yield connect_client(
+            self, port, json_mode=True,
+            headers={"Authorization": "Bearer " + self.token(hs256, live_claims(sub="r-1"))},
+        )
+        self.assertEqual((yield reader.next_json())["type"], "welcome")
+        reader.send_json({"type": "join", "room": "news"})
+        newsroom = self.token(hs256, live_claims(sub="bot-1", rooms={"news": ["join", "publish"]}))
+        code, answer = yield self.post(port, newsroom, {"room": "news", "text": "extra!"})
+        self.assertEqual((code, answer["room"]), (202, "news"))
+        while True:
+            event = yield reader.next_json()
+            if event["type"] == "message":
+                break
+        self.assertEqual((event["room"], event["text"]), ("news", "extra!"))
+        code, answer = yield self.post(port, newsroom, {"text": "to everyone"})
+        self.assertEqual((code, answer["error"]), (403, "not allowed to publish in room 'lobby'"))
+        forged = self.token(hs256, live_claims(sub="bot-2"), secret="z" * 40)
+        code, _ = yield self.post(port, forged, {"text": "spam"})
+        self.assertEqual(code, 401)
