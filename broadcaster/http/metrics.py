@@ -90,6 +90,13 @@ class StatsCollector:
             stats.refused_handshakes,
             ("origin", "name", "since", "max_connections", "max_connections_per_ip"),
         )
+        yield _by_label(
+            "broadcaster_refused_requests",
+            "HTTP requests refused before they were read, by status code (403: a"
+            " Host not allowed; 408, 413, ...).",
+            "code",
+            {str(code): count for code, count in stats.refused_requests.items()},
+        )
         yield CounterMetricFamily(
             "broadcaster_slow_consumer_disconnects",
             "Clients closed for falling more than --max-buffer behind.",

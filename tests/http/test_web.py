@@ -155,6 +155,10 @@ class DNSRebindingTests(TestCase):
         ]
         self.assertEqual([e["host"] for e in refused], [evil] * 7)
         self.assertEqual(refused[0]["log_format"], "[REFUSED] {peer}: Host {host!r} not allowed; answered 403")
+        # Counted where an operator looks (a real Host asks /metrics).
+        status, metrics = yield get(port, "/metrics", "127.0.0.1:{}".format(port))
+        self.assertEqual(status, 200)
+        self.assertIn(b'broadcaster_refused_requests_total{code="403"} 7.0', metrics)
 
     @inlineCallbacks
     def test_loopback_names_are_answered_on_loopback(self):
