@@ -1095,3 +1095,54 @@ class PublishWithTokenTests(SignedInTestCase):
         forged = self.token(hs256, live_claims(sub="bot-2"), secret="z" * 40)
         code, _ = yield self.post(port, forged, {"text": "spam"})
         self.assertEqual(code, 401)
+
+
+class EveryRightTests(SignedInTestCase):
+    """Each right refused on each request that needs it, for a client whose
+    token grants the room 'quiet' with join alone, and the lobby with join
+    and history: an error with the ref, the connection kept."""
+
+    @inlineCallbacks
+    def read(self, client, kind, **fields):
+        while True:
+            payload, binary = yield client.next()
+            if binary:
+                continue
+            event = json.loads(payload)
+            if event["type"] == kind and all(event.get(k) == v for k, v in fields.items()):
+                return event
+
+    @inlineCallbacks
+    def test_every_request_is_checked(self):
+        service, port = yield start_server(self, self.jwt_flags())
+        rooms = {"quiet": ["join"], "lobby": ["join", "history"]}
+        client = yield connect_client(
+            self, port, json_mode=True,
+            headers={"Authorization": "Bearer " + self.token(hs256, live_claims(rooms=rooms))},
+        )
+        welcome = yield self.read(client, "welcome")
+        self.assertEqual(welcome["rights"], ["join", "history"])
+        client.send_json({"type": "join", "room": "quiet", "since": {"epoch": "e", "seq": 0}, "ref": "since"})
+        joined = yield self.read(client, "presence", room="quiet")
+        self.assertEqual(joined["rights"], ["join"])
+        refusals = {
+            "since": "not allowed to read the history of room 'quiet'",
+            "history": "not allowed to read the history of room 'quiet'",
+            "who": "not allowed to see who is in room 'quiet'",
+            "message": "not allowed to publish in room 'quiet'",
+            "lobby message": "not allowed to publish in room 'lobby'",
+            "image_url": "not allowed to publish in room 'lobby'",
+        }
+        client.send_json({"type": "history", "room": "quiet", "ref": "history"})
+        client.send_json({"type": "who", "room": "quiet", "ref": "who"})
+        client.send_json({"type": "message", "room": "quiet", "text": "psst", "ref": "message"})
+        client.send_json({"type": "message", "text": "hello all", "ref": "lobby message"})
+        client.send_json({"type": "image_url", "url": "https://example.com/a.png", "ref": "image_url"})
+        for ref, reason in refusals.items():
+            error = yield self.read(client, "error", ref=ref)
+            self.assertEqual(error["reason"], reason, ref)
+        # What it may do, it still can: the lobby's history.
+        client.send_json({"type": "history", "ref": "ok"})
+        answer = yield self.read(client, "history", room="lobby")
+        self.assertEqual(answer["messages"], [])
+        self.assertEqual(service.hub.stats.forbidden, len(refusals))
