@@ -67,6 +67,12 @@ from broadcaster.protocols.wire import event_json
 #: Most events in one POST.
 BATCH_SIZE = 100
 
+#: Bytes of events one POST carries at most (but always one event): 100
+#: large messages, escaped, would otherwise make a POST of tens of MiB,
+#: which many receivers refuse outright (413), and a refused batch is
+#: dropped.
+BATCH_BYTES = 1024 * 1024
+
 #: Seconds an event may wait for others to share its POST.
 BATCH_INTERVAL = 1.0
 
@@ -289,8 +295,15 @@ class WebhookDelivery:
         self._timer = None
 
     def _take_batch(self) -> None:
-        count = min(self.batch_size, len(self._queue))
-        self._batch = [self._queue.popleft()[1] for _ in range(count)]
+        batch: List[bytes] = []
+        size = 0
+        while self._queue and len(batch) < self.batch_size:
+            encoded = self._queue[0][1]
+            if batch and size + len(encoded) > BATCH_BYTES:
+                break
+            batch.append(self._queue.popleft()[1])
+            size += len(encoded)
+        self._batch = batch
         self._batch_json = b"[" + b",".join(self._batch) + b"]"
         self.queued_bytes -= sum(map(len, self._batch))
         self._batch_started = self._clock.seconds()

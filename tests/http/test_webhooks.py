@@ -33,6 +33,7 @@ from broadcaster.http.metrics import StatsCollector
 from broadcaster.service.tap import Options, makeService
 from broadcaster.http import webhooks
 from broadcaster.http.webhooks import (
+    BATCH_BYTES,
     WebhookDelivery,
     WebhookService,
     backoff_delay,
@@ -487,6 +488,25 @@ class BackoffTests(SynchronousTestCase):
             return None
         (call,) = calls
         return call.getTime() - self.clock.seconds()
+
+    def test_a_post_carries_at_most_a_mebibyte_of_events(self):
+        """Big events go out in POSTs of at most BATCH_BYTES of events (one
+        event alone if it is larger), in order, none lost."""
+        receiver = Receiver()
+        delivery = self.delivery(receiver)
+        big = events_of(30, size=200_000)
+        for event in big:
+            delivery.enqueue(event)
+        self.clock.advance(1)
+        while delivery.pending_bytes:
+            self.clock.advance(1)
+        self.assertEqual(
+            [e["event_id"] for r in receiver.received for e in r.events],
+            [e["event_id"] for e in big],
+        )
+        self.assertTrue(all(len(r.body) <= BATCH_BYTES + 400_000 for r in receiver.received))
+        self.assertGreater(len(receiver.received), 1)
+        self.assertLessEqual(max(len(r.events) for r in receiver.received), 5)
 
     def test_delays_double_up_to_the_cap_and_give_up_after_retry_for(self):
         """Without jitter delays go 1, 2, 4 ... 60 s, the last cut to end at --webhook-retry-for."""
