@@ -24,7 +24,7 @@ from typing import List, Optional, Protocol, Tuple
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
-from broadcaster.core.events import Event, TextMessage, uncached
+from broadcaster.core.events import Event, TextMessage
 from broadcaster.core.history import DEFAULT_MEMORY, Histories, HistoryMemory
 from broadcaster.core.members import Member
 from broadcaster.core.moderation import Expulsion
@@ -181,7 +181,10 @@ class LocalBackplane:
             history = self.histories.get(event.room)
             seq = history.next_seq()
             event = replace(event, seq=seq, epoch=history.epoch)
-            history.record(seq, uncached(event))
+            # Kept as delivered: the fan-out drops the encodings it cached
+            # on it once the room's round is done (a copy per message, to
+            # keep none, measured 14% of S1's throughput at 1000 clients).
+            history.record(seq, event)
         self._hub.deliver(event)
         return succeed(event)
 

@@ -118,6 +118,9 @@ class FanOut:
         # room -> its members in none of its sweeps while some are under
         # way: served by one that is done, or joined since they began.
         self._outside: Dict[str, List[Member]] = {}
+        # room -> the batches of its round served so far, whose events'
+        # cached encodings are dropped when the round is done.
+        self._served: Dict[str, List[EventBatch]] = {}
         self._sweep_call = None
         #: Seconds of delivering before the reactor gets to read again.
         self.sweep_slice = SWEEP_SLICE
@@ -291,11 +294,19 @@ class FanOut:
                         self._sweep_call = self._clock.callLater(0, self._sweep)
                         return
                     queue.popleft()
+                    self._served.setdefault(room, []).append(batch)
                     self.stats.fan_out_seconds.observe(sweep.seconds)
                     if queue:
                         self._outside.setdefault(room, []).extend(members)
                 del self._sweeps[room]
                 self._outside.pop(room, None)
+                # The room's round is done: the encodings cached on its
+                # events served it and are dropped, so that a message kept
+                # in history keeps only itself.  (Only a cache: a replay
+                # encodes again.)
+                for batch in self._served.pop(room, ()):
+                    for event in batch:
+                        event.wire.clear()
         finally:
             self._delivering = False
         self._quiet_since = timer()

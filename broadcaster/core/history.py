@@ -44,10 +44,10 @@ DEFAULT_MEMORY = 256 * 1024 * 1024
 
 #: Bytes a kept message costs besides its text: the event object, its
 #: attribute dict and empty cache, its time stamp and sequence number,
-#: and the history's entry for it; measured with tracemalloc at about 360
+#: and the history's entry for it; measured with tracemalloc at about 300
 #: on CPython 3.11 (tests/core/test_hub.py checks it).  Its room, sender,
 #: name and epoch are strings shared with the room and the member.
-KEPT_OVERHEAD = 400
+KEPT_OVERHEAD = 320
 
 #: Seconds without an eviction after which an episode of evictions over
 #: ``--history-memory`` is over (and logged as such).

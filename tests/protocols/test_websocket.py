@@ -444,11 +444,25 @@ class ProtocolUnitTests(SynchronousTestCase):
         js, js_t = self.connect(json_mode=True)
         for t in (ann_t, bob_t, js_t):
             t.clear()
+        from broadcaster.protocols import websocket as websocket_module
+
+        encodings = []
+        cached = websocket_module.encoded
+
+        def counted(event, key, encode):
+            if key not in event.wire:
+                encodings.append((event, key))
+            return cached(event, key, encode)
+
+        self.patch(websocket_module, "encoded", counted)
         event = self.successResultOf(self.hub.publish_text(ann.id, "hi"))
         self.assertEqual(ann_t.value(), b"\x81\x02hi")
         self.assertEqual(bob_t.value(), b"\x81\x02hi")
         self.assertIn(b'"text":"hi"', js_t.value())
-        self.assertEqual(len(event.wire), 2)
+        # Once per format (the event's frames, then the batch's)...
+        self.assertEqual(len([e for e, _ in encodings if e is event]), 2)
+        # ...and dropped once the round is done: the event is kept in history.
+        self.assertEqual(event.wire, {})
 
     def test_masked_client_frame_is_broadcast(self):
         """A masked text frame from a client reaches the others unmasked."""
