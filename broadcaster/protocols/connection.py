@@ -11,15 +11,18 @@ from typing import Callable, Optional
 
 from autobahn.twisted.util import peer2str
 from twisted.internet.error import ConnectionDone
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from broadcaster.core.flow import RateLimit
-from broadcaster.core.identity import AuthDenied, AuthUnavailable, Identity
+from broadcaster.core.flow import Limits, RateLimit
+from broadcaster.core.hub import Hub
+from broadcaster.core.identity import AuthDenied, AuthUnavailable, Identity, SignIn
 from broadcaster.core.members import MemberBase
 from broadcaster.core.names import LOBBY
-from broadcaster.core.permissions import JOIN, parse_grants
+from broadcaster.core.permissions import EVERYTHING, JOIN, Grants, parse_grants
+from broadcaster.protocols.admission import Admission, AdmittingFactory
 from broadcaster.protocols.outbound import Outbound
 
 
@@ -403,3 +406,35 @@ class RawMemberProtocol(MemberBase, Protocol):
             reason=reason.getErrorMessage() if reason is not None else "",
             clean=reason is None or reason.check(ConnectionDone) is not None,
         )
+
+
+class RawMemberFactory(AdmittingFactory, ServerFactory):
+    """
+    What the factories of the raw-TCP ports (the line bridge, the image
+    port) share: the hub their protocols join, the clock, the flow limits,
+    the admission of every connection, the rights of clients that do not
+    sign in, and what checks those that do (``AUTH``).
+
+    :param anonymous: what clients that do not sign in may do
+        (``--anonymous-rooms``).
+    :param authenticator: checks ``AUTH`` lines and frames (as the
+        WebSocket handshake's authenticator), or ``None``: nobody signs in.
+    """
+
+    noisy = False
+
+    def __init__(
+        self,
+        hub: Hub,
+        clock: IReactorTime,
+        limits: Limits = Limits(),
+        admission: Optional[Admission] = None,
+        anonymous: Grants = EVERYTHING,
+        authenticator: Optional[SignIn] = None,
+    ) -> None:
+        self.hub = hub
+        self.clock = clock
+        self.limits = limits
+        self.admission = admission
+        self.anonymous = anonymous
+        self.authenticator = authenticator

@@ -62,12 +62,11 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.threads import deferToThreadPool
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from broadcaster.protocols.admission import Admission, AdmittingFactory
+from broadcaster.protocols.admission import Admission
 from broadcaster.core.flow import Limits
 from broadcaster.core.events import encoded, Event, ImageMessage
 from broadcaster.core.hub import LOBBY, Hub
@@ -81,7 +80,7 @@ from broadcaster.core.imaging import (
     NormalisedImage,
     normalise,
 )
-from broadcaster.protocols.connection import RawMemberProtocol
+from broadcaster.protocols.connection import RawMemberFactory, RawMemberProtocol
 
 _HEADER = struct.Struct(">I")
 
@@ -319,7 +318,7 @@ class ImageProtocol(RawMemberProtocol):
         self.send(encoded(event, ImageProtocol, _png_frame_header), event.png)
 
 
-class ImageFactory(AdmittingFactory, ServerFactory):
+class ImageFactory(RawMemberFactory):
     """
     Builds :class:`ImageProtocol` instances sharing a hub and a decoder.
 
@@ -332,7 +331,6 @@ class ImageFactory(AdmittingFactory, ServerFactory):
     """
 
     protocol = ImageProtocol
-    noisy = False
     listener = "image port"
     refusal = staticmethod(lambda reason: error_frame(reason + "; closing"))
 
@@ -348,15 +346,8 @@ class ImageFactory(AdmittingFactory, ServerFactory):
         anonymous: Grants = EVERYTHING,
         authenticator: Optional[SignIn] = None,
     ) -> None:
-        self.hub = hub
-        self.admission = admission
-        #: Checks ``AUTH`` frames, or ``None``: nobody signs in.
-        self.authenticator = authenticator
-        self.limits = limits
-        self.clock = clock
+        super().__init__(hub, clock, limits, admission, anonymous, authenticator)
         self.decode = decode
-        #: What its clients, who cannot sign in, may do (--anonymous-rooms).
-        self.anonymous = anonymous
         self.max_image_size = max_image_size
         self.image_timeout = image_timeout
 

@@ -50,17 +50,16 @@ import re
 from typing import Optional
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
-from broadcaster.protocols.admission import Admission, AdmittingFactory
+from broadcaster.protocols.admission import Admission
 from broadcaster.core.flow import Limits
 from broadcaster.core.events import encoded, Event, Joined, Left, TextMessage
 from broadcaster.core.hub import Hub, NotInRoom
 from broadcaster.core.identity import SignIn
 from broadcaster.core.permissions import EVERYTHING, Forbidden, Grants
 from broadcaster.core.text import escape_controls
-from broadcaster.protocols.connection import RawMemberProtocol
+from broadcaster.protocols.connection import RawMemberFactory, RawMemberProtocol
 
 # An HTTP/1.x request line, as a browser sends one.
 _HTTP_REQUEST_LINE = re.compile(rb"[A-Z]{3,10} \S+ HTTP/1\.[01]\Z")
@@ -200,7 +199,7 @@ class LineBridgeProtocol(RawMemberProtocol):
             self.send(line)
 
 
-class LineBridgeFactory(AdmittingFactory, ServerFactory):
+class LineBridgeFactory(RawMemberFactory):
     """
     Builds :class:`LineBridgeProtocol` instances on a shared hub.
 
@@ -208,7 +207,6 @@ class LineBridgeFactory(AdmittingFactory, ServerFactory):
     """
 
     protocol = LineBridgeProtocol
-    noisy = False
     listener = "line bridge"
     refusal = staticmethod(lambda reason: _error_line(reason + "; closing"))
 
@@ -222,13 +220,5 @@ class LineBridgeFactory(AdmittingFactory, ServerFactory):
         anonymous: Grants = EVERYTHING,
         authenticator: Optional[SignIn] = None,
     ) -> None:
-        self.hub = hub
-        #: Checks ``AUTH`` lines (as the WebSocket handshake's
-        #: authenticator), or ``None``: nobody signs in.
-        self.authenticator = authenticator
-        self.admission = admission
-        self.clock = clock
+        super().__init__(hub, clock, limits, admission, anonymous, authenticator)
         self.max_line_length = max_line_length
-        self.limits = limits
-        #: What its clients, who cannot sign in, may do (--anonymous-rooms).
-        self.anonymous = anonymous
