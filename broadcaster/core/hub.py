@@ -237,6 +237,20 @@ class Hub:
             return None
         return self._join(member, LOBBY, fresh=True)
 
+    def _may(self, member_id: str, room: str, right: str) -> Member:
+        """
+        The member, if it is in ``room`` and may do ``right`` there.
+
+        :raise NotInRoom: if it is not in ``room`` (checked first: one
+            cannot be refused a right in a room one has not joined).
+        :raise Forbidden: if its grants do not allow ``right`` there.
+        """
+        member = self._members.get(member_id)
+        if member is None or room not in self._memberships[member_id]:
+            raise NotInRoom("not in room {!r}: join it first".format(room))
+        member.grants.check(room, right)
+        return member
+
     def check(self, member_id: str, room: str, right: str) -> None:
         """
         Refuse what a member may not do, before any work is done for it
@@ -398,10 +412,7 @@ class Hub:
         :raise NotInRoom: if ``sender`` is not in ``room``.
         :raise Forbidden: if it may not publish there.
         """
-        member = self._members.get(sender)
-        if member is None or room not in self._memberships[sender]:
-            raise NotInRoom("not in room {!r}: join it first".format(room))
-        member.grants.check(room, PUBLISH)
+        member = self._may(sender, room, PUBLISH)
         return self.backplane.publish(
             TextMessage(
                 ts=self._clock.seconds(), origin=self.node_id, room=room, sender=sender, text=text, name=member.name
@@ -468,9 +479,7 @@ class Hub:
         :return: a Deferred firing with the list.
         :raise NotInRoom: if the member is not in ``room``.
         """
-        if room not in self._memberships.get(member_id, ()):
-            raise NotInRoom("not in room {!r}: join it first".format(room))
-        self.check(member_id, room, HISTORY)
+        self._may(member_id, room, HISTORY)
         return self.backplane.history(room, limit, before)
 
     def who(self, member_id: str, room: str) -> Deferred:
@@ -485,9 +494,7 @@ class Hub:
         :return: a Deferred firing with ``(members, epoch, seq)``.
         :raise NotInRoom: if the member is not in ``room``.
         """
-        if room not in self._memberships.get(member_id, ()):
-            raise NotInRoom("not in room {!r}: join it first".format(room))
-        self.check(member_id, room, PRESENCE)
+        self._may(member_id, room, PRESENCE)
         return self.backplane.position(room).addCallback(
             lambda position: (self.presence(room), *position)
         )
@@ -509,10 +516,7 @@ class Hub:
             be replayed.
         :raise NotInRoom: if the member is not in ``room``.
         """
-        rooms = self._memberships.get(member.id, {})
-        if room not in rooms:
-            raise NotInRoom("not in room {!r}: join it first".format(room))
-        member.grants.check(room, HISTORY)
+        self._may(member.id, room, HISTORY)
 
         def deliver(result):
             messages, complete = result
@@ -522,7 +526,8 @@ class Hub:
                 member.deliver(uncached(message))
             return complete
 
-        return self.backplane.missed(room, epoch, seq, rooms[room]).addCallback(deliver)
+        joined_at = self._memberships[member.id][room]
+        return self.backplane.missed(room, epoch, seq, joined_at).addCallback(deliver)
 
     def position(self, room: str) -> Deferred:
         """
