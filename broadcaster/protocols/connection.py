@@ -7,7 +7,7 @@ chat; an operator reading the log should see them announced the same way.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 from autobahn.twisted.util import peer2str
 from twisted.internet.error import ConnectionDone
@@ -187,21 +187,18 @@ class RawMemberProtocol(MemberBase, Protocol):
         d = authenticator.authenticate(
             self.peer, "/", {}, None, {"authorization": "Bearer " + credential}
         )
-        d.addCallback(self._identity_checked).addCallbacks(
-            self._signed_in, self._not_signed_in
-        )
+        # Rooms it cannot read refuse it (ValueError), as at a handshake.
+        d.addCallback(lambda identity: (identity, parse_grants(identity.rooms)))
+        d.addCallbacks(self._signed_in, self._not_signed_in)
 
-    def _identity_checked(self, identity: Identity) -> Identity:
-        parse_grants(identity.rooms)  # ValueError: refused, as at a handshake
-        return identity
-
-    def _signed_in(self, identity: Identity) -> None:
+    def _signed_in(self, checked: Tuple[Identity, Grants]) -> None:
+        identity, grants = checked
         self.signing_in = False
         if self.closing or self.transport is None:
             return
         hub = self.factory.hub
         self.user = identity.user
-        self.grants = parse_grants(identity.rooms)
+        self.grants = grants
         in_lobby = LOBBY in hub.rooms_of(self.id)
         may_join = self.grants.allows(LOBBY, JOIN)
         if identity.name is not None and identity.name != self.name:
