@@ -16,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from broadcaster.core.events import Event, EventBatch, Joined, Left, TextMessage
 from broadcaster.core.hub import Hub
+from broadcaster.core.permissions import parse_grants
 from broadcaster.protocols.origin import OriginPolicy
 from broadcaster.protocols.websocket import BroadcastServerFactory
 from broadcaster.core.members import MemberBase
@@ -301,6 +302,24 @@ class SlicedSweepTests(SynchronousTestCase):
         self.hub.flush()
         self.assertEqual(sum(self.texts(self.members[1]), []), ["one", "two"])
         self.assertEqual(sum(self.texts(self.members[7]), []), ["one", "two"])
+
+    def test_presence_stays_with_those_who_may_see_it_mid_round(self):
+        """A join merged into a round under way reaches the members still
+        waiting who may see who comes and goes, and not one who may not
+        (it gets the messages, in the same deliveries)."""
+        blind = self.members[8]
+        self.hub.regrant(blind, parse_grants({"lobby": ["join", "publish"]}))
+        self.hub.publish_text("m0", "one")
+        turn(self.clock)
+        self.connect("late")
+        self.hub.publish_text("m0", "two")
+        self.hub.flush()
+        told = [(type(e).__name__, getattr(e, "text", None)) for e in blind.events()]
+        self.assertEqual(told, [("TextMessage", "one"), ("TextMessage", "two")])
+        self.assertEqual(
+            [type(e).__name__ for e in self.members[9].events()],
+            ["TextMessage", "Joined", "TextMessage"],
+        )
 
     def test_joining_mid_round(self):
         """A member joining while a round is under way gets only later

@@ -39,7 +39,15 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import FailTest, SkipTest, TestCase
 
 from broadcaster.core.events import TextMessage
-from tests.support import FrameClient, connect_raw, port_of, start_server, wait_for
+from tests.support import (
+    FrameClient,
+    close_client,
+    connect_client,
+    connect_raw,
+    port_of,
+    start_server,
+    wait_for,
+)
 from tests.test_bounds import fill_lobby
 from tests.test_rooms import join_chat, of_type, read_until
 
@@ -1172,3 +1180,32 @@ class SignedInPageTests(PageTestCase):
             what="the page without a token refused",
         )
         yield wait_for(lambda: len(self.service.hub) == 0, what="nobody connected")
+
+    @inlineCallbacks
+    def test_a_user_with_two_connections_is_one_member(self):
+        """Another connection of the page's own user adds nobody to the
+        list, and going leaves the user listed and unannounced; another
+        user's coming and going are shown."""
+        yield deferToThread(self.page.open, self.url + "#token=" + self.token(name="Tia"))
+        second = yield connect_client(
+            self, self.port, json_mode=True, path="/?token=" + self.token(name="Tia")
+        )
+        other = yield connect_client(
+            self, self.port, json_mode=True, path="/?token=" + self.token(sub="u-8", name="Uma")
+        )
+        yield deferToThread(
+            self.page.wait,
+            lambda driver: sorted(self.page.members()) == ["user:u-7", "user:u-8"],
+            "one entry per user",
+        )
+        yield close_client(second)
+        yield close_client(other)
+        yield deferToThread(
+            self.page.wait,
+            lambda driver: self.page.members() == ["user:u-7"],
+            "Uma gone and Tia still listed",
+        )
+        lines = yield deferToThread(self.page.log_lines)
+        told = [line for line in lines if line.endswith((" joined", " left"))]
+        self.assertEqual(len(told), 2, told)
+        self.assertTrue(told[0].endswith(" Uma joined") and told[1].endswith(" Uma left"), told)

@@ -28,6 +28,7 @@ from broadcaster.core.events import Event, TextMessage
 from broadcaster.core.history import DEFAULT_MEMORY, Histories, HistoryMemory
 from broadcaster.core.members import Member
 from broadcaster.core.moderation import Expulsion
+from broadcaster.core.roster import Roster
 
 
 class Attached(Protocol):
@@ -36,15 +37,15 @@ class Attached(Protocol):
     """
 
     node_id: str
+    #: Who each room lists; a networked backplane adds the other nodes'
+    #: connections as it hears of them.
+    roster: Roster
 
     def deliver(self, event: Event) -> None:
         """Fan ``event`` out to this node's members of its room."""
 
     def occupied(self, room: str) -> bool:
         """Whether anybody on this node is in ``room``."""
-
-    def room_members(self, room: str) -> List[Member]:
-        """This node's members of ``room``."""
 
     def member(self, member_id: str) -> Optional[Member]:
         """The connected member with this id, or ``None``."""
@@ -123,14 +124,6 @@ class Backplane(Protocol):
 
         :return: a Deferred firing with whether the other nodes were told
             (``False`` if they could not be; it never fails).
-        """
-
-    def members(self, room: str) -> list:
-        """
-        :return: who is in ``room`` on every node (objects with ``id`` and
-            ``name``): this node's hub members, then the other nodes' as
-            last heard.  Synchronous: a networked backplane keeps them up to
-            date from the join, leave and rename events it delivers.
         """
 
     def state(self) -> dict:
@@ -216,9 +209,6 @@ class LocalBackplane:
     def spread(self, expulsion: Expulsion) -> Deferred:
         # There is no other node.
         return succeed(True)
-
-    def members(self, room: str) -> list:
-        return self._hub.room_members(room)
 
     def state(self) -> dict:
         """

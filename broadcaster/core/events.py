@@ -37,32 +37,67 @@ class Event:
     #: nodes, things that must happen once per event (webhooks) happen there.
     origin: str = field(default="", compare=False, repr=False, kw_only=True)
 
+    #: Whether members are told of it (not a field: only joins, leaves
+    #: and renames of a user with several connections may be quiet).
+    announced = True
+
 
 @dataclass(frozen=True)
 class Joined(Event):
-    """A member joined a room (every member joins the lobby on connecting)."""
+    """
+    A connection joined a room (every member joins the lobby on connecting).
+
+    :ivar user: who the connection signed in as, or ``None``.
+    :ivar connections: the user's connections in the room now, this one
+        included (1 for an anonymous connection).
+    :ivar announced: whether members are told: only of a user's first
+        connection there (see :mod:`broadcaster.core.roster`).  Observers
+        (webhooks) hear of every connection.
+    """
 
     room: str
     member: str
     name: Optional[str] = None
+    user: Optional[str] = None
+    connections: int = 1
+    announced: bool = True
 
 
 @dataclass(frozen=True)
 class Left(Event):
-    """A member left a room, or disconnected and so left all of its rooms."""
+    """
+    A connection left a room, or disconnected and so left all of its rooms.
+
+    ``connections`` counts the user's connections still there; members are
+    told (``announced``) when its last one goes.
+    """
 
     room: str
     member: str
     name: Optional[str] = None
+    user: Optional[str] = None
+    connections: int = 0
+    announced: bool = True
 
 
 @dataclass(frozen=True)
 class Renamed(Event):
-    """A member chose a new display name; told to each room it is in."""
+    """
+    A connection chose a new display name; told to each room it is in
+    (``announced`` if that changes the name the room lists its user by).
+    """
 
     room: str
     member: str
     name: str
+    user: Optional[str] = None
+    connections: int = 1
+    announced: bool = True
+
+
+#: Who comes and goes: what a member without the ``presence`` right in a
+#: room is not told of there.
+PRESENCE_EVENTS = (Joined, Left, Renamed)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from typing import Callable, Deque, Dict, List, Optional, Tuple
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from broadcaster.core.events import Event, EventBatch, TextMessage
+from broadcaster.core.events import PRESENCE_EVENTS, Event, EventBatch, TextMessage
 from broadcaster.core.members import Member
 from broadcaster.core.stats import Stats
 
@@ -52,16 +52,22 @@ class _Sweep:
     :ivar members: who gets :attr:`batch`, in order; those before
         :attr:`next` have had it.
     :ivar seconds: time spent delivering it so far.
+    :ivar blind: whether its members are not told who comes and goes
+        (they lack the ``presence`` right in the room): its events never
+        include joins, leaves or renames.
     """
 
-    __slots__ = ("events", "batch", "members", "next", "seconds")
+    __slots__ = ("events", "batch", "members", "next", "seconds", "blind")
 
-    def __init__(self, events: List[Event], members: List[Member]) -> None:
+    def __init__(self, events: List[Event], members: List[Member], blind: bool = False) -> None:
+        if blind:
+            events = _unseen(events)
         self.events = events
         self.batch = EventBatch(events)
         self.members = members
         self.next = 0
         self.seconds = 0.0
+        self.blind = blind
 
     def extend(self, events: List[Event]) -> None:
         """
@@ -70,8 +76,17 @@ class _Sweep:
         """
         del self.members[: self.next]
         self.next = 0
+        if self.blind:
+            events = _unseen(events)
         self.events = self.events + events
         self.batch = EventBatch(self.events)
+
+
+def _unseen(events: List[Event]) -> List[Event]:
+    """
+    ``events`` without the joins, leaves and renames.
+    """
+    return [event for event in events if not isinstance(event, PRESENCE_EVENTS)]
 
 
 class FanOut:
@@ -84,6 +99,9 @@ class FanOut:
     :param committed: called with ``(room, events)`` once a room's events of
         a turn are on their way to every member there: the hub moves the
         room's join position and tells its observers.
+    :param blind: room -> member id -> member, for the members of a room
+        who are not told who comes and goes there (the hub's table, read
+        as it changes).
     """
 
     _log = Logger()
@@ -97,9 +115,11 @@ class FanOut:
         rooms: Dict[str, Dict[str, Member]],
         stats: Stats,
         committed: Callable[[str, List[Event]], None],
+        blind: Optional[Dict[str, Dict[str, Member]]] = None,
     ) -> None:
         self._clock = clock
         self._rooms = rooms
+        self._blind = blind if blind is not None else {}
         self.stats = stats
         self._committed = committed
         #: Seconds to wait before delivering a batch: 0 is the end of this
@@ -208,13 +228,24 @@ class FanOut:
             self._round_started = now
         batch, self._batch = self._batch, []
         by_room: Dict[str, List[Event]] = {}
+        # Events nobody is told of (a user's second connection coming or
+        # going): only the observers (webhooks) hear of them.
+        quiet: Optional[Dict[str, List[Event]]] = None
         for event, room in batch:
-            by_room.setdefault(room, []).append(event)
+            if event.announced:
+                by_room.setdefault(room, []).append(event)
+            else:
+                if quiet is None:
+                    quiet = {}
+                quiet.setdefault(room, []).append(event)
         stats = self.stats
         for room, events in by_room.items():
             stats.deliveries += len(self._rooms.get(room, _NOBODY)) * len(events)
             self._commit(room, events)
             self._committed(room, events)
+        if quiet is not None:
+            for room, events in quiet.items():
+                self._committed(room, events)
         if self._sweep_call is not None:
             # Continue the round here, with the new events merged in.
             self._sweep_call.cancel()
@@ -235,7 +266,7 @@ class FanOut:
             self._outside.pop(room, None)
             occupants = self._rooms.get(room, _NOBODY)
             if occupants:
-                self._sweeps[room] = deque([_Sweep(events, list(occupants.values()))])
+                self._sweeps[room] = deque(self._new_sweeps(room, events, list(occupants.values())))
             return
         # Everyone in the room is either waiting in a sweep, served already
         # by the one under way, or outside them (served by one that is
@@ -247,7 +278,23 @@ class FanOut:
             rest.extend(sweep.members[: sweep.next])
             sweep.extend(events)
         if rest:
-            queue.append(_Sweep(events, rest))
+            queue.extend(self._new_sweeps(room, events, rest))
+
+    def _new_sweeps(self, room: str, events: List[Event], members: List[Member]) -> List[_Sweep]:
+        """
+        The sweeps that take ``events`` to ``members``: one, unless some
+        of them may not see who comes and goes in ``room`` (then those
+        have one of their own).
+        """
+        blind = self._blind.get(room)
+        if not blind:
+            return [_Sweep(events, members)]
+        seeing = [member for member in members if member.id not in blind]
+        unseeing = [member for member in members if member.id in blind]
+        sweeps = [_Sweep(events, seeing)] if seeing else []
+        if unseeing:
+            sweeps.append(_Sweep(events, unseeing, blind=True))
+        return sweeps
 
     def _sweep(self, until_done: bool = False, sliced: bool = True) -> None:
         """
@@ -281,6 +328,9 @@ class FanOut:
                     batch = sweep.batch
                     index = sweep.next
                     started = timer()
+                    if not sweep.events:
+                        # Presence events, for members not told of them.
+                        index = len(members)
                     while index < len(members):
                         # The run of members of this kind that starts here.
                         index = members[index].fan_out(

@@ -39,11 +39,12 @@ from broadcaster.core.events import (
     uncached,
 )
 from broadcaster.core.fanout import FanOut
-from broadcaster.core.permissions import HISTORY, JOIN, PRESENCE, PUBLISH
+from broadcaster.core.permissions import HISTORY, JOIN, PRESENCE, PUBLISH, Grants
 from broadcaster.core.history import DEFAULT_MEMORY
 from broadcaster.core.members import Member
 from broadcaster.core.moderation import Bans, Expulsion
 from broadcaster.core.names import LOBBY
+from broadcaster.core.roster import Roster
 from broadcaster.core.stats import Stats
 
 
@@ -112,6 +113,13 @@ class Hub:
         # room -> (epoch, seq) of the last message delivered here: a member
         # joining now gets every later one live.
         self._positions: Dict[str, Tuple[str, int]] = {}
+        #: Who each room lists: a seat per signed-in user (however many
+        #: connections it has there) or anonymous connection, on every node.
+        self.roster = Roster()
+        # room -> member id -> member, for those in the room without the
+        # right to see who comes and goes there: the fan-out keeps joins,
+        # leaves and renames from them.
+        self._blind: Dict[str, Dict[str, Member]] = {}
         self.backplane: Backplane = backplane or LocalBackplane(
             clock, history_size, max_rooms, history_memory
         )
@@ -122,7 +130,7 @@ class Hub:
         self._empty_waiters: List[Deferred] = []
         self._observers: List[Callable[[Event], None]] = []
         #: Delivers each event to the members of its room.
-        self.fanout = FanOut(clock, self._rooms, self.stats, self._committed)
+        self.fanout = FanOut(clock, self._rooms, self.stats, self._committed, self._blind)
         self.fanout.batch_delay = self.backplane.batch_delay
 
     def new_id(self) -> str:
@@ -166,11 +174,20 @@ class Hub:
     def presence(self, room: str) -> list:
         """
         Who is in ``room`` on every node sharing the backplane, for
-        ``welcome`` and ``presence``: this node's members, then (with a
-        networked backplane) the others' as last heard from them.  Each has
-        an ``id`` and a ``name``.
+        ``welcome`` and ``presence``: its seats (see
+        :mod:`broadcaster.core.roster`), each with an ``id``, a ``name``, a
+        ``user`` (``None`` for an anonymous connection) and, for a user,
+        its number of ``connections``.
         """
-        return self.backplane.members(room)
+        return self.roster.seats(room)
+
+    def seat_of(self, member: Member, room: str) -> list:
+        """
+        ``member``'s own seat in ``room``, as a one-seat presence (what a
+        member without the ``presence`` right is shown), or none.
+        """
+        seat = self.roster.seat(room, member.id, member.user)
+        return [seat] if seat is not None else []
 
     def rooms_of(self, member_id: str) -> List[str]:
         """
@@ -366,8 +383,10 @@ class Hub:
             position = self.fanout.before_pending(room)
         rooms[room] = position
         self._rooms.setdefault(room, {})[member.id] = member
+        if not member.grants.allows(room, PRESENCE):
+            self._blind.setdefault(room, {})[member.id] = member
         self.fanout.joined(member, room, fresh)
-        event = Joined(ts=self._clock.seconds(), origin=self.node_id, room=room, member=member.id, name=member.name)
+        event = self._told(Joined, member, room, self.roster.add(room, member.id, member.user, member.name, member))
         self.backplane.publish(event)
         return event
 
@@ -385,9 +404,52 @@ class Hub:
         del occupants[member.id]
         if not occupants:
             del self._rooms[room]
-        event = Left(ts=self._clock.seconds(), origin=self.node_id, room=room, member=member.id, name=member.name)
+        self._unblind(member, room)
+        event = self._told(Left, member, room, self.roster.remove(room, member.id, member.user))
         self.backplane.publish(event)
         return event
+
+    def _told(self, kind, member: Member, room: str, seated: Tuple[int, bool]):
+        """
+        The ``kind`` (join, leave or rename) event of ``member`` in
+        ``room``, with what the roster said of it: ``(connections,
+        announced)``.
+        """
+        connections, announced = seated
+        return kind(
+            ts=self._clock.seconds(),
+            origin=self.node_id,
+            room=room,
+            member=member.id,
+            name=member.name,
+            user=member.user,
+            connections=connections,
+            announced=announced,
+        )
+
+    def _unblind(self, member: Member, room: str) -> None:
+        blind = self._blind.get(room)
+        if blind is not None and blind.pop(member.id, None) is not None and not blind:
+            del self._blind[room]
+
+    def regrant(self, member: Member, grants: Grants) -> List[str]:
+        """
+        Give ``member`` new rights (a refreshed token's): it leaves the
+        rooms they no longer let it join, as a leave request would, and
+        sees or stops seeing who comes and goes where they say.
+
+        :return: the rooms it left.
+        """
+        member.grants = grants
+        left = [room for room in self.rooms_of(member.id) if not grants.allows(room, JOIN)]
+        for room in left:
+            self.leave(member, room)
+        for room in self.rooms_of(member.id):
+            if grants.allows(room, PRESENCE):
+                self._unblind(member, room)
+            else:
+                self._blind.setdefault(room, {})[member.id] = member
+        return left
 
     def rename(self, member: Member) -> List[Renamed]:
         """
@@ -395,7 +457,8 @@ class Hub:
         """
         events = []
         for room in self.rooms_of(member.id):
-            event = Renamed(ts=self._clock.seconds(), origin=self.node_id, room=room, member=member.id, name=member.name)
+            seated = self.roster.rename(room, member.id, member.user, member.name, member)
+            event = self._told(Renamed, member, room, seated)
             self.backplane.publish(event)
             events.append(event)
         return events

@@ -87,6 +87,7 @@ from broadcaster.core.imaging import ImageError, NormalisedImage
 from broadcaster.protocols.keepalive import Keepalive
 from broadcaster.protocols.connection import log_connect, log_disconnect
 from broadcaster.core.names import LOBBY, InvalidName, check_display_name
+from broadcaster.core.roster import solo_seat
 from broadcaster.protocols.origin import OriginPolicy
 from broadcaster.protocols.wire import (
     HISTORY_REPLY_SIZE,
@@ -454,15 +455,14 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
             return
         epoch, seq = position
         hub = self.factory.hub
-        in_lobby = self.grants.allows(LOBBY, JOIN)
+        if self.grants.allows(LOBBY, JOIN) and self.grants.allows(LOBBY, PRESENCE):
+            # As the lobby will be once it is in: it joins after the welcome.
+            members = hub.roster.seats_with(LOBBY, self)
+        else:
+            members = [solo_seat(self)]
         self._reply(
             _JSON.welcome(
-                self,
-                (self._visible(LOBBY) + [self]) if in_lobby else [self],
-                epoch,
-                seq,
-                self.factory.client_limits,
-                rights=self.grants.listed(LOBBY),
+                self, members, epoch, seq, self.factory.client_limits, rights=self.grants.listed(LOBBY)
             )
         )
         self._connect()
@@ -683,9 +683,10 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
         The members of ``room`` this client may see: all of them with the
         ``presence`` right, else only itself.
         """
+        hub = self.factory.hub
         if self.grants.allows(room, PRESENCE):
-            return self.factory.hub.presence(room)
-        return [self]
+            return hub.presence(room)
+        return hub.seat_of(self, room)
 
     def _do_leave(self, request) -> None:
         self.factory.hub.leave(self, request["room"])
@@ -840,13 +841,10 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
             grants = parse_grants(identity.rooms)
         except ValueError as e:
             return self._refresh_refused("unusable rooms: {}".format(e), ref)
-        self.grants = grants
         hub = self.factory.hub
         # Rights may shrink: a room the member may no longer join is left,
         # as a leave request would, rather than kept against its new rights.
-        left = [room for room in hub.rooms_of(self.id) if not grants.allows(room, JOIN)]
-        for room in left:
-            hub.leave(self, room)
+        left = hub.regrant(self, grants)
         rights = {room: grants.listed(room) for room in hub.rooms_of(self.id)}
         self._log.info(
             "[TOKEN REFRESHED] {client} (user {user!r}): its token now expires at {expires};"

@@ -130,11 +130,16 @@ def members_page(
     return page, None
 
 
-def member_entry(member: Member) -> Dict[str, Any]:
+def member_entry(seat: Any) -> Dict[str, Any]:
     """
-    How a member is listed in ``welcome`` and ``presence``.
+    How a seat of a room (:mod:`broadcaster.core.roster`) is listed in
+    ``welcome`` and ``presence``: an anonymous connection by its ``id``, a
+    signed-in user by its ``user``, with its number of ``connections``.
     """
-    return {"id": member.id, "name": member.name}
+    user = seat.user
+    if user is None:
+        return {"id": seat.id, "name": seat.name}
+    return {"user": user, "name": seat.name, "connections": seat.connections}
 
 
 def presence_event(
@@ -185,13 +190,19 @@ def event_json(event: Event) -> Optional[Dict[str, Any]]:
             "ts": _ts(event),
         }
     if isinstance(event, (Joined, Left, Renamed)):
-        return {
+        told = {
             "type": _MEMBER_EVENT_TYPES[type(event)],
             "room": event.room,
             "id": event.member,
             "name": event.name,
             "ts": _ts(event),
         }
+        if event.user is not None:
+            # Members hear of a user's first connection and its last
+            # (webhooks of every one): "connections" says how many it has.
+            told["user"] = event.user
+            told["connections"] = event.connections
+        return told
     return None
 
 

@@ -96,12 +96,11 @@ from twisted.logger import Logger
 
 from broadcaster.core.history import DEFAULT_MEMORY, HistoryMemory, RoomHistory, new_epoch
 from broadcaster.core.backplane import Attached
-from broadcaster.core.events import Event, TextMessage, uncached
+from broadcaster.core.events import PRESENCE_EVENTS, Event, TextMessage, uncached
 from broadcaster.core.moderation import Expulsion, InvalidExpulsion, parse_expulsion
 from broadcaster.redis.address import RedisAddress
 from broadcaster.redis.codec import (
     MESSAGES,
-    PRESENCE_EVENTS,
     decode_entry,
     dumps,
     encode_event,
@@ -231,6 +230,7 @@ class RedisBackplane:
     def attach(self, hub: Attached) -> None:
         self._hub = hub
         self.node_id = hub.node_id
+        self.presence = Presence(hub.roster)
         self._private_channel = self._prefix + "node:" + self.node_id
         self._nodes_key = self._prefix + "nodes"
         self._alive_key = self._node_key("alive")
@@ -384,7 +384,7 @@ class RedisBackplane:
         rooms = self._hub.rooms_of(member_id)
         if member is None or not rooms:
             return ""
-        return json.dumps({"name": member.name, "rooms": rooms})
+        return json.dumps({"name": member.name, "user": member.user, "rooms": rooms})
 
     def _try_register(self) -> None:
         """
@@ -792,12 +792,6 @@ class RedisBackplane:
         return self._eval(
             MISSED, self._room_keys(room), [new_epoch(), self._room_ttl]
         ).addCallback(answered)
-
-    def members(self, room: str) -> list:
-        """
-        The members of ``room`` on this node, then on the others.
-        """
-        return self._hub.room_members(room) + self.presence.members(room)
 
     def state(self) -> dict:
         """

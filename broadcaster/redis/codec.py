@@ -31,7 +31,6 @@ _SENT_FIELDS = {
     cls: tuple(name for name in names if name not in ("wire", "seq", "epoch", "kept"))
     for cls, names in _FIELDS.items()
 }
-PRESENCE_EVENTS = (Joined, Left, Renamed)
 MESSAGES = (TextMessage, BinaryMessage, ImageMessage)
 
 

@@ -1,25 +1,43 @@
 """
 Who is in which room on the other nodes, as last heard from them: kept up
 to date from the join, leave and rename events the backplane delivers and
-the snapshots nodes publish when they (re)register.
+the snapshots nodes publish when they (re)register, and written into the
+hub's :class:`~broadcaster.core.roster.Roster`, so that a room lists a
+user with connections on several nodes once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from broadcaster.core.events import Event, Joined, Left, Renamed
+from broadcaster.core.roster import Roster
 
 
 @dataclass(frozen=True)
 class RemoteMember:
     """
-    A client of another node, as listed in ``welcome`` and ``presence``.
+    An anonymous client of another node, as a room lists it.
     """
 
     id: str
     name: Optional[str]
+    user: Optional[str] = None
+
+
+class _Known:
+    """
+    A connection of another node: its name, user and rooms (in the order
+    it joined them).
+    """
+
+    __slots__ = ("name", "user", "rooms")
+
+    def __init__(self, name: Optional[str], user: Optional[str]) -> None:
+        self.name = name
+        self.user = user
+        self.rooms: Dict[str, None] = {}
 
 
 class Presence:
@@ -28,19 +46,20 @@ class Presence:
     kept up to date by their join, leave and rename events and replaced
     wholesale by a node's ``state`` (when it registers or is declared dead)
     or a snapshot (when this node reconnects).
+
+    :param roster: the hub's, which lists this node's connections too.
     """
 
-    def __init__(self) -> None:
-        # node -> member id -> [name, {room: None} in the order it joined]
-        self._nodes: Dict[str, Dict[str, list]] = {}
-        # room -> member id -> RemoteMember, in the order they joined
-        self._rooms: Dict[str, Dict[str, RemoteMember]] = {}
+    def __init__(self, roster: Optional[Roster] = None) -> None:
+        self.roster = roster if roster is not None else Roster()
+        # node -> member id -> what is known of it
+        self._nodes: Dict[str, Dict[str, _Known]] = {}
 
-    def members(self, room: str) -> List[RemoteMember]:
+    def members(self, room: str) -> list:
         """
-        The other nodes' members of ``room``.
+        The seats of ``room`` (this node's included, if the roster is the hub's).
         """
-        return list(self._rooms.get(room, {}).values())
+        return self.roster.seats(room)
 
     def nodes(self) -> List[str]:
         """
@@ -53,7 +72,7 @@ class Presence:
         Take a join, leave or rename from ``node`` into account.
         """
         if isinstance(event, Joined):
-            self._join(node, event.member, event.name, event.room)
+            self._join(node, event.member, event.name, event.user, event.room)
         elif isinstance(event, Left):
             self._leave(node, event.member, event.room)
         elif isinstance(event, Renamed):
@@ -61,57 +80,87 @@ class Presence:
 
     def replace(self, node: str, members: Dict[str, Dict[str, Any]], ts: float) -> List[Event]:
         """
-        Make ``members`` (id -> ``{"name", "rooms"}``) the members of
+        Make ``members`` (id -> ``{"name", "user", "rooms"}``) the members of
         ``node``.
 
         :return: the leaves, renames and joins that the difference amounts
-            to, for the hub to announce.
+            to, for the hub to deliver (announced as the roster says).
         """
         events: List[Event] = []
-        for member, (name, rooms) in list(self._nodes.get(node, {}).items()):
-            now_in = (members.get(member) or {}).get("rooms") or ()
-            for room in list(rooms):
+        for member, known in list(self._nodes.get(node, {}).items()):
+            entry = members.get(member) or {}
+            now_in = entry.get("rooms") or ()
+            if entry and entry.get("user") != known.user:
+                # Not the same connection (a node restarted with its ids).
+                now_in = ()
+            for room in list(known.rooms):
                 if room not in now_in:
-                    events.append(Left(ts=ts, room=room, member=member, name=name))
-                    self._leave(node, member, room)
+                    events.append(self._leave(node, member, room, ts))
         for member, entry in members.items():
             name = entry.get("name")
+            user = entry.get("user")
             known = self._nodes.get(node, {}).get(member)
-            if known is not None and known[0] != name:
-                for room in known[1]:
-                    events.append(Renamed(ts=ts, room=room, member=member, name=name))
-                self._rename(node, member, name)
+            if known is not None and known.name != name:
+                events.extend(self._rename(node, member, name, ts))
             for room in entry.get("rooms") or ():
                 known = self._nodes.get(node, {}).get(member)
-                if known is None or room not in known[1]:
-                    events.append(Joined(ts=ts, room=room, member=member, name=name))
-                    self._join(node, member, name, room)
+                if known is None or room not in known.rooms:
+                    events.append(self._join(node, member, name, user, room, ts))
         return events
 
-    def _join(self, node: str, member: str, name: Optional[str], room: str) -> None:
-        entry = self._nodes.setdefault(node, {}).setdefault(member, [name, {}])
-        entry[1][room] = None
-        self._rooms.setdefault(room, {})[member] = RemoteMember(member, entry[0])
+    def _join(
+        self,
+        node: str,
+        member: str,
+        name: Optional[str],
+        user: Optional[str],
+        room: str,
+        ts: float = 0.0,
+    ) -> Joined:
+        known = self._nodes.setdefault(node, {}).get(member)
+        if known is None:
+            known = self._nodes[node][member] = _Known(name, user)
+        known.rooms[room] = None
+        seated = self.roster.add(room, member, known.user, known.name, RemoteMember(member, known.name))
+        return _told(Joined, member, known, room, ts, seated)
 
-    def _leave(self, node: str, member: str, room: str) -> None:
+    def _leave(self, node: str, member: str, room: str, ts: float = 0.0) -> Optional[Left]:
         members = self._nodes.get(node, {})
-        entry = members.get(member)
-        if entry is None or room not in entry[1]:
-            return
-        del entry[1][room]
-        occupants = self._rooms[room]
-        del occupants[member]
-        if not occupants:
-            del self._rooms[room]
-        if not entry[1]:
+        known = members.get(member)
+        if known is None or room not in known.rooms:
+            return None
+        del known.rooms[room]
+        seated = self.roster.remove(room, member, known.user)
+        if not known.rooms:
             del members[member]
             if not members:
                 del self._nodes[node]
+        return _told(Left, member, known, room, ts, seated)
 
-    def _rename(self, node: str, member: str, name: Optional[str]) -> None:
-        entry = self._nodes.get(node, {}).get(member)
-        if entry is None:
-            return
-        entry[0] = name
-        for room in entry[1]:
-            self._rooms[room][member] = RemoteMember(member, name)
+    def _rename(self, node: str, member: str, name: Optional[str], ts: float = 0.0) -> List[Renamed]:
+        known = self._nodes.get(node, {}).get(member)
+        if known is None:
+            return []
+        known.name = name
+        events = []
+        for room in known.rooms:
+            seated = self.roster.rename(room, member, known.user, name, RemoteMember(member, name))
+            events.append(_told(Renamed, member, known, room, ts, seated))
+        return events
+
+
+def _told(kind, member: str, known: _Known, room: str, ts: float, seated: Tuple[int, bool]):
+    """
+    The ``kind`` (join, leave or rename) event of another node's
+    connection, with what the roster said of it: ``(connections, announced)``.
+    """
+    connections, announced = seated
+    return kind(
+        ts=ts,
+        room=room,
+        member=member,
+        name=known.name,
+        user=known.user,
+        connections=connections,
+        announced=announced,
+    )

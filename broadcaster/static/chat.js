@@ -6,7 +6,7 @@
  * describe every field):
  *
  *   server -> page   welcome {id, name, room, members, count, next, epoch, seq, limits}   first
- *                    join | leave | rename {room, id, name, ts}
+ *                    join | leave | rename {room, id, name, ts, user?, connections?}
  *                    message {room, from, name, text, ts, seq, epoch}
  *                    binary {room, from, size, ts} | image {room, from, width, height, ...}
  *                        each followed by one binary WebSocket message: the bytes
@@ -21,7 +21,10 @@
  * Members.  A room's welcome or presence lists its first members (a page)
  * and how many there are; "Show more" asks for the next page with who and
  * the "next" cursor, and join and leave events keep the list and the count
- * up to date in between.
+ * up to date in between.  A signed-in user is one member however many
+ * connections it has (listed with its "user"; the server announces its
+ * first connection's join and its last one's leave); an anonymous
+ * connection is one member (listed with its "id").
  *
  * Rooms.  Every connection starts in the lobby.  The page also joins the
  * rooms it remembers (localStorage) and those the user asks for; each room
@@ -119,6 +122,11 @@
   let socket = null;
   /** Our id on the current connection, from its welcome. */
   let myId = null;
+  /**
+   * How the rooms list us: as our user if we signed in (one member however
+   * many tabs we have open), else as this connection.
+   */
+  let myKey = null;
   /** Every id this page has had: replayed messages carry the old ones. */
   const myIds = new Set();
   /** Our display name as the server knows it (null: none). */
@@ -187,9 +195,26 @@
     return node;
   }
 
-  /** What to call a member: its name, or its id if it has none. */
+  /**
+   * Connection ids never contain ':', so a signed-in user's key is never one.
+   */
+  const USER_KEY = 'user:';
+
+  /** What to call a member: its name, or its id (or user) if it has none. */
   function label(id, name) {
-    return typeof name === 'string' && name !== '' ? name : String(id);
+    if (typeof name === 'string' && name !== '') return name;
+    const key = String(id);
+    return key.startsWith(USER_KEY) ? key.slice(USER_KEY.length) : key;
+  }
+
+  /**
+   * The key of a member in a room's list, from a presence entry or a
+   * join, leave or rename: a signed-in user is one member, whichever of its
+   * connections the event is about; an anonymous connection is one itself.
+   */
+  function memberKey(member) {
+    if (member.user != null) return USER_KEY + String(member.user);
+    return member.id != null ? String(member.id) : null;
   }
 
   /** The name a member goes by in any room we share with it, or null. */
@@ -815,7 +840,7 @@
     const room = rooms.get(activeRoom);
     peopleTitleEl.textContent = `#${activeRoom}`;
     membersEl.replaceChildren(...[...room.members].map(([id, name]) => {
-      const me = id === myId;
+      const me = id === myKey;
       const item = el('li', me ? 'member me' : 'member');
       item.dataset.id = id;
       item.title = id;
@@ -852,8 +877,9 @@
   function memberMap(list) {
     const map = new Map();
     for (const member of Array.isArray(list) ? list : []) {
-      if (member && member.id != null) {
-        map.set(String(member.id), typeof member.name === 'string' ? member.name : null);
+      const key = member ? memberKey(member) : null;
+      if (key !== null) {
+        map.set(key, typeof member.name === 'string' ? member.name : null);
       }
     }
     return map;
@@ -890,6 +916,7 @@
   function onWelcome(event) {
     connectionNumber += 1;
     myId = String(event.id);
+    myKey = event.user != null ? USER_KEY + String(event.user) : myId;
     myIds.add(myId);
     myName = typeof event.name === 'string' ? event.name : null;
     limits = { ...DEFAULT_LIMITS, ...(event.limits || {}) };
@@ -904,7 +931,7 @@
     lobby.members = memberMap(event.members);
     lobby.count = memberCount(event, lobby.members);
     lobby.next = pageCursor(event.next);
-    lobby.members.set(myId, myName);
+    if (!lobby.members.has(myKey)) lobby.members.set(myKey, myName);
     lobby.state = 'joined';
     lobby.joinPoint = null;
     if (lobbySinceSent) startRecovery(lobby);
@@ -929,19 +956,21 @@
   function onJoin(event) {
     const room = rooms.get(String(event.room));
     if (!room) return;
-    const id = String(event.id);
+    const id = memberKey(event);
+    if (id === null) return;
     const name = typeof event.name === 'string' ? event.name : null;
     if (!room.members.has(id)) room.count += 1;
     room.members.set(id, name);
     membersChanged(room);
     // Our own joins: the welcome and the room's presence tell of them.
-    if (id !== myId) notice(room, `${label(id, name)} joined`);
+    if (id !== myKey) notice(room, `${label(id, name)} joined`);
   }
 
   function onLeave(event) {
     const room = rooms.get(String(event.room));
     if (!room) return;
-    const id = String(event.id);
+    const id = memberKey(event);
+    if (id === null) return;
     const name = room.members.get(id) || (typeof event.name === 'string' ? event.name : null);
     room.members.delete(id);
     room.count = Math.max(0, room.count - 1);
@@ -952,11 +981,12 @@
   function onRename(event) {
     const room = rooms.get(String(event.room));
     if (!room || typeof event.name !== 'string') return;
-    const id = String(event.id);
+    const id = memberKey(event);
+    if (id === null) return;
     const before = room.members.has(id) ? room.members.get(id) : null;
     room.members.set(id, event.name);
     membersChanged(room);
-    if (id === myId) {
+    if (String(event.id) === myId) {
       myName = event.name;
       wantedName = event.name;
       store(STORED_NAME, event.name);
@@ -983,8 +1013,8 @@
     room.members = memberMap(event.members);
     room.count = memberCount(event, room.members);
     room.next = pageCursor(event.next);
-    if (myId !== null && !room.members.has(myId)) {
-      room.members.set(myId, myName);
+    if (myKey !== null && !room.members.has(myKey)) {
+      room.members.set(myKey, myName);
       room.count = Math.max(room.count, room.members.size);
     }
     room.state = 'joined';

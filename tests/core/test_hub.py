@@ -527,3 +527,74 @@ class ObserverTests(HubTestCase):
         self.assertEqual(len(seen), 1)
         self.assertEqual(len(ann.events), 1)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class UserPresenceTests(HubTestCase):
+    """A user with several connections is one member of a room."""
+
+    def signed_in(self, member_id, user, name=None):
+        member = RecordingMember(member_id, name)
+        member.user = user
+        self.turn()
+        self.hub.connect(member)
+        return member
+
+    def announced(self, member, room="lobby"):
+        return [
+            (type(e).__name__, e.member, e.user, e.connections)
+            for e in member.events
+            if isinstance(e, (Joined, Left, Renamed)) and e.room == room
+        ]
+
+    def test_first_and_last_connection_are_announced(self):
+        watcher = self.connect("w")
+        tab1 = self.signed_in("t1", "u-ann", "Ann")
+        tab2 = self.signed_in("t2", "u-ann", "Ann")
+        [seat] = [s for s in self.hub.presence("lobby") if s.user == "u-ann"]
+        self.assertEqual((seat.id, seat.name, seat.connections), ("user:u-ann", "Ann", 2))
+        self.assertEqual(len(self.hub.presence("lobby")), 2)
+        self.hub.disconnect(tab1)
+        self.turn()
+        self.assertEqual(self.hub.presence("lobby")[-1].connections, 1)
+        self.hub.disconnect(tab2)
+        self.turn()
+        self.assertEqual(
+            self.announced(watcher),
+            [("Joined", "w", None, 1), ("Joined", "t1", "u-ann", 1), ("Left", "t2", "u-ann", 0)],
+        )
+        self.assertEqual([s.id for s in self.hub.presence("lobby")], ["w"])
+
+    def test_observers_hear_of_every_connection(self):
+        heard = []
+        self.hub.add_observer(heard.append)
+        tab1 = self.signed_in("t1", "u-ann")
+        self.signed_in("t2", "u-ann")
+        self.hub.disconnect(tab1)
+        self.turn()
+        self.assertEqual(
+            [(type(e).__name__, e.member, e.connections, e.announced) for e in heard],
+            [("Joined", "t1", 1, True), ("Joined", "t2", 2, False), ("Left", "t1", 1, False)],
+        )
+
+    def test_a_room_knows_the_user_by_its_latest_name(self):
+        watcher = self.connect("w")
+        tab1 = self.signed_in("t1", "u-ann", "Ann")
+        self.signed_in("t2", "u-ann", "Ann")
+        tab1.name = "Annie"
+        self.hub.rename(tab1)
+        tab1.name = "Annie"
+        self.hub.rename(tab1)
+        self.turn()
+        renames = [e for e in self.announced(watcher) if e[0] == "Renamed"]
+        self.assertEqual(renames, [("Renamed", "t1", "u-ann", 2)])
+        self.assertEqual(self.hub.presence("lobby")[-1].name, "Annie")
+
+    def test_anonymous_connections_are_each_a_member(self):
+        watcher = self.connect("w")
+        self.connect("a1")
+        self.connect("a2")
+        self.turn()
+        self.assertEqual([s.id for s in self.hub.presence("lobby")], ["w", "a1", "a2"])
+        self.assertEqual(
+            [e[1] for e in self.announced(watcher) if e[0] == "Joined"], ["w", "a1", "a2"]
+        )

@@ -6,8 +6,8 @@ them: who may do what in which room.
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from broadcaster.core.events import TextMessage
-from broadcaster.core.hub import NotInRoom
+from broadcaster.core.events import Joined, Left, Renamed, TextMessage
+from broadcaster.core.hub import Hub, NotInRoom
 from broadcaster.core.permissions import (
     EVERYTHING,
     HISTORY,
@@ -136,3 +136,65 @@ class HubKeepsToGrantsTests(SynchronousTestCase):
         self.assertEqual(
             [e.text for e in self.customer.events if isinstance(e, TextMessage)], ["help"]
         )
+
+
+class PresenceRightTests(SynchronousTestCase):
+    """Who comes and goes in a room is told only to its members with the
+    presence right there."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.hub = Hub(self.clock, node_id="t")
+        self.hub.fanout.timer = lambda: 0.0
+        self.staff = RecordingMember("t-staff", "staff")
+        self.hub.connect(self.staff)
+        self.customer = RecordingMember("t-cust", "cust")
+        self.customer.grants = parse_grants(CUSTOMER)
+        self.hub.connect(self.customer)
+        self.hub.join(self.customer, "announcements")
+        self.hub.join(self.staff, "announcements")
+        self.clock.advance(0)
+
+    def comings(self, member, room="announcements"):
+        return [
+            (type(e).__name__, e.member)
+            for e in member.events
+            if isinstance(e, (Joined, Left, Renamed)) and e.room == room
+        ]
+
+    def test_members_without_it_hear_messages_but_not_who_comes(self):
+        bob = RecordingMember("t-bob", "bob")
+        self.hub.connect(bob)
+        self.hub.join(bob, "announcements")
+        self.hub.publish_text("t-staff", "hello", "announcements")
+        bob.name = "Bobby"
+        self.hub.rename(bob)
+        self.hub.leave(bob, "announcements")
+        self.clock.advance(0)
+        self.assertEqual(self.customer.texts(), [("announcements", "hello")])
+        self.assertEqual(self.comings(self.customer), [])
+        self.assertEqual(
+            self.comings(self.staff),
+            [
+                ("Joined", "t-cust"),
+                ("Joined", "t-staff"),
+                ("Joined", "t-bob"),
+                ("Renamed", "t-bob"),
+                ("Left", "t-bob"),
+            ],
+        )
+
+    def test_a_refresh_can_give_and_take_it(self):
+        seeing = parse_grants({**CUSTOMER, "announcements": ["join", "presence"]})
+        self.assertEqual(self.hub.regrant(self.customer, seeing), [])
+        bob = RecordingMember("t-bob", "bob")
+        self.hub.connect(bob)
+        self.hub.join(bob, "announcements")
+        self.clock.advance(0)
+        self.assertEqual(self.comings(self.customer), [("Joined", "t-bob")])
+        self.assertEqual(self.hub.regrant(self.customer, parse_grants(CUSTOMER)), [])
+        self.hub.leave(bob, "announcements")
+        self.clock.advance(0)
+        self.assertEqual(self.comings(self.customer), [("Joined", "t-bob")])
+        left = self.hub.regrant(self.customer, parse_grants({"support-*": ["join"]}))
+        self.assertEqual(left, ["announcements"])

@@ -50,7 +50,7 @@ from broadcaster.service.secrets import WORKER_JWT_SECRET
 from broadcaster.service.tap import Options
 from tests.http.test_auth import AuthService
 from tests.http.test_webhooks import serve
-from tests.support import connect_client, start_server
+from tests.support import close_client, connect_client, start_server
 
 #: The clock of the unit tests: an hour of tokens either side of it.
 NOW = 1_700_000_000
@@ -884,7 +884,8 @@ class RoomRightsTests(SignedInTestCase):
         customer.send_json({"type": "join", "room": "support-u1842", "ref": 1})
         joined = yield self.read(customer, "presence", room="support-u1842")
         self.assertEqual(joined["rights"], ["join", "publish", "history"])
-        self.assertEqual([m["id"] for m in joined["members"]], [welcome["id"]])
+        # Without the presence right it sees only itself: its user's seat.
+        self.assertEqual(joined["members"], [{"user": "u-1842", "name": "Cus", "connections": 1}])
         for request, reason in (
             ({"type": "join", "room": "support-u1843"}, "not allowed to join room 'support-u1843'"),
             ({"type": "join", "room": "lobby"}, "not allowed to join room 'lobby'"),
@@ -911,6 +912,35 @@ class RoomRightsTests(SignedInTestCase):
         self.assertEqual((heard["text"], heard["name"]), ("help", "Cus"))
         forbidden = [e for e in self.logged if "[FORBIDDEN]" in e.get("log_format", "")]
         self.assertEqual(len(forbidden), 4)
+
+    @inlineCallbacks
+    def test_without_presence_nobody_is_seen_coming(self):
+        """A customer in the announcements room hears the messages but not
+        who joins and leaves there; staff see both."""
+        _, port = yield start_server(self, self.jwt_flags())
+        staff = yield connect_client(
+            self, port, json_mode=True,
+            path="/?token=" + self.token(hs256, live_claims(sub="staff-1", name="Sam")),
+        )
+        customers = []
+        for user in ("u-1", "u-2"):
+            token = self.token(hs256, live_claims(sub=user, rooms=self.CUSTOMER_ROOMS))
+            customer = yield connect_client(self, port, json_mode=True, path="/?token=" + token)
+            customer.send_json({"type": "join", "room": "announcements"})
+            yield self.read(customer, "presence", room="announcements")
+            customers.append(customer)
+        staff.send_json({"type": "join", "room": "announcements"})
+        yield self.read(staff, "presence", room="announcements")
+        yield close_client(customers[1])
+        staff.send_json({"type": "message", "room": "announcements", "text": "open"})
+        seen = []
+        while not seen or seen[-1].get("text") != "open":
+            seen.append((yield customers[0].next_json()))
+        self.assertEqual(
+            [e["type"] for e in seen if e.get("room") == "announcements"], ["message"]
+        )
+        told = yield self.read(staff, "leave", room="announcements")
+        self.assertEqual(told["user"], "u-2")
 
     @inlineCallbacks
     def test_unusable_rooms_are_refused(self):

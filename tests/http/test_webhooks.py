@@ -267,6 +267,26 @@ class RealReceiverTests(TestCase):
         self.assertRegex(join["event_id"], "^[0-9a-f]{32}$")
 
     @inlineCallbacks
+    def test_every_connection_of_a_user_is_posted(self):
+        """Members hear of a user's first connection and its last; webhooks
+        get every one, with its id and the user's count of connections."""
+        hub = immediate_hub(self.clock)
+        service = WebhookService(hub, [self.server.url + "/hook"], real_client(self), self.clock)
+        service.startService()
+        self.addCleanup(service.stopService)
+        tab1 = FakeMember("n-1", "ann", user="u-ann")
+        tab2 = FakeMember("n-2", "ann", user="u-ann")
+        hub.connect(tab1)
+        hub.connect(tab2)
+        hub.disconnect(tab1)
+        self.clock.advance(1)
+        received = yield self.receiver.next()
+        self.assertEqual(
+            [(e["type"], e["id"], e["user"], e["connections"]) for e in received.events],
+            [("join", "n-1", "u-ann", 1), ("join", "n-2", "u-ann", 2), ("leave", "n-1", "u-ann", 1)],
+        )
+
+    @inlineCallbacks
     def test_batches_hold_at_most_100_events(self):
         """250 queued events go as 100 and 100 at once, then 50 when the second is up."""
         delivery = self.delivery()

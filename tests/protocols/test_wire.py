@@ -20,6 +20,8 @@ from broadcaster.protocols.wire import (
 
 
 class Someone:
+    user = None
+
     def __init__(self, member_id, name=None):
         self.id = member_id
         self.name = name

@@ -238,15 +238,36 @@ class PresenceTests(SynchronousTestCase):
         self.assertEqual(presence.members("lobby"), [])
         self.assertEqual(presence.nodes(), ["c"])
 
+    def test_a_user_on_two_nodes_is_one_seat(self):
+        """Connections of one user on several nodes are one seat with their
+        count, kept until the last of them leaves."""
+        presence = Presence()
+        presence.apply("b", Joined(ts=0, room="dev", member="b-1", name="Ann", user="u-1"))
+        presence.apply("c", Joined(ts=0, room="dev", member="c-7", name="Ann", user="u-1"))
+        [seat] = presence.members("dev")
+        self.assertEqual((seat.user, seat.name, seat.connections), ("u-1", "Ann", 2))
+        presence.apply("b", Left(ts=0, room="dev", member="b-1", name="Ann", user="u-1"))
+        [seat] = presence.members("dev")
+        self.assertEqual(seat.connections, 1)
+        presence.apply("c", Left(ts=0, room="dev", member="c-7", name="Ann", user="u-1"))
+        self.assertEqual(presence.members("dev"), [])
+
     def test_replace_announces_the_difference(self):
-        """A node's new state yields exactly the leaves, renames and joins it amounts to."""
+        """A node's new state yields exactly the leaves, renames and joins
+        it amounts to, announced only where a seat comes, goes or changes
+        its name."""
         presence = Presence()
         presence.apply("b", Joined(ts=0, room="lobby", member="b-1", name="Bob"))
         presence.apply("b", Joined(ts=0, room="dev", member="b-1", name="Bob"))
         presence.apply("b", Joined(ts=0, room="lobby", member="b-2", name="Cy"))
+        presence.apply("c", Joined(ts=0, room="lobby", member="c-1", name="Di", user="u-di"))
         events = presence.replace(
             "b",
-            {"b-1": {"name": "Rob", "rooms": ["lobby"]}, "b-3": {"name": None, "rooms": ["lobby"]}},
+            {
+                "b-1": {"name": "Rob", "rooms": ["lobby"]},
+                "b-3": {"name": None, "rooms": ["lobby"]},
+                "b-4": {"name": "Di", "user": "u-di", "rooms": ["lobby"]},
+            },
             9.0,
         )
         self.assertEqual(
@@ -256,12 +277,19 @@ class PresenceTests(SynchronousTestCase):
                 Left(ts=9.0, room="lobby", member="b-2", name="Cy"),
                 Renamed(ts=9.0, room="lobby", member="b-1", name="Rob"),
                 Joined(ts=9.0, room="lobby", member="b-3", name=None),
+                Joined(
+                    ts=9.0, room="lobby", member="b-4", name="Di", user="u-di",
+                    connections=2, announced=False,
+                ),
             ],
         )
-        self.assertEqual([m.id for m in presence.members("lobby")], ["b-1", "b-3"])
+        self.assertEqual([m.id for m in presence.members("lobby")], ["b-1", "user:u-di", "b-3"])
         gone = presence.replace("b", {}, 10.0)
-        self.assertEqual({(e.member, e.room) for e in gone}, {("b-1", "lobby"), ("b-3", "lobby")})
-        self.assertEqual(presence.nodes(), [])
+        self.assertEqual(
+            {(e.member, e.room, e.announced) for e in gone},
+            {("b-1", "lobby", True), ("b-3", "lobby", True), ("b-4", "lobby", False)},
+        )
+        self.assertEqual(presence.nodes(), ["c"])
 
 
 class FakeCommands:
@@ -715,6 +743,13 @@ def ids(members):
     return {member.id for member in members}
 
 
+def users(seats):
+    """
+    How many connections each signed-in user has in a presence list.
+    """
+    return {seat.user: seat.connections for seat in seats if seat.user is not None}
+
+
 @inlineCallbacks
 def messages_until(client, text):
     """
@@ -920,8 +955,8 @@ class CrossNodeTests(RedisTestCase):
         self.assertEqual(message["text"], "through the socket")
 
 
-class ServerAPITests(RedisTestCase):
-    """The server API on nodes sharing Redis."""
+class SignedInNodesTestCase(RedisTestCase):
+    """Nodes alpha and beta sharing Redis, taking signed tokens and API keys."""
 
     @inlineCallbacks
     def setUp(self):
@@ -933,6 +968,10 @@ class ServerAPITests(RedisTestCase):
         self.a, self.port_a = yield start_node(self, self.redis, "alpha", *flags)
         self.b, self.port_b = yield start_node(self, self.redis, "beta", *flags)
 
+
+class ServerAPITests(SignedInNodesTestCase):
+    """The server API on nodes sharing Redis."""
+
     @inlineCallbacks
     def test_disconnect_on_one_node_closes_the_user_on_another(self):
         """/api/disconnect on node A closes the user's connection on node B
@@ -940,7 +979,7 @@ class ServerAPITests(RedisTestCase):
         banned; another user on B stays and hears only that it left."""
         ann, ann_id = yield sign_in(self, self.port_b, "u-ann")
         bob, _ = yield sign_in(self, self.port_b, "u-bob")
-        yield wait_for(lambda: ann_id in ids(self.a.hub.presence("lobby")), what="ann on A")
+        yield wait_for(lambda: "u-ann" in users(self.a.hub.presence("lobby")), what="ann on A")
         status, _, answer = yield disconnect(
             self.port_a, {"user": "u-ann", "reason": "spam", "ban_seconds": 600}
         )
@@ -965,7 +1004,7 @@ class ServerAPITests(RedisTestCase):
         yield wait_for(lambda: len(self.a.hub.presence("dev")) == 1, what="ann in dev on A")
         status, _, presence = yield api_request(self.port_a, "rooms/dev/presence")
         self.assertEqual((status, presence["count"]), (200, 1))
-        self.assertEqual(presence["members"], [{"id": ann_id, "name": None}])
+        self.assertEqual(presence["members"], [{"user": "u-ann", "name": None, "connections": 1}])
         status, _, history = yield api_request(self.port_a, "rooms/dev/history", key=KEY)
         self.assertEqual([m["text"] for m in history["messages"]], ["hello"])
         for what in ("presence", "history", "history?before=3"):
@@ -973,6 +1012,44 @@ class ServerAPITests(RedisTestCase):
             self.assertEqual(status, 200)
         keys = yield self.redis.command("KEYS", "broadcaster:default:room:nowhere*")
         self.assertEqual(keys, [])
+
+
+class UserPresenceTests(SignedInNodesTestCase):
+    """One presence per user, across nodes: a user with a connection on
+    each node is one member of the room, announced once when it arrives
+    and once when it has gone."""
+
+    def ann_on(self, node):
+        return lambda: users(node.hub.presence("lobby")).get("u-ann", 0)
+
+    @inlineCallbacks
+    def test_two_connections_on_two_nodes_are_one_member(self):
+        watcher, _ = yield sign_in(self, self.port_b, "u-watch")
+        first, first_id = yield sign_in(self, self.port_a, "u-ann")
+        yield wait_for(lambda: self.ann_on(self.b)() == 1, what="ann's first tab on B")
+        second = yield connect_client(self, self.port_b, json_mode=True, path=token_path("u-ann"))
+        welcome = yield second.next_json()
+        ann = [m for m in welcome["members"] if m.get("user") == "u-ann"]
+        self.assertEqual(ann, [{"user": "u-ann", "name": None, "connections": 2}])
+        self.assertEqual(welcome["count"], 2)
+        yield wait_for(lambda: self.ann_on(self.a)() == 2, what="both tabs known on A")
+
+        watcher.send_json({"type": "who", "ref": "who"})
+        events = yield read_until(watcher, of_type("presence"))
+        presence = events[-1]
+        self.assertEqual(presence["count"], 2)
+        self.assertIn({"user": "u-ann", "name": None, "connections": 2}, presence["members"])
+
+        yield close_client(first)
+        yield wait_for(lambda: self.ann_on(self.b)() == 1, what="the first tab gone on B")
+        watcher.send_json({"type": "message", "text": "still here?"})
+        events += yield read_until(watcher, of_type("message", text="still here?"))
+        yield close_client(second)
+        events += yield read_until(watcher, of_type("leave", user="u-ann"))
+        told = [(e["type"], e["id"], e["connections"]) for e in events if e.get("user") == "u-ann"]
+        # Joined with its tab on A, left with its tab on B: one member.
+        self.assertEqual(told, [("join", first_id, 1), ("leave", welcome["id"], 0)])
+        yield wait_for(lambda: self.ann_on(self.a)() == 0, what="ann gone on A")
 
 
 class OutageTests(RedisTestCase):
