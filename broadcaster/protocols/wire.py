@@ -111,13 +111,15 @@ def members_page(
     members: Iterable[Member], after: Optional[str] = None, limit: int = MEMBERS_PAGE
 ) -> Tuple[List[Member], Optional[str]]:
     """
-    One page of a room's members: those whose id sorts after ``after``, in
-    id order, at most ``limit`` of them.
+    One page of a room's members (its seats: see
+    :mod:`broadcaster.core.roster`): those whose id sorts after ``after``,
+    in id order, at most ``limit`` of them.
 
-    Ids are stable for a connection's life, so paging by them lists every
-    member that stays in the room exactly once, whoever comes and goes
-    between pages; a member who joins meanwhile is listed if its id sorts
-    after the cursor, and announced by its ``join`` event either way.
+    A seat's id (a connection's id, or ``user:<user>``) is stable while
+    it is in the room, so paging by them lists every member that stays in
+    the room exactly once, whoever comes and goes between pages; a member
+    who joins meanwhile is listed if its id sorts after the cursor, and
+    announced by its ``join`` event either way.
 
     :return: the page and the cursor of the next one (``None``: this is the last).
     """
