@@ -1209,3 +1209,56 @@ class SignedInPageTests(PageTestCase):
         told = [line for line in lines if line.endswith((" joined", " left"))]
         self.assertEqual(len(told), 2, told)
         self.assertTrue(told[0].endswith(" Uma joined") and told[1].endswith(" Uma left"), told)
+
+
+class EventSourceTests(PageTestCase):
+    """``GET /events`` read by the browser's own ``EventSource``."""
+
+    FOLLOW = """
+        window.got = [];
+        window.recovered = [];
+        const stream = new EventSource('/events?room=lobby');
+        stream.onmessage = (e) => window.got.push([e.lastEventId, JSON.parse(e.data).text]);
+        stream.addEventListener('recovered', (e) => window.recovered.push(JSON.parse(e.data)));
+        window.stream = stream;
+    """
+
+    def read(self, name):
+        return self.page.driver.execute_script("return window[arguments[0]];", name)
+
+    def streams(self):
+        return [m for m in self.service.hub.members() if m.kind == "sse"]
+
+    @inlineCallbacks
+    def test_event_source_follows_and_recovers(self):
+        """EventSource gets the messages; when its connection is cut it
+        reconnects by itself with Last-Event-ID, and gets what was said
+        meanwhile once, then recovered (complete), then live messages."""
+        yield deferToThread(self.page.open, self.url)
+        yield deferToThread(self.page.driver.execute_script, self.FOLLOW)
+        yield wait_for(self.streams, what="the browser's stream")
+        ann, _ = yield join_chat(self, self.port, "ann")
+
+        @inlineCallbacks
+        def say(text):
+            ann.send_json({"type": "message", "text": text, "ref": text})
+            yield read_until(ann, of_type("ack", ref=text))
+
+        def texts():
+            return [text for _, text in self.read("got")]
+
+        yield say("before")
+        yield deferToThread(self.page.wait, lambda d: texts() == ["before"], "the first message")
+        [stream] = self.streams()
+        stream.abort()
+        yield wait_for(lambda: not self.streams(), what="the stream gone")
+        yield say("during 1")
+        yield say("during 2")
+        yield deferToThread(self.page.wait, lambda d: self.read("recovered"), "the browser's recovery")
+        yield say("after")
+        yield deferToThread(self.page.wait, lambda d: "after" in texts(), "the last message")
+        self.assertEqual(texts(), ["before", "during 1", "during 2", "after"])
+        self.assertEqual(self.read("recovered"), [{"type": "recovered", "room": "lobby", "complete": True}])
+        ids = [event_id for event_id, _ in self.read("got")]
+        self.assertEqual(len(set(ids)), 4)
+        yield deferToThread(self.page.driver.execute_script, "window.stream.close();")

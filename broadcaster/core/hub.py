@@ -238,19 +238,21 @@ class Hub:
 
     # Connections
 
-    def connect(self, member: Member) -> Optional[Joined]:
+    def connect(self, member: Member, lobby: bool = True) -> Optional[Joined]:
         """
         Add ``member`` and put it in the lobby, if its grants let it join
         the lobby.  Everyone in the lobby, the newcomer included, is told: a
         client learns its own id the same way it learns others'.
 
-        :return: the lobby's announcement, or ``None`` if it may not join it.
+        :param lobby: ``False`` for a client that chose its rooms (an event
+            stream): it is in none until it joins them.
+        :return: the lobby's announcement, or ``None`` if it did not join it.
         """
         if member.id in self._members:
             raise ValueError("member {!r} is already connected".format(member.id))
         self._members[member.id] = member
         self._memberships[member.id] = {}
-        if not member.grants.allows(LOBBY, JOIN):
+        if not lobby or not member.grants.allows(LOBBY, JOIN):
             return None
         return self._join(member, LOBBY, fresh=True)
 

@@ -21,7 +21,7 @@ from twisted.web.server import Request
 from broadcaster.core.hub import Hub
 
 #: The client kinds, so that every series exists (at 0) from the start.
-KINDS = ("plain", "json", "line", "image")
+KINDS = ("plain", "json", "line", "image", "sse")
 
 
 def _by_label(name: str, documentation: str, label: str, values: Dict[str, int], keys=()):

@@ -49,6 +49,7 @@ from twisted.web.server import Request, Site
 
 from broadcaster import __version__
 from broadcaster.core.stats import Stats
+from broadcaster.http.events import EventsResource
 from broadcaster.protocols.admission import Admission, AdmittingFactory, http_refusal, say_and_hang_up
 from broadcaster.protocols.origin import HostPolicy
 from broadcaster.protocols.websocket import BroadcastServerFactory
@@ -334,6 +335,15 @@ class BoundedChannel(HTTPChannel):
             # The next request on this connection has a deadline of its own.
             self._start_deadline()
 
+    def streaming(self) -> None:
+        """
+        The request is answered with a stream (``GET /events``) that lasts
+        as long as the client stays: no deadline and no idle timeout apply
+        to it (the stream's keepalive comments and --max-buffer do).
+        """
+        self._cancel_deadline()
+        self.setTimeout(None)
+
     def handed_over(self) -> None:
         """
         A WebSocket upgrade takes this connection over: its own timeouts
@@ -447,6 +457,7 @@ class BroadcasterSite(BoundedSite):
         root = Resource()
         root.putChild(b"", EntryPoint(factory, static[b"index.html"]))
         root.putChild(b"healthz", Health(factory))
+        root.putChild(b"events", EventsResource(factory))
         if metrics is not None:
             root.putChild(b"metrics", metrics)
         if api is not None:

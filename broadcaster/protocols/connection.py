@@ -92,6 +92,24 @@ def log_disconnect(
 MAX_CREDENTIAL_LENGTH = 8192
 
 
+def cut_slow_consumer(log: Logger, member, outbound, size: int, stats, limit: int, how: str) -> None:
+    """
+    ``size`` more bytes would take ``member`` past ``--max-buffer``: forget
+    what waits for it, log it and count it.  The caller closes the
+    connection (``how`` says how, for the log).
+    """
+    log.warn(
+        "[SLOW CONSUMER] {client} is {queued} bytes behind and {size} more would pass"
+        " --max-buffer {limit}; {how}",
+        client=member.id,
+        queued=outbound.cut(),
+        size=size,
+        limit=limit,
+        how=how,
+    )
+    stats.slow_consumers += 1
+
+
 class RawMemberProtocol(MemberBase, Protocol):
     """
     A raw-TCP connection that is a hub member for as long as it is connected.
@@ -318,16 +336,11 @@ class RawMemberProtocol(MemberBase, Protocol):
         ``size`` more bytes would take the client past ``--max-buffer``:
         disconnect it, and forget what waits for it.
         """
-        limit = self.factory.limits.max_buffer
-        self._log.warn(
-            "[SLOW CONSUMER] {client} is {queued} bytes behind and {size} more would pass"
-            " --max-buffer {limit}; disconnecting",
-            client=self.id,
-            queued=self._outbound.cut(),
-            size=size,
-            limit=limit,
+        factory = self.factory
+        cut_slow_consumer(
+            self._log, self, self._outbound, size, factory.hub.stats, factory.limits.max_buffer,
+            "disconnecting",
         )
-        self.factory.hub.stats.slow_consumers += 1
         self.closing = True
         self.transport.abortConnection()
 

@@ -49,6 +49,7 @@ Per-message logs are debug only and never include payloads.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import List, Optional, Tuple
 
 from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
@@ -85,7 +86,14 @@ from broadcaster.core.permissions import (
 from broadcaster.core.members import MemberBase
 from broadcaster.core.imaging import ImageError, NormalisedImage
 from broadcaster.protocols.keepalive import Keepalive
-from broadcaster.protocols.connection import log_connect, log_disconnect
+from broadcaster.protocols.connection import cut_slow_consumer, log_connect, log_disconnect
+from broadcaster.protocols.gate import (
+    BANNED,
+    Refused,
+    admit_identity,
+    check_origin,
+    sign_in_failed,
+)
 from broadcaster.core.names import LOBBY, InvalidName, check_display_name
 from broadcaster.core.roster import solo_seat
 from broadcaster.protocols.origin import OriginPolicy
@@ -114,8 +122,16 @@ _REFRESH_UNAVAILABLE = "refresh failed: tokens cannot be checked right now; try 
 #: /api/disconnect``): the reason is the one given there.
 DISCONNECTED = 4003
 
-#: The answer to a handshake of a user banned by ``POST /api/disconnect``.
-BANNED = "disconnected by the server; try again later"
+@contextmanager
+def _denied():
+    """
+    Answer a refusal of the admission policy
+    (:mod:`broadcaster.protocols.gate`) as Autobahn refuses a handshake.
+    """
+    try:
+        yield
+    except Refused as refused:
+        raise ConnectionDeny(refused.status, refused.reason) from None
 
 _PLAIN = PlainCodec()
 _JSON = JSONCodec()
@@ -223,18 +239,14 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
             agent=headers.get("user-agent", "-"),
         )
         secure = ISSLTransport.providedBy(self.transport)
-        if not self.factory.origin_policy.permits(origin, headers.get("host"), secure):
-            self._log.warn(
-                "[REFUSED] {peer}: Origin {origin} is not this server's origin"
-                " (Host {host}) nor allowed by --allow-origin; answered 403",
-                peer=request.peer,
-                origin=origin,
-                host=headers.get("host", "-"),
-            )
-            self.factory.hub.stats.refused_handshakes["origin"] += 1
-            raise ConnectionDeny(
-                ConnectionDeny.FORBIDDEN,
-                "Origin {} is not allowed to connect to this server".format(origin),
+        with _denied():
+            check_origin(
+                self.factory.origin_policy,
+                self.factory.hub.stats,
+                request.peer,
+                origin,
+                headers.get("host"),
+                secure,
             )
         names = request.params.get("name")
         if names:
@@ -300,22 +312,8 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
         if self.state == self.STATE_CLOSED:
             # The client gave up (or the handshake timed out) meanwhile.
             raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "connection lost")
-        try:
-            grants = parse_grants(identity.rooms)
-        except ValueError as e:
-            # A token signed with a "rooms" claim the server cannot read:
-            # refused rather than given more (or less) than was meant.
-            self.factory.hub.stats.refused_handshakes["auth"] += 1
-            self._log.warn(
-                "[REFUSED] {peer}: unusable rooms in the sign-in ({reason}); answered 403",
-                peer=peer,
-                reason=str(e),
-            )
-            raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "unusable rooms: {}".format(e))
-        if identity.user is not None:
-            self._refuse_if_banned(identity.user, peer)
-        self.grants = grants
-        self.user = identity.user
+        with _denied():
+            self.grants, self.user = admit_identity(self.factory.hub, identity, peer)
         if identity.from_token:
             factory = self.factory
             self._expiry = TokenExpiry(
@@ -332,63 +330,14 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
             self._name_from_auth = True
         return subprotocol
 
-    def _refuse_if_banned(self, user: str, peer: str) -> None:
-        """
-        :raise ConnectionDeny: 403, if ``user`` is banned for now.
-        """
-        left = self.factory.hub.banned(user)
-        if not left:
-            return
-        self._log.warn(
-            "[REFUSED] {peer}: user {user!r} is banned for {left:.0f} more s"
-            " (POST /api/disconnect); answered 403",
-            peer=peer,
-            user=user,
-            left=left,
-        )
-        self.factory.hub.stats.refused_handshakes["banned"] += 1
-        raise ConnectionDeny(ConnectionDeny.FORBIDDEN, BANNED)
-
     def _not_authenticated(self, failure: Failure, peer: str) -> None:
         self._auth = None
-        stats = self.factory.hub.stats
-        if self.state == self.STATE_CLOSED or failure.check(CancelledError):
+        if self.state == self.STATE_CLOSED:
             # Cancelled by connectionLost (treq reports that as a broken
             # connection, not CancelledError): nobody is left to answer.
             raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "connection lost")
-        if failure.check(AuthDenied):
-            if failure.value.reason is not None:
-                # A token that did not verify: why is for the log, not the client.
-                self._log.warn(
-                    "[REFUSED] {peer}: {reason}; answered 403",
-                    peer=peer,
-                    reason=failure.value.reason,
-                )
-            else:
-                self._log.warn(
-                    "[REFUSED] {peer}: the auth service refused the credentials (HTTP {status});"
-                    " answered 403",
-                    peer=peer,
-                    status=failure.value.status,
-                )
-            stats.refused_handshakes["auth"] += 1
-            raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "not authorised")
-        if failure.check(AuthUnavailable):
-            self._log.error(
-                "[REFUSED] {peer}: authentication failed, {reason}; answered 503",
-                peer=peer,
-                reason=str(failure.value),
-            )
-        else:
-            self._log.failure(
-                "[REFUSED] {peer}: authentication failed unexpectedly; answered 503",
-                failure,
-                peer=peer,
-            )
-        stats.refused_handshakes["auth_unavailable"] += 1
-        raise ConnectionDeny(
-            ConnectionDeny.SERVICE_UNAVAILABLE, "authentication unavailable; try again later"
-        )
+        refused = sign_in_failed(self.factory.hub.stats, failure, peer)
+        raise ConnectionDeny(refused.status, refused.reason)
 
     def connectionMade(self) -> None:
         self._outbound = None
@@ -1004,16 +953,11 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
         The broadcast goes on without waiting; the close handshake has
         closeHandshakeTimeout to complete before the connection is dropped.
         """
-        queued = self._outbound.cut()
-        self._log.warn(
-            "[SLOW CONSUMER] {client} is {queued} bytes behind and {size} more would pass"
-            " --max-buffer {limit}; closing with 4008",
-            client=self.id,
-            queued=queued,
-            size=size,
-            limit=self.factory.limits.max_buffer,
+        factory = self.factory
+        cut_slow_consumer(
+            self._log, self, self._outbound, size, factory.hub.stats, factory.limits.max_buffer,
+            "closing with 4008",
         )
-        self.factory.hub.stats.slow_consumers += 1
         self.close_with(SLOW_CONSUMER, "slow consumer: too far behind")
 
     def close_transport(self, abort: bool) -> None:
