@@ -258,7 +258,7 @@ def valid_messages(draw):
         optional_room()
         expected["cursor"] = None
         if draw(st.booleans()):
-            message["cursor"] = expected["cursor"] = draw(st.text(max_size=128) | st.none())
+            message["cursor"] = expected["cursor"] = draw(st.text(max_size=1024) | st.none())
         expected["limit"] = 100
         if draw(st.booleans()):
             message["limit"] = draw(st.integers(min_value=1, max_value=10**6))
@@ -274,13 +274,17 @@ def valid_messages(draw):
             message["before"] = expected["before"] = draw(
                 st.integers(min_value=1, max_value=2**53) | st.none()
             )
+    elif kind == "image":
+        optional_room()
+        message["size"] = expected["size"] = draw(st.integers(min_value=1, max_value=2**53))
     elif kind == "image_url":
         message["url"] = expected["url"] = draw(st.text(min_size=1, max_size=2048))
     elif kind == "refresh":
         message["token"] = expected["token"] = draw(st.text(min_size=1, max_size=8192))
     # Fields the server does not know are ignored.
     known = {
-        "type", "ref", "room", "text", "name", "since", "limit", "url", "cursor", "before", "token"
+        "type", "ref", "room", "text", "name", "since", "limit", "url", "cursor", "before", "token",
+        "size",
     }
     extra = draw(
         st.dictionaries(

@@ -133,7 +133,8 @@ class BinaryMessage(Event):
 @dataclass(frozen=True)
 class ImageMessage(Event):
     """
-    An image from a member, already checked and normalised to an RGB PNG (lobby).
+    An image from a member, already checked and normalised to an RGB PNG
+    (in the lobby, unless a JSON client uploaded it to another room).
 
     :ivar image_id: unique per image, so clients can match metadata to bytes.
     """

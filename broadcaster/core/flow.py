@@ -102,6 +102,8 @@ class Limits:
     :ivar open_handshake_timeout: seconds a client has to finish the handshake.
     :ivar compression: whether permessage-deflate may be negotiated.
     :ivar raw_idle_timeout: seconds a raw-TCP client may send nothing (0: no limit).
+    :ivar max_image_size: largest image accepted, from the image port or
+        uploaded by a JSON client (announced by an ``image`` request).
     """
 
     max_buffer: int = 16 * 1024 * 1024
@@ -115,3 +117,4 @@ class Limits:
     open_handshake_timeout: float = 10.0
     compression: bool = False
     raw_idle_timeout: float = 900.0
+    max_image_size: int = 16 * 1024 * 1024

@@ -256,7 +256,7 @@ class Hub:
             return None
         return self._join(member, LOBBY, fresh=True)
 
-    def _may(self, member_id: str, room: str, right: str) -> Member:
+    def may(self, member_id: str, room: str, right: str) -> Member:
         """
         The member, if it is in ``room`` and may do ``right`` there.
 
@@ -477,7 +477,7 @@ class Hub:
         :raise NotInRoom: if ``sender`` is not in ``room``.
         :raise Forbidden: if it may not publish there.
         """
-        member = self._may(sender, room, PUBLISH)
+        member = self.may(sender, room, PUBLISH)
         return self.backplane.publish(
             TextMessage(
                 ts=self._clock.seconds(), origin=self.node_id, room=room, sender=sender, text=text, name=member.name
@@ -510,16 +510,19 @@ class Hub:
         self.backplane.publish(event)
         return event
 
-    def publish_image(self, sender: str, png: bytes, width: int, height: int) -> ImageMessage:
+    def publish_image(
+        self, sender: str, png: bytes, width: int, height: int, room: str = LOBBY
+    ) -> ImageMessage:
         """
-        Send a normalised PNG from ``sender`` to everyone in the lobby.
-        Members decide whether the sender hears its own image (the image
-        port does not).
+        Send a normalised PNG from ``sender`` to everyone in ``room`` (the
+        image port's and ``image_url``'s go to the lobby, a JSON client's
+        upload to the room it names).  Members decide whether the sender
+        hears its own image (the image port does not).
 
-        :raise Forbidden: if it may not publish in the lobby (the
+        :raise Forbidden: if it may not publish in the room (the
             protocols ask :meth:`check` before decoding).
         """
-        self.check(sender, LOBBY, PUBLISH)
+        self.check(sender, room, PUBLISH)
         event = ImageMessage(
             ts=self._clock.seconds(),
             origin=self.node_id,
@@ -528,6 +531,7 @@ class Hub:
             png=png,
             width=width,
             height=height,
+            room=room,
         )
         self.backplane.publish(event)
         return event
@@ -544,7 +548,7 @@ class Hub:
         :return: a Deferred firing with the list.
         :raise NotInRoom: if the member is not in ``room``.
         """
-        self._may(member_id, room, HISTORY)
+        self.may(member_id, room, HISTORY)
         return self.backplane.history(room, limit, before)
 
     def who(self, member_id: str, room: str) -> Deferred:
@@ -559,7 +563,7 @@ class Hub:
         :return: a Deferred firing with ``(members, epoch, seq)``.
         :raise NotInRoom: if the member is not in ``room``.
         """
-        self._may(member_id, room, PRESENCE)
+        self.may(member_id, room, PRESENCE)
         return self.backplane.position(room).addCallback(
             lambda position: (self.presence(room), *position)
         )
@@ -581,7 +585,7 @@ class Hub:
             be replayed.
         :raise NotInRoom: if the member is not in ``room``.
         """
-        self._may(member.id, room, HISTORY)
+        self.may(member.id, room, HISTORY)
 
         def deliver(result):
             messages, complete = result

@@ -19,6 +19,11 @@ What is relied on, and why:
   permessage-deflate context (to frame compressed replies of any size),
   ``sendCloseFrame`` (for 1001 and 1008) and ``_closeConnection`` (to
   close after what is queued).
+- The size limits Autobahn reads from the protocol on every frame
+  (``maxFramePayloadSize``, ``maxMessagePayloadSize``) and the
+  permessage-deflate context's ``max_message_size``: raised for the one
+  message that carries an image a client announced
+  (:func:`allow_message_size`).
 
 :func:`check` verifies each of these on the installed versions.  It runs
 when this module is imported, so a release that changes them stops the
@@ -192,6 +197,31 @@ class LeanWebSocketServerProtocol(WebSocketServerProtocol):
             self.closeHandshakeTimeoutCall = None
 
 
+def allow_message_size(protocol, size: Optional[int]) -> None:
+    """
+    Let ``protocol``'s client send its next message with up to ``size``
+    bytes (an image it announced, larger than ``--max-message-size``), or
+    (``None``) hold it to the factory's limits again.
+
+    Autobahn checks each frame's header against the protocol's
+    ``maxFramePayloadSize`` and ``maxMessagePayloadSize`` before reading
+    its payload, and the permessage-deflate context checks what it
+    inflates against its own ``max_message_size``: all three move
+    together, for this connection only (the options stay on the class).
+    """
+    compressor = protocol._perMessageCompress
+    if size is None:
+        for name in ("maxFramePayloadSize", "maxMessagePayloadSize"):
+            protocol.__dict__.pop(name, None)
+        if compressor is not None:
+            compressor.max_message_size = protocol.maxMessagePayloadSize
+        return
+    limit = max(size, type(protocol).maxMessagePayloadSize)
+    protocol.maxFramePayloadSize = protocol.maxMessagePayloadSize = limit
+    if compressor is not None:
+        compressor.max_message_size = limit
+
+
 class LeanWebSocketServerFactory(WebSocketServerFactory):
     """
     Autobahn's factory, with the protocol's options held once on a class
@@ -349,6 +379,11 @@ def check() -> None:
     for name in ("start_compress_message", "compress_message_data", "end_compress_message"):
         if not hasattr(PerMessageDeflate, name):
             problems.append("autobahn's PerMessageDeflate has no {}".format(name))
+    if "max_message_size" not in PerMessageDeflate.__init__.__code__.co_names:
+        problems.append("autobahn's PerMessageDeflate no longer keeps max_message_size")
+    for name in ("maxFramePayloadSize", "maxMessagePayloadSize"):
+        if name not in getattr(WebSocketServerProtocol, "CONFIG_ATTRS", ()):
+            problems.append("autobahn no longer reads the option {}".format(name))
     if problems:
         raise InternalsChanged(
             "broadcaster relies on internals that this Twisted/Autobahn no longer have"

@@ -67,6 +67,7 @@ from broadcaster.core.flow import Limits, RateLimit
 from broadcaster.protocols.internals import (
     LeanWebSocketServerFactory,
     LeanWebSocketServerProtocol,
+    allow_message_size,
     fan_out,
 )
 from broadcaster.protocols.expiry import TokenExpiry
@@ -221,8 +222,11 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
     _name_from_auth = False
     # The auth service's answer, while it is awaited.
     _auth: Optional[Deferred] = None
-    # image_url downloads under way.
+    # image_url downloads and uploaded images being decoded.
     _fetches = 0
+    # An image announced by an "image" request, whose bytes are the next
+    # message: (room, size, ref).
+    _upload: Optional[Tuple[str, int, object]] = None
     # The timer of the token signed in with (None: not signed in with one).
     _expiry: Optional[TokenExpiry] = None
     # A refresh's token being checked.
@@ -476,6 +480,11 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
                 kind="binary" if isBinary else "text",
             )
         hub = self.factory.hub
+        if self._upload is not None:
+            if isBinary:
+                self._uploaded(payload)
+                return
+            self._upload_missing()
         try:
             if isBinary:
                 hub.publish_binary(self.id, payload)
@@ -695,22 +704,117 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
             errbackArgs=(host, ref),
         )
 
-    def _image_fetched(self, image: NormalisedImage, host: str) -> None:
+    def _do_image(self, request) -> None:
+        """
+        An image to share in a room: its bytes are the next message, which
+        may be as large as ``--max-image-size`` (others stay within
+        ``--max-message-size``).  Refused now, before any byte of it is
+        read, if it could not be shared.
+        """
+        ref, room, size = request["ref"], request["room"], request["size"]
+        decode = self.factory.decode
+        if decode is None:
+            raise BadRequest("images are not enabled on this server", ref)
+        self.factory.hub.may(self.id, room, PUBLISH)
+        limit = self.factory.limits.max_image_size
+        if size > limit:
+            raise BadRequest(
+                "an image may be at most {} bytes (--max-image-size), not {}".format(limit, size),
+                ref,
+            )
+        if self._fetches >= MAX_FETCHES_PER_CLIENT:
+            raise BadRequest(
+                "at most {} images at once; wait for one to be shared".format(
+                    MAX_FETCHES_PER_CLIENT
+                ),
+                ref,
+            )
+        self._upload = (room, size, ref)
+        allow_message_size(self, size)
+
+    def _upload_missing(self) -> None:
+        """
+        A text message came where an announced image's bytes were due: the
+        image is given up (the text is then handled as usual).
+        """
+        room, size, ref = self._upload
+        self._upload = None
+        allow_message_size(self, None)
+        self._refuse("image: its bytes must be the next message, a binary one", ref)
+
+    def _uploaded(self, payload: bytes) -> None:
+        """
+        The bytes of the announced image: decoded off the reactor, checked
+        and normalised exactly as an image-port image, then shared.
+        """
+        room, size, ref = self._upload
+        self._upload = None
+        allow_message_size(self, None)
+        if len(payload) != size:
+            self._refuse("image: announced {} bytes, sent {}".format(size, len(payload)), ref)
+            return
+        self._fetches += 1
+        self.factory.decode(payload).addCallbacks(
+            self._image_decoded,
+            self._image_not_decoded,
+            callbackArgs=(room, ref),
+            errbackArgs=(ref,),
+        )
+
+    def _image_decoded(self, image: NormalisedImage, room: str, ref) -> None:
         self._fetches -= 1
         if not self._joined:
-            return  # gone while it downloaded: nobody to send it from
-        self.factory.hub.publish_image(self.id, image.png, image.width, image.height)
+            return  # gone while it was decoded: nobody to send it from
+        hub = self.factory.hub
+        try:
+            hub.may(self.id, room, PUBLISH)
+        except (NotInRoom, Forbidden) as e:
+            self._refuse("image: {}".format(e), ref)
+            return
+        event = self._share(image, room, "uploaded")
+        if ref is not None:
+            self._reply(_JSON.image_ack(ref, event))
+
+    def _share(self, image: NormalisedImage, room: str, whence: str):
+        """
+        Publish a normalised image from this client in ``room``, and log it.
+
+        :param whence: how it came (``uploaded``, ``fetched from <host>``).
+        """
+        event = self.factory.hub.publish_image(
+            self.id, image.png, image.width, image.height, room=room
+        )
         self._log.info(
-            "{client} fetched a {width}x{height} {source_format} image from {host}"
+            "{client} shared a {width}x{height} {source_format} image in {room}, {whence}"
             " ({size} bytes, {png} as PNG)",
             client=self.id,
             width=image.width,
             height=image.height,
             source_format=image.source_format,
-            host=host,
+            room=room,
+            whence=whence,
             size=image.source_size,
             png=len(image.png),
         )
+        return event
+
+    def _image_not_decoded(self, failure: Failure, ref) -> None:
+        self._fetches -= 1
+        if failure.check(ImageError):
+            self.factory.hub.stats.image_decode_errors += 1
+            reason = str(failure.value)
+            self._log.warn("[IMAGE] {client}: image refused: {reason}", client=self.id, reason=reason)
+        else:
+            reason = "the server could not read this image"
+            self._log.failure("[IMAGE] {client}: decoding failed unexpectedly", failure, client=self.id)
+        if self.state == self.STATE_OPEN:
+            self._reply(_JSON.error("image: {}".format(reason), ref))
+
+    def _image_fetched(self, image: NormalisedImage, host: str) -> None:
+        self._fetches -= 1
+        if not self._joined:
+            return  # gone while it downloaded: nobody to send it from
+        self._share(image, LOBBY, "fetched from {}".format(host))
 
     def _image_not_fetched(self, failure: Failure, host: str, ref) -> None:
         self._fetches -= 1
@@ -995,6 +1099,7 @@ class BroadcastServerFactory(LeanWebSocketServerFactory):
         debug: bool = False,
         max_name_length: int = 32,
         fetcher=None,
+        decode=None,
         authenticator: Optional[SignIn] = None,
         anonymous: Grants = EVERYTHING,
         token_refresh_window: float = 60.0,
@@ -1007,6 +1112,10 @@ class BroadcastServerFactory(LeanWebSocketServerFactory):
         #: An :class:`broadcaster.http.fetch.ImageFetcher` for ``image_url``
         #: requests, or ``None`` (refused).
         self.fetcher = fetcher
+        #: Normalises an uploaded image off the reactor (the image port's
+        #: decoder: ``decode(bytes)`` -> Deferred of a
+        #: :class:`~broadcaster.core.imaging.NormalisedImage`), or ``None``.
+        self.decode = decode
         #: Asked about every handshake (``authenticate``, as
         #: :class:`broadcaster.http.auth.Authenticator` and
         #: :class:`broadcaster.http.tokens.TokenAuthenticator` answer it), or ``None``.

@@ -321,6 +321,13 @@ class JSONCodec:
             {"type": "ack", "ref": ref, "room": event.room, "seq": event.seq, "epoch": event.epoch}
         )
 
+    def image_ack(self, ref: Any, event: ImageMessage) -> bytes:
+        """
+        The answer to an ``image`` request: shared, as the ``image`` event
+        with this ``id``.
+        """
+        return dumps({"type": "ack", "ref": ref, "room": event.room, "image": event.image_id})
+
     def recovered(self, room: str, complete: bool) -> bytes:
         """
         Ends a replay: ``complete`` false means some messages were lost for good.
@@ -377,7 +384,13 @@ class BadRequest(ValueError):
 
 
 #: The client message types JSON mode understands.
-CLIENT_TYPES = ("message", "join", "leave", "hello", "who", "history", "image_url", "refresh")
+CLIENT_TYPES = (
+    "message", "join", "leave", "hello", "who", "history", "image", "image_url", "refresh",
+)
+
+#: Longest ``cursor`` a ``who`` may carry: a member's id, or ``user:`` and
+#: a signed-in user's id.
+MAX_CURSOR_LENGTH = 1024
 
 #: Longest token a ``refresh`` may carry, in characters: real tokens are a
 #: few hundred bytes, a few KiB with many ``rooms``.
@@ -536,7 +549,7 @@ def parse_client_message(
     elif kind == "who":
         parsed["room"] = _room(request, required=False, ref=ref)
         cursor = request.get("cursor")
-        if cursor is not None and (not isinstance(cursor, str) or len(cursor) > MAX_REF_LENGTH):
+        if cursor is not None and (not isinstance(cursor, str) or len(cursor) > MAX_CURSOR_LENGTH):
             raise BadRequest(
                 '"cursor" must be the "next" of an earlier presence (a string)', ref
             )
@@ -548,6 +561,11 @@ def parse_client_message(
         parsed["before"] = None
         if request.get("before") is not None:
             parsed["before"] = _positive_int(request, "before", None, ref)
+    elif kind == "image":
+        # The bytes follow as the next (binary) message; the protocol
+        # checks the size against --max-image-size.
+        parsed["room"] = _room(request, required=False, ref=ref)
+        parsed["size"] = _positive_int(request, "size", None, ref)
     elif kind == "image_url":
         parsed["url"] = _string(request, "url", MAX_IMAGE_URL_LENGTH, ref, 'an "image_url"')
     elif kind == "refresh":

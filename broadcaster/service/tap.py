@@ -331,6 +331,7 @@ def _clients(
         open_handshake_timeout=options["open-handshake-timeout"],
         compression=bool(options["compression"]),
         raw_idle_timeout=options["raw-idle-timeout"],
+        max_image_size=options["max-image-size"],
     )
     # Every listener's connections count under the same limits, from accept.
     admission = service.admission = Admission(
@@ -344,6 +345,7 @@ def _clients(
         debug=options["debug"],
         max_name_length=options["max-name-length"],
         fetcher=service.fetcher,
+        decode=decoder.decode,
         authenticator=service.authenticator,
         anonymous=options.get("anonymous-grants", EVERYTHING),
         token_refresh_window=options["token-refresh-window"],

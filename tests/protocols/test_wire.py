@@ -264,7 +264,7 @@ class ParseClientMessageTests(SynchronousTestCase):
         self.assertEqual((who["cursor"], who["limit"]), ("n-7", MEMBERS_PAGE))
         self.assertEqual(self.parse({"type": "who"})["cursor"], None)
         self.assertRefused({"type": "who", "cursor": 7}, '"cursor"')
-        self.assertRefused({"type": "who", "cursor": "x" * 500}, '"cursor"')
+        self.assertRefused({"type": "who", "cursor": "x" * 1025}, '"cursor"')
         self.assertRefused({"type": "who", "limit": 0}, '"limit"')
 
     def test_bad_rooms(self) -> None:
