@@ -59,6 +59,12 @@ class Attached(Protocol):
     def expel_here(self, expulsion: Expulsion, origin: Optional[str] = None) -> int:
         """Carry out an expulsion another node (``origin``) ordered."""
 
+    def positioned(self, room: str, epoch: str, seq: int) -> None:
+        """``room`` is received from now on, live after ``seq`` of ``epoch``."""
+
+    def forget_position(self, room: str) -> None:
+        """``room`` is no longer received."""
+
 
 class Backplane(Protocol):
     """
@@ -114,6 +120,17 @@ class Backplane(Protocol):
         :return: a Deferred firing with ``(messages, complete)``: the
             messages of ``room`` after ``seq`` of ``epoch``, up to
             ``joined_at``, and whether that is all of them.
+        """
+
+    def room_occupied(self, room: str) -> None:
+        """
+        This node's first member of ``room`` joined it: a networked
+        backplane receives the rooms its node has members in.
+        """
+
+    def room_vacated(self, room: str) -> None:
+        """
+        This node's last member of ``room`` left it.
         """
 
     def spread(self, expulsion: Expulsion) -> Deferred:
@@ -205,6 +222,13 @@ class LocalBackplane:
             upto = 0
         result: Tuple[List[TextMessage], bool] = history.after(epoch, seq, upto=upto)
         return succeed(result)
+
+    def room_occupied(self, room: str) -> None:
+        # Every event is delivered in this process.
+        pass
+
+    def room_vacated(self, room: str) -> None:
+        pass
 
     def spread(self, expulsion: Expulsion) -> Deferred:
         # There is no other node.

@@ -384,7 +384,12 @@ class Hub:
             # this member live.
             position = self.fanout.before_pending(room)
         rooms[room] = position
-        self._rooms.setdefault(room, {})[member.id] = member
+        occupants = self._rooms.get(room)
+        if occupants is None:
+            occupants = self._rooms[room] = {}
+            # A networked backplane receives the rooms this node has members in.
+            self.backplane.room_occupied(room)
+        occupants[member.id] = member
         if not member.grants.allows(room, PRESENCE):
             self._blind.setdefault(room, {})[member.id] = member
         self.fanout.joined(member, room, fresh)
@@ -406,6 +411,7 @@ class Hub:
         del occupants[member.id]
         if not occupants:
             del self._rooms[room]
+            self.backplane.room_vacated(room)
         self._unblind(member, room)
         event = self._told(Left, member, room, self.roster.remove(room, member.id, member.user))
         self.backplane.publish(event)
@@ -597,6 +603,26 @@ class Hub:
 
         joined_at = self._memberships[member.id][room]
         return self.backplane.missed(room, epoch, seq, joined_at).addCallback(deliver)
+
+    def positioned(self, room: str, epoch: str, seq: int) -> None:
+        """
+        The backplane receives ``room`` from now on, live after ``seq`` of
+        ``epoch``: members who joined while it was not received have had
+        none of its messages up to there (a replay gives them those).
+        """
+        self._positions[room] = (epoch, seq)
+        for member_id in self._rooms.get(room, ()):
+            joined = self._memberships[member_id]
+            if joined.get(room) is None:
+                joined[room] = (epoch, seq)
+
+    def forget_position(self, room: str) -> None:
+        """
+        The backplane no longer receives ``room``: where it stood here says
+        nothing of what members joining later have missed.
+        """
+        if room not in self._rooms:
+            self._positions.pop(room, None)
 
     def position(self, room: str) -> Deferred:
         """

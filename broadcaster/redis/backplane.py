@@ -2,19 +2,26 @@
 The Redis backplane: several broadcaster nodes behind one Redis act as one
 server (``--redis``).
 
-Every node publishes what its hub hands it on one pub/sub channel and
-delivers to its hub what arrives there, its own events included; so a node
-delivers each of its clients' messages exactly once, and every node sees the
-events of a room in one and the same order.  Text messages are numbered,
-kept and published by one Lua script, atomically: a room's sequence has no
-gaps and no two messages share a number, whichever node they came through.
+Every node publishes what its hub hands it and delivers to its hub what
+comes back, its own events included; so a node delivers each of its
+clients' messages exactly once, and every node sees the messages of a room
+in one and the same order.  Text messages are numbered, kept and published
+by one Lua script, atomically: a room's sequence has no gaps and no two
+messages share a number, whichever node they came through.
+
+A room's messages travel on the room's own sharded channel (``SPUBLISH``),
+which a node receives only while it has members in the room
+(:mod:`broadcaster.redis.rooms`): a node pays for its own clients' rooms,
+not for all of them.  Who comes and goes (joins, leaves, renames, node
+states) stays on one channel every node receives, so that every node can
+list every room's members.
 
 What lives in Redis (every key starts with ``broadcaster:<namespace>:``)::
 
-    room:<room>:epoch    the room's epoch (random; set when missing, which
-                         restarts the sequence: Redis lost its data)
-    room:<room>:seq      the room's last sequence number
-    room:<room>:history  its last --history-size messages, as published
+    room:{<room>}:epoch    the room's epoch (random; set when missing, which
+                           restarts the sequence: Redis lost its data)
+    room:{<room>}:seq      the room's last sequence number
+    room:{<room>}:history  its last --history-size messages, as published
                          (the three expire --room-ttl after the room's last
                          join, recovery or message)
     nodes                the ids of the registered nodes
@@ -22,8 +29,13 @@ What lives in Redis (every key starts with ``broadcaster:<namespace>:``)::
                          seconds after its last heartbeat
     node:<id>:members    client id -> {"name": ..., "rooms": [...]}
 
-Channels: ``broadcaster:<namespace>:events`` (``...:events:db<N>`` for a
-database other than 0, since pub/sub ignores databases) carries every event;
+The braces are a hash tag: a room's keys and its channel share one slot,
+so each script touches one shard of a Redis Cluster.
+
+Channels: ``broadcaster:<namespace>:room:{<room>}`` (sharded; ``...:db<N>``
+appended for a database other than 0, since pub/sub ignores databases)
+carries the room's messages; ``broadcaster:<namespace>:events`` carries
+joins, leaves, renames and the control messages below;
 ``broadcaster:<namespace>:node:<id>`` carries the presence snapshot a node
 asks for when it (re)connects.
 
@@ -116,6 +128,7 @@ from broadcaster.redis.connections import (
     Subscription,
 )
 from broadcaster.redis.presence import Presence
+from broadcaster.redis.rooms import GRACE, RoomChannels
 from broadcaster.redis.scripts import (
     DEREGISTER,
     HEARTBEAT,
@@ -133,12 +146,15 @@ class _Pending:
     :ivar stored: whether Redis answered that it took it.
     """
 
-    __slots__ = ("event", "deferred", "stored")
+    __slots__ = ("event", "deferred", "stored", "comes_back")
 
-    def __init__(self, event: Event) -> None:
+    def __init__(self, event: Event, comes_back: bool = True) -> None:
         self.event = event
         self.deferred: Deferred = Deferred()
         self.stored = False
+        #: Whether the subscription brings it back (not: a message to a
+        #: room this node does not receive).
+        self.comes_back = comes_back
 
     def fire(self, event: Event) -> None:
         if not self.deferred.called:
@@ -184,6 +200,7 @@ class RedisBackplane:
         connections: Optional[Connections] = None,
         room_ttl: float = 7 * 24 * 3600,
         history_memory: int = DEFAULT_MEMORY,
+        room_grace: float = GRACE,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
@@ -224,6 +241,9 @@ class RedisBackplane:
         self._local_epoch = ""
         self._fallback: Dict[str, RoomHistory] = {}
         self.memory = HistoryMemory(history_memory, clock)
+        self._room_grace = room_grace
+        #: The rooms whose channels this node receives (set when attached).
+        self.rooms: Optional[RoomChannels] = None
 
     # Set-up
 
@@ -231,6 +251,15 @@ class RedisBackplane:
         self._hub = hub
         self.node_id = hub.node_id
         self.presence = Presence(hub.roster)
+        self.rooms = RoomChannels(
+            self._clock,
+            self._room_channel,
+            self._read_position,
+            hub.positioned,
+            self._room_dropped,
+            hub.deliver,
+            self._room_grace,
+        )
         self._private_channel = self._prefix + "node:" + self.node_id
         self._nodes_key = self._prefix + "nodes"
         self._alive_key = self._node_key("alive")
@@ -240,8 +269,22 @@ class RedisBackplane:
         return "{}node:{}:{}".format(self._prefix, self.node_id, what)
 
     def _room_keys(self, room: str) -> List[str]:
-        base = "{}room:{}:".format(self._prefix, room)
+        # One hash tag for all of a room's keys and its channel: one slot,
+        # so that a script touches one shard of a cluster.
+        base = "{}room:{{{}}}:".format(self._prefix, room)
         return [base + "seq", base + "epoch", base + "history"]
+
+    def _room_channel(self, room: str) -> str:
+        """
+        The sharded channel a room's messages are published on.
+        """
+        return "{}room:{{{}}}{}".format(self._prefix, room, self._db_suffix)
+
+    @property
+    def _db_suffix(self) -> str:
+        # Pub/sub ignores databases: deployments in two databases of one
+        # Redis must not hear each other.
+        return ":db{}".format(self.address.db) if self.address.db else ""
 
     @property
     def connected(self) -> bool:
@@ -270,6 +313,8 @@ class RedisBackplane:
         Tell the other nodes this node's clients are gone, and disconnect.
         """
         self._running = False
+        if self.rooms is not None:
+            self.rooms.stop()
         if self.connected:
             self._down_since = self._clock.seconds()
             done = self._eval(
@@ -325,6 +370,7 @@ class RedisBackplane:
     def subscription_lost(self, protocol: Subscription) -> None:
         if self._subscriber is protocol:
             self._subscriber = None
+            self.rooms.detach()
             self._went_down("lost the subscription")
 
     def connect_failed(self, failure: Failure) -> None:
@@ -535,6 +581,9 @@ class RedisBackplane:
             )
         self._down_since = None
         self._forget_fallback()
+        # With both connections up: receive the rooms this node has
+        # members in, each from a position read after subscribing.
+        self.rooms.attach(self._subscriber)
 
     def _forget_fallback(self) -> None:
         """
@@ -570,15 +619,38 @@ class RedisBackplane:
     def publish(self, event: Event) -> Deferred:
         if not self.connected:
             return self._deliver_locally(event)
+        if isinstance(event, MESSAGES) and self.rooms.received(event.room) and not self.rooms.ready(
+            event.room
+        ):
+            # Published once the room's channel is received here, so that
+            # it comes back (and after the position a joining member was told).
+            return self.rooms.when_ready(event.room).addCallback(lambda _: self._publish(event))
+        return self._publish(event)
+
+    def _publish(self, event: Event) -> Deferred:
+        if not self.connected:
+            return self._deliver_locally(event)
         pid = next(self._pids)
-        publication = self._unconfirmed[pid] = _Pending(event)
+        publication = _Pending(
+            event, comes_back=not isinstance(event, MESSAGES) or self.rooms.ready(event.room)
+        )
+        if publication.comes_back:
+            self._unconfirmed[pid] = publication
         body = encode_event(event, self.node_id, pid)
         if isinstance(event, TextMessage):
             d = self._eval(
                 PUBLISH_TEXT,
                 self._room_keys(event.room),
-                [self.channel, body, new_epoch(), self.history_size, self._room_ttl],
+                [
+                    self._room_channel(event.room),
+                    body,
+                    new_epoch(),
+                    self.history_size,
+                    self._room_ttl,
+                ],
             )
+        elif isinstance(event, MESSAGES):
+            d = self._run("SPUBLISH", self._room_channel(event.room), b"0 - " + body)
         elif isinstance(event, PRESENCE_EVENTS):
             d = self._eval(
                 PRESENCE,
@@ -616,10 +688,23 @@ class RedisBackplane:
                 publication.event, seq=int(seq), epoch=epoch.decode("ascii")
             )
         publication.stored = True
+        event = publication.event
+        if not publication.comes_back:
+            # In a room this node does not receive: it will not come back,
+            # and is delivered here (for webhooks) as it would have been.
+            self._hub.deliver(event)
+        elif (
+            isinstance(event, MESSAGES)
+            and not self.rooms.received(event.room)
+            and self._unconfirmed.pop(pid, None) is not None
+        ):
+            # Its room stopped being received meanwhile: likewise.
+            self._abandoned.add(pid)
+            self._hub.deliver(event)
         publication.fire(publication.event)
 
     def _publish_failed(self, failure, pid: int, publication: _Pending) -> None:
-        if self._unconfirmed.pop(pid, None) is None:
+        if publication.comes_back and self._unconfirmed.pop(pid, None) is None:
             # Already delivered: back through the subscription, or locally
             # when the outage began.
             publication.fire(publication.event)
@@ -671,7 +756,10 @@ class RedisBackplane:
                 publication.event = event
         elif isinstance(event, PRESENCE_EVENTS):
             self.presence.apply(origin, event)
-        self._hub.deliver(event)
+        if isinstance(event, MESSAGES):
+            self.rooms.receive(event)
+        else:
+            self._hub.deliver(event)
 
     def spread(self, expulsion: Expulsion) -> Deferred:
         """
@@ -735,10 +823,35 @@ class RedisBackplane:
     def position(self, room: str) -> Deferred:
         if not self.connected:
             return succeed(self._local_position(room))
-        d = self._eval(POSITION, self._room_keys(room), [new_epoch(), self._room_ttl])
-        d.addCallback(lambda reply: (reply[0].decode("ascii"), int(reply[1])))
+        # Once the room is received here: later messages arrive live.
+        d = self.rooms.when_ready(room).addCallback(lambda _: self._read_position(room))
         # The welcome waits for this: never leave a client without one.
         return d.addErrback(lambda failure: self._local_position(room))
+
+    def _read_position(self, room: str) -> Deferred:
+        """
+        Where ``room``'s sequence stands in Redis now.
+        """
+        d = self._eval(POSITION, self._room_keys(room), [new_epoch(), self._room_ttl])
+        return d.addCallback(lambda reply: (reply[0].decode("ascii"), int(reply[1])))
+
+    def room_occupied(self, room: str) -> None:
+        self.rooms.occupy(room)
+
+    def room_vacated(self, room: str) -> None:
+        self.rooms.vacate(room)
+
+    def _room_dropped(self, room: str) -> None:
+        """
+        ``room``'s channel is no longer received: its publications of this
+        node that Redis took will not come back, and are delivered here.
+        """
+        self._hub.forget_position(room)
+        for pid, publication in list(self._unconfirmed.items()):
+            if publication.stored and getattr(publication.event, "room", None) == room:
+                del self._unconfirmed[pid]
+                self._abandoned.add(pid)
+                self._hub.deliver(publication.event)
 
     def _local_position(self, room: str) -> Tuple[str, int]:
         history = self._fallback.get(room)

@@ -63,6 +63,12 @@ class Subscription(Protocol):
     def subscribe(self, channels: List[str]) -> Deferred:
         """Subscribe to ``channels``; fires once Redis confirmed."""
 
+    def ssubscribe(self, channel: str) -> Deferred:
+        """Subscribe to the sharded channel ``channel`` (Redis 7); fires once confirmed."""
+
+    def sunsubscribe(self, channel: str) -> Deferred:
+        """Stop receiving the sharded channel ``channel``; fires once confirmed."""
+
 
 class Listener(Protocol):
     """
@@ -131,11 +137,32 @@ class _WatchedEndpoint:
 
 class SubscriberProtocol(BackplaneConnection, txredisapi.SubscriberProtocol):
     """
-    txredisapi's subscriber, handing each message to the listener.
+    txredisapi's subscriber, handing each message to the listener, and
+    knowing sharded pub/sub (Redis 7: ``SSUBSCRIBE``, ``smessage``), which
+    the backplane uses for rooms: the same commands work on one server and
+    on a cluster, where a sharded channel lives on its slot's shard only.
     """
+
+    _sub_unsub_reponses = txredisapi.SubscriberProtocol._sub_unsub_reponses | {
+        "ssubscribe", "sunsubscribe", b"ssubscribe", b"sunsubscribe",
+    }
+
+    def replyReceived(self, reply) -> None:
+        if isinstance(reply, list) and len(reply) == 3 and reply[0] in (b"smessage", "smessage"):
+            self.messageReceived(None, reply[1], reply[2])
+            return
+        super().replyReceived(reply)
 
     def messageReceived(self, pattern, channel, message) -> None:
         self.factory.listener.message_received(channel, message)
+
+    def ssubscribe(self, channel: str) -> Deferred:
+        # One channel per command: txredisapi hands a waiting caller the
+        # first confirmation only.
+        return self.execute_command("SSUBSCRIBE", channel, apply_timeout=False)
+
+    def sunsubscribe(self, channel: str) -> Deferred:
+        return self.execute_command("SUNSUBSCRIBE", channel)
 
 
 class ReconnectingFactory(txredisapi.RedisFactory):

@@ -435,6 +435,15 @@ class Options(usage.Options):
             "for --anonymous-raw-ports clients and nothing otherwise.",
         ],
         [
+            "room-grace",
+            None,
+            10.0,
+            "With --redis: seconds a server keeps receiving a room after its "
+            "last client there left (a client coming back meanwhile needs no "
+            "new subscription).",
+            non_negative_float,
+        ],
+        [
             "room-ttl",
             None,
             7 * 24 * 3600.0,

@@ -230,6 +230,7 @@ def makeService(options: Options, reactor=None) -> "BroadcasterService | MasterS
             history_size=options["history-size"],
             node_timeout=options["node-timeout"],
             room_ttl=options["room-ttl"],
+            room_grace=options["room-grace"],
             clock=reactor,
             connections=RedisConnections(address, reactor),
             history_memory=options["history-memory"],

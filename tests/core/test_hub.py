@@ -598,3 +598,38 @@ class UserPresenceTests(HubTestCase):
         self.assertEqual(
             [e[1] for e in self.announced(watcher) if e[0] == "Joined"], ["w", "a1", "a2"]
         )
+
+
+class PositionedTests(HubTestCase):
+    """A networked backplane tells the hub where a room stands when it
+    starts receiving it: members who joined before have missed what came
+    up to there, and get it from a replay, but nothing after."""
+
+    def test_members_who_joined_meanwhile_are_replayed_up_to_there(self):
+        talker = self.connect("talker")
+        self.hub.join(talker, "x")
+        for text in ("one", "two", "three"):
+            self.hub.publish_text("talker", text, "x")
+        self.turn()
+        epoch = self.epoch("x")
+        self.hub.leave(talker, "x")
+        self.hub.forget_position("x")
+        late = self.connect("late")
+        self.hub.join(late, "x")
+        # The backplane's subscription is ready from seq 2: "three" is live.
+        self.hub.positioned("x", epoch, 2)
+        complete = self.successResultOf(self.hub.replay(late, "x", epoch, 0))
+        self.assertTrue(complete)
+        self.assertEqual(late.texts(), [("x", "one"), ("x", "two")])
+
+    def test_a_room_still_occupied_keeps_its_position(self):
+        member = self.connect("m")
+        self.hub.join(member, "x")
+        self.hub.publish_text("m", "one", "x")
+        self.turn()
+        self.hub.forget_position("x")
+        late = self.connect("late")
+        self.hub.join(late, "x")
+        complete = self.successResultOf(self.hub.replay(late, "x", self.epoch("x"), 0))
+        self.assertTrue(complete)
+        self.assertEqual(late.texts(), [("x", "one")])

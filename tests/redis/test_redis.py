@@ -39,7 +39,7 @@ from broadcaster.redis.backplane import RedisBackplane
 from broadcaster.redis.connections import HIREDIS, ReconnectingFactory, RedisConnections
 from broadcaster.redis.codec import encode_event, parse_event
 from broadcaster.redis.presence import Presence, RemoteMember
-from broadcaster.redis.scripts import DEREGISTER, MISSED, PUBLISH_TEXT, REGISTER
+from broadcaster.redis.scripts import DEREGISTER, MISSED, POSITION, PUBLISH_TEXT, REGISTER
 from broadcaster.service.tap import Options
 from tests.support import (
     immediate_hub,
@@ -59,6 +59,7 @@ from tests.http.test_api import (
     api_request,
     disconnect,
     key_file,
+    publish,
     refusal,
     sign_in,
     token_path,
@@ -324,6 +325,14 @@ class FakeSubscription:
         self.channels += channels
         return succeed(None)
 
+    def ssubscribe(self, channel):
+        self.channels.append(channel)
+        return succeed(None)
+
+    def sunsubscribe(self, channel):
+        self.channels.remove(channel)
+        return succeed(None)
+
 
 class FakeConnections:
     """
@@ -349,6 +358,10 @@ class FakeConnections:
         (register,) = [call for call in commands.calls if call[0] is REGISTER]
         commands.calls.remove(register)
         register[3].callback([1])
+        # The lobby's channel is received from where its sequence stands.
+        for call in [call for call in commands.calls if call[0] is POSITION]:
+            commands.calls.remove(call)
+            call[3].callback([b"e0", 0])
 
 
 def pubsub_message(channel: bytes, payload: bytes) -> bytes:
@@ -774,7 +787,7 @@ class RoomKeyTests(RedisTestCase):
 
     @inlineCallbacks
     def room_keys(self, room):
-        keys = yield self.redis.command("KEYS", "broadcaster:default:room:{}:*".format(room))
+        keys = yield self.redis.command("KEYS", "broadcaster:default:room:{{{}}}:*".format(room))
         return sorted(keys)
 
     @inlineCallbacks
@@ -788,7 +801,7 @@ class RoomKeyTests(RedisTestCase):
         yield read_until(ann, of_type("presence", room="dev"))
         self.assertEqual(
             (yield self.room_keys("dev")),
-            ["broadcaster:default:room:dev:epoch", "broadcaster:default:room:dev:seq"],
+            ["broadcaster:default:room:{dev}:epoch", "broadcaster:default:room:{dev}:seq"],
         )
         ann.send_json({"type": "message", "room": "dev", "text": "kept a while"})
         yield messages_until(ann, "kept a while")
@@ -955,6 +968,108 @@ class CrossNodeTests(RedisTestCase):
         self.assertEqual(message["text"], "through the socket")
 
 
+class RoomChannelTests(RedisTestCase):
+    """A node receives a room's messages only while it has members there,
+    and a member joining a room its node did not receive misses nothing
+    and gets nothing twice."""
+
+    @inlineCallbacks
+    def setUp(self):
+        yield super().setUp()
+        flags = ["--rate", "0", "--history-size", "1000"]
+        self.a, self.port_a = yield start_node(self, self.redis, "alpha", *flags)
+        self.b, self.port_b = yield start_node(
+            self, self.redis, "beta", "--room-grace", "0.2", *flags
+        )
+
+    @inlineCallbacks
+    def receivers(self, room):
+        """How many nodes receive ``room``'s channel, as Redis counts them."""
+        reply = yield self.redis.command("PUBSUB", "SHARDNUMSUB", "broadcaster:default:room:{%s}" % room)
+        return int(reply[1])
+
+    @inlineCallbacks
+    def join(self, client, room, since=None):
+        request = {"type": "join", "room": room}
+        if since is not None:
+            request["since"] = since
+        client.send_json(request)
+        return (yield read_until(client, of_type("presence", room=room)))[-1]
+
+    @inlineCallbacks
+    def test_only_nodes_with_members_receive_a_room(self):
+        ann, _ = yield join_chat(self, self.port_a, "ann")
+        bob, _ = yield join_chat(self, self.port_b, "bob")
+        self.assertEqual((yield self.receivers("lobby")), 2)
+        self.assertEqual((yield self.receivers("dev")), 0)
+        yield self.join(ann, "dev")
+        self.assertEqual((yield self.receivers("dev")), 1)
+        yield self.join(bob, "dev")
+        self.assertEqual((yield self.receivers("dev")), 2)
+        bob.send_json({"type": "leave", "room": "dev"})
+        yield wait_for(
+            lambda: not self.b.hub.backplane.rooms.received("dev"), what="beta dropping dev"
+        )
+        self.assertEqual((yield self.receivers("dev")), 1)
+        # Messages in dev keep flowing to alpha's member.
+        ann.send_json({"type": "message", "room": "dev", "text": "still here"})
+        yield messages_until(ann, "still here")
+
+    @inlineCallbacks
+    def test_joining_while_messages_flow_misses_nothing(self):
+        """Bob, on a node that stopped receiving dev, joins it again with
+        since while 300 messages are being published on the other node:
+        he gets every one after his position exactly once, and recovery is
+        complete."""
+        ann, _ = yield join_chat(self, self.port_a, "ann")
+        bob, _ = yield join_chat(self, self.port_b, "bob")
+        yield self.join(ann, "dev")
+        seen = yield self.join(bob, "dev")
+        bob.send_json({"type": "leave", "room": "dev"})
+        yield wait_for(
+            lambda: not self.b.hub.backplane.rooms.received("dev"), what="beta dropping dev"
+        )
+        texts = ["m{}".format(i) for i in range(300)]
+        for text in texts[:100]:
+            ann.send_json({"type": "message", "room": "dev", "text": text})
+        bob.send_json(
+            {"type": "join", "room": "dev", "since": {"epoch": seen["epoch"], "seq": seen["seq"]}}
+        )
+        for text in texts[100:]:
+            ann.send_json({"type": "message", "room": "dev", "text": text})
+        events = []
+        while not (events and events[-1]["type"] == "recovered") or not any(
+            e.get("text") == "m299" for e in events
+        ):
+            events.append((yield bob.next_json()))
+        received = [e for e in events if e["type"] == "message"]
+        got = [m["text"] for m in received]
+        self.assertEqual(
+            (len(got), sorted(set(texts) - set(got), key=lambda t: int(t[1:]))[:20]),
+            (len(texts), []),
+            [(e["type"], e.get("text"), e.get("seq")) for e in events][:400],
+        )
+        self.assertEqual(sorted(got), sorted(texts))
+        self.assertEqual(len({m["seq"] for m in received}), len(texts))
+        recovered = [e for e in events if e["type"] == "recovered"]
+        self.assertEqual([r["complete"] for r in recovered], [True])
+
+    @inlineCallbacks
+    def test_publishing_where_the_node_has_nobody(self):
+        """The server API on a node with no member in a room publishes to
+        the members on the other node, once."""
+        key = key_file(self)
+        c, port_c = yield start_node(self, self.redis, "gamma", "--api-key-file", key)
+        ann, _ = yield join_chat(self, self.port_a, "ann")
+        yield self.join(ann, "ops")
+        self.assertFalse(c.hub.backplane.rooms.received("ops"))
+        for text in ("one", "two"):
+            status, _, answer = yield publish(port_c, {"room": "ops", "text": text})
+            self.assertEqual(status, 202, answer)
+        received = yield messages_until(ann, "two")
+        self.assertEqual([m["text"] for m in received], ["one", "two"])
+
+
 class SignedInNodesTestCase(RedisTestCase):
     """Nodes alpha and beta sharing Redis, taking signed tokens and API keys."""
 
@@ -1010,7 +1125,7 @@ class ServerAPITests(SignedInNodesTestCase):
         for what in ("presence", "history", "history?before=3"):
             status, _, _ = yield api_request(self.port_a, "rooms/nowhere/" + what)
             self.assertEqual(status, 200)
-        keys = yield self.redis.command("KEYS", "broadcaster:default:room:nowhere*")
+        keys = yield self.redis.command("KEYS", "broadcaster:default:room:{nowhere}*")
         self.assertEqual(keys, [])
 
 

@@ -1,4 +1,4 @@
--- KEYS: seq, epoch, history.  ARGV: channel, body, candidate epoch, history size,
+-- KEYS: seq, epoch, history.  ARGV: the room's (sharded) channel, body, candidate epoch, history size,
 -- room TTL (ms).
 local epoch = current_epoch(KEYS[1], KEYS[2], KEYS[3], ARGV[3])
 local seq = redis.call('INCR', KEYS[1])
@@ -9,5 +9,5 @@ if size > 0 then
   redis.call('LTRIM', KEYS[3], -size, -1)
 end
 keep_room(KEYS[1], KEYS[2], KEYS[3], ARGV[5])
-redis.call('PUBLISH', ARGV[1], entry)
+redis.call('SPUBLISH', ARGV[1], entry)
 return {seq, epoch}
