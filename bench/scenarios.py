@@ -28,6 +28,12 @@ S6 a big room
     generator's), then one JSON client: how long its welcome takes and how
     large it is, and what listing every member with ``who`` costs (time
     and bytes); broadcaster only.
+S7 rooms stay where their members are (Redis)
+    Two nodes on one redis-server, 100 rooms: node A has the members of
+    rooms 0-49, node B those of rooms 50-99, and messages are published in
+    rooms 0-49 only (on node A, at a fixed rate).  The CPU each node and
+    Redis spend per published message: B's should be near nothing, since
+    a node receives only the rooms it has members in.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from bench.servers import (
     ServerProcess,
     ServerSpec,
     descendants,
+    read_cpu_seconds,
     redis_server_path,
     wait_backplane,
     with_args,
@@ -801,6 +808,154 @@ class BigRoom(Scenario):
         )
 
 
+class RoomLocality(NeedsServerOption):
+    """
+    S7: two nodes, 100 rooms, each node with the members of half of them;
+    messages in node A's rooms only.  What each process spends per message.
+    """
+
+    id = "S7"
+    title = "per-room delivery: node B has none of the busy rooms' members"
+    # Not --room-grace: a baseline from before per-room channels runs it
+    # too, and shows what node B paid when every node received every room.
+    option = "--redis"
+    metrics = [
+        Metric("b_pct_of_a", "node B CPU as % of node A's", "lower", 2),
+        Metric("a_us_per_message", "node A CPU µs per published message", "lower", 1),
+        Metric("b_us_per_message", "node B CPU µs per published message", "lower", 2),
+        Metric("redis_us_per_message", "Redis CPU µs per published message", "lower", 1),
+        Metric("messages_per_s", "messages published per s", None, 0),
+    ]
+
+    #: Rooms, members of each room on its node, and the publishing rate.
+    ROOMS = 100
+    MEMBERS = 5
+    RATE = 500.0
+
+    def variants(self, settings: Settings) -> List[Variant]:
+        count = settings.messages or int(self.RATE * settings.duration)
+        return [Variant("S7", "{} rooms, {} messages".format(self.ROOMS, count), {"messages": count})]
+
+    def run(self, ctx: Context, spec: ServerSpec, variant: Variant, repetition: int) -> Dict:
+        import threading
+
+        from bench.wsclient import JSONClient, WSError
+
+        s = ctx.settings
+        count = variant.params["messages"]
+        server_log, _ = ctx.logs(spec, variant, repetition)
+        redis_log = server_log.with_name(server_log.name.replace("-server.log", "-redis.log"))
+        node_b_log = server_log.with_name(server_log.name.replace("-server.log", "-node-b.log"))
+        busy = ["room-{}".format(i) for i in range(self.ROOMS // 2)]
+        quiet = ["room-{}".format(i) for i in range(self.ROOMS // 2, self.ROOMS)]
+        problems: List[str] = []
+        figures: Dict[str, Optional[float]] = {}
+        received: Dict[int, int] = {}
+        with RedisProcess(ctx.server_cpu, redis_log) as redis:
+            redis.wait_ready()
+
+            def node(name: str) -> ServerSpec:
+                return with_args(
+                    spec, ["--redis", redis.url, "--node-id", name],
+                    label="{} node {}".format(spec.label, name),
+                )
+
+            with ServerProcess(node("a"), ctx.server_cpu, server_log) as node_a, \
+                    ServerProcess(node("b"), ctx.server_cpu, node_b_log) as node_b:
+                node_a.wait_ready()
+                node_b.wait_ready()
+                wait_backplane(node_a, nodes=2)
+                wait_backplane(node_b, nodes=2)
+                deadline = time.monotonic() + 120
+                clients = []
+                try:
+                    for port, rooms in [(node_a.port, busy)] * self.MEMBERS + [
+                        (node_b.port, quiet)
+                    ] * self.MEMBERS:
+                        client = JSONClient(port)
+                        client.receive_type("welcome", deadline)
+                        for room in rooms:
+                            client.send({"type": "join", "room": room})
+                            client.receive_type("presence", deadline)
+                        clients.append(client)
+                    # The publisher is one more member of the busy rooms.
+                    publisher = JSONClient(node_a.port)
+                    publisher.receive_type("welcome", deadline)
+                    for room in busy:
+                        publisher.send({"type": "join", "room": room})
+                        publisher.receive_type("presence", deadline)
+                except (OSError, WSError) as e:
+                    problems.append("a client failed to join: {}".format(e))
+                    return {"figures": figures, "ok": False, "problems": problems, "warnings": []}
+
+                def drain(index: int, client) -> None:
+                    # Every client reads what it is sent, as a real one would.
+                    try:
+                        while True:
+                            event, _ = client.receive()
+                            if event.get("type") == "message":
+                                received[index] = received.get(index, 0) + 1
+                    except (OSError, WSError, ValueError):
+                        pass
+
+                readers = [
+                    threading.Thread(target=drain, args=(i, c), daemon=True)
+                    for i, c in enumerate(clients + [publisher])
+                ]
+                for reader in readers:
+                    reader.start()
+                time.sleep(s.settle)
+                pids = {"a": node_a.pid, "b": node_b.pid, "redis": redis.pid}
+                before = {name: read_cpu_seconds(pid) for name, pid in pids.items()}
+                started = time.monotonic()
+                for i in range(count):
+                    publisher.send(
+                        {"type": "message", "room": busy[i % len(busy)], "text": "m{}".format(i)}
+                    )
+                    lag = started + (i + 1) / self.RATE - time.monotonic()
+                    if lag > 0:
+                        time.sleep(lag)
+                expected = count * self.MEMBERS
+                wait_until = time.monotonic() + s.drain_max
+                members = range(len(clients))
+                while time.monotonic() < wait_until and sum(
+                    received.get(i, 0) for i in members
+                ) < expected:
+                    time.sleep(0.05)
+                elapsed = time.monotonic() - started
+                after = {name: read_cpu_seconds(pid) for name, pid in pids.items()}
+                for client in clients + [publisher]:
+                    client.close()
+                node_b.stop(s.stop_grace)
+                node_a.stop(s.stop_grace)
+            redis.stop()
+        got = sum(received.get(i, 0) for i in range(len(clients)))
+        if got != expected:
+            problems.append("{} of {} deliveries arrived".format(got, expected))
+        spent = {name: after[name] - before[name] for name in pids}
+        figures["a_us_per_message"] = 1e6 * spent["a"] / count
+        figures["b_us_per_message"] = 1e6 * spent["b"] / count
+        figures["redis_us_per_message"] = 1e6 * spent["redis"] / count
+        figures["b_pct_of_a"] = 100.0 * spent["b"] / spent["a"] if spent["a"] else None
+        figures["messages_per_s"] = count / elapsed
+        return {
+            "figures": figures,
+            "ok": not problems,
+            "problems": problems,
+            "warnings": [],
+            "cpu_seconds": spent,
+            "server_process": {"pid": pids["a"], "node_b": pids["b"], "redis": pids["redis"]},
+        }
+
+    def headline(self, figures: Dict[str, float]) -> str:
+        return "node B spent {}% of node A's CPU; Redis {} µs per message".format(
+            _fmt(figures.get("b_pct_of_a"), 2), _fmt(figures.get("redis_us_per_message"), 1)
+        )
+
+
 SCENARIOS: Dict[str, Scenario] = {
-    s.id: s for s in (Throughput(), Latency(), IdleMemory(), CrossNode(), Workers(), BigRoom())
+    s.id: s
+    for s in (
+        Throughput(), Latency(), IdleMemory(), CrossNode(), Workers(), BigRoom(), RoomLocality()
+    )
 }

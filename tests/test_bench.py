@@ -132,7 +132,7 @@ class BenchSmokeTests(TestCase):
             raise SkipTest(message)
         results = os.path.abspath(self.mktemp() + ".json")
         out, err, status = yield self.run_bench(
-            "--quick", "--servers", "broadcaster", "--scenarios", "S4,S5",
+            "--quick", "--servers", "broadcaster", "--scenarios", "S4,S5,S7",
             "--json-out", results, "--cache-dir", os.path.abspath(self.mktemp()),
         )
         self.assertEqual(status, 0, "stdout:\n{}\nstderr:\n{}".format(out, err))
@@ -140,9 +140,12 @@ class BenchSmokeTests(TestCase):
             document = json.load(f)
         self.assertTrue(document["ok"])
         self.assertEqual(
-            [r["variant"] for r in document["runs"]], ["S4/20", "S5/20/w1", "S5/20/w2"]
+            [r["variant"] for r in document["runs"]], ["S4/20", "S5/20/w1", "S5/20/w2", "S7"]
         )
-        for run in document["runs"]:
+        s7 = document["runs"][3]
+        self.assertEqual(s7["problems"], [])
+        self.assertEqual(set(s7["cpu_seconds"]), {"a", "b", "redis"})
+        for run in document["runs"][:3]:
             self.assertEqual(run["problems"], [], run["variant"])
             check = run["loadgen"]["check"]
             self.assertEqual(check["deliveries"], check["expected_deliveries"], run["variant"])
