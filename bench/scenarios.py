@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -528,6 +529,36 @@ class NeedsServerOption(Scenario):
         return []
 
 
+@contextmanager
+def _two_nodes(ctx: Context, spec: ServerSpec, server_log: Path, other_log: str):
+    """
+    A redis-server and two broadcaster nodes on it, all on the server CPU,
+    registered with each other.  Node B logs to ``server_log``, node A to
+    the file named after it with ``other_log`` for ``-server.log``.
+
+    :return: a context manager giving ``(redis, node_a, node_b, startup)``.
+    """
+    redis_log = server_log.with_name(server_log.name.replace("-server.log", "-redis.log"))
+    node_a_log = server_log.with_name(server_log.name.replace("-server.log", other_log))
+    with RedisProcess(ctx.server_cpu, redis_log) as redis:
+        redis.wait_ready()
+
+        def node(name: str) -> ServerSpec:
+            return with_args(
+                spec, ["--redis", redis.url, "--node-id", name],
+                label="{} node {}".format(spec.label, name),
+            )
+
+        with ServerProcess(node("a"), ctx.server_cpu, node_a_log) as node_a, \
+                ServerProcess(node("b"), ctx.server_cpu, server_log) as node_b:
+            t0 = time.monotonic()
+            node_a.wait_ready()
+            node_b.wait_ready()
+            wait_backplane(node_a, nodes=2)
+            wait_backplane(node_b, nodes=2)
+            yield redis, node_a, node_b, time.monotonic() - t0
+
+
 #: S1's figures that S4 and S5 report.
 _FAN_OUT_METRICS = [
     Metric("deliveries_per_s", "deliveries/s", "higher", 0),
@@ -568,39 +599,21 @@ class CrossNode(NeedsServerOption):
     def run(self, ctx: Context, spec: ServerSpec, variant: Variant, repetition: int) -> Dict:
         s = ctx.settings
         server_log, loadgen_log = ctx.logs(spec, variant, repetition)
-        redis_log = server_log.with_name(server_log.name.replace("-server.log", "-redis.log"))
-        node_a_log = server_log.with_name(server_log.name.replace("-server.log", "-node-a.log"))
-        with RedisProcess(ctx.server_cpu, redis_log) as redis:
-            redis.wait_ready()
+        with _two_nodes(ctx, spec, server_log, "-node-a.log") as (redis, node_a, node_b, startup):
 
-            def node(name: str) -> ServerSpec:
-                return with_args(
-                    spec, ["--redis", redis.url, "--node-id", name],
-                    label="{} node {}".format(spec.label, name),
+            def stop() -> Dict:
+                # B holds the subscribers: it drains while they are open.
+                stopped = node_b.stop(s.stop_grace)
+                stopped_a = node_a.stop(s.stop_grace)
+                return dict(
+                    stopped, node_a=stopped_a, killed=stopped["killed"] or stopped_a["killed"]
                 )
 
-            with ServerProcess(node("a"), ctx.server_cpu, node_a_log) as node_a, \
-                    ServerProcess(node("b"), ctx.server_cpu, server_log) as node_b:
-                t0 = time.monotonic()
-                node_a.wait_ready()
-                node_b.wait_ready()
-                wait_backplane(node_a, nodes=2)
-                wait_backplane(node_b, nodes=2)
-                startup = time.monotonic() - t0
-
-                def stop() -> Dict:
-                    # B holds the subscribers: it drains while they are open.
-                    stopped = node_b.stop(s.stop_grace)
-                    stopped_a = node_a.stop(s.stop_grace)
-                    return dict(
-                        stopped, node_a=stopped_a, killed=stopped["killed"] or stopped_a["killed"]
-                    )
-
-                record = _drive(
-                    ctx, node_b, startup, loadgen_log, "throughput",
-                    subscribers=variant.params["subscribers"], window=s.window,
-                    publisher_port=node_a.port, stop=stop, shared_core=True,
-                )
+            record = _drive(
+                ctx, node_b, startup, loadgen_log, "throughput",
+                subscribers=variant.params["subscribers"], window=s.window,
+                publisher_port=node_a.port, stop=stop, shared_core=True,
+            )
             record["redis_status"] = redis.stop()
         record["server_process"]["node_a"] = {"pid": node_a.pid, "port": node_a.port}
         record["server_process"]["redis"] = {"pid": redis.pid, "port": redis.port}
@@ -844,90 +857,74 @@ class RoomLocality(NeedsServerOption):
         s = ctx.settings
         count = variant.params["messages"]
         server_log, _ = ctx.logs(spec, variant, repetition)
-        redis_log = server_log.with_name(server_log.name.replace("-server.log", "-redis.log"))
-        node_b_log = server_log.with_name(server_log.name.replace("-server.log", "-node-b.log"))
         busy = ["room-{}".format(i) for i in range(self.ROOMS // 2)]
         quiet = ["room-{}".format(i) for i in range(self.ROOMS // 2, self.ROOMS)]
         problems: List[str] = []
         figures: Dict[str, Optional[float]] = {}
         received: Dict[int, int] = {}
-        with RedisProcess(ctx.server_cpu, redis_log) as redis:
-            redis.wait_ready()
+        with _two_nodes(ctx, spec, server_log, "-node-a.log") as (redis, node_a, node_b, _):
+            deadline = time.monotonic() + 120
+            clients = []
+            try:
+                for port, rooms in [(node_a.port, busy)] * self.MEMBERS + [
+                    (node_b.port, quiet)
+                ] * self.MEMBERS:
+                    client = JSONClient(port)
+                    client.receive_type("welcome", deadline)
+                    for room in rooms:
+                        client.send({"type": "join", "room": room})
+                        client.receive_type("presence", deadline)
+                    clients.append(client)
+                # The publisher is one more member of the busy rooms.
+                publisher = JSONClient(node_a.port)
+                publisher.receive_type("welcome", deadline)
+                for room in busy:
+                    publisher.send({"type": "join", "room": room})
+                    publisher.receive_type("presence", deadline)
+            except (OSError, WSError) as e:
+                problems.append("a client failed to join: {}".format(e))
+                return {"figures": figures, "ok": False, "problems": problems, "warnings": []}
 
-            def node(name: str) -> ServerSpec:
-                return with_args(
-                    spec, ["--redis", redis.url, "--node-id", name],
-                    label="{} node {}".format(spec.label, name),
-                )
-
-            with ServerProcess(node("a"), ctx.server_cpu, server_log) as node_a, \
-                    ServerProcess(node("b"), ctx.server_cpu, node_b_log) as node_b:
-                node_a.wait_ready()
-                node_b.wait_ready()
-                wait_backplane(node_a, nodes=2)
-                wait_backplane(node_b, nodes=2)
-                deadline = time.monotonic() + 120
-                clients = []
+            def drain(index: int, client) -> None:
+                # Every client reads what it is sent, as a real one would.
                 try:
-                    for port, rooms in [(node_a.port, busy)] * self.MEMBERS + [
-                        (node_b.port, quiet)
-                    ] * self.MEMBERS:
-                        client = JSONClient(port)
-                        client.receive_type("welcome", deadline)
-                        for room in rooms:
-                            client.send({"type": "join", "room": room})
-                            client.receive_type("presence", deadline)
-                        clients.append(client)
-                    # The publisher is one more member of the busy rooms.
-                    publisher = JSONClient(node_a.port)
-                    publisher.receive_type("welcome", deadline)
-                    for room in busy:
-                        publisher.send({"type": "join", "room": room})
-                        publisher.receive_type("presence", deadline)
-                except (OSError, WSError) as e:
-                    problems.append("a client failed to join: {}".format(e))
-                    return {"figures": figures, "ok": False, "problems": problems, "warnings": []}
+                    while True:
+                        event, _ = client.receive()
+                        if event.get("type") == "message":
+                            received[index] = received.get(index, 0) + 1
+                except (OSError, WSError, ValueError):
+                    pass
 
-                def drain(index: int, client) -> None:
-                    # Every client reads what it is sent, as a real one would.
-                    try:
-                        while True:
-                            event, _ = client.receive()
-                            if event.get("type") == "message":
-                                received[index] = received.get(index, 0) + 1
-                    except (OSError, WSError, ValueError):
-                        pass
-
-                readers = [
-                    threading.Thread(target=drain, args=(i, c), daemon=True)
-                    for i, c in enumerate(clients + [publisher])
-                ]
-                for reader in readers:
-                    reader.start()
-                time.sleep(s.settle)
-                pids = {"a": node_a.pid, "b": node_b.pid, "redis": redis.pid}
-                before = {name: read_cpu_seconds(pid) for name, pid in pids.items()}
-                started = time.monotonic()
-                for i in range(count):
-                    publisher.send(
-                        {"type": "message", "room": busy[i % len(busy)], "text": "m{}".format(i)}
-                    )
-                    lag = started + (i + 1) / self.RATE - time.monotonic()
-                    if lag > 0:
-                        time.sleep(lag)
-                expected = count * self.MEMBERS
-                wait_until = time.monotonic() + s.drain_max
-                members = range(len(clients))
-                while time.monotonic() < wait_until and sum(
-                    received.get(i, 0) for i in members
-                ) < expected:
-                    time.sleep(0.05)
-                elapsed = time.monotonic() - started
-                after = {name: read_cpu_seconds(pid) for name, pid in pids.items()}
-                for client in clients + [publisher]:
-                    client.close()
-                node_b.stop(s.stop_grace)
-                node_a.stop(s.stop_grace)
+            readers = [
+                threading.Thread(target=drain, args=(i, c), daemon=True)
+                for i, c in enumerate(clients + [publisher])
+            ]
+            for reader in readers:
+                reader.start()
+            time.sleep(s.settle)
+            pids = {"a": node_a.pid, "b": node_b.pid, "redis": redis.pid}
+            before = {name: read_cpu_seconds(pid) for name, pid in pids.items()}
+            started = time.monotonic()
+            for i in range(count):
+                publisher.send(
+                    {"type": "message", "room": busy[i % len(busy)], "text": "m{}".format(i)}
+                )
+                lag = started + (i + 1) / self.RATE - time.monotonic()
+                if lag > 0:
+                    time.sleep(lag)
+            expected = count * self.MEMBERS
+            wait_until = time.monotonic() + s.drain_max
+            members = range(len(clients))
+            while time.monotonic() < wait_until and sum(
+                received.get(i, 0) for i in members
+            ) < expected:
+                time.sleep(0.05)
+            elapsed = time.monotonic() - started
+            after = {name: read_cpu_seconds(pid) for name, pid in pids.items()}
+            for client in clients + [publisher]:
+                client.close()
+            node_b.stop(s.stop_grace)
+            node_a.stop(s.stop_grace)
             redis.stop()
         got = sum(received.get(i, 0) for i in range(len(clients)))
         if got != expected:
