@@ -1,17 +1,26 @@
 """
-Where Redis is: ``--redis`` URLs (``redis://``, ``unix:``) parsed into a
-:class:`RedisAddress`.
+Where Redis is: ``--redis`` URLs (``redis://``, ``unix:``,
+``redis+sentinel://``) parsed into a :class:`RedisAddress`.
+
+With Sentinel the address is the sentinels and the name of the master they
+watch: every connection (and every reconnection, after a failover) first
+asks the sentinels, in turn, where the master is now
+(:class:`SentinelEndpoint`).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
+import txredisapi
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.logger import Logger
+from zope.interface import implementer
 
 #: Seconds a connection attempt may take.
 CONNECT_TIMEOUT = 5.0
@@ -29,11 +38,16 @@ class RedisAddress:
     db: int = 0
     password: Optional[str] = None
     username: Optional[str] = None
+    #: With Sentinel: the sentinels' ``(host, port)``, and the master's name.
+    sentinels: Tuple[Tuple[str, int], ...] = ()
+    master: Optional[str] = None
 
     def endpoint(self, reactor) -> IStreamClientEndpoint:
         """
         A client endpoint that connects to it.
         """
+        if self.sentinels:
+            return SentinelEndpoint(reactor, self.sentinels, self.master)
         if self.path is not None:
             return UNIXClientEndpoint(reactor, self.path, timeout=CONNECT_TIMEOUT)
         return HostnameEndpoint(reactor, self.host, self.port, timeout=CONNECT_TIMEOUT)
@@ -47,6 +61,10 @@ class RedisAddress:
         credentials = ""
         if self.password is not None:
             credentials = "{}:***@".format(self.username or "")
+        if self.sentinels:
+            return "redis+sentinel://{}{}/{}/{}".format(
+                credentials, _hosts(self.sentinels), quote(self.master, safe=""), self.db
+            )
         host = "[{}]".format(self.host) if ":" in self.host else self.host
         return "redis://{}{}:{}/{}".format(credentials, host, self.port, self.db)
 
@@ -61,8 +79,83 @@ class RedisAddress:
                 quote(self.path, safe="/"), "?db={}".format(self.db) if self.db else ""
             )
         user = quote(self.username, safe="") + "@" if self.username else ""
+        if self.sentinels:
+            return "redis+sentinel://{}{}/{}/{}".format(
+                user, _hosts(self.sentinels), quote(self.master, safe=""), self.db
+            )
         host = "[{}]".format(self.host) if ":" in self.host else self.host
         return "redis://{}{}:{}/{}".format(user, host, self.port, self.db)
+
+
+def _hosts(hosts: Tuple[Tuple[str, int], ...]) -> str:
+    return ",".join(
+        "{}:{}".format("[{}]".format(host) if ":" in host else host, port) for host, port in hosts
+    )
+
+
+class NoMaster(ConnectionError):
+    """
+    No sentinel could say where the master is.
+    """
+
+
+@implementer(IStreamClientEndpoint)
+class SentinelEndpoint:
+    """
+    Connects to the master that the sentinels name now: asks each sentinel
+    in turn (``SENTINEL get-master-addr-by-name``), then connects there.
+    Each reconnection asks again, so a failover is followed.
+
+    :param sentinels: ``(host, port)`` of each sentinel.
+    :param master: the name the sentinels know the master by.
+    """
+
+    _log = Logger()
+
+    def __init__(self, reactor, sentinels: Tuple[Tuple[str, int], ...], master: str) -> None:
+        self._reactor = reactor
+        self.sentinels = sentinels
+        self.master = master
+
+    @inlineCallbacks
+    def locate(self):
+        """
+        :return: a Deferred firing with the master's ``(host, port)``.
+        :raise NoMaster: (in the Deferred) if no sentinel answered with one.
+        """
+        problems = []
+        for host, port in self.sentinels:
+            endpoint = HostnameEndpoint(self._reactor, host, port, timeout=CONNECT_TIMEOUT)
+            try:
+                protocol = yield connectProtocol(
+                    endpoint, txredisapi.RedisProtocol(charset="utf-8", replyTimeout=CONNECT_TIMEOUT)
+                )
+            except Exception as e:
+                problems.append("{}:{}: {}".format(host, port, e))
+                continue
+            try:
+                yield protocol.whenConnected()
+                reply = yield protocol.execute_command(
+                    "SENTINEL", "get-master-addr-by-name", self.master
+                )
+            except Exception as e:
+                problems.append("{}:{}: {}".format(host, port, e))
+                continue
+            finally:
+                protocol.transport.loseConnection()
+            if reply:
+                return reply[0], int(reply[1])
+            problems.append("{}:{} knows no master {!r}".format(host, port, self.master))
+        raise NoMaster("no sentinel named the master: " + "; ".join(problems))
+
+    def connect(self, factory):
+        def located(address):
+            host, port = address
+            return HostnameEndpoint(self._reactor, host, port, timeout=CONNECT_TIMEOUT).connect(
+                factory
+            )
+
+        return self.locate().addCallback(located)
 
 
 def redact_url(url: str) -> str:
@@ -74,7 +167,10 @@ def redact_url(url: str) -> str:
     return re.sub(r"^([^/]*//[^/@:]*:)[^/]*@", r"\1***@", url)
 
 
-_URL_FORMS = "redis://[[user]:password@]host[:port][/db] or unix:/path/to/redis.sock[?db=N]"
+_URL_FORMS = (
+    "redis://[[user]:password@]host[:port][/db], unix:/path/to/redis.sock[?db=N] or"
+    " redis+sentinel://[[user]:password@]host:port[,host:port...]/<master name>[/db]"
+)
 
 
 def _db(text: str) -> int:
@@ -90,6 +186,8 @@ def parse_redis_url(url: str) -> RedisAddress:
 
     :raise ValueError: with the reason, if ``url`` is neither.
     """
+    if url.startswith("redis+sentinel://"):
+        return _parse_sentinel_url(url)
     if url.startswith("unix:"):
         path, _, query = url[len("unix:") :].partition("?")
         if path.startswith("//"):
@@ -123,4 +221,42 @@ def parse_redis_url(url: str) -> RedisAddress:
         db=_db(db_path) if db_path else 0,
         password=unquote(parts.password) if parts.password else None,
         username=unquote(parts.username) if parts.username else None,
+    )
+
+
+def _parse_sentinel_url(url: str) -> RedisAddress:
+    """
+    ``redis+sentinel://[[user]:password@]host:port[,host:port...]/<master>[/db]``:
+    the sentinels (port 26379 if left out), the master's name, the database;
+    the credentials are the master's.
+    """
+    rest = url[len("redis+sentinel://") :]
+    if "?" in rest or "#" in rest:
+        raise ValueError("unexpected query or fragment in {!r}".format(redact_url(url)))
+    credentials, at, rest = rest.rpartition("@")
+    hosts, _, path = rest.partition("/")
+    username = password = None
+    if at:
+        user, colon, secret = credentials.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon and secret else None
+    sentinels = []
+    for part in hosts.split(","):
+        try:
+            parsed = urlsplit("//" + part)
+            port = parsed.port or 26379
+        except ValueError as e:
+            raise ValueError("bad sentinel {!r}: {}".format(part, e)) from None
+        if not parsed.hostname:
+            raise ValueError("a sentinel needs a host, e.g. {}".format(_URL_FORMS))
+        sentinels.append((parsed.hostname, port))
+    master, _, db = path.partition("/")
+    if not master:
+        raise ValueError("the master's name is missing, e.g. {}".format(_URL_FORMS))
+    return RedisAddress(
+        db=_db(db.strip("/")) if db.strip("/") else 0,
+        password=password,
+        username=username,
+        sentinels=tuple(sentinels),
+        master=unquote(master),
     )

@@ -396,8 +396,9 @@ class Options(usage.Options):
             None,
             None,
             "Share rooms, sequences, histories and presence with every other "
-            "server using this Redis: redis://[[user]:password@]host[:port][/db] "
-            "or unix:/path/to/redis.sock[?db=N].  Without it the server is on "
+            "server using this Redis: redis://[[user]:password@]host[:port][/db], "
+            "unix:/path/to/redis.sock[?db=N], or through Sentinel "
+            "redis+sentinel://host:port[,host:port...]/<master>[/db].  Without it the server is on "
             "its own.  Better without the password, which every local user "
             "can read on a command line: see --redis-password-file.",
         ],
