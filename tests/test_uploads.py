@@ -116,7 +116,7 @@ class UploadTests(TestCase):
         self.assertIn("announced 100000 bytes", error["reason"])
         ann.send_json({"type": "image", "size": 10, "room": "elsewhere", "ref": "room"})
         error = (yield read_until(ann, of_type("error", ref="room")))[-1]
-        self.assertIn("not in room 'elsewhere'", error["reason"])
+        self.assertEqual(error["reason"], "image: not in room 'elsewhere': join it first")
         ann.send_json({"type": "image", "size": 10, "ref": "missing"})
         ann.send_json({"type": "message", "text": "changed my mind", "ref": "text"})
         error = (yield read_until(ann, of_type("error", ref="missing")))[-1]
@@ -143,7 +143,63 @@ class UploadTests(TestCase):
         )
         ann.send_json({"type": "image", "size": 10, "ref": "no"})
         error = (yield read_until(ann, of_type("error", ref="no")))[-1]
-        self.assertEqual(error["reason"], "not allowed to publish in room 'lobby'")
+        self.assertEqual(error["reason"], "image: not allowed to publish in room 'lobby'")
         # The limit was not raised for it.
         ann.sendMessage(b"\x00" * 200000, isBinary=True)
         self.assertEqual((yield ann.closed)[1], 1009)
+
+
+class RefusedUploadTests(TestCase):
+    """What follows an image request that was refused, or announced and
+    not sent, is never broadcast beyond its limits."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def setUp(self):
+        self.service, self.port = yield start_server(
+            self, ["--max-image-size", "1000000", "--max-message-size", "65536"]
+        )
+        self.honest, _ = yield join_chat(self, self.port, "honest")
+        self.ann, _ = yield join_chat(self, self.port, "ann")
+
+    @inlineCallbacks
+    def honest_hears_only(self, text):
+        """The next thing the honest member hears (a message) is ``text``."""
+        self.ann.send_json({"type": "message", "text": text, "ref": "marker"})
+        while True:
+            payload, binary = yield self.honest.next()
+            self.assertFalse(binary, "a binary message reached the lobby")
+            event = json.loads(payload)
+            self.assertNotEqual(event["type"], "binary", event)
+            if event["type"] == "message":
+                self.assertEqual(event["text"], text)
+                return
+
+    @inlineCallbacks
+    def test_the_bytes_of_a_refused_image_are_discarded(self):
+        """Refused for a room it is not in, or malformed: the photo that
+        follows is not shared as a binary message in the lobby, and the
+        sender stays connected."""
+        photo = noisy_png(40, 40)
+        for request in (
+            {"type": "image", "size": len(photo), "room": "typo", "ref": 1},
+            {"type": "image", "size": "big", "ref": 2},
+        ):
+            self.ann.send_json(request)
+            self.ann.sendMessage(photo, isBinary=True)
+            error = (yield read_until(self.ann, of_type("error", ref=request["ref"])))[-1]
+            self.assertTrue(error["reason"].startswith(("image: ", '"size"')), error)
+        yield self.honest_hears_only("after the photos")
+        self.assertFalse(self.ann.closed.called)
+
+    @inlineCallbacks
+    def test_an_announced_image_does_not_let_a_large_text_through(self):
+        """Announcing an image then sending a text larger than
+        --max-message-size: the text is refused, nobody gets it."""
+        self.ann.send_json({"type": "image", "size": 1000000, "ref": "img"})
+        self.ann.send_json({"type": "message", "text": "B" * 500000, "ref": "huge"})
+        errors = yield read_until(self.ann, lambda e: e["type"] == "error" and e.get("ref") is None)
+        self.assertIn("at most 65536 bytes", errors[-1]["reason"])
+        self.assertIn("img", [e.get("ref") for e in errors if e["type"] == "error"])
+        yield self.honest_hears_only("after the big text")

@@ -393,8 +393,10 @@ class Hub:
         if not member.grants.allows(room, PRESENCE):
             self._blind.setdefault(room, {})[member.id] = member
         self.fanout.joined(member, room, fresh)
+        known_as = self._known_as(member, room)
         event = self._told(Joined, member, room, self.roster.add(room, member.id, member.user, member.name, member))
         self.backplane.publish(event)
+        self._renamed_by_the_way(member, room, known_as, event)
         return event
 
     def leave(self, member: Member, room: str) -> Optional[Left]:
@@ -413,9 +415,38 @@ class Hub:
             del self._rooms[room]
             self.backplane.room_vacated(room)
         self._unblind(member, room)
+        known_as = self._known_as(member, room)
         event = self._told(Left, member, room, self.roster.remove(room, member.id, member.user))
         self.backplane.publish(event)
+        self._renamed_by_the_way(member, room, known_as, event)
         return event
+
+    def _known_as(self, member: Member, room: str) -> Optional[str]:
+        named = self.roster.named_by(room, member.user) if member.user is not None else None
+        return named[1] if named is not None else None
+
+    def _renamed_by_the_way(self, member: Member, room: str, known_as, event) -> None:
+        """
+        A user's other connection coming or going (not told to the room)
+        changed the name the room knows the user by: tell it that.
+        """
+        if member.user is None or event.announced:
+            return
+        named = self.roster.named_by(room, member.user)
+        if named is None or named[1] == known_as:
+            return
+        connection, name = named
+        self.backplane.publish(
+            Renamed(
+                ts=event.ts,
+                origin=self.node_id,
+                room=room,
+                member=connection,
+                name=name,
+                user=member.user,
+                connections=event.connections,
+            )
+        )
 
     def _told(self, kind, member: Member, room: str, seated: Tuple[int, bool]):
         """

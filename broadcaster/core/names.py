@@ -67,6 +67,20 @@ def check_display_name(name: object, max_length: int) -> str:
     return name
 
 
+def check_user_id(user: object, max_length: int) -> str:
+    """
+    :return: ``user``, unchanged, if it can name a user: as a display name
+        must be, and without surrounding white space, which is refused
+        rather than removed (two tokens whose ``sub`` differ must never
+        sign in as one user, share its presence and its bans).
+    :raise InvalidName: otherwise.
+    """
+    checked = check_display_name(user, max_length)
+    if checked != user:
+        raise InvalidName("a user id must not start or end with white space")
+    return checked
+
+
 def control_character(text: str) -> Optional[str]:
     """
     The first character of ``text`` that has no place in text shown to

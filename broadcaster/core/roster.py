@@ -130,6 +130,16 @@ class Roster:
         """
         return self._rooms.get(room, {}).get(seat_key(member_id, user))
 
+    def named_by(self, room: str, user: str) -> Optional[Tuple[str, Optional[str]]]:
+        """
+        The connection whose name the room lists ``user`` by, and that
+        name, or ``None`` if the user is not there.
+        """
+        seat = self._rooms.get(room, {}).get(_USER_KEY + user)
+        if seat is None or not seat.names:
+            return None
+        return next(reversed(seat.names.items()))
+
     def connections(self, room: str, user: str) -> int:
         """
         How many connections ``user`` has in ``room``.

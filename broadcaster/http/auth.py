@@ -40,7 +40,7 @@ from twisted.python.failure import Failure
 from broadcaster.core.identity import MAX_USER_LENGTH, AuthDenied, AuthUnavailable, Identity
 from broadcaster.core.fetching import describe_url
 from broadcaster.http.outgoing import describe_http_failure, exchange
-from broadcaster.core.names import InvalidName, check_display_name
+from broadcaster.core.names import InvalidName, check_display_name, check_user_id
 from broadcaster.core.permissions import parse_grants
 
 #: The largest answer body read from the auth service.
@@ -140,7 +140,7 @@ class Authenticator(Service):
         user = answer.get("user")
         if user is not None:
             try:
-                user = check_display_name(user, MAX_USER_LENGTH)
+                user = check_user_id(user, MAX_USER_LENGTH)
             except InvalidName as e:
                 raise AuthUnavailable(
                     'the auth service accepted, but its "user" is unusable: {}'.format(e)

@@ -24,6 +24,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from broadcaster.core.names import InvalidName, check_display_name
 from broadcaster.core.permissions import JOIN
+from broadcaster.core.text import escape_controls
 from broadcaster.protocols.gate import Refused, admit_identity, check_origin, sign_in_failed
 from broadcaster.protocols.stream import (
     CONTENT_TYPE,
@@ -57,6 +58,14 @@ class EventsResource(Resource):
         super().__init__()
         self._factory = factory
 
+    def render_HEAD(self, request: Request):
+        """
+        What a GET would answer, without the stream (a HEAD has no body).
+        """
+        request.setHeader(b"Content-Type", CONTENT_TYPE)
+        request.setHeader(b"Cache-Control", b"no-store")
+        return b""
+
     def render_GET(self, request: Request):
         factory = self._factory
         peer = _peer(request)
@@ -64,9 +73,15 @@ class EventsResource(Resource):
             _text(name).lower(): _text(values[-1])
             for name, values in request.requestHeaders.getAllRawHeaders()
         }
-        query: Dict[str, List[str]] = {
-            _text(name): [_text(value) for value in values] for name, values in request.args.items()
-        }
+        try:
+            query: Dict[str, List[str]] = {
+                name.decode("utf-8"): [value.decode("utf-8") for value in values]
+                for name, values in request.args.items()
+            }
+        except UnicodeDecodeError:
+            return self._refuse(
+                request, peer, Refused(400, "the query string is not UTF-8"), "request"
+            )
         self._log.info(
             "[HANDSHAKE] {peer} GET /events origin={origin} agent={agent!r}",
             peer=peer,
@@ -122,6 +137,7 @@ class EventsResource(Resource):
             self._admitted(
                 request, peer, rooms, since, grants, user,
                 identity.name if identity.name is not None else name, finished, gone,
+                identity.expires if identity.from_token else None,
             )
 
         def not_signed_in(failure):
@@ -131,7 +147,9 @@ class EventsResource(Resource):
         d.addCallbacks(signed_in, not_signed_in)
         return NOT_DONE_YET
 
-    def _admitted(self, request, peer, rooms, since, grants, user, name, finished, gone) -> None:
+    def _admitted(
+        self, request, peer, rooms, since, grants, user, name, finished, gone, expires=None
+    ) -> None:
         """
         Signed in (or anonymous): stream, if it may join every room asked for.
 
@@ -150,7 +168,7 @@ class EventsResource(Resource):
                 )
                 self._refuse(request, peer, Refused(403, reason))
                 return
-        stream = EventStream(factory, request, rooms, since, grants, user, name, peer)
+        stream = EventStream(factory, request, rooms, since, grants, user, name, peer, expires)
         finished.addBoth(stream.gone)
         request.setResponseCode(200)
         request.setHeader(b"Content-Type", CONTENT_TYPE)
@@ -191,7 +209,9 @@ class EventsResource(Resource):
         request.setResponseCode(refused.status)
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         request.setHeader(b"Cache-Control", b"no-store")
-        body = (refused.reason + "\n").encode("utf-8")
+        # The reason may quote what the client sent (its Origin): no raw
+        # control characters go back.
+        body = (escape_controls(refused.reason) + "\n").encode("utf-8")
         if request.startedWriting:
             return b""
         request.write(body)

@@ -262,12 +262,14 @@ class BoundedChannel(HTTPChannel):
             self.transport, http_refusal(reason, status), self.site.clock
         )
 
+    _streaming = False
+
     def dataReceived(self, data: bytes) -> None:
-        if not self._refused:
+        if not self._refused and not self._streaming:
             super().dataReceived(data)
 
     def rawDataReceived(self, data: bytes) -> None:
-        if not self._refused:
+        if not self._refused and not self._streaming:
             super().rawDataReceived(data)
 
     def allHeadersReceived(self) -> None:
@@ -339,10 +341,15 @@ class BoundedChannel(HTTPChannel):
         """
         The request is answered with a stream (``GET /events``) that lasts
         as long as the client stays: no deadline and no idle timeout apply
-        to it (the stream's keepalive comments and --max-buffer do).
+        to it (the stream's keepalive comments and --max-buffer do).  What
+        the client sends after it is read and discarded (no other request
+        is answered on this connection), so that its going is noticed at
+        once.
         """
         self._cancel_deadline()
         self.setTimeout(None)
+        self._streaming = True
+        self.transport.resumeProducing()
 
     def handed_over(self) -> None:
         """

@@ -88,7 +88,7 @@ from twisted.python.failure import Failure
 
 from broadcaster.core.fetching import describe_url
 from broadcaster.core.identity import AuthDenied, AuthUnavailable, Identity
-from broadcaster.core.names import InvalidName, check_display_name
+from broadcaster.core.names import InvalidName, check_display_name, check_user_id
 from broadcaster.http.auth import MAX_USER_LENGTH
 from broadcaster.http.outgoing import describe_http_failure, exchange
 
@@ -465,7 +465,7 @@ class TokenAuthenticator(MultiService):
         """
         token = token_from(query, headers)
         if token is None:
-            return fail(AuthDenied(DENIED, "no token (Authorization: Bearer or ?token=)"))
+            return fail(AuthDenied(DENIED, "no token (neither a Bearer credential nor ?token=)"))
         return self.verify(token)
 
     def verify(self, token: str) -> Deferred:
@@ -578,7 +578,7 @@ class TokenAuthenticator(MultiService):
         if "iat" in times and times["iat"] > now + self.leeway:
             raise AuthDenied(DENIED, "the token is not valid yet (iat in the future)")
         try:
-            user = check_display_name(claims["sub"], MAX_USER_LENGTH)
+            user = check_user_id(claims["sub"], MAX_USER_LENGTH)
         except InvalidName as e:
             raise AuthDenied(DENIED, 'unusable "sub" claim: {}'.format(e)) from None
         name = claims.get("name")

@@ -68,8 +68,8 @@ class Keepalive:
         tick = min(tick, interval, timeout)
         self._ping_ticks = max(1, math.ceil(interval / tick))
         self._pong_ticks = max(1, math.ceil(timeout / tick))
-        self._loop = LoopingCall.withCount(self._advance)
-        self._loop.clock = clock
+        self._clock = clock
+        self._loop = self._new_loop()
         self._tick = tick
         #: Ticks since the loop started.
         self._now = 0
@@ -77,6 +77,11 @@ class Keepalive:
         self._wheel: Dict[int, Dict[Pingable, bool]] = {}
         #: Connection -> the tick it is filed under.
         self._due: Dict[Pingable, int] = {}
+
+    def _new_loop(self) -> LoopingCall:
+        loop = LoopingCall.withCount(self._advance)
+        loop.clock = self._clock
+        return loop
 
     def __len__(self) -> int:
         return len(self._due)
@@ -88,6 +93,9 @@ class Keepalive:
         """
         if not self._loop.running:
             self._now = 0
+            # A new loop: one restarted would count every tick of the time
+            # it was stopped, and time out the newcomer at its first tick.
+            self._loop = self._new_loop()
             self._loop.start(self._tick, now=False)
         self._file(connection, self._ping_ticks, False)
 

@@ -53,6 +53,7 @@ from broadcaster.core.members import MemberBase
 from broadcaster.core.names import LOBBY, InvalidName, check_room
 from broadcaster.core.permissions import HISTORY
 from broadcaster.protocols.connection import cut_slow_consumer, log_disconnect
+from broadcaster.protocols.expiry import TokenExpiry
 from broadcaster.protocols.outbound import Outbound
 from broadcaster.protocols.wire import event_json, parse_since_param
 
@@ -62,8 +63,10 @@ CONTENT_TYPE = b"text/event-stream; charset=utf-8"
 #: Milliseconds a browser waits before reconnecting a dropped stream.
 RETRY_MS = 2000
 
-#: The longest ``Last-Event-ID`` read (a hundred rooms' positions fit).
-MAX_LAST_EVENT_ID = 8192
+#: The longest position of one room in an id, in characters: a room name
+#: (64), ``=``, an epoch (a 12-character one of Redis, or a longer local
+#: one), ``:`` and a sequence number, with room to spare.
+MAX_POSITION = 160
 
 _PING = b": ping\n\n"
 
@@ -99,7 +102,8 @@ def parse_stream_request(
         )
     since: Dict[str, Position] = {}
     if last_event_id:
-        if len(last_event_id) > MAX_LAST_EVENT_ID:
+        # The ids this server writes for as many rooms as a stream may have.
+        if len(last_event_id) > MAX_POSITION * max_rooms:
             raise StreamRequestError("Last-Event-ID is too long")
         for part in last_event_id.split(","):
             room, separator, position = part.strip().rpartition("=")
@@ -194,6 +198,7 @@ class EventStream(MemberBase):
         user: Optional[str],
         name: Optional[str],
         peer: str,
+        expires: Optional[float] = None,
     ) -> None:
         self.factory = factory
         self.id = factory.hub.new_id()
@@ -208,6 +213,14 @@ class EventStream(MemberBase):
         self._chunked = False
         self._outbound: Optional[Outbound] = None
         self._connected_at = factory.clock.seconds()
+        # A sign-in by token lasts until the token's exp (plus the
+        # leeway), for a stream as for a WebSocket; a stream cannot
+        # refresh it, and is told before it ends.
+        self._expiry: Optional[TokenExpiry] = None
+        if expires is not None:
+            self._expiry = TokenExpiry(
+                factory.clock, self, expires, factory.token_refresh_window, factory.token_leeway
+            )
 
     # The stream's life
 
@@ -227,7 +240,13 @@ class EventStream(MemberBase):
         self._chunked = bool(request.chunked)
         self._outbound = Outbound(request.channel.transport)
         for room in self._rooms:
-            self._positions[room] = self._since.get(room, positions[room])
+            position = positions[room]
+            since = self._since.get(room)
+            if since is not None and since[0] == position[0] and since[1] > position[1]:
+                # Ahead of the room (not an id of this server's): from where
+                # it stands, or the id would stay stuck there.
+                since = self._since[room] = position
+            self._positions[room] = since or position
         rooms = {
             room: {"epoch": positions[room][0], "seq": positions[room][1], "rights": self.grants.listed(room)}
             for room in self._rooms
@@ -247,9 +266,12 @@ class EventStream(MemberBase):
         )
         if factory.keepalive is not None:
             factory.keepalive.add(self)
+        if self._expiry is not None:
+            self._expiry.start()
         for room, (epoch, seq) in self._since.items():
             if not self.grants.allows(room, HISTORY):
                 self._send([sse_event("refused", {
+                    "type": "refused",
                     "room": room,
                     "reason": "not allowed to read the history of room {!r}".format(room),
                 })])
@@ -267,6 +289,8 @@ class EventStream(MemberBase):
         factory = self.factory
         if factory.keepalive is not None:
             factory.keepalive.remove(self)
+        if self._expiry is not None:
+            self._expiry.cancel()
         hub = factory.hub
         if hub.member(self.id) is self:
             hub.disconnect(self)
@@ -336,6 +360,21 @@ class EventStream(MemberBase):
 
     def keepalive_timed_out(self) -> None:
         """Never awaited (see :meth:`keepalive_ping`)."""
+
+    # A token's end
+
+    def token_expiring(self, expires: float, seconds: float) -> None:
+        self._send([sse_event("expiring", {
+            "type": "expiring", "expires": expires, "in": round(max(seconds, 0.0), 3),
+        })])
+
+    def token_expired(self) -> None:
+        self._log.info(
+            "[TOKEN EXPIRED] {client} (user {user!r}): its token expired; ending the stream",
+            client=self.id,
+            user=self.user,
+        )
+        self._close(sse_event("disconnected", {"type": "disconnected", "reason": "token expired"}))
 
     # Closing
 

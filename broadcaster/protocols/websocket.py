@@ -225,8 +225,8 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
     # image_url downloads and uploaded images being decoded.
     _fetches = 0
     # An image announced by an "image" request, whose bytes are the next
-    # message: (room, size, ref).
-    _upload: Optional[Tuple[str, int, object]] = None
+    # message: (room, size, ref, why it was refused or None).
+    _upload: Optional[Tuple[str, int, object, Optional[str]]] = None
     # The timer of the token signed in with (None: not signed in with one).
     _expiry: Optional[TokenExpiry] = None
     # A refresh's token being checked.
@@ -468,6 +468,23 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
             # We are closing this client (slow consumer, flooding, shutdown):
             # what it still sends until it answers our close is ignored.
             return
+        upload = self._upload
+        if upload is not None:
+            # The larger limit was for this one message, whatever it is.
+            self._upload = None
+            allow_message_size(self, None)
+            if isBinary:
+                self._uploaded(payload, upload)
+                return
+            self._upload_missing(upload)
+            if len(payload) > self.factory.limits.max_message_size:
+                self._refuse(
+                    "a message may be at most {} bytes (--max-message-size)".format(
+                        self.factory.limits.max_message_size
+                    ),
+                    None,
+                )
+                return
         if not self._rate.allow():
             self._rate_limited(payload if not isBinary else None)
             return
@@ -480,11 +497,6 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
                 kind="binary" if isBinary else "text",
             )
         hub = self.factory.hub
-        if self._upload is not None:
-            if isBinary:
-                self._uploaded(payload)
-                return
-            self._upload_missing()
         try:
             if isBinary:
                 hub.publish_binary(self.id, payload)
@@ -506,6 +518,10 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
             getattr(self, "_do_" + request["type"])(request)
         except BadRequest as e:
             self._refuse(str(e), e.ref)
+            if e.kind == "image":
+                # Its bytes may follow: discarded, never broadcast.
+                self._upload = (LOBBY, 0, e.ref, str(e))
+                allow_message_size(self, self.factory.limits.max_image_size)
         except (NotInRoom, TooManyRooms) as e:
             self._refuse(str(e), request["ref"])
         except Forbidden as e:
@@ -709,47 +725,71 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
         An image to share in a room: its bytes are the next message, which
         may be as large as ``--max-image-size`` (others stay within
         ``--max-message-size``).  Refused now, before any byte of it is
-        read, if it could not be shared.
+        read, if it could not be shared; its bytes, which a client may have
+        sent already, are then discarded, never taken for a binary message.
         """
         ref, room, size = request["ref"], request["room"], request["size"]
-        decode = self.factory.decode
-        if decode is None:
-            raise BadRequest("images are not enabled on this server", ref)
-        self.factory.hub.may(self.id, room, PUBLISH)
+        self._expect_image(room, size, ref, self._image_refusal(room, size))
+
+    def _image_refusal(self, room: str, size: int) -> Optional[str]:
+        """
+        Why an image of ``size`` bytes may not be shared in ``room`` now, or
+        ``None``.
+        """
+        if self.factory.decode is None:
+            return "images are not enabled on this server"
+        try:
+            self.factory.hub.may(self.id, room, PUBLISH)
+        except NotInRoom as e:
+            return str(e)
+        except Forbidden as e:
+            self.factory.hub.stats.forbidden += 1
+            self._log.warn("[FORBIDDEN] {client}: {reason}", client=self.id, reason=str(e))
+            return str(e)
         limit = self.factory.limits.max_image_size
         if size > limit:
-            raise BadRequest(
-                "an image may be at most {} bytes (--max-image-size), not {}".format(limit, size),
-                ref,
-            )
+            return "an image may be at most {} bytes (--max-image-size), not {}".format(limit, size)
         if self._fetches >= MAX_FETCHES_PER_CLIENT:
-            raise BadRequest(
-                "at most {} images at once; wait for one to be shared".format(
-                    MAX_FETCHES_PER_CLIENT
-                ),
-                ref,
+            return "at most {} images at once; wait for one to be shared".format(
+                MAX_FETCHES_PER_CLIENT
             )
-        self._upload = (room, size, ref)
-        allow_message_size(self, size)
+        return None
 
-    def _upload_missing(self) -> None:
+    def _expect_image(self, room: str, size: int, ref, refusal: Optional[str]) -> None:
+        """
+        The next message is an image's bytes (discarded if ``refusal``
+        says why it may not be shared, after telling the client).
+        """
+        self._upload = (room, size, ref, refusal)
+        allow_message_size(self, min(size, self.factory.limits.max_image_size))
+        if refusal is not None:
+            self._reply_error("image: " + refusal, ref)
+
+    def _reply_error(self, reason: str, ref) -> None:
+        if self.state == self.STATE_OPEN:
+            self._reply(_JSON.error(reason, ref))
+
+    def _upload_missing(self, upload) -> None:
         """
         A text message came where an announced image's bytes were due: the
         image is given up (the text is then handled as usual).
         """
-        room, size, ref = self._upload
-        self._upload = None
-        allow_message_size(self, None)
-        self._refuse("image: its bytes must be the next message, a binary one", ref)
+        room, size, ref, refusal = upload
+        if refusal is None:
+            self._refuse("image: its bytes must be the next message, a binary one", ref)
 
-    def _uploaded(self, payload: bytes) -> None:
+    def _uploaded(self, payload: bytes, upload) -> None:
         """
         The bytes of the announced image: decoded off the reactor, checked
         and normalised exactly as an image-port image, then shared.
         """
-        room, size, ref = self._upload
-        self._upload = None
-        allow_message_size(self, None)
+        room, size, ref, refusal = upload
+        if refusal is not None:
+            self._log.info(
+                "{client}: discarded the {size} bytes of a refused image", client=self.id,
+                size=len(payload),
+            )
+            return
         if len(payload) != size:
             self._refuse("image: announced {} bytes, sent {}".format(size, len(payload)), ref)
             return

@@ -376,7 +376,10 @@ class BadRequest(ValueError):
     Client input that cannot be accepted; ``str()`` is the reason sent back.
 
     :ivar ref: the request's ``ref``, if it had a usable one, to echo back.
+    :ivar kind: the request's ``type``, once it was known to be a valid one.
     """
+
+    kind: Optional[str] = None
 
     def __init__(self, reason: str, ref: Any = None) -> None:
         super().__init__(reason)
@@ -530,6 +533,19 @@ def parse_client_message(
         raise BadRequest(
             "unknown type {!r} (expected one of: {})".format(kind, ", ".join(CLIENT_TYPES)), ref
         )
+    try:
+        return _parse_fields(request, kind, ref, max_name_length, max_history)
+    except BadRequest as e:
+        e.kind = kind
+        raise
+
+
+def _parse_fields(
+    request: Dict[str, Any], kind: str, ref: Any, max_name_length: int, max_history: int
+) -> Dict[str, Any]:
+    """
+    The fields of a request of type ``kind`` (see :func:`parse_client_message`).
+    """
     parsed: Dict[str, Any] = {"type": kind, "ref": ref}
     if kind == "message":
         text = request.get("text")

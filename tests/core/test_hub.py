@@ -589,6 +589,20 @@ class UserPresenceTests(HubTestCase):
         self.assertEqual(renames, [("Renamed", "t1", "u-ann", 2)])
         self.assertEqual(self.hub.presence("lobby")[-1].name, "Annie")
 
+    def test_a_name_changed_by_another_connection_is_told(self):
+        """A second tab with another name changes the name the room lists
+        the user by: the room is told (a rename), and again when it goes."""
+        watcher = self.connect("w")
+        self.signed_in("t1", "u-ann", "First")
+        tab2 = self.signed_in("t2", "u-ann", "Second")
+        self.hub.disconnect(tab2)
+        self.turn()
+        self.assertEqual(
+            [(e.member, e.name) for e in watcher.events if isinstance(e, Renamed)],
+            [("t2", "Second"), ("t1", "First")],
+        )
+        self.assertEqual(self.hub.presence("lobby")[-1].name, "First")
+
     def test_anonymous_connections_are_each_a_member(self):
         watcher = self.connect("w")
         self.connect("a1")

@@ -4,7 +4,7 @@ Tests for :mod:`broadcaster.core.names`: which room and display names are allowe
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from broadcaster.core.names import InvalidName, check_display_name, check_room
+from broadcaster.core.names import InvalidName, check_display_name, check_room, check_user_id
 
 
 class CheckRoomTests(SynchronousTestCase):
@@ -28,3 +28,14 @@ class CheckDisplayNameTests(SynchronousTestCase):
         """Empty, too long, control, bidi-override and line-separator names are refused."""
         for name in ("", "  ", "x" * 33, "a\x00b", "a\u202eb", "a\u2028b", "a\tb", 5):
             self.assertRaises(InvalidName, check_display_name, name, 32)
+
+
+class CheckUserIdTests(SynchronousTestCase):
+    def test_taken_as_given(self):
+        for user in ("alice", "u-1842", "Zo\u00eb M.", "x" * 256):
+            self.assertEqual(check_user_id(user, 256), user)
+
+    def test_surrounding_white_space_is_refused_not_removed(self):
+        """Subs that differ only by white space would otherwise be one user."""
+        for user in (" alice", "alice\u00a0", "alice\t", "\u3000alice", "", 7, "a\x00b"):
+            self.assertRaises(InvalidName, check_user_id, user, 256)

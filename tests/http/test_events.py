@@ -27,8 +27,11 @@ class StreamClient(Protocol):
     script would: the status, the headers, and each event as it arrives.
     """
 
-    def __init__(self, path: str, headers=()) -> None:
+    def __init__(self, path: str, headers=(), method: str = "GET", extra: bytes = b"") -> None:
         self.path = path
+        self.method = method
+        #: Sent right after the request (pipelined requests, junk).
+        self.after = extra
         self.extra = list(headers)
         self.raw = b""
         self.head = None
@@ -41,8 +44,10 @@ class StreamClient(Protocol):
         self.closed = Deferred()
 
     def connectionMade(self) -> None:
-        lines = ["GET {} HTTP/1.1".format(self.path), "Host: 127.0.0.1", *self.extra, "", ""]
-        self.transport.write("\r\n".join(lines).encode("utf-8"))
+        lines = [
+            "{} {} HTTP/1.1".format(self.method, self.path), "Host: 127.0.0.1", *self.extra, "", ""
+        ]
+        self.transport.write("\r\n".join(lines).encode("utf-8") + self.after)
 
     def dataReceived(self, data: bytes) -> None:
         self.raw += data
@@ -98,12 +103,12 @@ class StreamClient(Protocol):
 
 
 @inlineCallbacks
-def open_stream(testcase, port: int, path: str = "/events", headers=()):
+def open_stream(testcase, port: int, path: str = "/events", headers=(), **kwargs):
     """
     Connect a :class:`StreamClient`, closed when ``testcase`` ends, and
     wait for its answer's head.
     """
-    client = StreamClient(path, headers)
+    client = StreamClient(path, headers, **kwargs)
     yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
 
     def close():
@@ -272,6 +277,47 @@ class StreamTests(TestCase):
         self.assertEqual(stream.comments[:2], ["ping", "ping"])
 
     @inlineCallbacks
+    def test_head_answers_without_a_stream(self):
+        yield self.start()
+        head = yield open_stream(self, self.port, "/events", method="HEAD")
+        self.assertEqual(head.status, 200)
+        self.assertEqual(head.headers["content-type"], "text/event-stream; charset=utf-8")
+        get = yield open_stream(self, self.port, "/events")
+        yield wait_for(lambda: get.named("welcome"), what="a GET's welcome")
+        # Only the GET is a member; the HEAD's answer had no body.
+        self.assertEqual(len(self.service.hub), 1)
+        self.assertEqual((head.body, head.events), (b"", []))
+
+    @inlineCallbacks
+    def test_a_client_that_goes_is_noticed_whatever_it_sent(self):
+        """A stream request followed by 100 KB of pipelined junk, then the
+        client closes: the server notices at once, without a ping."""
+        yield self.start("--ping-interval", "0")
+        junk = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 3000
+        stream = yield open_stream(self, self.port, "/events", extra=junk)
+        yield wait_for(lambda: stream.named("welcome"), what="the welcome")
+        self.assertEqual(len(self.service.hub), 1)
+        stream.transport.loseConnection()
+        yield wait_for(lambda: len(self.service.hub) == 0, what="the stream gone")
+
+    @inlineCallbacks
+    def test_an_id_ahead_of_the_room_starts_from_where_it_stands(self):
+        """A Last-Event-ID beyond the room's sequence: the stream starts at
+        the room's position, and its ids move with the messages."""
+        yield self.start()
+        ann, _ = yield join_chat(self, self.port, "ann")
+        first = yield open_stream(self, self.port, "/events")
+        yield wait_for(lambda: first.named("welcome"), what="the welcome")
+        epoch = first.named("welcome")[0]["id"].split(":")[0]
+        ahead = yield open_stream(
+            self, self.port, "/events", ["Last-Event-ID: {}:999".format(epoch)]
+        )
+        yield wait_for(lambda: ahead.named("recovered"), what="the end of the replay")
+        yield self.say(ann, "one")
+        yield wait_for(lambda: ahead.texts() == ["one"], what="the message")
+        self.assertEqual(ahead.named("message")[0]["id"], "{}:1".format(epoch))
+
+    @inlineCallbacks
     def test_disconnected_by_the_server_api(self):
         """/api/disconnect ends a stream with a disconnected event."""
         yield self.start("--api-key-file", key_file(self))
@@ -292,7 +338,9 @@ class SignedInStreamTests(TestCase):
         secret = self.mktemp()
         with open(secret, "w") as f:
             f.write(SECRET)
-        self.service, self.port = yield start_server(self, ["--jwt-secret-file", secret])
+        self.service, self.port = yield start_server(
+            self, ["--jwt-secret-file", secret, "--jwt-leeway", "0"]
+        )
 
     def token(self, **claims):
         return hs256(live_claims(**claims))
@@ -315,6 +363,21 @@ class SignedInStreamTests(TestCase):
         self.assertEqual(other.status, 403)
         self.assertIn("not allowed to join room 'lobby'", other.body.decode())
         self.assertNotIn(token, other.body.decode())
+
+    @inlineCallbacks
+    def test_the_stream_ends_with_its_token(self):
+        """A stream signed in with a token is warned before its exp and
+        ended at it, as a WebSocket would be closed."""
+        import time as wall
+
+        token = self.token(sub="u-5", exp=int(wall.time()) + 2)
+        stream = yield open_stream(self, self.port, "/events?token=" + token)
+        yield wait_for(lambda: stream.named("welcome"), what="the welcome")
+        yield stream.closed.addTimeout(30, reactor)
+        self.assertEqual([e["event"] for e in stream.events if e["event"] != "join"][-2:],
+                         ["expiring", "disconnected"])
+        self.assertEqual(stream.named("disconnected")[0]["data"]["reason"], "token expired")
+        self.assertEqual(len(self.service.hub), 0)
 
     @inlineCallbacks
     def test_replay_needs_the_history_right(self):

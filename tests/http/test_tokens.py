@@ -707,7 +707,7 @@ class HandshakeTests(SignedInTestCase):
         self.assertEqual(
             [e["reason"] for e in refusals],
             [reason for _, reason in cases]
-            + ["the token has expired", "no token (Authorization: Bearer or ?token=)"],
+            + ["the token has expired", "no token (neither a Bearer credential nor ?token=)"],
         )
         self.assertEqual({e["log_level"] for e in refusals}, {LogLevel.warn})
         self.assertEqual(service.hub.stats.refused_handshakes["auth"], 6)

@@ -53,6 +53,22 @@ class KeepaliveTests(SynchronousTestCase):
         self.clock.advance(1)
         self.assertEqual(self.log, [("ping", "ann"), ("ping", "ann")])
 
+    def test_a_quiet_spell_does_not_count_against_the_next_client(self):
+        """After everyone left and the timer stopped, a quiet minute later a
+        new client gets its full interval and timeout: the idle time is not
+        counted as ticks it missed."""
+        first = self.connection("first")
+        self.clock.advance(3)
+        self.keepalive.remove(first)
+        self.clock.advance(60)
+        self.connection("next")
+        self.clock.advance(1)
+        self.assertEqual(self.log, [])
+        self.clock.advance(23)
+        self.assertEqual(self.log, [])
+        self.clock.advance(1)
+        self.assertEqual(self.log, [("ping", "next")])
+
     def test_no_pong_within_timeout_is_reported(self):
         """A connection that does not answer within the timeout is reported
         dead once, and not pinged again."""
