@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 SOURCE = Path(__file__).with_name("loadgen.c")
+#: What both C programs include (bench/wsutil.h): part of every build's key.
+SHARED_HEADER = Path(__file__).with_name("wsutil.h")
 CFLAGS = ("-O2", "-Wall")
 
 
@@ -68,9 +70,10 @@ def default_cache_dir() -> Path:
     return path
 
 
-def build(cache_dir: Optional[Path] = None) -> Path:
+def build(cache_dir: Optional[Path] = None, source: Path = SOURCE) -> Path:
     """
-    Compile the load generator unless an up-to-date build is cached.
+    Compile the load generator (or another of the benchmark's C programs,
+    ``source``) unless an up-to-date build is cached.
 
     :return: the executable's path.
     :raise BuildError: if there is no C compiler or the build fails.
@@ -88,24 +91,27 @@ def build(cache_dir: Optional[Path] = None) -> Path:
     except (OSError, subprocess.SubprocessError) as e:
         raise BuildError("cannot run the C compiler {}: {}".format(cc, e))
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), cc.encode(), version, " ".join(CFLAGS).encode()):
+    for part in (
+        source.read_bytes(), SHARED_HEADER.read_bytes(), cc.encode(), version,
+        " ".join(CFLAGS).encode(),
+    ):
         digest.update(part)
         digest.update(b"\0")
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    exe = cache / "loadgen-{}".format(digest.hexdigest()[:16])
+    exe = cache / "{}-{}".format(source.stem, digest.hexdigest()[:16])
     if exe.is_file() and os.access(exe, os.X_OK):
         return exe
-    fd, tmp = tempfile.mkstemp(prefix="loadgen-", dir=cache)
+    fd, tmp = tempfile.mkstemp(prefix=source.stem + "-", dir=cache)
     os.close(fd)
     try:
         result = subprocess.run(
-            [cc, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, timeout=120
+            [cc, *CFLAGS, "-o", tmp, str(source)], capture_output=True, timeout=120
         )
         if result.returncode != 0:
             raise BuildError(
                 "{} failed to compile {}:\n{}".format(
-                    cc, SOURCE, result.stderr.decode(errors="replace")
+                    cc, source, result.stderr.decode(errors="replace")
                 )
             )
         os.chmod(tmp, 0o755)

@@ -128,6 +128,14 @@ def _broadcaster_argv(port: int) -> List[str]:
     ]
 
 
+def _c_ref_argv(port: int) -> List[str]:
+    # Compiled on first use (cached by its source and compiler, as the
+    # load generator is).
+    from bench.loadgen import build
+
+    return [str(build(source=BENCH_DIR / "ref_c.c")), str(port)]
+
+
 SERVERS: Dict[str, ServerSpec] = {
     spec.name: spec
     for spec in (
@@ -151,6 +159,13 @@ SERVERS: Dict[str, ServerSpec] = {
             "bench/ref_websockets.py: websockets.broadcast on asyncio",
             lambda port: [sys.executable, str(BENCH_DIR / "ref_websockets.py"), str(port)],
             {"websockets": "pip install websockets"},
+        ),
+        ServerSpec(
+            "c",
+            "c-ref",
+            "bench/ref_c.c: epoll in C, each turn's messages framed once, one send() per"
+            " client: the physical limit",
+            _c_ref_argv,
         ),
         ServerSpec(
             "picows",

@@ -97,6 +97,24 @@ class BenchSmokeTests(TestCase):
         self.assertIn("system floor: a bare send()", out)
 
     @inlineCallbacks
+    def test_quick_run_of_the_c_reference(self):
+        """The C reference server (bench/ref_c.c, built at run time) passes
+        the same delivery check: every message to every subscriber once, in
+        order."""
+        results = os.path.abspath(self.mktemp() + ".json")
+        out, err, status = yield self.run_bench(
+            "--quick", "--servers", "c", "--scenarios", "S1",
+            "--json-out", results, "--cache-dir", os.path.abspath(self.mktemp()),
+        )
+        self.assertEqual(status, 0, "stdout:\n{}\nstderr:\n{}".format(out, err))
+        with open(results) as f:
+            (run,) = json.load(f)["runs"]
+        self.assertEqual((run["server"], run["problems"]), ("c", []))
+        check = run["loadgen"]["check"]
+        self.assertEqual(check["deliveries"], check["expected_deliveries"])
+        self.assertTrue(check["complete"])
+
+    @inlineCallbacks
     def test_quick_big_room(self):
         """A quick S6 run lists every member of a 200-member lobby, named by
         the load generator, and measures the welcome and the listing."""
