@@ -29,11 +29,12 @@ from PIL import Image
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException, WebDriverException
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 from twisted.internet import reactor, tcp
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import FailTest, SkipTest, TestCase
@@ -115,6 +116,49 @@ return Array.from(document.querySelectorAll('#messages .binary'), (entry) => ({
 _READ_LOG = """
 return Array.from(document.querySelectorAll('#messages > li'),
                   (entry) => entry.innerText.replace(/\\s+/g, ' ').trim());
+"""
+# The log's entries by kind, for where history and the divider stand.
+_READ_ENTRIES = """
+return Array.from(document.querySelectorAll('#messages > li'), (entry) => ({
+  kind: ['message', 'divider', 'history-marker', 'notice'].find(
+    (kind) => entry.classList.contains(kind)) || 'other',
+  text: entry.querySelector('.text') ? entry.querySelector('.text').textContent
+                                     : entry.textContent.replace(/\\s+/g, ' ').trim(),
+}));
+"""
+# The top of the log on view: its message, or its button's label.
+_READ_MARKER = """
+const marker = document.querySelector('#messages > .history-marker');
+if (!marker || marker.hidden) return null;
+const button = marker.querySelector('.load-older');
+return button.hidden ? marker.querySelector('.marker-text').textContent : button.textContent;
+"""
+# Scrolls the log to its top, as a reader would, and says where its first
+# message stood on screen (relative to the log) just before the page could react.
+_SCROLL_TO_TOP = """
+const log = document.getElementById('messages');
+log.scrollTop = 0;
+const first = log.querySelector('.message');
+return [first.querySelector('.text').textContent,
+        first.getBoundingClientRect().top - log.getBoundingClientRect().top];
+"""
+_PLACE_OF = """
+const log = document.getElementById('messages');
+const found = Array.from(log.querySelectorAll('.message'))
+  .find((entry) => entry.querySelector('.text').textContent === arguments[0]);
+return found.getBoundingClientRect().top - log.getBoundingClientRect().top;
+"""
+# What has the keyboard's focus, and whether it shows.
+_READ_FOCUS = """
+const focused = document.activeElement;
+const item = focused.closest('li[data-room]');
+const style = getComputedStyle(focused);
+return {
+  id: focused.id || null,
+  className: typeof focused.className === 'string' ? focused.className : '',
+  room: item ? item.dataset.room : null,
+  outline: style.outlineStyle !== 'none' && parseFloat(style.outlineWidth) >= 1,
+};
 """
 _READ_STATUS = """
 const status = document.getElementById('status');
@@ -453,6 +497,73 @@ class Page:
         """
         self.driver.find_element(By.ID, "send").click()
 
+    def entries(self) -> List[dict]:
+        """
+        :return: the log's entries, each ``{kind, text}``; ``kind`` is
+            ``message``, ``divider``, ``history-marker``, ``notice`` or ``other``.
+        """
+        return self.driver.execute_script(_READ_ENTRIES)
+
+    def marker(self) -> Optional[str]:
+        """
+        :return: what the top of the log says, or ``None`` if nothing.
+        """
+        return self.driver.execute_script(_READ_MARKER)
+
+    def scroll_log_to_top(self) -> tuple:
+        """
+        Scroll the log to its top.
+
+        :return: ``(text, top)``: the first message shown and its distance
+            from the log's top, in pixels, before the page reacted.
+        """
+        return tuple(self.driver.execute_script(_SCROLL_TO_TOP))
+
+    def place_of(self, text: str) -> float:
+        """
+        :return: the distance of the message ``text`` from the log's top, in pixels.
+        """
+        return self.driver.execute_script(_PLACE_OF, text)
+
+    def focus(self) -> dict:
+        """
+        :return: the element with the keyboard's focus, ``{id, className,
+            room, outline}``: ``room`` is that of the room list's entry it
+            is in, ``outline`` whether a focus ring is drawn.
+        """
+        return self.driver.execute_script(_READ_FOCUS)
+
+    def press(self, *keys: str) -> None:
+        """
+        Press ``keys`` wherever the keyboard's focus is, as a user would.
+        """
+        ActionChains(self.driver).send_keys(*keys).perform()
+
+    def press_with(self, modifier: str, key: str) -> None:
+        """
+        Press ``key`` while holding ``modifier`` (``Keys.ALT``, say).
+        """
+        ActionChains(self.driver).key_down(modifier).send_keys(key).key_up(modifier).perform()
+
+    def tab_to(self, wanted: Callable[[dict], bool], what: str, backwards: bool = False) -> dict:
+        """
+        Press Tab (Shift+Tab if ``backwards``) until ``wanted(self.focus())``.
+
+        :return: the focus, as :meth:`focus` describes it.
+        :raise FailTest: if 30 presses did not get there.
+        """
+        seen = []
+        for _ in range(30):
+            if backwards:
+                self.press_with(Keys.SHIFT, Keys.TAB)
+            else:
+                self.press(Keys.TAB)
+            focus = self.focus()
+            if wanted(focus):
+                return focus
+            seen.append(focus["id"] or focus["room"] or focus["className"])
+        raise FailTest("Tab never reached {}; it went through {}".format(what, seen))
+
     def console_errors(self) -> List[str]:
         """
         :return: the browser console's errors since the last call (script
@@ -589,6 +700,22 @@ class PageTestCase(TestCase):
         self.addCleanup(deferToThread, client.close)
         return client
 
+    @inlineCallbacks
+    def json_client(self, name, rooms=()):
+        """
+        Connect a JSON-mode script client called ``name`` and put it in ``rooms``.
+
+        :return: a Deferred firing with ``(client, its id)``.
+        """
+        client, welcome = yield join_chat(self, self.port, name)
+        for room in rooms:
+            client.send_json({"type": "join", "room": room})
+            # The reply (presence) may come before the event (our own join).
+            seen = yield read_until(client, of_type("join", room=room, id=welcome["id"]))
+            if not [e for e in seen if e["type"] == "presence"]:
+                yield read_until(client, of_type("presence", room=room))
+        return client, welcome["id"]
+
 
 class ChatPageTests(PageTestCase):
     """
@@ -718,22 +845,6 @@ class RoomPageTests(PageTestCase):
     Rooms, names and recovery after a reconnect on the chat page, with
     JSON-mode script clients (Autobahn, in the reactor) as the others.
     """
-
-    @inlineCallbacks
-    def json_client(self, name, rooms=()):
-        """
-        Connect a JSON-mode script client called ``name`` and put it in ``rooms``.
-
-        :return: a Deferred firing with ``(client, its id)``.
-        """
-        client, welcome = yield join_chat(self, self.port, name)
-        for room in rooms:
-            client.send_json({"type": "join", "room": room})
-            # The reply (presence) may come before the event (our own join).
-            seen = yield read_until(client, of_type("join", room=room, id=welcome["id"]))
-            if not [e for e in seen if e["type"] == "presence"]:
-                yield read_until(client, of_type("presence", room=room))
-        return client, welcome["id"]
 
     @inlineCallbacks
     def cut(self, page_id):
@@ -1001,6 +1112,312 @@ class RoomPageTests(PageTestCase):
         yield deferToThread(self.page.select_room, "lobby")
         log = yield deferToThread(self.page.log_lines)
         self.assertFalse([line for line in log if "may be missing" in line])
+
+
+class ConversationPageTests(PageTestCase):
+    """
+    What the page shows of a conversation: the history of each room on
+    opening and further back on scrolling, unread counts, a phone-sized
+    window, and the keyboard alone.
+    """
+
+    @inlineCallbacks
+    def say(self, client, texts, room="lobby"):
+        """
+        Send ``texts`` from a JSON client to ``room``, in order, and wait
+        until the server has numbered them all.
+        """
+        refs = ["said {}".format(n) for n in range(len(texts))]
+        for text, ref in zip(texts, refs):
+            client.send_json({"type": "message", "room": room, "text": text, "ref": ref})
+        yield read_until(client, of_type("ack", ref=refs[-1]), limit=3 * len(texts) + 100)
+
+    def hold_history(self) -> List[Callable[[], None]]:
+        """
+        Keep the server from answering history requests until released.
+
+        :return: a list that gets, for each request, a function that
+            answers it, with the room's history as it is when called.
+        """
+        held = []
+        original = self.service.hub.history
+
+        def history(member_id, room, limit, before=None):
+            answer = Deferred()
+            held.append(lambda: original(member_id, room, limit, before).chainDeferred(answer))
+            return answer
+
+        self.patch(self.service.hub, "history", history)
+        return held
+
+    def watch_history(self) -> List[str]:
+        """
+        :return: a list that gets the room of each history request the
+            server has answered.
+        """
+        answered = []
+        original = self.service.hub.history
+
+        def history(member_id, room, limit, before=None):
+            def record(messages):
+                answered.append(room)
+                return messages
+
+            return original(member_id, room, limit, before).addCallback(record)
+
+        self.patch(self.service.hub, "history", history)
+        return answered
+
+    def wait_for_unread(self, counts: dict, title: str):
+        """
+        Wait until the room list's badges are ``counts`` (``{room:
+        "3"}``, ``""`` for none) and the tab's title is ``title``.
+        """
+
+        def shown(driver):
+            badges = {r["room"]: r["unread"] for r in self.page.rooms()}
+            return badges == counts and driver.title == title
+
+        return deferToThread(
+            self.page.wait, shown, "badges {} and the title {!r}".format(counts, title)
+        )
+
+    @inlineCallbacks
+    def test_history_on_open(self):
+        """
+        A page opened after a conversation began shows its messages, in
+        order, above the "new since you arrived" divider, and what is said
+        later below it.  A message said while the history is on its way
+        arrives both live and in the history, and is shown once, below.
+        """
+        bob, bob_id = yield self.json_client("bob")
+        earlier = ["earlier {}".format(n) for n in range(3)]
+        yield self.say(bob, earlier)
+        held = self.hold_history()
+
+        yield deferToThread(self.page.open, self.url)
+        yield wait_for(lambda: held, what="the page to ask for the lobby's history")
+        yield deferToThread(self.page.wait, lambda d: self.page.marker(), "a loading notice")
+        self.assertEqual((yield deferToThread(self.page.marker)), "Loading earlier messages…")
+        yield self.say(bob, ["meanwhile"])
+        yield deferToThread(self.page.wait_for_texts, ["meanwhile"])
+        for answer in held:
+            answer()
+        # "earlier" comes only with the reply, which holds "meanwhile" too.
+        yield deferToThread(self.page.wait_for_texts, earlier + ["meanwhile"])
+        yield self.say(bob, ["later"])
+        yield deferToThread(self.page.wait_for_texts, earlier + ["meanwhile", "later"])
+
+        entries = yield deferToThread(self.page.entries)
+        kinds = [(e["kind"], e["text"]) for e in entries if e["kind"] in ("message", "divider")]
+        self.assertEqual(
+            kinds,
+            [("message", text) for text in earlier]
+            + [("divider", "New since you arrived")]
+            + [("message", "meanwhile"), ("message", "later")],
+        )
+        self.assertEqual(entries[0]["kind"], "history-marker")
+        self.assertEqual((yield deferToThread(self.page.marker)), "Beginning of the conversation")
+        messages = yield deferToThread(self.page.messages)
+        self.assertEqual({(m["from"], m["name"], m["mine"]) for m in messages}, {(bob_id, "bob", False)})
+        self.assertEqual((yield deferToThread(self.page.console_errors)), [])
+
+    @server_args("--history-size", "200")
+    @inlineCallbacks
+    def test_scrolling_back(self):
+        """
+        With more kept than the page shows on opening, its "Load earlier
+        messages" button (from the keyboard) and scrolling to the top of
+        the log fetch the earlier messages, page by page, until the first;
+        what the reader sees stays in place meanwhile.
+        """
+        bob, _ = yield self.json_client("bob")
+        said = ["said {}".format(n) for n in range(130)]
+        yield self.say(bob, said)
+        yield deferToThread(self.page.open, self.url)
+        yield deferToThread(self.page.wait_for_texts, said[-50:])
+        self.assertEqual((yield deferToThread(self.page.marker)), "Load earlier messages")
+
+        # Focused where it is, so that only the button, not scrolling to
+        # it, asks for the page before.
+        yield deferToThread(
+            self.page.driver.execute_script,
+            "document.querySelector('#messages .load-older').focus({preventScroll: true});",
+        )
+        yield deferToThread(self.page.press, Keys.ENTER)
+        yield deferToThread(self.page.wait_for_texts, said[-100:])
+        self.assertEqual((yield deferToThread(self.page.marker)), "Load earlier messages")
+
+        for _ in range(5):
+            if (yield deferToThread(self.page.marker)) == "Beginning of the conversation":
+                break
+            shown = len((yield deferToThread(self.page.texts)))
+            first, top = yield deferToThread(self.page.scroll_log_to_top)
+            yield deferToThread(
+                self.page.wait,
+                lambda driver: len(self.page.texts()) > shown and self.page.marker() != "Loading…",
+                "earlier messages than {!r}".format(first),
+            )
+            place = yield deferToThread(self.page.place_of, first)
+            self.assertLessEqual(
+                abs(place - top), 1,
+                "{!r} moved from {} to {} as messages came in".format(first, top, place),
+            )
+        self.assertEqual((yield deferToThread(self.page.texts)), said)
+        self.assertEqual((yield deferToThread(self.page.marker)), "Beginning of the conversation")
+        # The button went with the last page: the keyboard's focus did not go with it.
+        self.assertEqual((yield deferToThread(self.page.focus))["id"], "messages")
+
+    @inlineCallbacks
+    def test_unread_counts(self):
+        """
+        Messages from others to a room the page is in but not showing count
+        in its badge and in the tab's title until it is shown; history and
+        the page's own messages never count.
+        """
+        bob, _ = yield self.json_client("bob", ["dev"])
+        yield self.say(bob, ["old 1", "old 2"], room="dev")
+        yield deferToThread(self.page.open, self.url)
+        yield deferToThread(self.page.join_room, "dev")
+        yield deferToThread(self.page.wait_for_texts, ["old 1", "old 2"])
+        yield deferToThread(self.page.select_room, "lobby")
+
+        # A fresh page joins dev again, and its history arrives unseen.
+        answered = self.watch_history()
+        page_id = yield deferToThread(self.page.open, self.url)
+        yield wait_for(lambda: "dev" in answered, what="dev's history sent to the page")
+        self.assertEqual((yield deferToThread(self.page.active_room)), "lobby")
+        yield self.say(bob, ["new 1", "new 2", "new 3"], room="dev")
+        yield self.wait_for_unread({"lobby": "", "dev": "3"}, "(3) broadcaster")
+        yield self.say(bob, ["in view"])
+        yield deferToThread(self.page.wait_for_texts, ["in view"])
+        yield self.wait_for_unread({"lobby": "", "dev": "3"}, "(3) broadcaster")
+
+        yield deferToThread(self.page.select_room, "dev")
+        yield self.wait_for_unread({"lobby": "", "dev": ""}, "broadcaster")
+        texts = yield deferToThread(self.page.texts)
+        self.assertEqual(texts, ["old 1", "old 2", "new 1", "new 2", "new 3"])
+
+        # Sent from dev, echoed once the lobby is on view: not unread.
+        yield deferToThread(
+            self.page.driver.execute_script,
+            "document.getElementById('text').value = 'mine';"
+            "document.getElementById('compose').requestSubmit();"
+            "document.querySelector('#rooms li[data-room=\"lobby\"] .room-select').click();",
+        )
+        yield read_until(bob, of_type("message", text="mine", **{"from": page_id}))
+        yield self.say(bob, ["after mine"], room="dev")
+        yield self.wait_for_unread({"lobby": "", "dev": "1"}, "(1) broadcaster")
+        yield deferToThread(self.page.select_room, "dev")
+        yield self.wait_for_unread({"lobby": "", "dev": ""}, "broadcaster")
+        yield deferToThread(self.page.wait_for_texts, texts + ["mine", "after mine"])
+
+    @inlineCallbacks
+    def test_phone_sized_window(self):
+        """
+        In a 390×844 window nothing scrolls sideways, the message box is on
+        screen and sends, and the rooms fold away behind a toggle that
+        shows the unread total, opens them, and closes with a choice or
+        with Escape.
+        """
+        bob, bob_id = yield self.json_client("bob", ["dev"])
+        yield deferToThread(self.page.driver.set_window_size, 390, 844)
+        yield deferToThread(self.page.open, self.url)
+        width = yield deferToThread(self.page.driver.execute_script, "return innerWidth;")
+        self.assertEqual(width, 390, "the browser did not make its window phone-sized")
+        yield self.say(bob, ["x" * 300, "a message with an unbreakable " + "y" * 200])
+        yield deferToThread(self.page.wait, lambda d: len(self.page.texts()) == 2, "two messages")
+
+        def sideways():
+            return self.page.driver.execute_script(
+                "return document.documentElement.scrollWidth - innerWidth;"
+            )
+
+        self.assertLessEqual((yield deferToThread(sideways)), 0)
+        box = yield deferToThread(
+            self.page.driver.execute_script,
+            "const r = document.getElementById('text').getBoundingClientRect();"
+            "return {left: r.left, right: r.right, bottom: r.bottom, width: r.width,"
+            " height: innerHeight};",
+        )
+        self.assertGreaterEqual(box["left"], 0)
+        self.assertLessEqual(box["right"], 390)
+        self.assertLessEqual(box["bottom"], box["height"])
+        self.assertGreater(box["width"], 150, "the message box is too narrow to use")
+        yield deferToThread(self.page.send_text, "from a phone")
+        yield read_until(bob, of_type("message", text="from a phone"))
+
+        rooms_list = yield deferToThread(self.page.driver.find_element, By.ID, "rooms")
+        toggle = yield deferToThread(self.page.driver.find_element, By.ID, "panels-toggle")
+        self.assertFalse((yield deferToThread(rooms_list.is_displayed)))
+        yield deferToThread(toggle.click)
+        self.assertTrue((yield deferToThread(rooms_list.is_displayed)))
+        self.assertEqual((yield deferToThread(toggle.get_attribute, "aria-expanded")), "true")
+        self.assertEqual((yield deferToThread(self.page.focus))["room"], "lobby")
+        self.assertLessEqual((yield deferToThread(sideways)), 0)
+        yield deferToThread(self.page.press, Keys.ESCAPE)
+        self.assertFalse((yield deferToThread(rooms_list.is_displayed)))
+        self.assertEqual((yield deferToThread(self.page.focus))["id"], "panels-toggle")
+
+        yield deferToThread(toggle.click)
+        yield deferToThread(self.page.join_room, "dev")
+        yield deferToThread(self.page.wait_for_room, "dev")
+        self.assertFalse((yield deferToThread(rooms_list.is_displayed)))
+        self.assertEqual((yield deferToThread(self.page.focus))["id"], "text")
+        yield self.say(bob, ["to the lobby"])
+        yield deferToThread(
+            self.page.wait,
+            lambda driver: driver.execute_script(
+                "const badge = document.getElementById('unread-total');"
+                "return !badge.hidden && badge.textContent === '1' && document.title;"
+            ) == "(1) broadcaster",
+            "the toggle and the title to show 1 unread",
+        )
+        yield deferToThread(toggle.click)
+        yield deferToThread(self.page.select_room, "lobby")
+        self.assertFalse((yield deferToThread(rooms_list.is_displayed)))
+        yield deferToThread(self.page.wait_for_message, bob_id, "to the lobby")
+        self.assertLessEqual((yield deferToThread(sideways)), 0)
+        self.assertEqual((yield deferToThread(self.page.console_errors)), [])
+
+    @inlineCallbacks
+    def test_keyboard_alone(self):
+        """
+        With the keyboard alone, and a focus ring wherever it is, the page
+        joins a room, switches rooms (Tab, the arrow keys, Alt+ArrowUp) and
+        sends a message with Enter.
+        """
+        bob, _ = yield self.json_client("bob", ["dev"])
+        page_id = yield deferToThread(self.page.open, self.url)
+
+        yield deferToThread(self.page.tab_to, lambda f: f["id"] == "room-name", "the join box")
+        yield deferToThread(self.page.press, "dev", Keys.ENTER)
+        yield deferToThread(self.page.wait_for_room, "dev")
+        self.assertEqual((yield deferToThread(self.page.active_room)), "dev")
+        self.assertEqual((yield deferToThread(self.page.focus))["id"], "text")
+
+        focus = yield deferToThread(
+            self.page.tab_to,
+            lambda f: f["room"] == "lobby" and "room-select" in f["className"],
+            "the lobby in the room list",
+            backwards=True,
+        )
+        self.assertTrue(focus["outline"], "no focus ring on the room list")
+        yield deferToThread(self.page.press, Keys.ENTER)
+        self.assertEqual((yield deferToThread(self.page.active_room)), "lobby")
+        yield deferToThread(self.page.press, Keys.ARROW_DOWN)
+        focus = yield deferToThread(self.page.focus)
+        self.assertEqual((focus["room"], focus["outline"]), ("dev", True))
+        yield deferToThread(self.page.press, Keys.ENTER)
+        self.assertEqual((yield deferToThread(self.page.active_room)), "dev")
+        yield deferToThread(self.page.press_with, Keys.ALT, Keys.ARROW_UP)
+        self.assertEqual((yield deferToThread(self.page.active_room)), "lobby")
+
+        focus = yield deferToThread(self.page.tab_to, lambda f: f["id"] == "text", "the message box")
+        self.assertTrue(focus["outline"], "no focus ring on the message box")
+        yield deferToThread(self.page.press, "typed, not clicked", Keys.ENTER)
+        message = (yield read_until(bob, of_type("message", text="typed, not clicked")))[-1]
+        self.assertEqual((message["room"], message["from"]), ("lobby", page_id))
 
 
 def encoded(size, colour, image_format: str) -> bytes:

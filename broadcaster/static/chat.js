@@ -13,10 +13,12 @@
  *                    presence {room, members, count, next, cursor, epoch, seq}
  *                        the answer to every join, and to who
  *                    ack {ref, room, seq, epoch}            a message of ours was numbered
+ *                    history {room, messages, more}         earlier messages, oldest first
  *                    recovered {room, complete}             a replay is over
  *                    error {reason, ref?}
  *   page -> server   message {room, text, ref}, join {room, since?, ref},
- *                    leave {room}, hello {name, ref}, who {room, cursor}
+ *                    leave {room}, hello {name, ref}, who {room, cursor},
+ *                    history {room, limit, before?, ref}
  *
  * Members.  A room's welcome or presence lists its first members (a page)
  * and how many there are; "Show more" asks for the next page with who and
@@ -34,6 +36,19 @@
  * localStorage; it is passed as ?name= when connecting and changed with
  * hello.  Ids stay the key: a name is only what is shown.
  *
+ * History.  The first time the page is in a room (the lobby from the
+ * welcome, another room from its presence), it asks for the room's last
+ * HISTORY_PAGE messages and shows them above a divider, "New since you
+ * arrived", placed where the room stood when the page joined it: what is
+ * below came live.  Scrolling to the top of the log, or the "Load earlier
+ * messages" button there, asks for the page before (history with before,
+ * the oldest seq shown) while the server says more are kept.  The server's
+ * reply carries no ref: replies come in the order asked, so the page
+ * queues what it asked per room.  A reconnect asks no history again:
+ * recovery fills the gap instead.  A live message may come before the
+ * history that holds it, and a replay may hold what history does too:
+ * every message is shown once, deduplicated by its room, epoch and seq.
+ *
  * Recovery.  Per room the page keeps a cursor: the epoch and seq of the last
  * message seen there (before any, where the room stood when the page
  * joined it).  After a drop it reconnects with ?since=<epoch>:<seq> for the
@@ -47,6 +62,20 @@
  * as PNG with Pillow.  A binary message is any client's bytes, unchecked,
  * so it is never shown, whatever it looks like; the log says who sent how
  * many bytes and offers them for download (application/octet-stream).
+ *
+ * Unread.  Messages from others in a room not on view count in its badge
+ * and in the tab's title, "(3) broadcaster"; showing the room clears them.
+ * History never counts, and neither do our own messages.
+ *
+ * Small screens.  Below SMALL_SCREEN the rooms, people and name panels
+ * are hidden behind a toggle in the header (which shows the unread total),
+ * and open over the log; choosing a room or pressing Escape closes them.
+ *
+ * Keyboard.  Every control is a button or a form field, in document order:
+ * the rooms, the join box, the people, the name, the log (which scrolls
+ * with the arrow keys), the message box.  In the room list the arrow keys,
+ * Home and End move between rooms; anywhere, Alt+ArrowUp and
+ * Alt+ArrowDown show the previous and next room.
  *
  * Own messages are shown as pending until their echo (a room's messages go
  * to all its members, the sender included) replaces them: what is on
@@ -74,8 +103,21 @@
   const DOWNLOAD_URL_LIFETIME_MS = 60000;
 
   // Entries kept in each room's log; older ones are dropped so a page left
-  // open for days does not grow without bound.
+  // open for days does not grow without bound.  Scrolling back stops there.
   const MAX_ENTRIES = 1000;
+
+  // Messages asked for on first joining a room, and at each step back:
+  // more than a tall screen holds, in one small reply.  docs/using.rst
+  // gives the number.
+  const HISTORY_PAGE = 50;
+
+  // Scrolled this close to the top of the log (px), the page asks for
+  // earlier messages, so that they are usually there before the top is.
+  const LOAD_OLDER_MARGIN_PX = 200;
+
+  // The width below which the panels fold away: chat.css's phone layout
+  // uses the same number.
+  const SMALL_SCREEN = window.matchMedia('(max-width: 640px)');
 
   // Sender colours: a few classes in chat.css (inline styles are forbidden by
   // the page's Content-Security-Policy).
@@ -99,6 +141,9 @@
   const STORED_ROOMS = 'broadcaster.rooms';
 
   const statusEl = document.getElementById('status');
+  const panelsToggleEl = document.getElementById('panels-toggle');
+  const unreadTotalEl = document.getElementById('unread-total');
+  const chatEl = document.getElementById('chat');
   const roomsEl = document.getElementById('rooms');
   const joinFormEl = document.getElementById('join-room');
   const roomNameEl = document.getElementById('room-name');
@@ -148,8 +193,15 @@
 
   /** Our messages awaiting their echo: ref -> {room, text, entry, connection}. */
   const pending = new Map();
-  /** Other requests awaiting an answer: ref -> {kind: 'join' | 'hello', ...}. */
+  /** Other requests awaiting an answer: ref -> {kind: 'join' | 'hello' | 'history', ...}. */
   const requests = new Map();
+  /**
+   * History requests awaiting their reply, per room name, in the order
+   * sent: a reply names its room, not its request.  Kept by name, so that
+   * a reply for a room left (and joined again) meanwhile still finds the
+   * request it answers.
+   */
+  const historyAsked = new Map();
   let refCounter = 0;
 
   let backoffMs = BACKOFF_MIN_MS;
@@ -310,10 +362,21 @@
       leave.setAttribute('aria-label', `Leave #${name}`);
       item.append(leave);
     }
+    // The top of the log: how far back it goes, and the way further.
+    const marker = el('li', 'entry history-marker');
+    marker.hidden = true;
+    const olderButton = el('button', 'load-older', 'Load earlier messages');
+    olderButton.type = 'button';
+    olderButton.hidden = true;
+    const markerText = el('span', 'marker-text');
+    marker.append(olderButton, markerText);
     return {
       name,
       item,
       badge,
+      marker,
+      olderButton,
+      markerText,
       /** 'joining' until the server confirms (welcome or presence), then 'joined'. */
       state: 'joining',
       /** The log's entries, oldest first; shown in #messages when selected. */
@@ -343,6 +406,25 @@
       seen: new Set(),
       /** The user asked for this room on this page: say so once joined. */
       announceJoin: false,
+      /** Whether the room's recent history has been shown (or cannot be). */
+      recent: false,
+      /**
+       * How far back the log goes: 'unknown' (no history yet), 'more' (the
+       * server keeps older messages), 'start' (the conversation's first
+       * message is shown), 'full' (MAX_ENTRIES reached), 'gone' (the
+       * sequence restarted: what came before is lost), 'unavailable'.
+       */
+      older: 'unknown',
+      /** Why history is unavailable, from the server's error. */
+      historyProblem: '',
+      /** 'recent' or 'older' while a history request is on its way, else null. */
+      historyRequest: null,
+      /** {epoch, seq} of the oldest message history gave: the next "before". */
+      oldest: null,
+      /** {epoch, seq} where the room stood when the page first joined it. */
+      arrival: null,
+      /** The "new since you arrived" entry, once history has come. */
+      divider: null,
       scrollTop: 0,
       follow: true,
     };
@@ -392,10 +474,14 @@
       ? `#${room.name}, ${room.unread} unread` : `#${room.name}`);
   }
 
+  /** The tab's title, and the panels toggle of small screens, show the unread total. */
   function updateTitle() {
     let unread = 0;
     for (const room of rooms.values()) unread += room.unread;
     document.title = unread ? `(${unread}) ${baseTitle}` : baseTitle;
+    unreadTotalEl.hidden = unread === 0;
+    unreadTotalEl.textContent = unread > 99 ? '99+' : String(unread);
+    panelsToggleEl.setAttribute('aria-label', unread ? `Rooms, ${unread} unread` : 'Rooms');
   }
 
   /** Show `name`'s log and members, and send from now on to it. */
@@ -411,7 +497,7 @@
     room.unread = 0;
     for (const each of rooms.values()) updateRoomItem(each);
     updateTitle();
-    messagesEl.replaceChildren(...room.entries);
+    messagesEl.replaceChildren(room.marker, ...room.entries);
     if (room.follow) {
       scrollToBottom();
     } else {
@@ -421,6 +507,14 @@
     textEl.placeholder = `Message #${name}`;
     composeErrorEl.textContent = '';
     renderMembers();
+    maybeLoadOlder();
+  }
+
+  /** Show the room `step` places before or after the one on view (wrapping round). */
+  function selectNearbyRoom(step) {
+    const names = [...rooms.keys()];
+    const index = names.indexOf(activeRoom);
+    selectRoom(names[(index + step + names.length) % names.length]);
   }
 
   /** Join a room the user asked for (or switch to it, if already there). */
@@ -508,7 +602,7 @@
         messagesEl.append(entry);
       }
     }
-    while (room.entries.length > MAX_ENTRIES) room.entries.shift().remove();
+    while (room.entries.length > MAX_ENTRIES) dropOldest(room);
     if (active) {
       if (follow) scrollToBottom();
     } else if (unread) {
@@ -517,6 +611,49 @@
       updateTitle();
     }
     return follow;
+  }
+
+  /**
+   * Drop the oldest entry of a full log.  The log then no longer reaches
+   * back to where history left it: scrolling back stops, and says why.
+   */
+  function dropOldest(room) {
+    const entry = room.entries.shift();
+    entry.remove();
+    if (entry === room.divider) room.divider = null;
+    if (room.older !== 'unavailable' && room.older !== 'full') {
+      room.older = 'full';
+      renderMarker(room);
+    }
+  }
+
+  /** Put `entries` at the top of a room's log, below its marker. */
+  function prepend(room, entries) {
+    if (entries.length === 0) return;
+    room.entries.unshift(...entries);
+    if (room.name === activeRoom) room.marker.after(...entries);
+  }
+
+  /**
+   * Run `change`, which adds entries to a room's log or changes its
+   * marker, without moving what the reader sees: the first entry that
+   * was there keeps its place on screen, or, if the reader was at the
+   * bottom, the log stays at the bottom.
+   */
+  function keepingView(room, change) {
+    if (room.name !== activeRoom) {
+      change();
+      return;
+    }
+    const follow = atBottom();
+    const anchor = room.entries.length ? room.entries[0] : null;
+    const top = anchor ? anchor.getBoundingClientRect().top : 0;
+    change();
+    if (follow || !anchor || !anchor.isConnected) {
+      scrollToBottom();
+    } else {
+      messagesEl.scrollTop += anchor.getBoundingClientRect().top - top;
+    }
   }
 
   /** Put `entry` right after `after` in a room's log (at its start if gone). */
@@ -586,19 +723,42 @@
    *     false if it was shown before.
    */
   function firstSighting(room, event) {
+    const position = positionOf(event);
+    if (position === null) return null;
+    if (!markSeen(room, position)) return false;
+    room.latest = later(room.latest, position);
+    // During a replay the log may have a gap until "recovered": a cursor
+    // moved past it would make the next rejoin skip what is in it.
+    if (!room.recovering) advanceCursor(room, position);
+    return position;
+  }
+
+  /** A message event's {epoch, seq}, or null if it lacks them. */
+  function positionOf(event) {
     if (typeof event.epoch !== 'string' || !Number.isInteger(event.seq)) return null;
-    const position = { epoch: event.epoch, seq: event.seq };
+    return { epoch: event.epoch, seq: event.seq };
+  }
+
+  /**
+   * Note that the message at `position` is shown in `room`.
+   *
+   * @returns {boolean} false if it was shown before.
+   */
+  function markSeen(room, position) {
     const key = `${position.epoch}:${position.seq}`;
     if (room.seen.has(key)) return false;
     room.seen.add(key);
     if (room.seen.size > 2 * MAX_ENTRIES) {
       room.seen.delete(room.seen.values().next().value);
     }
-    room.latest = later(room.latest, position);
-    // During a replay the log may have a gap until "recovered": a cursor
-    // moved past it would make the next rejoin skip what is in it.
-    if (!room.recovering) advanceCursor(room, position);
-    return position;
+    return true;
+  }
+
+  /** The log entry of a text message, live or from history. */
+  function messageEntry(event) {
+    const entry = senderEntry('message', String(event.from), event.name, event.ts);
+    entry.append(el('p', 'text', event.text));
+    return entry;
   }
 
   function showMessage(event) {
@@ -610,11 +770,9 @@
       console.debug('broadcaster: dropping a message seen before', event.room, event.seq);
       return;
     }
-    const from = String(event.from);
-    const mine = myIds.has(from);
+    const mine = myIds.has(String(event.from));
     if (mine) settleEcho(room, event.text);
-    const entry = senderEntry('message', from, event.name, event.ts);
-    entry.append(el('p', 'text', event.text));
+    const entry = messageEntry(event);
     const follow = placeMessage(room, entry, position, { unread: !mine });
     // The user's own message always brings the view down to it.
     if (mine && room.name === activeRoom && !follow) scrollToBottom();
@@ -809,6 +967,8 @@
   function joinedAt(room, epoch, seq) {
     if (typeof epoch !== 'string' || !Number.isInteger(seq)) return;
     room.joinPoint = { epoch, seq };
+    // The first time: history's divider goes there.
+    if (!room.arrival) room.arrival = room.joinPoint;
     // During a replay "recovered" moves the cursor.
     if (!room.recovering) advanceCursor(room, room.joinPoint);
   }
@@ -833,6 +993,215 @@
     }
     room.recoveryMark = null;
   }
+
+  // ------------------------------------------------------------- history
+
+  /** Messages per history request: ours, within the server's --history-size. */
+  function historyLimit() {
+    const size = limits.history_size;
+    return Number.isInteger(size) && size >= 0 ? Math.min(HISTORY_PAGE, size) : HISTORY_PAGE;
+  }
+
+  /**
+   * The page is in `room` now (its welcome or presence said so, with our
+   * `rights` there): the first time, ask what was said before we came.
+   * After a reconnect the replay fills the gap instead; a room whose
+   * history never came (the connection dropped first) asks again.
+   */
+  function firstHistory(room, rights) {
+    if (room.recent || room.historyRequest !== null) return;
+    let problem = null;
+    if (Array.isArray(rights) && !rights.includes('history')) {
+      problem = 'you may not read them';
+    } else if (historyLimit() === 0) {
+      problem = 'the server keeps none';
+    }
+    if (problem === null) {
+      askHistory(room, 'recent');
+      return;
+    }
+    room.recent = true;
+    room.older = 'unavailable';
+    room.historyProblem = problem;
+    renderMarker(room);
+  }
+
+  /** Ask for a room's 'recent' messages, or the 'older' ones before those shown. */
+  function askHistory(room, what) {
+    const ref = nextRef('y');
+    const request = { type: 'history', room: room.name, limit: historyLimit(), ref };
+    if (what === 'older') request.before = room.oldest.seq;
+    const asked = { kind: 'history', room, what, ref };
+    requests.set(ref, asked);
+    if (!historyAsked.has(room.name)) historyAsked.set(room.name, []);
+    historyAsked.get(room.name).push(asked);
+    room.historyRequest = what;
+    renderMarker(room);
+    send(request);
+  }
+
+  /** Ask for the messages before the oldest shown, if the server keeps any. */
+  function loadOlder(room) {
+    if (room.older !== 'more' || room.historyRequest !== null) return;
+    if (!connected() || room.state !== 'joined' || room.oldest === null) return;
+    const now = room.joinPoint || room.cursor;
+    if (now && now.epoch !== room.oldest.epoch) {
+      // The sequence restarted: "before" would mean the new one's messages.
+      room.older = 'gone';
+      renderMarker(room);
+      return;
+    }
+    askHistory(room, 'older');
+  }
+
+  /** At (or near) the top of the log on view: ask for earlier messages. */
+  function maybeLoadOlder() {
+    if (messagesEl.scrollTop > LOAD_OLDER_MARGIN_PX) return;
+    const room = rooms.get(activeRoom);
+    if (room) loadOlder(room);
+  }
+
+  /** A history request failed: say why at the top of the log, and ask no more. */
+  function historyFailed(asked, reason) {
+    forgetAsked(asked);
+    const { room } = asked;
+    if (rooms.get(room.name) !== room) return;
+    room.historyRequest = null;
+    room.recent = true;
+    room.older = 'unavailable';
+    room.historyProblem = reason;
+    renderMarker(room);
+  }
+
+  function forgetAsked(asked) {
+    requests.delete(asked.ref);
+    const queue = historyAsked.get(asked.room.name) || [];
+    const index = queue.indexOf(asked);
+    if (index >= 0) queue.splice(index, 1);
+    if (queue.length === 0) historyAsked.delete(asked.room.name);
+  }
+
+  function onHistory(event) {
+    const name = String(event.room);
+    const queue = historyAsked.get(name);
+    if (!queue) return;
+    const asked = queue[0];
+    forgetAsked(asked);
+    const { room } = asked;
+    // Left meanwhile (and if joined again, that room asked afresh).
+    if (rooms.get(name) !== room) return;
+    room.historyRequest = null;
+    const messages = (Array.isArray(event.messages) ? event.messages : [])
+      .filter((message) => message && typeof message === 'object');
+    const more = event.more === true;
+    keepingView(room, () => {
+      if (asked.what === 'recent') {
+        showRecent(room, messages, more);
+      } else {
+        showOlder(room, messages, more);
+      }
+      renderMarker(room);
+    });
+    if (room.name === activeRoom) maybeLoadOlder();
+  }
+
+  /**
+   * Turn the messages of a history reply into entries, leaving out those
+   * already shown (live, replayed or from an earlier reply).  History
+   * does not move the room's cursor: it says nothing of what we missed.
+   *
+   * @returns {Array} [entry, position] pairs, oldest first.
+   */
+  function historyEntries(room, messages) {
+    const entries = [];
+    for (const event of messages) {
+      const position = positionOf(event);
+      if (position === null || !markSeen(room, position)) continue;
+      const entry = messageEntry(event);
+      positions.set(entry, position);
+      entries.push([entry, position]);
+    }
+    return entries;
+  }
+
+  /** The room's last messages, the first time the page is in it. */
+  function showRecent(room, messages, more) {
+    room.recent = true;
+    const { arrival } = room;
+    const earlier = [];
+    for (const [entry, position] of historyEntries(room, messages)) {
+      if (arrival && position.epoch === arrival.epoch && position.seq > arrival.seq) {
+        // Said since we came, and not here yet: a live message overtaken
+        // by the reply.  In sequence among the live ones.
+        placeMessage(room, entry, position);
+      } else {
+        earlier.push(entry);
+      }
+    }
+    if (earlier.length || more) {
+      room.divider = el('li', 'entry divider');
+      room.divider.append(el('span', 'divider-text', 'New since you arrived'));
+      earlier.push(room.divider);
+    }
+    prepend(room, earlier);
+    room.oldest = messages.length ? positionOf(messages[0]) : null;
+    room.older = more && room.oldest !== null ? 'more' : 'start';
+  }
+
+  /** The messages before the oldest shown, asked for with "before". */
+  function showOlder(room, messages, more) {
+    const first = messages.length ? positionOf(messages[0]) : null;
+    if (first !== null && room.oldest !== null && first.epoch !== room.oldest.epoch) {
+      // The sequence restarted since: these are not what came before.
+      room.older = 'gone';
+      return;
+    }
+    prepend(room, historyEntries(room, messages).map(([entry]) => entry));
+    if (first !== null) room.oldest = first;
+    if (!more || first === null) {
+      room.older = 'start';
+    } else {
+      room.older = room.entries.length >= MAX_ENTRIES ? 'full' : 'more';
+    }
+  }
+
+  /**
+   * The top of a room's log: a way to earlier messages, or why there is
+   * none.  The button stays (disabled) while its request is under way,
+   * so that the keyboard's focus stays on it.
+   */
+  function renderMarker(room) {
+    const { marker, olderButton, markerText } = room;
+    const loading = room.historyRequest === 'older';
+    const button = room.older === 'more' || loading;
+    if (!button && document.activeElement === olderButton) {
+      messagesEl.focus({ preventScroll: true });
+    }
+    olderButton.hidden = !button;
+    olderButton.textContent = loading ? 'Loading…' : 'Load earlier messages';
+    olderButton.setAttribute('aria-disabled', String(loading));
+    let text = '';
+    if (room.historyRequest === 'recent') {
+      text = 'Loading earlier messages…';
+    } else if (room.older === 'start') {
+      text = 'Beginning of the conversation';
+    } else if (room.older === 'full') {
+      text = `Earlier messages are not shown: the page keeps ${MAX_ENTRIES} entries per room.`;
+    } else if (room.older === 'gone') {
+      text = 'Earlier messages are no longer kept.';
+    } else if (room.older === 'unavailable') {
+      text = `Earlier messages are not available: ${room.historyProblem}.`;
+    }
+    markerText.textContent = text;
+    markerText.hidden = text === '';
+    marker.hidden = !button && text === '';
+  }
+
+  messagesEl.addEventListener('scroll', maybeLoadOlder, { passive: true });
+
+  messagesEl.addEventListener('click', (click) => {
+    if (click.target.closest('.load-older')) loadOlder(rooms.get(activeRoom));
+  });
 
   // ---------------------------------------------------------- the members
 
@@ -937,6 +1306,7 @@
     if (lobbySinceSent) startRecovery(lobby);
     joinedAt(lobby, event.epoch, event.seq);
     updateRoomItem(lobby);
+    firstHistory(lobby, event.rights);
     for (const room of rooms.values()) {
       if (room.name !== LOBBY) sendJoin(room);
     }
@@ -1019,6 +1389,7 @@
     }
     room.state = 'joined';
     joinedAt(room, event.epoch, event.seq);
+    firstHistory(room, event.rights);
     for (const [ref, request] of requests) {
       if (request.kind === 'join' && request.room === room.name) requests.delete(ref);
     }
@@ -1054,6 +1425,10 @@
     }
     const request = ref != null ? requests.get(ref) : undefined;
     if (request) requests.delete(ref);
+    if (request && request.kind === 'history') {
+      historyFailed(request, reason);
+      return;
+    }
     if (request && request.kind === 'join') {
       const room = rooms.get(request.room);
       roomErrorEl.textContent = `Could not join #${request.room}: ${reason}`;
@@ -1077,6 +1452,7 @@
       case 'leave': onLeave(event); break;
       case 'rename': onRename(event); break;
       case 'presence': onPresence(event); break;
+      case 'history': onHistory(event); break;
       case 'message': showMessage(event); break;
       case 'recovered': onRecovered(event); break;
       case 'ack': onAck(event); break;
@@ -1219,8 +1595,12 @@
     myId = null;
     pendingBinary = null;
     requests.clear();
+    // Unanswered history is asked again if still wanted (firstHistory).
+    historyAsked.clear();
     for (const room of rooms.values()) {
       room.state = 'joining';
+      room.historyRequest = null;
+      renderMarker(room);
       updateRoomItem(room);
     }
     const delayMs = scheduleReconnect();
@@ -1292,6 +1672,7 @@
       return;
     }
     roomNameEl.value = '';
+    panelsDone();
     if (!textEl.disabled) textEl.focus();
   });
 
@@ -1308,7 +1689,28 @@
       leaveRoom(item.dataset.room);
     } else {
       selectRoom(item.dataset.room);
+      panelsDone();
     }
+  });
+
+  // Arrow keys, Home and End move between the rooms (Enter shows one), so
+  // that a long list need not be tabbed through, leave buttons and all.
+  roomsEl.addEventListener('keydown', (key) => {
+    if (key.altKey || key.ctrlKey || key.metaKey || key.shiftKey) return;
+    const buttons = [...roomsEl.querySelectorAll('.room-select')];
+    const item = key.target.closest('li[data-room]');
+    const current = item ? buttons.indexOf(item.querySelector('.room-select')) : -1;
+    if (current < 0) return;
+    let next;
+    switch (key.key) {
+      case 'ArrowUp': next = current - 1; break;
+      case 'ArrowDown': next = current + 1; break;
+      case 'Home': next = 0; break;
+      case 'End': next = buttons.length - 1; break;
+      default: return;
+    }
+    key.preventDefault();
+    buttons[Math.max(0, Math.min(buttons.length - 1, next))].focus();
   });
 
   nameFormEl.addEventListener('submit', (submit) => {
@@ -1333,6 +1735,54 @@
   displayNameEl.addEventListener('input', () => {
     nameErrorEl.textContent = '';
     displayNameEl.removeAttribute('aria-invalid');
+  });
+
+  // ---------------------------------------------- small screens, keyboard
+
+  function panelsOpen() {
+    return document.body.classList.contains('panels-open');
+  }
+
+  /** Show or hide the panels of small screens (wide ones always show them). */
+  function setPanels(open) {
+    document.body.classList.toggle('panels-open', open);
+    panelsToggleEl.setAttribute('aria-expanded', String(open));
+    // The open panels cover the chat: keep Tab out of what cannot be seen.
+    chatEl.inert = open && SMALL_SCREEN.matches;
+  }
+
+  /** A room was chosen in the panels: close them, and go to the message box. */
+  function panelsDone() {
+    if (!panelsOpen()) return;
+    setPanels(false);
+    (textEl.disabled ? panelsToggleEl : textEl).focus();
+  }
+
+  panelsToggleEl.addEventListener('click', () => {
+    const open = !panelsOpen();
+    setPanels(open);
+    if (open) rooms.get(activeRoom).item.querySelector('.room-select').focus();
+  });
+
+  // Grown wide (a rotated tablet), the panels are beside the log again.
+  SMALL_SCREEN.addEventListener('change', () => {
+    if (panelsOpen()) setPanels(false);
+  });
+
+  document.addEventListener('keydown', (key) => {
+    if (key.key === 'Escape' && panelsOpen()) {
+      key.preventDefault();
+      setPanels(false);
+      panelsToggleEl.focus();
+      return;
+    }
+    // Alt with the arrows: the previous or next room, from anywhere (the
+    // message box included, whose own arrows are left alone).
+    const arrow = key.key === 'ArrowUp' ? -1 : key.key === 'ArrowDown' ? 1 : 0;
+    if (arrow !== 0 && key.altKey && !key.ctrlKey && !key.metaKey && !key.shiftKey) {
+      key.preventDefault();
+      selectNearbyRoom(arrow);
+    }
   });
 
   // ---------------------------------------------------------------- start
