@@ -429,15 +429,18 @@ def listening(port: int) -> bool:
 
 
 @inlineCallbacks
-def start_twistd(testcase, args: Iterable[str] = ()):
+def start_twistd(testcase, args: Iterable[str] = (), port: Optional[int] = None):
     """
     Run ``twistd -n broadcaster`` on this checkout in a process of its own,
     on a free loopback port (no raw-TCP ports unless ``args`` add them),
     killed and reaped when ``testcase`` ends; wait until it listens.
 
+    :param port: the port to listen on instead, e.g. that of a server the
+        test killed, to restart it where its clients will look for it.
     :return: a Deferred firing with ``(process, port)``.
     """
-    port = free_port()
+    if port is None:
+        port = free_port()
     argv = [
         sys.executable, "-c", TWISTD, "-n", "--pidfile=", "broadcaster",
         "--port", "tcp:{}:interface=127.0.0.1".format(port),
@@ -499,6 +502,14 @@ class CollectingProcess(ProcessProtocol):
         What the process has written so far, standard output then error.
         """
         return b"".join(self._out + self._err).decode("utf-8", "replace")
+
+    def lines(self, stderr: bool = False) -> List[str]:
+        """
+        The whole lines the process has written so far on standard output
+        (or error), without a last one it is still writing.
+        """
+        written = b"".join(self._err if stderr else self._out)
+        return written.decode("utf-8", "replace").split("\n")[:-1]
 
     def ended(self) -> Deferred:
         """

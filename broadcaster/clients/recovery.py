@@ -91,6 +91,23 @@ class Positions:
         self._rooms[room] = (epoch, seq)
         return True
 
+    def recovered(self, room: str, epoch: Optional[str], seq: Any) -> None:
+        """
+        A replay of ``room`` ended (``recovered``); ``epoch`` and ``seq`` are
+        where the room stood when it began, as that connection's
+        ``welcome`` or ``presence`` said.
+
+        If nothing of that epoch has been seen (the server restarted and
+        the room has been quiet since), the position moves there: the old
+        epoch is gone for good, and asking from it again after the next
+        drop would report the same loss a second time.
+        """
+        last = self._rooms.get(room)
+        if last is None or last[0] == epoch or not isinstance(epoch, str):
+            return
+        if isinstance(seq, int) and not isinstance(seq, bool):
+            self._rooms[room] = (epoch, seq)
+
     def url(self, url: str) -> str:
         """
         ``url`` with the lobby's ``since`` set (or left out, if nothing was

@@ -81,3 +81,24 @@ class PositionsTests(SynchronousTestCase):
         self.assertEqual(positions.rooms(), ["lobby", "dev"])
         positions.drop("dev")
         self.assertEqual(positions.rooms(), ["lobby"])
+
+    def test_a_restart_moves_a_quiet_room_to_the_new_epoch(self):
+        """After a replay from a lost epoch in which nothing new was seen,
+        the position is where the room stood when the replay began, so the
+        next recovery does not report the same loss again."""
+        positions = Positions(["dev"])
+        positions.started("dev", "old", 7)
+        positions.recovered("dev", "new", 0)
+        self.assertEqual(positions.position("dev"), ("new", 0))
+        # A replayed or live message of the new epoch already moved it: kept.
+        self.assertTrue(positions.saw({"type": "message", "room": "dev", "epoch": "new", "seq": 3}))
+        positions.recovered("dev", "new", 2)
+        self.assertEqual(positions.position("dev"), ("new", 3))
+        # Rooms with nothing seen, rooms not wanted, malformed positions: untouched.
+        positions.recovered("lobby", "new", 0)
+        positions.recovered("other", "new", 0)
+        positions.recovered("dev", "newer", "1")
+        self.assertEqual(
+            (positions.position("lobby"), positions.position("other"), positions.position("dev")),
+            (None, None, ("new", 3)),
+        )
