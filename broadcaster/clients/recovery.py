@@ -18,12 +18,17 @@ its requests as dicts.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from collections import deque
+from typing import Any, Deque, Dict, Iterable, List, Optional, Set, Tuple
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from broadcaster.core.names import LOBBY
 
 Position = Tuple[str, int]
+
+#: The most recent message numbers of a room remembered to tell a repeat
+#: from a message replayed late: more than a replay can hold.
+SEEN = 4096
 
 
 class Positions:
@@ -39,6 +44,8 @@ class Positions:
         self._rooms: Dict[str, Optional[Position]] = {LOBBY: None}
         for room in rooms:
             self._rooms.setdefault(room, None)
+        # room -> (epoch, its recent message numbers in order, as a set)
+        self._seen: Dict[str, Tuple[str, Deque[int], Set[int]]] = {}
 
     def rooms(self) -> List[str]:
         """
@@ -85,10 +92,24 @@ class Positions:
         room, epoch, seq = event.get("room"), event.get("epoch"), event.get("seq")
         if room not in self._rooms or not isinstance(epoch, str) or not isinstance(seq, int):
             return True
-        last = self._rooms[room]
-        if last is not None and last[0] == epoch and seq <= last[1]:
+        # Replayed messages may come after newer live ones (with several
+        # nodes): a repeat is a number already seen, not any smaller one.
+        seen = self._seen.get(room)
+        if seen is None or seen[0] != epoch:
+            seen = self._seen[room] = (epoch, deque(), set())
+        _, order, numbers = seen
+        if seq in numbers:
             return False
-        self._rooms[room] = (epoch, seq)
+        last = self._rooms[room]
+        if last is not None and last[0] == epoch and seq <= last[1] - SEEN:
+            # Older than anything remembered: seen before, long ago.
+            return False
+        order.append(seq)
+        numbers.add(seq)
+        if len(order) > SEEN:
+            numbers.discard(order.popleft())
+        if last is None or last[0] != epoch or seq > last[1]:
+            self._rooms[room] = (epoch, seq)
         return True
 
     def recovered(self, room: str, epoch: Optional[str], seq: Any) -> None:

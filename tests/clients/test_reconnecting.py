@@ -57,7 +57,10 @@ class PositionsTests(SynchronousTestCase):
         positions.started("lobby", "e1", 4)
         self.assertTrue(positions.saw({"type": "message", "room": "lobby", "epoch": "e1", "seq": 5}))
         self.assertFalse(positions.saw({"type": "message", "room": "lobby", "epoch": "e1", "seq": 5}))
+        # Not seen before: a replayed message that came after a newer live one.
+        self.assertTrue(positions.saw({"type": "message", "room": "lobby", "epoch": "e1", "seq": 3}))
         self.assertFalse(positions.saw({"type": "message", "room": "lobby", "epoch": "e1", "seq": 3}))
+        self.assertEqual(positions.position("lobby"), ("e1", 5))
         # A new epoch (the server restarted): a new sequence.
         self.assertTrue(positions.saw({"type": "message", "room": "lobby", "epoch": "e9", "seq": 1}))
         self.assertEqual(positions.position("lobby"), ("e9", 1))
@@ -102,3 +105,28 @@ class PositionsTests(SynchronousTestCase):
             (positions.position("lobby"), positions.position("other"), positions.position("dev")),
             (None, None, ("new", 3)),
         )
+
+
+class InterleavedReplayTests(SynchronousTestCase):
+    def test_live_messages_overtaking_a_replay_lose_nothing(self):
+        """With several nodes, live messages may arrive before the replayed
+        older ones: every one is taken once, and the position is the newest."""
+        positions = Positions()
+        positions.started("lobby", "e1", 10)
+        arrivals = [14, 15, 11, 12, 13, 15, 12, 16]
+        taken = [
+            seq for seq in arrivals
+            if positions.saw({"type": "message", "room": "lobby", "epoch": "e1", "seq": seq})
+        ]
+        self.assertEqual(taken, [14, 15, 11, 12, 13, 16])
+        self.assertEqual(positions.position("lobby"), ("e1", 16))
+
+    def test_memory_is_bounded(self):
+        from broadcaster.clients.recovery import SEEN
+
+        positions = Positions()
+        for seq in range(1, 3 * SEEN):
+            positions.saw({"type": "message", "room": "lobby", "epoch": "e1", "seq": seq})
+        self.assertLessEqual(len(positions._seen["lobby"][2]), SEEN)
+        # Long past: still a repeat.
+        self.assertFalse(positions.saw({"type": "message", "room": "lobby", "epoch": "e1", "seq": 5}))
