@@ -429,15 +429,18 @@ def listening(port: int) -> bool:
 
 
 @inlineCallbacks
-def start_twistd(testcase, args: Iterable[str] = ()):
+def start_twistd(testcase, args: Iterable[str] = (), port: Optional[int] = None):
     """
     Run ``twistd -n broadcaster`` on this checkout in a process of its own,
     on a free loopback port (no raw-TCP ports unless ``args`` add them),
     killed and reaped when ``testcase`` ends; wait until it listens.
 
+    :param port: the port, to restart a server where its clients look for
+        it; by default a free one.
     :return: a Deferred firing with ``(process, port)``.
     """
-    port = free_port()
+    if port is None:
+        port = free_port()
     argv = [
         sys.executable, "-c", TWISTD, "-n", "--pidfile=", "broadcaster",
         "--port", "tcp:{}:interface=127.0.0.1".format(port),
