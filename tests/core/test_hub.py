@@ -598,3 +598,14 @@ class UserPresenceTests(HubTestCase):
         self.assertEqual(
             [e[1] for e in self.announced(watcher) if e[0] == "Joined"], ["w", "a1", "a2"]
         )
+
+
+class LocalNodesTests(SynchronousTestCase):
+    def test_one_node(self):
+        """The in-process backplane lists this node alone, with its clients."""
+        hub = Hub(Clock(), node_id="solo")
+        hub.connect(RecordingMember("solo-1"))
+        self.assertEqual(
+            self.successResultOf(hub.backplane.nodes()),
+            [{"node": "solo", "connections": 1, "heartbeat_age": None, "here": True, "alive": True}],
+        )
