@@ -26,7 +26,6 @@ from broadcaster.core.names import InvalidName, check_display_name
 from broadcaster.core.permissions import JOIN
 from broadcaster.protocols.gate import Refused, admit_identity, check_origin, sign_in_failed
 from broadcaster.protocols.stream import (
-    CONTENT_TYPE,
     EventStream,
     StreamRequestError,
     parse_stream_request,
@@ -152,13 +151,6 @@ class EventsResource(Resource):
                 return
         stream = EventStream(factory, request, rooms, since, grants, user, name, peer)
         finished.addBoth(stream.gone)
-        request.setResponseCode(200)
-        request.setHeader(b"Content-Type", CONTENT_TYPE)
-        request.setHeader(b"Cache-Control", b"no-store")
-        # Proxies that buffer responses (nginx) would hold events back.
-        request.setHeader(b"X-Accel-Buffering", b"no")
-        # A stream ends with the connection: no other request follows it.
-        request.setHeader(b"Connection", b"close")
 
         def positions(results):
             if gone:

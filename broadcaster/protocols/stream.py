@@ -176,10 +176,18 @@ class StreamBody:
     through an :class:`~broadcaster.protocols.outbound.Outbound` of its own,
     so that ``--max-buffer`` bounds what waits for a slow reader.
 
-    Made once the status and headers are set: it sends them.
+    Made once the stream is sure to start: it answers 200 with the
+    stream's headers, at once.
     """
 
     def __init__(self, request) -> None:
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", CONTENT_TYPE)
+        request.setHeader(b"Cache-Control", b"no-store")
+        # Proxies that buffer responses (nginx) would hold events back.
+        request.setHeader(b"X-Accel-Buffering", b"no")
+        # A stream ends with the connection: no other request follows it.
+        request.setHeader(b"Connection", b"close")
         # The headers, now: the body has no length, so HTTP/1.1 chunks it.
         request.write(b"")
         self._chunked = bool(request.chunked)
