@@ -6,7 +6,8 @@ the same counters ``/metrics`` reads when it is scraped, once a second
 (a timer service calls :meth:`Sampler.sample`), and turns what they
 gained since the last reading into rates per second.  Nothing is counted
 a second time for the dashboard: connections by kind, messages, deliveries,
-bytes, cuts, refusals and the fan-out histogram are the metrics' own
+bytes, cuts, refusals (of handshakes by reason, of HTTP requests by status)
+and the fan-out histogram are the metrics' own
 numbers, and a room's message rate is how far its sequence number moved
 (:meth:`~broadcaster.core.hub.Hub.positions`).
 
@@ -23,7 +24,8 @@ the interval since the previous sample; ``fan_out_mean`` and
      "connections": {"plain": 3, "json": 12, "line": 0, "image": 1, "sse": 2},
      "rooms": 4, "messages_in": 41.0, "deliveries": 380.0, "bytes_out": 51234.0,
      "fan_out_mean": 0.00012, "fan_out_p95": 0.00025,
-     "slow_consumers": 0.0, "rate_limited": 2.0, "refused": {"origin": 1.0}}
+     "slow_consumers": 0.0, "rate_limited": 2.0, "refused": {"origin": 1.0},
+     "refused_requests": {"408": 0.0}}
 
 Rooms, ranked (``rate`` is ``null`` until two readings of the room exist)::
 
@@ -72,6 +74,7 @@ class Reading:
     slow_consumers: int
     rate_limited: int
     refused: Mapping[str, int]
+    refused_requests: Mapping[str, int]
     fan_out_count: int
     fan_out_sum: float
     fan_out_buckets: Tuple[int, ...]
@@ -87,6 +90,7 @@ class Reading:
             slow_consumers=stats.slow_consumers,
             rate_limited=stats.rate_limited,
             refused=dict(stats.refused_handshakes),
+            refused_requests=dict(stats.refused_requests),
             fan_out_count=histogram.count,
             fan_out_sum=histogram.sum,
             fan_out_buckets=tuple(histogram.counts),
@@ -116,6 +120,13 @@ def quantile_bound(bounds: Sequence[float], counts: Sequence[int], q: float) -> 
 
 def _rate(now: float, before: float, seconds: float) -> float:
     return round((now - before) / seconds, 3)
+
+
+def _rates(now: Mapping[str, int], before: Mapping[str, int], seconds: float) -> Dict[str, float]:
+    """
+    The rate of each label's count (a label appears once counted).
+    """
+    return {label: _rate(count, before.get(label, 0), seconds) for label, count in sorted(now.items())}
 
 
 class Sampler:
@@ -189,10 +200,8 @@ class Sampler:
             "fan_out_p95": quantile_bound(stats.fan_out_seconds.bounds, buckets, 0.95),
             "slow_consumers": _rate(now.slow_consumers, last.slow_consumers, seconds),
             "rate_limited": _rate(now.rate_limited, last.rate_limited, seconds),
-            "refused": {
-                reason: _rate(count, last.refused.get(reason, 0), seconds)
-                for reason, count in sorted(now.refused.items())
-            },
+            "refused": _rates(now.refused, last.refused, seconds),
+            "refused_requests": _rates(now.refused_requests, last.refused_requests, seconds),
         }
         self._samples.append(sample)
         if self._listeners:

@@ -83,12 +83,16 @@ class SamplerTests(SynchronousTestCase):
         self.hub.disconnect(members[0])
         self.assertEqual(self.tick()["connections"]["json"], 1)
 
-    def test_refused_handshakes_by_reason(self):
-        """Each reason's refusals per second; a reason appears once counted."""
+    def test_refusals_by_reason(self):
+        """Each reason's refused handshakes, and each status's refused HTTP
+        requests, per second; a reason appears once counted."""
         self.sampler.sample()
         self.assertEqual(self.tick()["refused"], {})
         self.stats.refused_handshakes["origin"] += 3
-        self.assertEqual(self.tick()["refused"], {"origin": 3.0})
+        self.stats.refused_requests["408"] += 2
+        sample = self.tick()
+        self.assertEqual(sample["refused"], {"origin": 3.0})
+        self.assertEqual(sample["refused_requests"], {"408": 2.0})
         self.stats.refused_handshakes["auth"] += 1
         self.assertEqual(self.tick()["refused"], {"auth": 1.0, "origin": 0.0})
 
