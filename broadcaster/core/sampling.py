@@ -5,9 +5,9 @@ A :class:`Sampler` reads the hub's :class:`~broadcaster.core.stats.Stats`,
 the same counters ``/metrics`` reads when it is scraped, once a second
 (a timer service calls :meth:`Sampler.sample`), and turns what they
 gained since the last reading into rates per second.  Nothing is counted
-a second time for the dashboard: connections by kind, messages, deliveries,
-bytes, cuts, refusals (of handshakes by reason, of HTTP requests by status)
-and the fan-out histogram are the metrics' own
+a second time for the dashboard: connections by kind, messages,
+deliveries, bytes, cuts, refusals (of handshakes by reason, of HTTP
+requests by status) and the fan-out histogram are the metrics' own
 numbers, and a room's message rate is how far its sequence number moved
 (:meth:`~broadcaster.core.hub.Hub.positions`).
 
@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
 from broadcaster.core.hub import Hub
 from broadcaster.core.stats import KINDS, Stats
@@ -137,6 +138,8 @@ class Sampler:
     :param top: rooms listed in each ranking.
     """
 
+    _log = Logger()
+
     def __init__(
         self, hub: Hub, clock: IReactorTime, window: int = WINDOW, top: int = TOP_ROOMS
     ) -> None:
@@ -159,6 +162,8 @@ class Sampler:
     def listen(self, listener: Listener) -> None:
         """
         Call ``listener(sample, rooms)`` with every sample from now on.
+        It must not block; an exception it raises is logged, and the
+        sampler goes on.
         """
         self._listeners.append(listener)
 
@@ -207,7 +212,11 @@ class Sampler:
         if self._listeners:
             rooms = self.rank_rooms(now.at)
             for listener in list(self._listeners):
-                listener(sample, rooms)
+                try:
+                    listener(sample, rooms)
+                except Exception:
+                    # Raised into the timer, it would stop the sampling.
+                    self._log.failure("dashboard listener {listener!r} failed", listener=listener)
         return sample
 
     def rank_rooms(self, at: float) -> dict:

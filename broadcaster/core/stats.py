@@ -5,8 +5,8 @@ operator dashboard.
 They are ordinary integers bumped on the hot path (a ``+= 1`` costs next to
 nothing); :mod:`broadcaster.http.metrics` turns them into Prometheus metrics
 only when somebody scrapes, and :mod:`broadcaster.core.sampling` into
-per-second rates for the dashboard.  This module imports nothing, so the hub and the
-protocols can count without knowing about Prometheus.
+per-second rates for the dashboard.  This module imports nothing, so the
+hub and the protocols can count without knowing about Prometheus.
 """
 
 from __future__ import annotations

@@ -41,7 +41,8 @@ none of ``/admin`` exists (404).
 
 The figures come from one :class:`~broadcaster.core.sampling.Sampler`,
 which :class:`Dashboard` (a timer service) has read the counters once a
-second; each second's events are encoded once for every open stream.
+second; each second's events are encoded once, for every open stream
+(:class:`Feed`).
 """
 
 from __future__ import annotations
@@ -233,8 +234,6 @@ class Dashboard(TimerService):
     :param keys: the API keys that open it.
     :param max_buffer: the bytes that may wait for one stream's reader.
     """
-
-    _log = Logger()
 
     def __init__(self, hub: Hub, keys: Iterable[str], clock, max_buffer: int) -> None:
         self.sampler = Sampler(hub, clock)

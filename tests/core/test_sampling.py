@@ -4,6 +4,8 @@ the hub's counters under a :class:`twisted.internet.task.Clock`.
 """
 
 from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from broadcaster.core.sampling import Sampler, quantile_bound
@@ -184,6 +186,24 @@ class SamplerTests(SynchronousTestCase):
         self.hub.publish_text("ann", "hi", "ops")
         self.tick()
         self.assertEqual(heard[-1][1]["by_rate"], [])
+
+    def test_a_failing_listener_is_logged_and_the_others_served(self):
+        """A listener that raises is logged; the others get the sample and
+        the sampler goes on."""
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        heard = []
+
+        def broken(sample, rooms):
+            raise RuntimeError("boom")
+
+        self.sampler.listen(broken)
+        self.sampler.listen(lambda sample, rooms: heard.append(sample["t"]))
+        self.sampler.sample()
+        self.tick()
+        self.tick()
+        self.assertEqual(heard, [1001.0, 1002.0])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+        self.assertEqual(len([e for e in logged if e.get("log_failure")]), 2)
 
     def test_a_new_epoch_has_no_rate(self):
         """A room whose sequence restarted (a new epoch: Redis lost its

@@ -489,7 +489,7 @@
       button.type = 'button';
       button.className = 'link';
       button.textContent = '#' + entry.room;
-      button.addEventListener('click', () => openRoom(entry.room));
+      button.addEventListener('click', () => openRoom(entry.room).catch(() => null));
       name.append(button);
       tr.append(name, cell(count(entry.members), 'num'), cell(rate(entry.rate), 'num'));
       return tr;
