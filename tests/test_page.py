@@ -287,12 +287,16 @@ class Page:
         :return: the files the browser has finished downloading, ``{name: bytes}``.
         """
         found = {}
-        if os.path.isdir(self.downloads):
-            for name in os.listdir(self.downloads):
-                # Chromium writes to a .crdownload file and renames it when done.
-                if not name.endswith(".crdownload"):
-                    with open(os.path.join(self.downloads, name), "rb") as f:
-                        found[name] = f.read()
+        if not os.path.isdir(self.downloads):
+            return found
+        names = os.listdir(self.downloads)
+        # Chromium writes to a .crdownload file and renames it when done;
+        # meanwhile it holds the final name with an empty file of that name.
+        if any(name.endswith(".crdownload") for name in names):
+            return found
+        for name in names:
+            with open(os.path.join(self.downloads, name), "rb") as f:
+                found[name] = f.read()
         return found
 
     def member_names(self) -> dict:
