@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
@@ -26,6 +27,20 @@ class ReferenceTests(SynchronousTestCase):
                     path = os.path.relpath(os.path.join(folder, name), REPO_ROOT)
                     module = path[:-3].replace(os.sep, ".").removesuffix(".__init__")
                     self.assertIn(".. automodule:: {}\n".format(module), reference)
+
+
+    def test_every_option_is_documented(self):
+        """docs/options.rst names every flag of twistd broadcaster (but
+        --help and --version, which every Twisted command has)."""
+        from broadcaster.service.options import Options
+
+        with open(os.path.join(REPO_ROOT, "docs", "options.rst"), encoding="utf-8") as page:
+            options = page.read()
+        flags = {name.rstrip("=") for name in Options().longOpt} - {"help", "version"}
+        undocumented = [
+            flag for flag in flags if not re.search(r"``--{}(?![\w-])".format(re.escape(flag)), options)
+        ]
+        self.assertEqual(sorted(undocumented), [])
 
 
 class DocsTests(TestCase):

@@ -258,16 +258,19 @@ class Page:
             return WebDriverWait(self.driver, WAIT).until(condition)
         except TimeoutException:
             raise FailTest(
-                "timed out after {}s waiting for {}.\nstatus: {}\nrooms: {}\nmembers: {}\n"
-                "log:\n  {}".format(
-                    WAIT,
-                    what,
-                    self.status(),
-                    self.rooms(),
-                    self.members(),
-                    "\n  ".join(self.log_lines()) or "(empty)",
-                )
+                "timed out after {}s waiting for {}.\n{}".format(WAIT, what, self.describe())
             ) from None
+
+    def describe(self) -> str:
+        """
+        :return: what the page shows, for a failure message.
+        """
+        return "status: {}\nrooms: {}\nmembers: {}\nlog:\n  {}".format(
+            self.status(),
+            self.rooms(),
+            self.members(),
+            "\n  ".join(self.log_lines()) or "(empty)",
+        )
 
     def open(self, url: str) -> str:
         """
@@ -328,12 +331,16 @@ class Page:
         :return: the files the browser has finished downloading, ``{name: bytes}``.
         """
         found = {}
-        if os.path.isdir(self.downloads):
-            for name in os.listdir(self.downloads):
-                # Chromium writes to a .crdownload file and renames it when done.
-                if not name.endswith(".crdownload"):
-                    with open(os.path.join(self.downloads, name), "rb") as f:
-                        found[name] = f.read()
+        if not os.path.isdir(self.downloads):
+            return found
+        names = os.listdir(self.downloads)
+        # Chromium writes to a .crdownload file and renames it when done;
+        # meanwhile it holds the final name with an empty file of that name.
+        if any(name.endswith(".crdownload") for name in names):
+            return found
+        for name in names:
+            with open(os.path.join(self.downloads, name), "rb") as f:
+                found[name] = f.read()
         return found
 
     def member_names(self) -> dict:
@@ -666,6 +673,16 @@ class PageTestCase(TestCase):
     page; the tests come from the subclasses.
     """
 
+    #: What shows the server's page (a subclass of :class:`Page` for another page).
+    page_class = Page
+
+    def server_arguments(self):
+        """
+        :return: the ``twistd broadcaster`` arguments of this test's server
+            (see :func:`server_args`).
+        """
+        return getattr(getattr(self, self._testMethodName), "server_args", ())
+
     @inlineCallbacks
     def setUp(self):
         missing = missing_browser()
@@ -673,8 +690,7 @@ class PageTestCase(TestCase):
             if os.environ.get("CI"):
                 self.fail("{}; CI is set, so the browser tests must run".format(missing))
             raise SkipTest(missing)
-        args = getattr(getattr(self, self._testMethodName), "server_args", ())
-        self.service, port = yield start_server(self, args)
+        self.service, port = yield start_server(self, self.server_arguments())
         self.port = port
         self.url = "http://127.0.0.1:{}/".format(port)
         self.ws_url = "ws://127.0.0.1:{}/".format(port)
@@ -686,7 +702,7 @@ class PageTestCase(TestCase):
             lambda: not _server_connections(),
             what="the server to see every browser and script connection close",
         )
-        self.page = yield deferToThread(Page.start)
+        self.page = yield deferToThread(self.page_class.start)
         self.addCleanup(deferToThread, self.page.quit)
 
     @inlineCallbacks

@@ -149,6 +149,42 @@ class Backplane(Protocol):
             else helps an operator.
         """
 
+    def nodes(self) -> Deferred:
+        """
+        Every node sharing the backplane, for the operator dashboard.
+
+        :return: a Deferred firing with a list of :func:`node_entry`
+            dicts, this node's included (``here``).
+        """
+
+
+def node_entry(
+    node: str, connections: int, heartbeat_age: Optional[float], here: bool, alive: bool = True
+) -> dict:
+    """
+    One node as :meth:`Backplane.nodes` lists it.
+
+    :param connections: its clients (as the backplane knows them).
+    :param heartbeat_age: seconds since its last heartbeat (``None``: not
+        known, or nodes do not heartbeat).
+    :param here: whether it is this node.
+    :param alive: ``False`` once its heartbeat has stopped for good.
+    """
+    return {
+        "node": node,
+        "connections": connections,
+        "heartbeat_age": heartbeat_age,
+        "here": here,
+        "alive": alive,
+    }
+
+
+def this_node(hub: "Attached") -> dict:
+    """
+    This node, as it knows itself: every client it has, no heartbeat.
+    """
+    return node_entry(hub.node_id, len(hub.members()), None, True)
+
 
 class LocalBackplane:
     """
@@ -239,3 +275,7 @@ class LocalBackplane:
         For /healthz.
         """
         return {"kind": self.name, "connected": True}
+
+    def nodes(self) -> Deferred:
+        # There is no other node.
+        return succeed([this_node(self._hub)])

@@ -214,6 +214,17 @@ class Hub:
         """
         return list(self._rooms)
 
+    def positions(self) -> Dict[str, Tuple[str, int]]:
+        """
+        Where the sequence of each room a message has gone through on this
+        node stands: ``(epoch, seq)`` of its last kept message.  A room's
+        ``seq`` counts its messages (on every node), so its message rate
+        is read from here rather than counted again.
+
+        :return: a copy, the caller's to keep.
+        """
+        return dict(self._positions)
+
     def add_observer(self, observer: Callable[[Event], None]) -> None:
         """
         Call ``observer(event)`` once for every event the hub fans out
@@ -252,6 +263,7 @@ class Hub:
             raise ValueError("member {!r} is already connected".format(member.id))
         self._members[member.id] = member
         self._memberships[member.id] = {}
+        self.stats.connected[member.kind] += 1
         if not lobby or not member.grants.allows(LOBBY, JOIN):
             return None
         return self._join(member, LOBBY, fresh=True)
@@ -298,6 +310,7 @@ class Hub:
         ]
         del self._members[member.id]
         del self._memberships[member.id]
+        self.stats.connected[member.kind] -= 1
         if not self._members:
             waiting, self._empty_waiters = self._empty_waiters, []
             for d in waiting:

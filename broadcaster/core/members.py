@@ -66,6 +66,9 @@ class Member(Protocol):
 
     id: str
     name: Optional[str]
+    #: What kind of client it is (``plain``, ``json``, ``line``, ``image``,
+    #: ``sse``), for the counts by kind; fixed once it has connected.
+    kind: str
     #: Who sign-in says the client is, or ``None``.
     user: Optional[str]
     #: What it may do in which room (:mod:`broadcaster.core.permissions`).
@@ -105,6 +108,8 @@ class MemberBase:
     grants: Grants = EVERYTHING
     #: Nobody in particular, unless sign-in said who.
     user: Optional[str] = None
+    #: A kind of client the metrics do not name, unless the class says.
+    kind: str = "other"
 
     def deliver_many(self, batch: EventBatch) -> None:
         """

@@ -1,10 +1,12 @@
 """
-Plain counters of what the server does, for ``/metrics``.
+Plain counters of what the server does, for ``/metrics`` and the
+operator dashboard.
 
 They are ordinary integers bumped on the hot path (a ``+= 1`` costs next to
 nothing); :mod:`broadcaster.http.metrics` turns them into Prometheus metrics
-only when somebody scrapes.  This module imports nothing, so the hub and the
-protocols can count without knowing about Prometheus.
+only when somebody scrapes, and :mod:`broadcaster.core.sampling` into
+per-second rates for the dashboard.  This module imports nothing, so the
+hub and the protocols can count without knowing about Prometheus.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from __future__ import annotations
 import bisect
 from collections import Counter
 from typing import List, Sequence
+
+#: The client kinds, so that every series exists (at 0) from the start.
+KINDS = ("plain", "json", "line", "image", "sse")
 
 #: Upper bounds, in seconds, of the fan-out latency histogram's buckets.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -54,6 +59,10 @@ class Stats:
     """
 
     def __init__(self) -> None:
+        #: Clients connected now, by kind: kept by the hub as members
+        #: connect and go, so that reading it costs nothing however many
+        #: there are.
+        self.connected: Counter = Counter()
         self.messages_in: Counter = Counter()
         self.bytes_in: Counter = Counter()
         self.frames_out = 0

@@ -104,7 +104,10 @@ def key_id(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()[:8]
 
 
-def _json(request: Request, code: int, body: Dict[str, Any]) -> bytes:
+def json_answer(request: Request, code: int, body: Dict[str, Any]) -> bytes:
+    """
+    Answer ``code`` with ``body`` as JSON, never cached.
+    """
     return _body(request, code, json.dumps(body).encode("utf-8"))
 
 
@@ -169,7 +172,7 @@ class KeyedResource(Resource):
         peer = _peer(request)
         if request.method != self.method:
             request.setHeader(b"Allow", self.method)
-            return _json(request, 405, {"error": "use " + self.method.decode("ascii")})
+            return json_answer(request, 405, {"error": "use " + self.method.decode("ascii")})
         identity, problem = self._authorized(request)
         if problem is not None:
             self._log.warn(
@@ -184,7 +187,7 @@ class KeyedResource(Resource):
                 if problem == "missing"
                 else b'Bearer realm="broadcaster", error="invalid_token"',
             )
-            return _json(
+            return json_answer(
                 request, 401, {"error": "an API key is required: Authorization: Bearer <key>"}
             )
         try:
@@ -196,7 +199,7 @@ class KeyedResource(Resource):
                 what=self.what,
                 reason=str(e),
             )
-            return _json(request, 400, {"error": str(e)})
+            return json_answer(request, 400, {"error": str(e)})
 
     def serve(self, request: Request, peer: str, key: str) -> Any:
         """
@@ -227,7 +230,7 @@ class KeyedResource(Resource):
             self._log.failure(
                 "[API] {peer}: {what} failed", failure, peer=peer, what=self.what
             )
-            return _json(request, 503, {"error": "temporarily unavailable, try again"})
+            return json_answer(request, 503, {"error": "temporarily unavailable, try again"})
 
         result.addCallbacks(answer, failed).addCallback(write)
         return NOT_DONE_YET
@@ -296,7 +299,7 @@ class PublishResource(KeyedResource):
                 grants = parse_grants(identity.rooms)
                 return self.serve(request, peer, "user " + str(identity.user), grants)
             except (BadInput, ValueError) as e:
-                return _json(request, 400, {"error": str(e)})
+                return json_answer(request, 400, {"error": str(e)})
 
         def refused(failure: Failure) -> bytes:
             reason = getattr(failure.value, "reason", None) or "the token was refused"
@@ -307,7 +310,7 @@ class PublishResource(KeyedResource):
                 reason=reason,
             )
             request.setHeader(b"WWW-Authenticate", b'Bearer realm="broadcaster", error="invalid_token"')
-            return _json(request, 401, {"error": "a key or a signed token is required"})
+            return json_answer(request, 401, {"error": "a key or a signed token is required"})
 
         def write(body: Any) -> None:
             if body is NOT_DONE_YET or gone:
@@ -338,14 +341,15 @@ class PublishResource(KeyedResource):
                 key=key,
                 room=room,
             )
-            return _json(
+            return json_answer(
                 request, 403, {"error": "not allowed to publish in room {!r}".format(room)}
             )
 
         def published(event: TextMessage) -> bytes:
             self._log.info(
-                "[API] {peer} published {size} bytes to {room} (seq {seq})",
+                "[API] {peer} ({key}) published {size} bytes to {room} (seq {seq})",
                 peer=peer,
+                key=key,
                 size=len(text.encode("utf-8")),
                 room=room,
                 seq=event.seq,
@@ -356,7 +360,7 @@ class PublishResource(KeyedResource):
                 "seq": event.seq,
                 "epoch": event.epoch,
             }
-            return _json(request, 202, body)
+            return json_answer(request, 202, body)
 
         # The backplane numbers the message; a networked one answers later.
         return self.answer_later(request, peer, self._hub.announce(text, room), published)
@@ -367,7 +371,7 @@ class PublishResource(KeyedResource):
             peer=peer,
             limit=self.max_size,
         )
-        return _json(
+        return json_answer(
             request,
             413,
             {
@@ -428,7 +432,7 @@ class RoomsResource(KeyedResource):
     def serve(self, request: Request, peer: str, key: str) -> Any:
         path = request.postpath
         if len(path) != 2 or path[1] not in (b"presence", b"history"):
-            return _json(
+            return json_answer(
                 request,
                 404,
                 {"error": "not found: /api/rooms/<room>/presence or /api/rooms/<room>/history"},
@@ -444,7 +448,7 @@ class RoomsResource(KeyedResource):
             raise BadInput("cursor must be the next of an earlier page")
         limit = min(_positive(request, "limit", MEMBERS_PAGE), MEMBERS_PAGE)
         members = self._hub.presence(room)
-        return _json(request, 200, presence_event(room, members, cursor, limit))
+        return json_answer(request, 200, presence_event(room, members, cursor, limit))
 
     def _history(self, request: Request, peer: str, room: str) -> Any:
         size = self._hub.history_size
@@ -493,7 +497,7 @@ class DisconnectResource(KeyedResource):
                 reason=expulsion.reason,
             )
             if not everywhere:
-                return _json(
+                return json_answer(
                     request,
                     503,
                     {
@@ -502,7 +506,7 @@ class DisconnectResource(KeyedResource):
                         "disconnected": count,
                     },
                 )
-            return _json(request, 200, {"disconnected": count})
+            return json_answer(request, 200, {"disconnected": count})
 
         return self.answer_later(request, peer, self._hub.expel(expulsion), done)
 

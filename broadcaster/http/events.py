@@ -170,13 +170,6 @@ class EventsResource(Resource):
                 return
         stream = EventStream(factory, request, rooms, since, grants, user, name, peer, expires)
         finished.addBoth(stream.gone)
-        request.setResponseCode(200)
-        request.setHeader(b"Content-Type", CONTENT_TYPE)
-        request.setHeader(b"Cache-Control", b"no-store")
-        # Proxies that buffer responses (nginx) would hold events back.
-        request.setHeader(b"X-Accel-Buffering", b"no")
-        # A stream ends with the connection: no other request follows it.
-        request.setHeader(b"Connection", b"close")
 
         def positions(results):
             if gone:

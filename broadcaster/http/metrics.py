@@ -10,7 +10,6 @@ tests, each report their own).
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Callable, Dict, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -19,9 +18,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from broadcaster.core.hub import Hub
-
-#: The client kinds, so that every series exists (at 0) from the start.
-KINDS = ("plain", "json", "line", "image", "sse")
+from broadcaster.core.stats import KINDS
 
 
 def _by_label(name: str, documentation: str, label: str, values: Dict[str, int], keys=()):
@@ -50,12 +47,11 @@ class StatsCollector:
     def collect(self) -> Iterator:
         hub = self._hub
         stats = hub.stats
-        kinds: Counter = Counter(getattr(member, "kind", "other") for member in hub.members())
         connections = GaugeMetricFamily(
             "broadcaster_connections", "Clients connected now, by kind.", labels=["kind"]
         )
-        for kind in sorted(set(KINDS) | set(kinds)):
-            connections.add_metric([kind], kinds.get(kind, 0))
+        for kind in sorted(set(KINDS) | set(stats.connected)):
+            connections.add_metric([kind], stats.connected[kind])
         yield connections
         yield GaugeMetricFamily("broadcaster_rooms", "Rooms somebody is in.", value=len(hub.rooms()))
         yield _by_label(

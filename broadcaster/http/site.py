@@ -93,14 +93,16 @@ class StaticFile(Resource):
     render_HEAD = render_GET
 
 
-def load_static() -> dict:
+def load_static(folder: str = "static") -> dict:
     """
-    Read the page's files from the installed package.
+    Read a page's files from the installed package: the chat page's, or
+    another's (its folder's sub-folders are not read).
 
+    :param folder: the files' folder in the package, ``/``-separated.
     :return: file name (bytes) to :class:`StaticFile`.
     """
     files = {}
-    for entry in resources.files("broadcaster").joinpath("static").iterdir():
+    for entry in resources.files("broadcaster").joinpath(*folder.split("/")).iterdir():
         if entry.is_file():
             content_type, _ = mimetypes.guess_type(entry.name)
             if content_type is None:
@@ -457,6 +459,7 @@ class BroadcasterSite(BoundedSite):
         admission: Optional[Admission] = None,
         api_body_limit: int = 0,
         hosts: Optional[HostPolicy] = None,
+        admin: Optional[Resource] = None,
     ) -> None:
         self._debug = debug
         self._api_body_limit = api_body_limit if api is not None else 0
@@ -470,6 +473,10 @@ class BroadcasterSite(BoundedSite):
         if api is not None:
             # POST /api/publish (broadcaster.http.api); absent, so 404, without keys.
             root.putChild(b"api", api)
+        if admin is not None:
+            # The operator dashboard (broadcaster.http.admin); absent, so 404,
+            # without keys or with --no-admin.
+            root.putChild(b"admin", admin)
         assets = Resource()
         for name, resource in static.items():
             assets.putChild(name, resource)

@@ -173,6 +173,57 @@ def chunk(pieces: List[bytes]) -> List[bytes]:
     return [b"%x\r\n" % size, *pieces, b"\r\n"]
 
 
+class StreamBody:
+    """
+    The body of a response that lasts as long as its reader stays (an
+    event stream), written past twisted.web straight to the connection
+    through an :class:`~broadcaster.protocols.outbound.Outbound` of its own,
+    so that ``--max-buffer`` bounds what waits for a slow reader.
+
+    Made once the stream is sure to start: it answers 200 with the
+    stream's headers, at once.
+    """
+
+    def __init__(self, request) -> None:
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", CONTENT_TYPE)
+        request.setHeader(b"Cache-Control", b"no-store")
+        # Proxies that buffer responses (nginx) would hold events back.
+        request.setHeader(b"X-Accel-Buffering", b"no")
+        # A stream ends with the connection: no other request follows it.
+        request.setHeader(b"Connection", b"close")
+        # The headers, now: the body has no length, so HTTP/1.1 chunks it.
+        request.write(b"")
+        self._chunked = bool(request.chunked)
+        #: The connection's one outbound path.
+        self.outbound = Outbound(request.channel.transport)
+
+    def write(self, pieces: List[bytes], limit: int) -> bool:
+        """
+        Queue ``pieces`` (whole events) for the reader.
+
+        :param limit: the bytes that may wait for it.
+        :return: ``False`` if it is too far behind (nothing was queued):
+            the caller cuts it off.
+        """
+        if self._chunked:
+            pieces = chunk(pieces)
+        return self.outbound.write_sequence(pieces, limit)
+
+    def end(self, limit: int) -> bool:
+        """
+        End the body (a chunked one with its last chunk, an empty one),
+        then close the connection once all of it is sent.
+
+        :return: ``False`` if the reader is too far behind even for that
+            (nothing was done): the caller cuts it off.
+        """
+        if self._chunked and not self.write([], limit):
+            return False
+        self.outbound.lose_connection()
+        return True
+
+
 class EventStream(MemberBase):
     """
     One ``GET /events`` response: a hub member until the client goes.
@@ -210,8 +261,7 @@ class EventStream(MemberBase):
         self._rooms = rooms
         self._since = since
         self._positions: Dict[str, Position] = {}
-        self._chunked = False
-        self._outbound: Optional[Outbound] = None
+        self._body: Optional[StreamBody] = None
         self._connected_at = factory.clock.seconds()
         # A sign-in by token lasts until the token's exp (plus the
         # leeway), for a stream as for a WebSocket; a stream cannot
@@ -232,13 +282,9 @@ class EventStream(MemberBase):
         :param positions: where each room stands now (for rooms not
             replayed: the stream starts there).
         """
-        request = self._request
         factory = self.factory
         hub = factory.hub
-        # The headers, now: the body has no length, so HTTP/1.1 chunks it.
-        request.write(b"")
-        self._chunked = bool(request.chunked)
-        self._outbound = Outbound(request.channel.transport)
+        self._body = StreamBody(self._request)
         for room in self._rooms:
             position = positions[room]
             since = self._since.get(room)
@@ -312,16 +358,8 @@ class EventStream(MemberBase):
         """
         if self.closing:
             return
-        if self._chunked:
-            pieces = chunk(pieces)
-        limit = self.factory.limits.max_buffer
-        if not self._outbound.write_sequence(pieces, limit):
-            size = sum(len(piece) for piece in pieces)
-            cut_slow_consumer(
-                self._log, self, self._outbound, size, self.factory.hub.stats, limit, "disconnecting"
-            )
-            self.closing = True
-            self._request.channel.transport.abortConnection()
+        if not self._body.write(pieces, self.factory.limits.max_buffer):
+            self._cut(sum(len(piece) for piece in pieces))
             return
         stats = self.factory.hub.stats
         stats.frames_out += 1
@@ -383,10 +421,23 @@ class EventStream(MemberBase):
             return
         if last is not None:
             self._send([last])
-        if self._chunked:
-            self._send([])  # the last chunk: an empty one
+        if self.closing:
+            return
+        if not self._body.end(self.factory.limits.max_buffer):
+            self._cut(0)
         self.closing = True
-        self._outbound.lose_connection()
+
+    def _cut(self, size: int) -> None:
+        """
+        ``size`` more bytes would take the reader past ``--max-buffer``:
+        cut it off as a slow consumer.
+        """
+        limit = self.factory.limits.max_buffer
+        cut_slow_consumer(
+            self._log, self, self._body.outbound, size, self.factory.hub.stats, limit, "disconnecting"
+        )
+        self.closing = True
+        self._request.channel.transport.abortConnection()
 
     def shut_down(self) -> None:
         """

@@ -107,7 +107,7 @@ from twisted.python.failure import Failure
 from twisted.logger import Logger
 
 from broadcaster.core.history import DEFAULT_MEMORY, HistoryMemory, RoomHistory, new_epoch
-from broadcaster.core.backplane import Attached
+from broadcaster.core.backplane import Attached, node_entry, this_node
 from broadcaster.core.events import PRESENCE_EVENTS, Event, TextMessage, uncached
 from broadcaster.core.moderation import Expulsion, InvalidExpulsion, parse_expulsion
 from broadcaster.redis.address import RedisAddress
@@ -133,6 +133,7 @@ from broadcaster.redis.scripts import (
     DEREGISTER,
     HEARTBEAT,
     MISSED,
+    NODES,
     POSITION,
     PRESENCE,
     PUBLISH_TEXT,
@@ -924,6 +925,29 @@ class RedisBackplane:
             state["down_for"] = round(self._clock.seconds() - self._down_since, 1)
             state["local_only"] = self._local_only
         return state
+
+    def nodes(self) -> Deferred:
+        """
+        The nodes registered in Redis, each with the clients its members
+        hash lists (those in at least one room) and the seconds since its
+        last heartbeat (taken from what its ``alive`` key has left to live:
+        nodes of one deployment share ``--node-timeout``).  While Redis is
+        unreachable, this node alone, as it knows itself.
+        """
+        if not self.connected:
+            return succeed([this_node(self._hub)])
+
+        def answered(reply) -> List[dict]:
+            nodes = []
+            for i in range(0, len(reply) - 2, 3):
+                node = reply[i].decode("utf-8", "replace")
+                left = int(reply[i + 1])
+                alive = left > 0
+                age = round(max(0.0, self.node_timeout - left / 1000), 1) if alive else None
+                nodes.append(node_entry(node, int(reply[i + 2]), age, node == self.node_id, alive))
+            return sorted(nodes, key=lambda entry: entry["node"])
+
+        return self._eval(NODES, [self._nodes_key], [self._prefix]).addCallback(answered)
 
 
 class RedisBackplaneService(MultiService):

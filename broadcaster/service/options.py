@@ -89,6 +89,13 @@ class Options(usage.Options):
             "Do not serve Prometheus metrics at /metrics.",
         ],
         [
+            "no-admin",
+            None,
+            "Do not serve the operator dashboard at /admin (served by default "
+            "when API keys are configured: they sign operators in; without a "
+            "key it is off).",
+        ],
+        [
             "compression",
             None,
             "Accept permessage-deflate compression (off by default: it costs "

@@ -22,6 +22,7 @@ from treq.client import HTTPClient
 
 from broadcaster import __version__
 from broadcaster.protocols.admission import Admission
+from broadcaster.http.admin import Dashboard
 from broadcaster.http.api import api_resource
 from broadcaster.http.auth import Authenticator
 from broadcaster.http.tokens import JWKS, EitherAuthenticator, TokenAuthenticator
@@ -156,6 +157,8 @@ class BroadcasterService(InOrder):
         ``webhooks`` the sign-in (``--auth-url``, ``--jwt-*``) and
         ``--webhook`` services, or ``None``.
     :ivar metrics: the Prometheus metrics, or ``None`` with ``--no-metrics``.
+    :ivar dashboard: the operator :class:`~broadcaster.http.admin.Dashboard`,
+        or ``None`` (no API key, or ``--no-admin``).
     """
 
     _log = Logger()
@@ -171,6 +174,7 @@ class BroadcasterService(InOrder):
     authenticator = None
     webhooks = None
     metrics = None
+    dashboard = None
 
     def __init__(self, clock, hub: Hub, drain_timeout: float) -> None:
         super().__init__()
@@ -364,6 +368,10 @@ def _clients(
         if keys or tokens is not None
         else None
     )
+    service.dashboard = _dashboard(service._log, options, hub, keys, limits, reactor)
+    if service.dashboard is not None:
+        # Before the listeners: it stops once they no longer accept.
+        service.dashboard.setServiceParent(clients)
     service.web_endpoint = _listen(
         clients,
         options["port"],
@@ -375,6 +383,7 @@ def _clients(
             admission=admission,
             api_body_limit=options["max-message-size"],
             hosts=hosts,
+            admin=service.dashboard.resource if service.dashboard is not None else None,
         ),
         "WebSocket endpoint and chat page",
         reactor,
@@ -426,6 +435,24 @@ def _clients(
         service.line_endpoint = _listen(
             clients, options["line-port"], lines, "Line bridge", reactor, fds.get("line")
         )
+
+
+def _dashboard(log: Logger, options: Options, hub: Hub, keys, limits: Limits, reactor):
+    """
+    The operator dashboard, or ``None``: it needs an API key to sign
+    operators in with, and ``--no-admin`` turns it off.
+    """
+    if options["no-admin"]:
+        log.info("[CONFIG] the operator dashboard (/admin) is off: --no-admin")
+        return None
+    if not keys:
+        log.info(
+            "[CONFIG] the operator dashboard (/admin) is off: it needs an --api-key-file"
+            " to sign operators in"
+        )
+        return None
+    log.info("[CONFIG] the operator dashboard is at /admin, for holders of an API key")
+    return Dashboard(hub, keys, reactor, limits.max_buffer)
 
 
 def _host_policy(log: Logger, options: Options) -> HostPolicy:

@@ -647,3 +647,14 @@ class PositionedTests(HubTestCase):
         complete = self.successResultOf(self.hub.replay(late, "x", self.epoch("x"), 0))
         self.assertTrue(complete)
         self.assertEqual(late.texts(), [("x", "one")])
+
+
+class LocalNodesTests(SynchronousTestCase):
+    def test_one_node(self):
+        """The in-process backplane lists this node alone, with its clients."""
+        hub = Hub(Clock(), node_id="solo")
+        hub.connect(RecordingMember("solo-1"))
+        self.assertEqual(
+            self.successResultOf(hub.backplane.nodes()),
+            [{"node": "solo", "connections": 1, "heartbeat_age": None, "here": True, "alive": True}],
+        )

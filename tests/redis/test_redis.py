@@ -1028,6 +1028,29 @@ class CrossNodeTests(RedisTestCase):
         )
 
     @inlineCallbacks
+    def test_nodes_with_their_clients_and_heartbeats(self):
+        """Each node lists every registered node with its clients in Redis
+        and a heartbeat younger than --node-timeout; while Redis is down,
+        only itself."""
+        yield join_chat(self, self.port_a, "ann")
+        yield join_chat(self, self.port_b, "bob")
+        yield join_chat(self, self.port_b, "cy")
+        listed = yield self.a.hub.backplane.nodes()
+        self.assertEqual(
+            [(n["node"], n["connections"], n["here"], n["alive"]) for n in listed],
+            [("alpha", 1, True, True), ("beta", 2, False, True)],
+        )
+        for node in listed:
+            self.assertTrue(0 <= node["heartbeat_age"] <= self.a.hub.backplane.node_timeout, node)
+        yield self.redis.kill()
+        yield wait_for(lambda: not self.a.hub.backplane.connected, what="alpha to see Redis gone")
+        alone = yield self.a.hub.backplane.nodes()
+        self.assertEqual(
+            alone,
+            [{"node": "alpha", "connections": 1, "heartbeat_age": None, "here": True, "alive": True}],
+        )
+
+    @inlineCallbacks
     def test_unix_socket(self):
         """A node connected through the Unix socket shares the rooms of the TCP ones."""
         c, port_c = yield start_node(
