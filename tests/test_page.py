@@ -17,6 +17,7 @@ environment variable ``CI`` is set: there, a missing browser is a failure.
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import shutil
@@ -159,6 +160,50 @@ return {
   room: item ? item.dataset.room : null,
   outline: style.outlineStyle !== 'none' && parseFloat(style.outlineWidth) >= 1,
 };
+"""
+# The pictures in the log on view: whose, and their size once decoded.
+_READ_PICTURES = """
+return Array.from(document.querySelectorAll('#messages .image'), (entry) => {
+  const picture = entry.querySelector('img');
+  const decoded = picture !== null && picture.complete && picture.naturalWidth > 0;
+  return {
+    from: entry.dataset.from,
+    mine: entry.classList.contains('mine'),
+    size: decoded ? [picture.naturalWidth, picture.naturalHeight] : null,
+  };
+});
+"""
+_READ_UPLOAD = """
+const status = document.getElementById('upload-status');
+const error = document.getElementById('upload-error');
+const progress = document.getElementById('upload-progress');
+const bytes = document.getElementById('upload-bytes');
+return {
+  state: status.dataset.state || null,
+  status: status.textContent,
+  progress: progress.hidden ? null : [progress.value, progress.max],
+  bytes: bytes.hidden ? null : bytes.textContent,
+  error: error.textContent,
+  error_shown: error.getClientRects().length > 0,
+};
+"""
+# Hands the page a file as the browser would for a paste or a drop: the
+# event's DataTransfer holds it.  Says whether the page took it (cancelled
+# the browser's own handling).
+_HAND_OVER = """
+const [how, selector, name, type, encoded] = arguments;
+const bytes = Uint8Array.from(atob(encoded), (c) => c.charCodeAt(0));
+const transfer = new DataTransfer();
+transfer.items.add(new File([bytes], name, {type}));
+const target = document.querySelector(selector);
+const init = {bubbles: true, cancelable: true};
+if (how === 'paste') {
+  target.focus();
+  return !target.dispatchEvent(new ClipboardEvent('paste', {...init, clipboardData: transfer}));
+}
+target.dispatchEvent(new DragEvent('dragenter', {...init, dataTransfer: transfer}));
+const over = !target.dispatchEvent(new DragEvent('dragover', {...init, dataTransfer: transfer}));
+return over && !target.dispatchEvent(new DragEvent('drop', {...init, dataTransfer: transfer}));
 """
 _READ_STATUS = """
 const status = document.getElementById('status');
@@ -570,6 +615,54 @@ class Page:
                 return focus
             seen.append(focus["id"] or focus["room"] or focus["className"])
         raise FailTest("Tab never reached {}; it went through {}".format(what, seen))
+
+    def choose_files(self, *paths: str) -> None:
+        """
+        Choose files in the Image button's file chooser, as the user would in
+        its dialog (which a headless browser never shows).
+        """
+        self.driver.find_element(By.ID, "image-file").send_keys("\n".join(paths))
+
+    def hand_over(self, how: str, selector: str, name: str, mime_type: str, data: bytes) -> bool:
+        """
+        Paste (``how`` is ``paste``) or drop (``drop``) a file on the element
+        ``selector`` finds.
+
+        :return: whether the page took it.
+        """
+        encoded = base64.b64encode(data).decode("ascii")
+        return self.driver.execute_script(_HAND_OVER, how, selector, name, mime_type, encoded)
+
+    def upload(self) -> dict:
+        """
+        :return: ``{state, status, progress, bytes, error, error_shown}``:
+            what is said under the message box about images being shared;
+            ``progress`` is the bar's ``[value, max]``, ``null`` when hidden.
+        """
+        return self.driver.execute_script(_READ_UPLOAD)
+
+    def wait_for_upload(self, condition: Callable[[dict], bool], what: str) -> dict:
+        """
+        Wait until ``condition`` holds of :meth:`upload`.
+
+        :return: what :meth:`upload` said then.
+        """
+
+        def said(driver):
+            upload = self.upload()
+            return upload if condition(upload) else False
+
+        try:
+            return self.wait(said, what)
+        except FailTest as e:
+            raise FailTest("{}\nunder the message box: {}".format(e, self.upload())) from None
+
+    def pictures(self) -> List[dict]:
+        """
+        :return: ``{from, mine, size}`` of each picture in the log on view;
+            ``size`` is ``[width, height]`` once the browser has decoded it.
+        """
+        return self.driver.execute_script(_READ_PICTURES)
 
     def console_errors(self) -> List[str]:
         """
@@ -1535,6 +1628,282 @@ class ImagePageTests(PageTestCase):
             )
 
         return condition
+
+
+def png_file(testcase: TestCase, name: str, data: bytes) -> str:
+    """
+    :return: the path of a new file called ``name`` holding ``data``, in a
+        folder of ``testcase``'s own.
+    """
+    folder = os.path.abspath(testcase.mktemp())
+    os.makedirs(folder)
+    path = os.path.join(folder, name)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+class ImageUploadPageTests(PageTestCase):
+    """
+    Images shared from the page: chosen with its Image button, pasted, or
+    dropped on the conversation; and those it refuses.
+    """
+
+    @inlineCallbacks
+    def another_page(self):
+        """
+        A second browser on the chat page, closed at cleanup.
+
+        :return: a Deferred firing with ``(page, its id)``.
+        """
+        page = yield deferToThread(Page.start)
+        self.addCleanup(deferToThread, page.quit)
+        page_id = yield deferToThread(page.open, self.url)
+        return page, page_id
+
+    @inlineCallbacks
+    def test_chosen_images_reach_everyone(self):
+        """
+        Two PNGs chosen at once with the Image button are shared one after
+        the other: another browser shows both, as pictures of the right
+        size, the sender sees them as its own and "Shared", and an
+        image-port client gets them as the server's normalised PNGs
+        (transparency flattened onto white).
+        """
+        page_id = yield deferToThread(self.page.open, self.url)
+        other, _ = yield self.another_page()
+        camera = yield connect_raw(self, port_of(self.service.image_endpoint), FrameClient)
+        yield wait_for(lambda: len(self.service.hub) == 3, what="both pages and the camera")
+        clear = io.BytesIO()
+        Image.new("RGBA", (31, 17), (255, 0, 0, 0)).save(clear, format="PNG")
+        paths = [
+            png_file(self, "clear.png", clear.getvalue()),
+            png_file(self, "green.png", encoded((20, 40), (10, 200, 30), "PNG")),
+        ]
+
+        yield deferToThread(self.page.choose_files, *paths)
+        upload = yield deferToThread(
+            self.page.wait_for_upload,
+            lambda u: u["state"] == "shared" and "green.png" in u["status"],
+            '"Shared" for the second image',
+        )
+        self.assertEqual(upload["status"], 'Shared "green.png" in #lobby.')
+        self.assertEqual(upload["error"], "")
+        expected = [
+            {"from": page_id, "mine": False, "size": [31, 17]},
+            {"from": page_id, "mine": False, "size": [20, 40]},
+        ]
+        yield deferToThread(
+            other.wait, lambda driver: other.pictures() == expected, "both pictures, decoded"
+        )
+        yield deferToThread(
+            self.page.wait,
+            lambda driver: self.page.pictures() == [dict(p, mine=True) for p in expected],
+            "both pictures, as the sender's own",
+        )
+        for size, colour in [((31, 17), (255, 255, 255)), ((20, 40), (10, 200, 30))]:
+            picture = Image.open(io.BytesIO((yield camera.next())))
+            self.assertEqual((picture.format, picture.mode, picture.size), ("PNG", "RGB", size))
+            self.assertEqual(picture.getpixel((0, 0)), colour)
+        for page in (self.page, other):
+            self.assertEqual((yield deferToThread(page.console_errors)), [])
+
+    @inlineCallbacks
+    def hand_over(self, viewer, page_id, how, selector, size, room):
+        """
+        Paste or drop (``how``) a PNG of ``size`` on ``selector`` in the page,
+        and check that it is shared in ``room``: the JSON client ``viewer``
+        gets it, and the page says "Shared".
+
+        :return: a Deferred firing with the PNG ``viewer`` got.
+        """
+        name = "{}.png".format(how)
+        data = encoded(size, (200, 10, 10), "PNG")
+        took = yield deferToThread(self.page.hand_over, how, selector, name, "image/png", data)
+        self.assertTrue(took, "the page left the {} to the browser".format(how))
+        header = (yield read_until(viewer, of_type("image", room=room)))[-1]
+        self.assertEqual((header["from"], header["width"], header["height"]), (page_id, *size))
+        png, binary = yield viewer.next()
+        self.assertTrue(binary)
+        self.assertEqual(Image.open(io.BytesIO(png)).size, size)
+        shared = 'Shared "{}" in #{}.'.format(name, room)
+        yield deferToThread(self.page.wait_for_upload, lambda u: u["status"] == shared, shared)
+        return png
+
+    @inlineCallbacks
+    def test_pasted_and_dropped_images_go_to_the_room_on_view(self):
+        """
+        A PNG dropped on the conversation is shared in the room on view, and
+        one pasted into the message box in the lobby once that is on view;
+        the image-port client gets only the lobby's.
+        """
+        bob, _ = yield self.json_client("bob", ["dev"])
+        camera = yield connect_raw(self, port_of(self.service.image_endpoint), FrameClient)
+        page_id = yield deferToThread(self.page.open, self.url)
+        yield deferToThread(self.page.join_room, "dev")
+        yield deferToThread(self.page.wait_for_room, "dev")
+
+        yield self.hand_over(bob, page_id, "drop", "#messages", (12, 34), "dev")
+        yield deferToThread(self.page.select_room, "lobby")
+        png = yield self.hand_over(bob, page_id, "paste", "#text", (56, 7), "lobby")
+        self.assertEqual((yield camera.next()), png)
+        yield deferToThread(
+            self.page.wait,
+            lambda driver: self.page.pictures() == [
+                {"from": page_id, "mine": True, "size": [56, 7]}
+            ],
+            "the pasted picture in the lobby",
+        )
+
+    def stalled(self, page_id):
+        """
+        Have the server read nothing more from the page until the returned
+        transport's ``resumeProducing``.
+        """
+        transport = self.service.hub.member(page_id).transport
+        transport.pauseProducing()
+        self.addCleanup(lambda: transport.connected and transport.resumeProducing())
+        return transport
+
+    def noise_file(self) -> str:
+        """
+        :return: the path of a PNG larger than loopback's socket buffers
+            take (a few MB), and than their own --max-message-size.
+        """
+        side = 2000
+        noise = Image.frombytes("RGB", (side, side), os.urandom(side * side * 3))
+        picture = io.BytesIO()
+        noise.save(picture, format="PNG", compress_level=0)
+        self.assertGreater(len(picture.getvalue()), 10 * 1000 * 1000)
+        return png_file(self, "noise.png", picture.getvalue())
+
+    @inlineCallbacks
+    def wait_for_part_sent(self, waiting=""):
+        """
+        Wait until the page shows its image as part sent.
+
+        :return: a Deferred firing with what is said under the message box.
+        """
+        upload = yield deferToThread(
+            self.page.wait_for_upload,
+            lambda u: u["state"] == "sending" and u["progress"] and u["progress"][0] > 0,
+            "part of the image sent",
+        )
+        self.assertEqual(upload["status"], 'Sending "noise.png" to #lobby…' + waiting)
+        return upload
+
+    @inlineCallbacks
+    def test_progress_while_the_bytes_leave(self):
+        """
+        While the server reads nothing from the page, an image too large for
+        the sockets' buffers shows as under way, part sent; once the server
+        reads again it is shared.
+        """
+        page_id = yield deferToThread(self.page.open, self.url)
+        path = self.noise_file()
+        transport = self.stalled(page_id)
+        yield deferToThread(self.page.choose_files, path)
+        upload = yield self.wait_for_part_sent()
+        sent, total = upload["progress"]
+        self.assertLess(sent, total)
+        self.assertTrue(upload["bytes"].endswith(" MB of {:.1f} MB".format(total / 1e6)), upload)
+        transport.resumeProducing()
+        yield deferToThread(
+            self.page.wait_for_upload,
+            lambda u: u["status"] == 'Shared "noise.png" in #lobby.',
+            "the image shared",
+        )
+
+    @inlineCallbacks
+    def test_a_lost_connection_fails_the_images(self):
+        """
+        The connection lost while an image is being sent: that image and
+        the one waiting behind it are said not to be shared, and once the
+        page has reconnected an image is shared again.
+        """
+        page_id = yield deferToThread(self.page.open, self.url)
+        paths = [self.noise_file(), png_file(self, "small.png", encoded((5, 5), (0, 0, 0), "PNG"))]
+        transport = self.stalled(page_id)
+        yield deferToThread(self.page.choose_files, *paths)
+        yield self.wait_for_part_sent(" (1 more waiting)")
+        transport.abortConnection()
+        upload = yield deferToThread(self.page.wait_for_upload, lambda u: u["error"], "failures")
+        self.assertEqual(
+            upload["error"],
+            'Could not share "noise.png": the connection was lost.'
+            ' Could not share "small.png": the connection was lost.',
+        )
+        self.assertEqual((upload["state"], upload["status"], upload["progress"]), (None, "", None))
+        yield deferToThread(self.page.wait_connected, page_id)
+        yield deferToThread(self.page.choose_files, paths[1])
+        upload = yield deferToThread(
+            self.page.wait_for_upload, lambda u: u["state"] == "shared", "the image shared"
+        )
+        self.assertEqual(upload["error"], "")
+
+    @server_args("--max-image-size", "2000")
+    @inlineCallbacks
+    def test_refusals_leave_the_page_connected(self):
+        """
+        A file that is not an image, and an image larger than
+        --max-image-size, are refused with a visible reason before a byte is
+        sent; one the server cannot read is refused with the server's
+        reason.  The page stays connected all along, and nothing reaches
+        the room.
+        """
+        bob, _ = yield self.json_client("bob")
+        page_id = yield deferToThread(self.page.open, self.url)
+
+        notes = png_file(self, "notes.txt", b"not a picture at all")
+        yield deferToThread(self.page.choose_files, notes)
+        upload = yield deferToThread(
+            self.page.wait_for_upload, lambda u: u["error"], "the text file refused"
+        )
+        self.assertEqual(upload["error"], '"notes.txt" is not an image.')
+        self.assertTrue(upload["error_shown"])
+
+        big = encoded((60, 60), (0, 0, 0), "BMP")
+        self.assertGreater(len(big), 2000)
+        yield deferToThread(self.page.choose_files, png_file(self, "big.bmp", big))
+        upload = yield deferToThread(
+            self.page.wait_for_upload, lambda u: "big.bmp" in u["error"], "the large image refused"
+        )
+        too_large = '"big.bmp" is too large to share: {:.1f} kB, and the server takes at most {}.'
+        self.assertEqual(upload["error"], too_large.format(len(big) / 1000, "2.0 kB"))
+        self.assertEqual(upload["state"], None)
+
+        fake = png_file(self, "fake.png", b"\x89PNG but not really")
+        yield deferToThread(self.page.choose_files, fake)
+        upload = yield deferToThread(
+            self.page.wait_for_upload, lambda u: "fake.png" in u["error"], "the server's refusal"
+        )
+        self.assertTrue(
+            upload["error"].startswith('Could not share "fake.png": unsupported image format'),
+            upload["error"],
+        )
+        self.assertTrue(upload["error_shown"])
+
+        self.assertEqual((yield deferToThread(self.page.status))["id"], page_id)
+        yield deferToThread(self.page.send_text, "still here")
+        heard = yield read_until(bob, of_type("message", text="still here"))
+        self.assertEqual([e for e in heard if e["type"] in ("image", "binary")], [])
+        self.assertEqual((yield deferToThread(self.page.pictures)), [])
+        self.assertEqual((yield deferToThread(self.page.console_errors)), [])
+
+    @inlineCallbacks
+    def test_image_button_by_keyboard(self):
+        """The Image button is reached with Tab from the message box, with a
+        focus ring, and says what else shares an image."""
+        yield deferToThread(self.page.open, self.url)
+        yield deferToThread(self.page.tab_to, lambda f: f["id"] == "text", "the message box")
+        focus = yield deferToThread(
+            self.page.tab_to, lambda f: f["id"] == "image-button", "the Image button", True
+        )
+        self.assertTrue(focus["outline"], "no focus ring on the Image button")
+        title = yield deferToThread(
+            lambda: self.page.driver.find_element(By.ID, "image-button").get_attribute("title")
+        )
+        self.assertIn("paste", title)
 
 
 class BigLobbyPageTests(PageTestCase):

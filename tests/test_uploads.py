@@ -59,6 +59,13 @@ class UploadTests(TestCase):
         return header, payload
 
     @inlineCallbacks
+    def test_the_welcome_tells_the_limit(self):
+        """The welcome's limits carry --max-image-size, so that a client can
+        refuse a larger image before sending a byte of it."""
+        _, welcome = yield join_chat(self, self.port, "ann")
+        self.assertEqual(welcome["limits"]["max_image_size"], 1000000)
+
+    @inlineCallbacks
     def test_an_upload_reaches_browsers_and_the_image_port(self):
         """An image larger than --max-message-size, announced and sent,
         reaches another JSON client (the image event, then the PNG) and an

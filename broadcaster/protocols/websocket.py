@@ -1186,6 +1186,7 @@ class BroadcastServerFactory(LeanWebSocketServerFactory):
             "burst": limits.burst,
             "members_page": MEMBERS_PAGE,
             "history_reply_size": self.history_reply_size,
+            "max_image_size": limits.max_image_size,
         }
         #: Log per-message lines (sizes only).  Checked before formatting an
         #: event at all, since this is on the fan-out's hot path.

@@ -13,12 +13,15 @@
  *                    presence {room, members, count, next, cursor, epoch, seq}
  *                        the answer to every join, and to who
  *                    ack {ref, room, seq, epoch}            a message of ours was numbered
+ *                    ack {ref, room, image}                 an image of ours was shared
  *                    history {room, messages, more}         earlier messages, oldest first
  *                    recovered {room, complete}             a replay is over
  *                    error {reason, ref?}
  *   page -> server   message {room, text, ref}, join {room, since?, ref},
  *                    leave {room}, hello {name, ref}, who {room, cursor},
  *                    history {room, limit, before?, ref}
+ *                    image {size, room, ref}
+ *                        followed at once by one binary message: the image
  *
  * Members.  A room's welcome or presence lists its first members (a page)
  * and how many there are; "Show more" asks for the next page with who and
@@ -63,6 +66,21 @@
  * so it is never shown, whatever it looks like; the log says who sent how
  * many bytes and offers them for download (application/octet-stream).
  *
+ * Sharing pictures.  The Image button (a file chooser), pasting, or
+ * dropping files on the conversation shares images in the room on view.
+ * Each file is checked first, against the welcome's max_image_size and
+ * for an image/* type, so that one the server would refuse is refused at
+ * once without a byte sent.  One image is under way at a time; the others
+ * chosen with it wait their turn (at most MAX_WAITING_UPLOADS).  Its bytes
+ * are read, then announced (image, with their size) and sent in the same
+ * task, so that no other message can come between the two.  While they
+ * leave the page, socket.bufferedAmount says how many have not: the
+ * status under the message box shows the rest as sent.  The server then
+ * checks and re-encodes the image and shares it, the sender included,
+ * like any other image event, and answers with an ack ("Shared") or an
+ * error whose reason starts "image: ", shown under the message box.  A
+ * dropped connection fails the image under way and those waiting.
+ *
  * Unread.  Messages from others in a room not on view count in its badge
  * and in the tab's title, "(3) broadcaster"; showing the room clears them.
  * History never counts, and neither do our own messages.
@@ -73,9 +91,9 @@
  *
  * Keyboard.  Every control is a button or a form field, in document order:
  * the rooms, the join box, the people, the name, the log (which scrolls
- * with the arrow keys), the message box.  In the room list the arrow keys,
- * Home and End move between rooms; anywhere, Alt+ArrowUp and
- * Alt+ArrowDown show the previous and next room.
+ * with the arrow keys), the Image button, the message box.  In the room
+ * list the arrow keys, Home and End move between rooms; anywhere,
+ * Alt+ArrowUp and Alt+ArrowDown show the previous and next room.
  *
  * Own messages are shown as pending until their echo (a room's messages go
  * to all its members, the sender included) replaces them: what is on
@@ -119,6 +137,14 @@
   // uses the same number.
   const SMALL_SCREEN = window.matchMedia('(max-width: 640px)');
 
+  // Images chosen (or dropped) together wait their turn, at most this many,
+  // so that a folder dropped by mistake is not sent whole.
+  const MAX_WAITING_UPLOADS = 10;
+  // How often the bytes of an image on its way are counted again.
+  const UPLOAD_POLL_MS = 100;
+  // How long "Shared ..." stays under the message box.
+  const UPLOAD_DONE_SHOWN_MS = 10000;
+
   // Sender colours: a few classes in chat.css (inline styles are forbidden by
   // the page's Content-Security-Policy).
   const SENDER_COLOURS = 8;
@@ -135,6 +161,7 @@
     max_message_size: 64 * 1024,
     max_name_length: 32,
     max_rooms_per_client: 100,
+    max_image_size: 16 * 1024 * 1024,
   };
 
   const STORED_NAME = 'broadcaster.name';
@@ -161,6 +188,13 @@
   const textEl = document.getElementById('text');
   const sendEl = document.getElementById('send');
   const composeErrorEl = document.getElementById('compose-error');
+  const imageButtonEl = document.getElementById('image-button');
+  const imageFileEl = document.getElementById('image-file');
+  const uploadStatusEl = document.getElementById('upload-status');
+  const uploadProgressEl = document.getElementById('upload-progress');
+  const uploadBytesEl = document.getElementById('upload-bytes');
+  const uploadErrorEl = document.getElementById('upload-error');
+  const sidebarEl = document.getElementById('sidebar');
   const baseTitle = document.title;
 
   /** The current socket; events from an older, replaced one are ignored. */
@@ -193,7 +227,10 @@
 
   /** Our messages awaiting their echo: ref -> {room, text, entry, connection}. */
   const pending = new Map();
-  /** Other requests awaiting an answer: ref -> {kind: 'join' | 'hello' | 'history', ...}. */
+  /**
+   * Other requests awaiting an answer: ref -> {kind: 'join' | 'hello' |
+   * 'history' | 'image', ...}.
+   */
   const requests = new Map();
   /**
    * History requests awaiting their reply, per room name, in the order
@@ -203,6 +240,18 @@
    */
   const historyAsked = new Map();
   let refCounter = 0;
+
+  /** Images chosen and not yet under way, oldest first: {file, room}. */
+  const uploadQueue = [];
+  /**
+   * The image under way, or null: {file, room, ref, size, sent, socket,
+   * stage: 'reading' | 'sending' | 'checking'}.
+   */
+  let upload = null;
+  /** Counts its bytes while they leave the page (setInterval). */
+  let uploadTimer = null;
+  /** Takes "Shared ..." away again (setTimeout). */
+  let uploadDoneTimer = null;
 
   let backoffMs = BACKOFF_MIN_MS;
   let reconnectTimer = null;
@@ -1269,6 +1318,7 @@
     if (!isConnected && document.activeElement === textEl) hadFocus = true;
     textEl.disabled = !isConnected;
     sendEl.disabled = !isConnected;
+    imageButtonEl.disabled = !isConnected;
     if (isConnected && hadFocus) {
       hadFocus = false;
       textEl.focus();
@@ -1407,6 +1457,11 @@
   }
 
   function onAck(event) {
+    const request = requests.get(event.ref);
+    if (request && request.kind === 'image') {
+      finishUpload(request.upload, null);
+      return;
+    }
     const message = pending.get(event.ref);
     if (!message) return;
     // The echo comes before the ack; if it did not settle this one (it
@@ -1427,6 +1482,10 @@
     if (request) requests.delete(ref);
     if (request && request.kind === 'history') {
       historyFailed(request, reason);
+      return;
+    }
+    if (request && request.kind === 'image') {
+      finishUpload(request.upload, reason.replace(/^image: /, ''));
       return;
     }
     if (request && request.kind === 'join') {
@@ -1594,6 +1653,8 @@
     if (!opened) failedAttempts += 1;
     myId = null;
     pendingBinary = null;
+    // The image under way, if any, and then each waiting one.
+    if (upload !== null) finishUpload(upload, 'the connection was lost');
     requests.clear();
     // Unanswered history is asked again if still wanted (firstHistory).
     historyAsked.clear();
@@ -1735,6 +1796,265 @@
   displayNameEl.addEventListener('input', () => {
     nameErrorEl.textContent = '';
     displayNameEl.removeAttribute('aria-invalid');
+  });
+
+  // ---------------------------------------------------------------- images
+
+  /** A size for people: "812 bytes", "45.3 kB", "2.1 MB". */
+  function byteSize(bytes) {
+    if (bytes < 1000) return `${bytes} byte${bytes === 1 ? '' : 's'}`;
+    if (bytes < 1e6) return `${(bytes / 1e3).toFixed(1)} kB`;
+    return `${(bytes / 1e6).toFixed(1)} MB`;
+  }
+
+  /** What to call a file: its name, quoted (a pasted image is "image.png"). */
+  function fileLabel(file) {
+    return file.name ? `"${file.name}"` : 'the image';
+  }
+
+  /** Why `file` may not be shared, or null: checked before a byte is sent. */
+  function imageProblem(file) {
+    const name = fileLabel(file);
+    // The server decides which image formats it takes, and says so.
+    if (!file.type.startsWith('image/')) return `${name} is not an image.`;
+    if (file.size === 0) return `${name} is empty.`;
+    const limit = limits.max_image_size;
+    if (Number.isInteger(limit) && file.size > limit) {
+      let [size, most] = [byteSize(file.size), byteSize(limit)];
+      // Rounded alike, they would not show why.
+      if (size === most) [size, most] = [`${file.size} bytes`, `${limit} bytes`];
+      return `${name} is too large to share: ${size}, and the server takes at most ${most}.`;
+    }
+    return null;
+  }
+
+  /**
+   * Share `files` (chosen, pasted or dropped) in the room on view, one
+   * after the other.  Those that may not be are refused at once, saying why.
+   */
+  function shareImages(files) {
+    uploadErrorEl.textContent = '';
+    const room = rooms.get(activeRoom);
+    let problem = null;
+    if (!connected()) {
+      problem = 'Not connected: images can be shared once the page has reconnected.';
+    } else if (room.state !== 'joined') {
+      problem = `Not in #${room.name} yet: images can be shared once it is joined.`;
+    }
+    if (problem !== null) {
+      uploadErrorEl.textContent = problem;
+      return;
+    }
+    const problems = [];
+    for (const file of files) {
+      let refused = imageProblem(file);
+      if (refused === null && uploadQueue.length >= MAX_WAITING_UPLOADS) {
+        refused = `${fileLabel(file)} was not shared: ` +
+          `${MAX_WAITING_UPLOADS} images are already waiting their turn.`;
+      }
+      if (refused === null) {
+        uploadQueue.push({ file, room: room.name });
+      } else {
+        problems.push(refused);
+      }
+    }
+    uploadErrorEl.textContent = problems.join(' ');
+    nextUpload();
+  }
+
+  /** Start on the next image waiting, unless one is under way. */
+  function nextUpload() {
+    while (upload === null && uploadQueue.length) {
+      const { file, room } = uploadQueue.shift();
+      const problem = uploadRoomProblem(room);
+      if (problem === null) {
+        startUpload(file, room);
+      } else {
+        uploadFailed(file, problem);
+      }
+    }
+    renderUpload();
+  }
+
+  /** Why an image may not be sent to `roomName` now, or null. */
+  function uploadRoomProblem(roomName) {
+    if (!connected()) return 'the connection was lost';
+    const room = rooms.get(roomName);
+    if (!room) return `you left #${roomName}`;
+    if (room.state !== 'joined') return `not in #${roomName}`;
+    return null;
+  }
+
+  function startUpload(file, room) {
+    const current = {
+      file, room, ref: nextRef('i'), size: file.size, sent: 0, socket: null, stage: 'reading',
+    };
+    upload = current;
+    file.arrayBuffer().then(
+      (buffer) => sendUpload(current, buffer),
+      () => finishUpload(current, 'the file could not be read'),
+    );
+  }
+
+  /** The image is read: announce it, and send its bytes right behind. */
+  function sendUpload(current, buffer) {
+    // Given up meanwhile: the connection dropped.
+    if (upload !== current) return;
+    current.size = buffer.byteLength;
+    const problem = uploadRoomProblem(current.room) || (
+      current.size > limits.max_image_size ? 'it is larger than the server takes' : null);
+    if (problem !== null) {
+      finishUpload(current, problem);
+      return;
+    }
+    current.socket = socket;
+    current.stage = 'sending';
+    requests.set(current.ref, { kind: 'image', upload: current });
+    // In the same task: no other message of ours can come in between, which
+    // would make the server give the image up.
+    send({ type: 'image', size: current.size, room: current.room, ref: current.ref });
+    socket.send(buffer);
+    uploadTimer = setInterval(() => countSent(current), UPLOAD_POLL_MS);
+    renderUpload();
+  }
+
+  /**
+   * Count the bytes that have left the page: bufferedAmount is what the
+   * socket still holds (ours, and whatever was sent behind them).
+   */
+  function countSent(current) {
+    if (upload !== current) return;
+    const waiting = current.socket.bufferedAmount;
+    current.sent = Math.max(0, current.size - waiting);
+    if (waiting === 0) {
+      current.sent = current.size;
+      current.stage = 'checking';
+      clearInterval(uploadTimer);
+      uploadTimer = null;
+    }
+    renderUpload();
+  }
+
+  /**
+   * The image under way was shared (`problem` null) or not: say so, and
+   * go on with the next.
+   */
+  function finishUpload(current, problem) {
+    if (upload !== current) return;
+    upload = null;
+    clearInterval(uploadTimer);
+    uploadTimer = null;
+    requests.delete(current.ref);
+    if (problem === null) {
+      uploadStatusEl.dataset.state = 'shared';
+      uploadStatusEl.textContent = `Shared ${fileLabel(current.file)} in #${current.room}.`;
+      clearTimeout(uploadDoneTimer);
+      uploadDoneTimer = setTimeout(() => {
+        if (upload === null && uploadStatusEl.dataset.state === 'shared') {
+          uploadStatusEl.textContent = '';
+          delete uploadStatusEl.dataset.state;
+        }
+      }, UPLOAD_DONE_SHOWN_MS);
+    } else {
+      uploadFailed(current.file, problem);
+    }
+    nextUpload();
+  }
+
+  /** Say under the message box why `file` was not shared (after any earlier such news). */
+  function uploadFailed(file, problem) {
+    const said = uploadErrorEl.textContent;
+    // The server's reasons may end with a full stop, or not.
+    const stop = /[.!?]$/.test(problem) ? '' : '.';
+    uploadErrorEl.textContent =
+      `${said ? `${said} ` : ''}Could not share ${fileLabel(file)}: ${problem}${stop}`;
+    if (upload === null && uploadQueue.length === 0) {
+      uploadStatusEl.textContent = '';
+      delete uploadStatusEl.dataset.state;
+    }
+  }
+
+  /** The status under the message box, for the image under way. */
+  function renderUpload() {
+    const current = upload;
+    uploadProgressEl.hidden = current === null;
+    uploadBytesEl.hidden = current === null;
+    if (current === null) return;
+    clearTimeout(uploadDoneTimer);
+    const name = fileLabel(current.file);
+    const more = uploadQueue.length ? ` (${uploadQueue.length} more waiting)` : '';
+    let text;
+    if (current.stage === 'reading') {
+      text = `Reading ${name}…`;
+      uploadProgressEl.removeAttribute('value');
+    } else {
+      text = current.stage === 'sending'
+        ? `Sending ${name} to #${current.room}…`
+        : `Sent ${name}; the server is checking it…`;
+      uploadProgressEl.max = Math.max(1, current.size);
+      uploadProgressEl.value = current.sent;
+    }
+    uploadBytesEl.textContent = `${byteSize(current.sent)} of ${byteSize(current.size)}`;
+    // Changed only with the stage: the live region is not read out per byte.
+    if (uploadStatusEl.textContent !== text + more) uploadStatusEl.textContent = text + more;
+    uploadStatusEl.dataset.state = current.stage;
+  }
+
+  imageButtonEl.addEventListener('click', () => imageFileEl.click());
+
+  imageFileEl.addEventListener('change', () => {
+    const files = [...imageFileEl.files];
+    // Emptied, so that choosing the same file again is a change too.
+    imageFileEl.value = '';
+    if (files.length) shareImages(files);
+  });
+
+  /** Whether a drag carries files (not text, nor a link from another page). */
+  function carriesFiles(drag) {
+    return drag.dataTransfer !== null && [...drag.dataTransfer.types].includes('Files');
+  }
+
+  chatEl.addEventListener('dragover', (drag) => {
+    if (!carriesFiles(drag)) return;
+    // Cancelled, the drag may end in a drop here.
+    drag.preventDefault();
+    drag.dataTransfer.dropEffect = 'copy';
+    chatEl.classList.add('drop-target');
+  });
+
+  chatEl.addEventListener('dragleave', (drag) => {
+    if (!chatEl.contains(drag.relatedTarget)) chatEl.classList.remove('drop-target');
+  });
+
+  chatEl.addEventListener('drop', (drop) => {
+    chatEl.classList.remove('drop-target');
+    if (!carriesFiles(drop)) return;
+    drop.preventDefault();
+    shareImages([...drop.dataTransfer.files]);
+  });
+
+  // A file dropped beside the conversation would make the browser leave
+  // the page for it: that is no place to drop one.
+  document.addEventListener('dragover', (drag) => {
+    if (!carriesFiles(drag) || chatEl.contains(drag.target)) return;
+    drag.preventDefault();
+    drag.dataTransfer.dropEffect = 'none';
+  });
+
+  document.addEventListener('drop', (drop) => {
+    if (carriesFiles(drop)) drop.preventDefault();
+  });
+
+  document.addEventListener('paste', (paste) => {
+    const data = paste.clipboardData;
+    const files = data ? [...data.files] : [];
+    // Pasted in the room or name box, it was not meant for the room.
+    if (files.length === 0 || sidebarEl.contains(paste.target)) return;
+    // Office programs copy text along with a picture of it: pasted in the
+    // message box, the text is what was meant.
+    if (paste.target === textEl && data.types.includes('text/plain')) return;
+    paste.preventDefault();
+    shareImages(files);
   });
 
   // ---------------------------------------------- small screens, keyboard
