@@ -210,3 +210,41 @@ class RefusedUploadTests(TestCase):
         self.assertIn("at most 65536 bytes", errors[-1]["reason"])
         self.assertIn("img", [e.get("ref") for e in errors if e["type"] == "error"])
         yield self.honest_hears_only("after the big text")
+
+
+class RateLimitedUploadTests(TestCase):
+    """An image request dropped by the rate limit: its bytes are dropped
+    too, never broadcast, and the connection stays."""
+
+    @inlineCallbacks
+    def test_the_bytes_of_a_rate_limited_image_are_discarded(self):
+        service, port = yield start_server(
+            self, ["--rate", "1000", "--burst", "2", "--max-image-size", "1000000"]
+        )
+        honest, _ = yield join_chat(self, port, "honest")
+        ann, _ = yield join_chat(self, port, "ann")
+        photo = noisy_png(30, 30)
+        # Three in one read: the third, the image request, is over the burst.
+        ann.send_json({"type": "message", "text": "one"})
+        ann.send_json({"type": "message", "text": "two"})
+        ann.send_json({"type": "image", "size": len(photo), "ref": "img"})
+        error = (yield read_until(ann, of_type("error", ref="img")))[-1]
+        self.assertIn("rate limit exceeded", error["reason"])
+        # A round trip later the limit lets a message through again: the
+        # photo, which must still not be taken for a binary message.
+        ann.sendMessage(photo, isBinary=True)
+        self.assertFalse(ann.closed.called)
+        # Another member's message comes next: nothing of the photo reached
+        # the honest member before it, no binary and no image.
+        bob, _ = yield join_chat(self, port, "bob")
+        bob.send_json({"type": "message", "text": "marker"})
+        seen = []
+        while not seen or seen[-1] != ("message", "marker"):
+            payload, binary = yield honest.next()
+            self.assertFalse(binary, "a binary message reached the lobby")
+            event = json.loads(payload)
+            seen.append((event["type"], event.get("text")))
+        self.assertEqual(
+            [s for s in seen if s[0] != "join"],
+            [("message", "one"), ("message", "two"), ("message", "marker")],
+        )

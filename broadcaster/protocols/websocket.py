@@ -564,13 +564,19 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
                 burst=limits.burst,
             )
         if self.codec is _JSON:
-            self._reply(
-                _JSON.error(
-                    "rate limit exceeded: at most {:g} messages per second (bursts of {});"
-                    " message dropped".format(limits.rate, limits.burst),
-                    self._ref_of(payload),
-                )
+            request = self._request_of(payload)
+            reason = (
+                "rate limit exceeded: at most {:g} messages per second (bursts of {});"
+                " message dropped".format(limits.rate, limits.burst)
             )
+            if request.get("type") == "image":
+                # Its bytes may follow: discarded too, never broadcast.
+                size = request.get("size")
+                if not isinstance(size, int):
+                    size = self.factory.limits.max_image_size
+                self._expect_image(LOBBY, size, request.get("ref"), reason)
+            else:
+                self._reply(_JSON.error(reason, request.get("ref")))
 
     def _parse_request(self, payload: bytes) -> dict:
         """
@@ -581,14 +587,17 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
         factory = self.factory
         return parse_client_message(payload, factory.max_name_length, factory.hub.history_size)
 
-    def _ref_of(self, payload: Optional[bytes]):
-        """The ``ref`` of a JSON request, or ``None`` (binary, or no valid ref)."""
+    def _request_of(self, payload: Optional[bytes]) -> dict:
+        """
+        What is known of a JSON request: its ``type`` (if valid) and
+        ``ref`` (``None`` if it had no valid one, or it was binary).
+        """
         if payload is None:
-            return None
+            return {}
         try:
-            return self._parse_request(payload)["ref"]
+            return self._parse_request(payload)
         except BadRequest as e:
-            return e.ref
+            return {"type": e.kind, "ref": e.ref}
 
     # Keepalive (see broadcaster.protocols.keepalive): a peer that vanished without a
     # FIN (dead Wi-Fi, a phone that went to sleep) is only noticed by asking
