@@ -369,6 +369,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "elapsed_s": round(time.monotonic() - started, 1),
     }
     report.write_json(args.json_out, document)
+    from bench import charts
+
+    why_not = charts.available()
+    if why_not is None:
+        drawn = charts.write_charts(document, args.json_out.parent)
+        chart_note = "charts: {}".format(", ".join(str(path) for path in drawn))
+    else:
+        chart_note = "charts: " + why_not
 
     print()
     print(report.format_table(rows, unavailable))
@@ -376,6 +384,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(line)
     print()
     print("results: {}".format(args.json_out))
+    print(chart_note)
     if ok and not keep_logs:
         shutil.rmtree(log_dir, ignore_errors=True)
     else:

@@ -90,6 +90,13 @@ class BenchSmokeTests(TestCase):
             self.assertEqual(check[error], 0, error)
         self.assertTrue(check["complete"])
         self.assertIn("deliveries/s", out)
+        # A chart per scenario beside the results (matplotlib is a test extra).
+        chart = os.path.join(os.path.dirname(results), "S1.svg")
+        with open(chart) as f:
+            svg = f.read()
+        self.assertIn("<svg", svg)
+        self.assertIn("broadcaster", svg)
+        self.assertIn("charts: " + chart, out)
         # The floor no server can beat is measured beside the figures.
         floor = document["floor"]
         self.assertEqual(floor["connections"], document["settings"]["s2_subscribers"])
