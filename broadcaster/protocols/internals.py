@@ -19,6 +19,12 @@ What is relied on, and why:
   permessage-deflate context (to frame compressed replies of any size),
   ``sendCloseFrame`` (for 1001 and 1008) and ``_closeConnection`` (to
   close after what is queued).
+- ``autobahn.websocket.protocol.pformat``: Autobahn pretty-prints its
+  ninety options for a debug log line on every connection, whether or not
+  anything logs at debug level (0.7 ms per connection, most of what
+  opening one cost: ``python -m bench --scenarios S3``).  The name is
+  rebound to :class:`LazyFormat`, which pretty-prints only if the line is
+  ever formatted.
 - The size limits Autobahn reads from the protocol on every frame
   (``maxFramePayloadSize``, ``maxMessagePayloadSize``) and the
   permessage-deflate context's ``max_message_size``: raised for the one
@@ -39,7 +45,10 @@ import inspect
 from collections import deque
 from typing import Dict, List, Optional
 
+from pprint import pformat
+
 import autobahn
+import autobahn.websocket.protocol as _autobahn_protocol
 import twisted
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.compress import PerMessageDeflate
@@ -339,6 +348,25 @@ def fan_out(engine, batch, members: List, index: int, occupants: Dict, deadline)
     return index
 
 
+class LazyFormat:
+    """
+    ``pformat(value)``, computed when (and if) it is shown.
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value) -> None:
+        self._value = value
+
+    def __str__(self) -> str:
+        return pformat(self._value)
+
+    __repr__ = __str__
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+
 def _major(version: str) -> int:
     return int(version.split(".", 1)[0])
 
@@ -384,6 +412,8 @@ def check() -> None:
     for name in ("maxFramePayloadSize", "maxMessagePayloadSize"):
         if name not in getattr(WebSocketServerProtocol, "CONFIG_ATTRS", ()):
             problems.append("autobahn no longer reads the option {}".format(name))
+    if getattr(_autobahn_protocol, "pformat", None) not in (pformat, LazyFormat):
+        problems.append("autobahn.websocket.protocol no longer uses pprint's pformat")
     if problems:
         raise InternalsChanged(
             "broadcaster relies on internals that this Twisted/Autobahn no longer have"
@@ -392,3 +422,5 @@ def check() -> None:
 
 
 check()
+# Only once its internals are known to be there.
+_autobahn_protocol.pformat = LazyFormat

@@ -43,6 +43,22 @@ class CheckTests(SynchronousTestCase):
         error = self.assertRaises(internals.InternalsChanged, internals.check)
         self.assertIn("WebSocketServerProtocol has no sendCloseFrame", str(error))
 
+    def test_autobahn_without_pformat_fails_loudly(self):
+        import autobahn.websocket.protocol as autobahn_protocol
+
+        self.patch(autobahn_protocol, "pformat", lambda value: repr(value))
+        error = self.assertRaises(internals.InternalsChanged, internals.check)
+        self.assertIn("no longer uses pprint's pformat", str(error))
+
+    def test_options_are_pretty_printed_only_if_shown(self):
+        """Autobahn's per-connection debug line costs nothing unless shown."""
+        calls = []
+        self.patch(internals, "pformat", lambda value: calls.append(value) or "shown")
+        lazy = internals.LazyFormat([("maxFramePayloadSize", 65536)])
+        self.assertEqual(calls, [])
+        self.assertEqual("{}".format(lazy), "shown")
+        self.assertEqual(len(calls), 1)
+
     def test_an_untested_major_version_fails_loudly(self):
         """A Twisted major version outside the tested range is refused by name."""
         self.patch(internals, "TESTED", dict(internals.TESTED, twisted=(1, 2)))
