@@ -151,6 +151,9 @@ STABLE = 10.0
 #: default (``--ping-interval``), so a live one is never pinged.
 KEEPALIVE = 30.0
 
+#: Events kept for iteration at most (see ``max_pending``).
+MAX_PENDING = 10000
+
 # Reads never get a zero timeout: websocket-client would then put the
 # socket in non-blocking mode, which it does not handle.
 _SHORTEST_WAIT = 0.001
@@ -299,11 +302,16 @@ class Client:
     :param backoff: the waits between reconnects.
     :param keepalive: seconds of silence from the server after which it
         is pinged, and then taken for gone.
+    :param max_pending: events kept for iteration while the caller does
+        something else (they arrive while a request awaits its answer);
+        beyond it the oldest are dropped, counted in :attr:`dropped`, so a
+        script that only sends does not keep everyone's messages for ever.
 
     :ivar id: the connection's id (it changes on every reconnect).
     :ivar user: the user the server signed us in as, or ``None``.
     :ivar limits: the ``limits`` of the last ``welcome``.
     :ivar welcome: the last ``welcome`` itself.
+    :ivar dropped: events dropped because more than ``max_pending`` waited.
     """
 
     def __init__(
@@ -316,6 +324,7 @@ class Client:
         reconnect: bool = True,
         backoff: Optional[Backoff] = None,
         keepalive: float = KEEPALIVE,
+        max_pending: int = MAX_PENDING,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("ws", "wss"):
@@ -336,7 +345,8 @@ class Client:
         # When the server was last heard from, and whether it was pinged since.
         self._heard_at = 0.0
         self._pinged = False
-        self._pending: Deque[Event] = deque()
+        self._pending: Deque[Event] = deque(maxlen=max_pending)
+        self.dropped = 0
         # The header of a binary or image event, until its bytes come.
         self._header: Optional[Dict[str, Any]] = None
         self._refs = 0
@@ -544,7 +554,15 @@ class Client:
                     raise RequestRefused(str(event.get("reason")), ref, what)
                 if answer(event, ref):
                     return event
-            self._pending.append(event)
+            self._keep(event)
+
+    def _keep(self, event: Event) -> None:
+        """
+        Keep ``event`` for iteration (the oldest goes if too many wait).
+        """
+        if len(self._pending) == self._pending.maxlen:
+            self.dropped += 1
+        self._pending.append(event)
 
     def _new_ref(self) -> int:
         self._refs += 1
@@ -711,7 +729,7 @@ class Client:
             event = self._read(time.monotonic())
             if event is None:
                 return
-            self._pending.append(event)
+            self._keep(event)
 
     def _send(self, request: Union[Dict[str, Any], bytes], deadline: float) -> None:
         ws = self._ws
@@ -785,7 +803,7 @@ class Client:
         self.limits = welcome.get("limits") or {}
         self._positions.started(LOBBY, welcome.get("epoch"), welcome.get("seq"))
         if not first:
-            self._pending.append(welcome)
+            self._keep(welcome)
         for join in self._positions.joins():
             room = join["room"]
             ref = self._new_ref()
@@ -793,14 +811,14 @@ class Client:
             try:
                 presence = self._answer(ref, _answer_to("presence", room), deadline, "join", timeout)
                 if not first:
-                    self._pending.append(presence)
+                    self._keep(presence)
             except RequestRefused as refused:
                 if first:
                     raise
                 # Allowed before the drop, no longer (a new token, a full
                 # room list): iteration tells the caller.
                 self._positions.drop(room)
-                self._pending.append(
+                self._keep(
                     {"type": "error", "reason": refused.reason, "ref": ref, "room": room}
                 )
 

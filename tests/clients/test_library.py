@@ -181,6 +181,22 @@ class ClientTests(LibraryTestCase):
         self.assertEqual(again["seq"], ack["seq"] + 2)
 
     @inlineCallbacks
+    def test_a_script_that_only_sends_keeps_a_bounded_backlog(self):
+        """Events kept while requests await their answers stop at
+        max_pending: the oldest go, counted in dropped."""
+        client = yield self.connect(self.url, max_pending=5)
+        bob = yield self.connect(self.url)
+        for i in range(12):
+            yield deferToThread(bob.send, "b{}".format(i))
+        # Each send reads past what arrived before its ack, and keeps it.
+        for i in range(3):
+            yield deferToThread(client.send, "a{}".format(i))
+        self.assertEqual(len(client._pending), 5)
+        self.assertGreater(client.dropped, 0)
+        events = yield deferToThread(collect, client, lambda ev: "a2" in texts(ev))
+        self.assertIn("a2", texts(events))
+
+    @inlineCallbacks
     def test_a_refused_request_raises_with_the_reason(self):
         """A message to a room not joined raises RequestRefused with the
         server's reason and the request's ref; the connection stays usable."""
