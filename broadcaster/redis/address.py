@@ -41,6 +41,8 @@ class RedisAddress:
     #: With Sentinel: the sentinels' ``(host, port)``, and the master's name.
     sentinels: Tuple[Tuple[str, int], ...] = ()
     master: Optional[str] = None
+    #: With Redis Cluster: nodes to ask for the cluster's slots.
+    cluster: Tuple[Tuple[str, int], ...] = ()
 
     def endpoint(self, reactor) -> IStreamClientEndpoint:
         """
@@ -65,6 +67,8 @@ class RedisAddress:
             return "redis+sentinel://{}{}/{}/{}".format(
                 credentials, _hosts(self.sentinels), quote(self.master, safe=""), self.db
             )
+        if self.cluster:
+            return "redis+cluster://{}{}".format(credentials, _hosts(self.cluster))
         host = "[{}]".format(self.host) if ":" in self.host else self.host
         return "redis://{}{}:{}/{}".format(credentials, host, self.port, self.db)
 
@@ -83,6 +87,8 @@ class RedisAddress:
             return "redis+sentinel://{}{}/{}/{}".format(
                 user, _hosts(self.sentinels), quote(self.master, safe=""), self.db
             )
+        if self.cluster:
+            return "redis+cluster://{}{}".format(user, _hosts(self.cluster))
         host = "[{}]".format(self.host) if ":" in self.host else self.host
         return "redis://{}{}:{}/{}".format(user, host, self.port, self.db)
 
@@ -168,8 +174,9 @@ def redact_url(url: str) -> str:
 
 
 _URL_FORMS = (
-    "redis://[[user]:password@]host[:port][/db], unix:/path/to/redis.sock[?db=N] or"
-    " redis+sentinel://[[user]:password@]host:port[,host:port...]/<master name>[/db]"
+    "redis://[[user]:password@]host[:port][/db], unix:/path/to/redis.sock[?db=N],"
+    " redis+sentinel://[[user]:password@]host:port[,host:port...]/<master name>[/db] or"
+    " redis+cluster://[[user]:password@]host:port[,host:port...]"
 )
 
 
@@ -188,6 +195,8 @@ def parse_redis_url(url: str) -> RedisAddress:
     """
     if url.startswith("redis+sentinel://"):
         return _parse_sentinel_url(url)
+    if url.startswith("redis+cluster://"):
+        return _parse_cluster_url(url)
     if url.startswith("unix:"):
         path, _, query = url[len("unix:") :].partition("?")
         if path.startswith("//"):
@@ -224,6 +233,46 @@ def parse_redis_url(url: str) -> RedisAddress:
     )
 
 
+def _credentials_and_hosts(rest: str, url: str, default_port: int):
+    """
+    ``[[user]:password@]host:port[,host:port...]``: the credentials and
+    the hosts (``default_port`` where a port is left out).
+    """
+    credentials, at, hosts = rest.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = credentials.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon and secret else None
+    found = []
+    for part in hosts.split(","):
+        try:
+            parsed = urlsplit("//" + part)
+            port = parsed.port or default_port
+        except ValueError as e:
+            raise ValueError("bad host {!r}: {}".format(part, e)) from None
+        if not parsed.hostname:
+            raise ValueError("a host is missing, e.g. {}".format(_URL_FORMS))
+        found.append((parsed.hostname, port))
+    return username, password, tuple(found)
+
+
+def _parse_cluster_url(url: str) -> RedisAddress:
+    """
+    ``redis+cluster://[[user]:password@]host:port[,host:port...]``: nodes
+    of the cluster to ask for its slots (port 6379 if left out); a cluster
+    has one database.
+    """
+    rest = url[len("redis+cluster://") :]
+    if "?" in rest or "#" in rest:
+        raise ValueError("unexpected query or fragment in {!r}".format(redact_url(url)))
+    rest = rest.rstrip("/")
+    if "/" in rest.rpartition("@")[2]:
+        raise ValueError("a Redis Cluster has one database: no /db in {!r}".format(redact_url(url)))
+    username, password, nodes = _credentials_and_hosts(rest, url, 6379)
+    return RedisAddress(password=password, username=username, cluster=nodes)
+
+
 def _parse_sentinel_url(url: str) -> RedisAddress:
     """
     ``redis+sentinel://[[user]:password@]host:port[,host:port...]/<master>[/db]``:
@@ -233,23 +282,11 @@ def _parse_sentinel_url(url: str) -> RedisAddress:
     rest = url[len("redis+sentinel://") :]
     if "?" in rest or "#" in rest:
         raise ValueError("unexpected query or fragment in {!r}".format(redact_url(url)))
-    credentials, at, rest = rest.rpartition("@")
-    hosts, _, path = rest.partition("/")
-    username = password = None
-    if at:
-        user, colon, secret = credentials.partition(":")
-        username = unquote(user) or None
-        password = unquote(secret) if colon and secret else None
-    sentinels = []
-    for part in hosts.split(","):
-        try:
-            parsed = urlsplit("//" + part)
-            port = parsed.port or 26379
-        except ValueError as e:
-            raise ValueError("bad sentinel {!r}: {}".format(part, e)) from None
-        if not parsed.hostname:
-            raise ValueError("a sentinel needs a host, e.g. {}".format(_URL_FORMS))
-        sentinels.append((parsed.hostname, port))
+    credentials, at, after = rest.rpartition("@")
+    hosts, _, path = after.partition("/")
+    username, password, sentinels = _credentials_and_hosts(
+        credentials + at + hosts, url, 26379
+    )
     master, _, db = path.partition("/")
     if not master:
         raise ValueError("the master's name is missing, e.g. {}".format(_URL_FORMS))
@@ -257,6 +294,6 @@ def _parse_sentinel_url(url: str) -> RedisAddress:
         db=_db(db.strip("/")) if db.strip("/") else 0,
         password=password,
         username=username,
-        sentinels=tuple(sentinels),
+        sentinels=sentinels,
         master=unquote(master),
     )

@@ -16,7 +16,8 @@ not for all of them.  Who comes and goes (joins, leaves, renames, node
 states) stays on one channel every node receives, so that every node can
 list every room's members.
 
-What lives in Redis (every key starts with ``broadcaster:<namespace>:``)::
+What lives in Redis (every room key starts with ``broadcaster:<namespace>:``,
+every node key with ``broadcaster:{<namespace>}:``)::
 
     room:{<room>}:epoch    the room's epoch (random; set when missing, which
                            restarts the sequence: Redis lost its data)
@@ -29,8 +30,9 @@ What lives in Redis (every key starts with ``broadcaster:<namespace>:``)::
                          seconds after its last heartbeat
     node:<id>:members    client id -> {"name": ..., "rooms": [...]}
 
-The braces are a hash tag: a room's keys and its channel share one slot,
-so each script touches one shard of a Redis Cluster.
+The braces are hash tags: a room's keys and its channel share one slot,
+and so do all the nodes' keys, so each script touches one shard of a
+Redis Cluster.
 
 Channels: ``broadcaster:<namespace>:room:{<room>}`` (sharded; ``...:db<N>``
 appended for a database other than 0, since pub/sub ignores databases)
@@ -215,6 +217,9 @@ class RedisBackplane:
         self._room_ttl = int(room_ttl * 1000)
         self._clock = clock
         self._prefix = "broadcaster:{}:".format(namespace)
+        # The nodes' keys share one hash tag: the scripts that register
+        # nodes and find the dead touch one slot of a cluster.
+        self._node_prefix = "broadcaster:{{{}}}:".format(namespace)
         self.channel = self._prefix + "events" + (":db{}".format(address.db) if address.db else "")
         self.presence = Presence()
         self._token = os.urandom(8).hex()
@@ -262,12 +267,12 @@ class RedisBackplane:
             self._room_grace,
         )
         self._private_channel = self._prefix + "node:" + self.node_id
-        self._nodes_key = self._prefix + "nodes"
+        self._nodes_key = self._node_prefix + "nodes"
         self._alive_key = self._node_key("alive")
         self._members_key = self._node_key("members")
 
     def _node_key(self, what: str) -> str:
-        return "{}node:{}:{}".format(self._prefix, self.node_id, what)
+        return "{}node:{}:{}".format(self._node_prefix, self.node_id, what)
 
     def _room_keys(self, room: str) -> List[str]:
         # One hash tag for all of a room's keys and its channel: one slot,
@@ -464,7 +469,7 @@ class RedisBackplane:
                 self.channel,
                 self._state_event(members),
                 self._private_channel,
-                self._prefix,
+                self._node_prefix,
                 *pairs,
             ],
         )
@@ -508,7 +513,7 @@ class RedisBackplane:
         d = self._eval(
             HEARTBEAT,
             [self._nodes_key, self._alive_key],
-            [self.node_id, self._token, int(self.node_timeout * 1000), self.channel, self._prefix],
+            [self.node_id, self._token, int(self.node_timeout * 1000), self.channel, self._node_prefix],
         )
 
         def answered(reply):
@@ -947,7 +952,7 @@ class RedisBackplane:
                 nodes.append(node_entry(node, int(reply[i + 2]), age, node == self.node_id, alive))
             return sorted(nodes, key=lambda entry: entry["node"])
 
-        return self._eval(NODES, [self._nodes_key], [self._prefix]).addCallback(answered)
+        return self._eval(NODES, [self._nodes_key], [self._node_prefix]).addCallback(answered)
 
 
 class RedisBackplaneService(MultiService):

@@ -405,7 +405,8 @@ class Options(usage.Options):
             "Share rooms, sequences, histories and presence with every other "
             "server using this Redis: redis://[[user]:password@]host[:port][/db], "
             "unix:/path/to/redis.sock[?db=N], or through Sentinel "
-            "redis+sentinel://host:port[,host:port...]/<master>[/db].  Without it the server is on "
+            "redis+sentinel://host:port[,host:port...]/<master>[/db], or a cluster "
+            "redis+cluster://host:port[,host:port...].  Without it the server is on "
             "its own.  Better without the password, which every local user "
             "can read on a command line: see --redis-password-file.",
         ],

@@ -40,6 +40,7 @@ from broadcaster.service.options import Options
 from broadcaster.service.signals import handle_stop_signals
 from broadcaster.redis.address import parse_redis_url
 from broadcaster.redis.backplane import RedisBackplane, RedisBackplaneService
+from broadcaster.redis.cluster import ClusterConnections
 from broadcaster.redis.connections import RedisConnections
 from broadcaster.http.site import BoundedSite, BroadcasterSite
 from broadcaster.http.webhooks import WebhookService
@@ -236,7 +237,11 @@ def makeService(options: Options, reactor=None) -> "BroadcasterService | MasterS
             room_ttl=options["room-ttl"],
             room_grace=options["room-grace"],
             clock=reactor,
-            connections=RedisConnections(address, reactor),
+            connections=(
+                ClusterConnections(address, reactor)
+                if address.cluster
+                else RedisConnections(address, reactor)
+            ),
             history_memory=options["history-memory"],
         )
     hub = Hub(

@@ -42,6 +42,7 @@ from broadcaster.redis.presence import Presence, RemoteMember
 from broadcaster.redis.scripts import DEREGISTER, MISSED, POSITION, PUBLISH_TEXT, REGISTER
 from broadcaster.service.tap import Options
 from tests.support import (
+    CollectingProcess,
     immediate_hub,
     close_client,
     connect_client,
@@ -69,6 +70,8 @@ from tests.http.test_tokens import SECRET
 REDIS_SERVER = shutil.which("redis-server") or (
     "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
 )
+#: redis-cli, to create a cluster (Debian's redis-tools, with redis-server).
+REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
 
 PASSWORD = "s3cret"
 
@@ -1242,6 +1245,94 @@ class SentinelTests(RedisTestCase):
         # The replica had the room's sequence: it goes on from there.
         self.assertEqual(after[-1]["epoch"], before[-1]["epoch"])
         self.assertGreater(after[-1]["seq"], before[-1]["seq"])
+
+
+class ClusterTests(TestCase):
+    """Two nodes on a real three-master Redis Cluster: rooms spread over
+    the masters' slots, one order per room, exactly once, recovery across
+    nodes, presence."""
+
+    timeout = 120
+
+    @inlineCallbacks
+    def setUp(self):
+        require_redis_server()
+        self.masters = [
+            RedisServer(
+                self, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", "2000",
+                # Not the default port + 10000, which may be too high or taken.
+                "--cluster-port", str(free_port()),
+            )
+            for _ in range(3)
+        ]
+        for master in self.masters:
+            yield master.start()
+        create = CollectingProcess()
+        argv = [
+            REDIS_CLI, "-a", PASSWORD, "--no-auth-warning", "--cluster", "create",
+            *("127.0.0.1:{}".format(m.port) for m in self.masters), "--cluster-yes",
+        ]
+        reactor.spawnProcess(create, REDIS_CLI, argv, env=os.environ)
+        out, err, status = yield create.ended()
+        self.assertEqual(status, 0, (out, err))
+        for master in self.masters:
+            yield poll(
+                lambda: master.command("CLUSTER", "INFO").addCallback(
+                    lambda info: "cluster_state:ok" in str(info)
+                ),
+                "the cluster ready",
+            )
+        self.url = "redis+cluster://:{}@127.0.0.1:{}".format(PASSWORD, self.masters[0].port)
+
+    @inlineCallbacks
+    def test_rooms_on_every_master(self):
+        from broadcaster.redis.cluster import SlotMap, key_slot
+
+        a, port_a = yield start_node(self, None, "alpha", url=self.url)
+        b, port_b = yield start_node(self, None, "beta", url=self.url)
+        rooms = ["room-{}".format(i) for i in range(6)]
+        slots = SlotMap.from_reply((yield self.masters[0].command("CLUSTER", "SLOTS")))
+        owners = {slots.owner("{%s}" % room) for room in rooms}
+        self.assertEqual(len(owners), 3, "the rooms should spread over the three masters")
+        ann, _ = yield join_chat(self, port_a, "ann")
+        bob, _ = yield join_chat(self, port_b, "bob")
+        for client in (ann, bob):
+            for room in rooms:
+                client.send_json({"type": "join", "room": room})
+                yield read_until(client, of_type("presence", room=room))
+        yield wait_for(
+            lambda: all(len(a.hub.presence(room)) == 2 for room in rooms), what="bob seen on alpha"
+        )
+        for i in range(10):
+            for room in rooms:
+                ann.send_json({"type": "message", "room": room, "text": "{} {}".format(room, i)})
+        got = {}
+        while sum(len(v) for v in got.values()) < 60:
+            event = yield bob.next_json(timeout=30)
+            if event["type"] == "message":
+                got.setdefault(event["room"], []).append(event)
+        for room in rooms:
+            self.assertEqual(
+                [m["text"] for m in got[room]], ["{} {}".format(room, i) for i in range(10)]
+            )
+            seqs = [m["seq"] for m in got[room]]
+            self.assertEqual(seqs, list(range(seqs[0], seqs[0] + 10)))
+        # Recovery on the other node, from Redis's history.
+        last = got["room-3"][4]
+        again = yield connect_client(self, port_a, json_mode=True)
+        yield again.next_json()
+        again.send_json({
+            "type": "join", "room": "room-3",
+            "since": {"epoch": last["epoch"], "seq": last["seq"]},
+        })
+        events = yield read_until(again, of_type("recovered", room="room-3"))
+        self.assertEqual(
+            [e["text"] for e in events if e["type"] == "message"],
+            ["room-3 {}".format(i) for i in range(5, 10)],
+        )
+        self.assertTrue(events[-1]["complete"])
+        self.assertEqual(key_slot("{room-3}"), key_slot(b"broadcaster:default:room:{room-3}:seq"))
 
 
 class SignedInNodesTestCase(RedisTestCase):
