@@ -165,8 +165,7 @@ class _Part:
         self._cluster.listener.message_received(channel, message)
 
     def connect_failed(self, failure) -> None:
-        self._cluster.listener.connect_failed(failure)
-        self._cluster._rediscover()
+        self._cluster._connect_failed(failure)
 
     def gave_up(self, failure) -> None:
         self._cluster.listener.gave_up(failure)
@@ -267,7 +266,7 @@ class ClusterConnections:
                     username=self.address.username,
                 )
                 endpoint = _WatchedEndpoint(
-                    address.endpoint(self._reactor), self.listener.connect_failed, address.redacted()
+                    address.endpoint(self._reactor), self._connect_failed, address.redacted()
                 )
                 for subscriber in (False, True):
                     factory = ReconnectingFactory(
@@ -304,6 +303,14 @@ class ClusterConnections:
             else:
                 self.listener.commands_lost(router)
         # A master gone: perhaps failed over; ask the cluster again.
+        self._rediscover()
+
+    def _connect_failed(self, failure) -> None:
+        """
+        A master could not be reached: perhaps it failed over; the slots
+        are read again (its replica may own them now).
+        """
+        self.listener.connect_failed(failure)
         self._rediscover()
 
     def _rediscover(self) -> None:

@@ -817,6 +817,33 @@ def poll(check, what, timeout=30.0):
 
 
 @inlineCallbacks
+def fail_over(testcase, master, nodes, sender, receiver, room):
+    """
+    Kill ``master`` once its replica has everything (replication is
+    asynchronous: what a master took and had not passed on is lost, see
+    docs/redis.rst), wait until every node has seen the outage and found
+    the new master, then have ``sender`` say "after" in ``room``.
+
+    :return: the messages ``receiver`` got, up to "after".
+    """
+    testcase.assertEqual((yield master.command("WAIT", 1, 5000)), 1)
+    yield master.kill()
+    for node in nodes:
+        yield wait_for(lambda: not node.hub.backplane.connected, what="the outage seen")
+    for node in nodes:
+        yield wait_for(lambda: node.hub.backplane.connected, timeout=60, what="the new master found")
+    sender.send_json({"type": "message", "room": room, "text": "after"})
+    after = []
+    while not after or after[-1]["text"] != "after":
+        # Generous: each node subscribes again and reads where the room
+        # stands on the new master first, which a loaded machine slows.
+        event = yield receiver.next_json(timeout=30)
+        if event["type"] == "message":
+            after.append(event)
+    return after
+
+
+@inlineCallbacks
 def start_node(testcase, redis, node, *args, url=None):
     """
     Start a server with ``--redis`` as node ``node`` and wait until it is
@@ -1220,25 +1247,7 @@ class SentinelTests(RedisTestCase):
             ann.send_json({"type": "message", "text": "before {}".format(i), "ref": i})
         yield read_until(ann, of_type("ack", ref=4))
         before = yield messages_until(bob, "before 4")
-        # Replication is asynchronous: what the master took before it died
-        # and had not passed on is lost (see docs/redis.rst).  Here the
-        # replica has it all, as after any quiet moment.
-        self.assertEqual((yield self.redis.command("WAIT", 1, 5000)), 1)
-        yield self.redis.kill()
-        for node in (a, b):
-            yield wait_for(lambda: not node.hub.backplane.connected, what="the outage seen")
-        for node in (a, b):
-            yield wait_for(
-                lambda: node.hub.backplane.connected, timeout=60, what="the new master found"
-            )
-        ann.send_json({"type": "message", "text": "after", "ref": "after"})
-        after = []
-        while not after or after[-1]["text"] != "after":
-            # Generous: each node subscribes again and reads where the lobby
-            # stands on the new master first, which a loaded machine slows.
-            event = yield bob.next_json(timeout=30)
-            if event["type"] == "message":
-                after.append(event)
+        after = yield fail_over(self, self.redis, (a, b), ann, bob, "lobby")
         received = before + after
         self.assertEqual(len({(m["epoch"], m["seq"]) for m in received}), len(received))
         self.assertEqual([m["text"] for m in received][-1], "after")
@@ -1247,36 +1256,40 @@ class SentinelTests(RedisTestCase):
         self.assertGreater(after[-1]["seq"], before[-1]["seq"])
 
 
-class ClusterTests(TestCase):
-    """Two nodes on a real three-master Redis Cluster: rooms spread over
-    the masters' slots, one order per room, exactly once, recovery across
-    nodes, presence."""
+class ClusterTestCase(TestCase):
+    """A real Redis Cluster of three masters (with ``replicas`` each),
+    made with ``redis-cli --cluster create``; ``self.url`` is for nodes."""
 
     timeout = 120
+
+    #: Replicas per master.
+    replicas = 0
 
     @inlineCallbacks
     def setUp(self):
         require_redis_server()
-        self.masters = [
+        self.servers = [
             RedisServer(
                 self, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", "2000",
+                "--cluster-node-timeout", "1000", "--masterauth", PASSWORD,
                 # Not the default port + 10000, which may be too high or taken.
                 "--cluster-port", str(free_port()),
             )
-            for _ in range(3)
+            for _ in range(3 * (1 + self.replicas))
         ]
-        for master in self.masters:
-            yield master.start()
+        for server in self.servers:
+            yield server.start()
+        self.masters = self.servers
         create = CollectingProcess()
         argv = [
             REDIS_CLI, "-a", PASSWORD, "--no-auth-warning", "--cluster", "create",
-            *("127.0.0.1:{}".format(m.port) for m in self.masters), "--cluster-yes",
+            *("127.0.0.1:{}".format(m.port) for m in self.servers),
+            "--cluster-replicas", str(self.replicas), "--cluster-yes",
         ]
         reactor.spawnProcess(create, REDIS_CLI, argv, env=os.environ)
         out, err, status = yield create.ended()
         self.assertEqual(status, 0, (out, err))
-        for master in self.masters:
+        for master in self.servers:
             yield poll(
                 lambda: master.command("CLUSTER", "INFO").addCallback(
                     lambda info: "cluster_state:ok" in str(info)
@@ -1284,6 +1297,12 @@ class ClusterTests(TestCase):
                 "the cluster ready",
             )
         self.url = "redis+cluster://:{}@127.0.0.1:{}".format(PASSWORD, self.masters[0].port)
+
+
+class ClusterTests(ClusterTestCase):
+    """Two nodes on a real three-master Redis Cluster: rooms spread over
+    the masters' slots, one order per room, exactly once, recovery across
+    nodes, presence."""
 
     @inlineCallbacks
     def test_rooms_on_every_master(self):
@@ -1333,6 +1352,36 @@ class ClusterTests(TestCase):
         )
         self.assertTrue(events[-1]["complete"])
         self.assertEqual(key_slot("{room-3}"), key_slot(b"broadcaster:default:room:{room-3}:seq"))
+
+
+class ClusterFailoverTests(ClusterTestCase):
+    """A master of the cluster killed: its replica takes over, the nodes
+    follow, and the room on its slots goes on, nothing twice."""
+
+    replicas = 1
+
+    @inlineCallbacks
+    def test_a_failover_is_followed(self):
+        from broadcaster.redis.cluster import SlotMap
+
+        a, port_a = yield start_node(self, None, "alpha", url=self.url)
+        b, port_b = yield start_node(self, None, "beta", url=self.url)
+        ann, _ = yield join_chat(self, port_a, "ann")
+        bob, _ = yield join_chat(self, port_b, "bob")
+        for client in (ann, bob):
+            client.send_json({"type": "join", "room": "dev"})
+            yield read_until(client, of_type("presence", room="dev"))
+        for i in range(3):
+            ann.send_json({"type": "message", "room": "dev", "text": "before {}".format(i)})
+        before = yield messages_until(bob, "before 2")
+        slots = SlotMap.from_reply((yield self.servers[0].command("CLUSTER", "SLOTS")))
+        owner = slots.owner("{dev}")
+        victim = next(s for s in self.servers if s.port == owner[1])
+        after = yield fail_over(self, victim, (a, b), ann, bob, "dev")
+        received = before + after
+        self.assertEqual(len({(m["epoch"], m["seq"]) for m in received}), len(received))
+        self.assertEqual(after[-1]["epoch"], before[-1]["epoch"])
+        self.assertGreater(after[-1]["seq"], before[-1]["seq"])
 
 
 class SignedInNodesTestCase(RedisTestCase):
