@@ -1268,6 +1268,11 @@ class ClusterTestCase(TestCase):
     @inlineCallbacks
     def setUp(self):
         require_redis_server()
+        if not os.path.exists(REDIS_CLI):
+            message = "redis-cli is not installed (apt-get install redis-tools)"
+            if os.environ.get("CI"):
+                raise FailTest("CI is set but " + message)
+            raise SkipTest(message)
         self.servers = [
             RedisServer(
                 self, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
