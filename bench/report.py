@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from bench.scenarios import LOADGEN_CPU_LIMIT
-from bench.servers import REFERENCE, SERVERS
+from bench.servers import LIMIT, REFERENCE, SERVERS
 
 
 def summarize(
@@ -46,6 +46,7 @@ def summarize(
                 medians[server] = statistics.median(values)
                 per_server[server] = (mine, values)
             reference = medians.get(REFERENCE)
+            limit = medians.get(LIMIT)
             for server, (mine, values) in per_server.items():
                 median = medians[server]
                 ratio = None
@@ -55,6 +56,10 @@ def summarize(
                     ratio = median / reference
                 elif server == REFERENCE:
                     ratio = 1.0
+                # Against what the machine allows (the C server), when it ran.
+                ratio_to_limit = None
+                if metric.better and limit not in (None, 0) and server != LIMIT:
+                    ratio_to_limit = median / limit
                 flags = []
                 if any(not r.get("ok", True) for r in mine):
                     flags.append("check-failed")
@@ -78,6 +83,7 @@ def summarize(
                         "max": max(values),
                         "runs": len(values),
                         "ratio_to_reference": ratio,
+                        "ratio_to_limit": ratio_to_limit,
                         "flags": flags,
                     }
                 )
@@ -117,6 +123,9 @@ def format_table(rows: Sequence[Dict], unavailable: Sequence[Dict]) -> str:
         ratio = row["ratio_to_reference"]
         if ratio is not None and row["server"] != REFERENCE:
             text += " (×{:.2f})".format(ratio)
+        to_limit = row.get("ratio_to_limit")
+        if to_limit is not None:
+            text += " [c ×{:.2f}]".format(to_limit)
         if "check-failed" in row["flags"]:
             text += " ✗"
         if "loadgen-busy" in row["flags"]:
@@ -152,6 +161,8 @@ def format_table(rows: Sequence[Dict], unavailable: Sequence[Dict]) -> str:
             ", ".join(map(str, runs)) or "-"
         )
     )
+    if any(r.get("ratio_to_limit") is not None for r in rows):
+        out.append("[c ×N]: the median divided by c-ref's, the physical limit (bench/ref_c.c)")
     if any("check-failed" in r["flags"] for r in rows):
         out.append("✗ a run's delivery check failed (see problems in the JSON file)")
     if any("loadgen-busy" in r["flags"] for r in rows):

@@ -215,6 +215,10 @@ def add_baseline(revision: str) -> ServerSpec:
 #: The server every figure is compared with.
 REFERENCE = "autobahn"
 
+#: The server that shows what the machine allows (bench/ref_c.c): figures
+#: are also given as a ratio to its, when it ran.
+LIMIT = "c"
+
 
 def lookup(name: str) -> ServerSpec:
     """

@@ -204,6 +204,31 @@ def _row(variant, metric, median, label="", ratio=None, values=None):
     }
 
 
+class SummaryTests(SynchronousTestCase):
+    """Each figure against both references: Autobahn's and the C server's."""
+
+    def test_ratios_to_autobahn_and_to_the_limit(self):
+        from bench.scenarios import SCENARIOS, Settings
+
+        scenario = SCENARIOS["S1"]
+        variant = scenario.variants(Settings(s1_subscribers=[1000]))[0]
+        runs = [
+            {"variant": variant.key, "server": server, "figures": {"deliveries_per_s": value}}
+            for server, value in (("broadcaster", 3e6), ("autobahn", 2e5), ("c", 2.5e6))
+        ]
+        rows = report.summarize([(scenario, variant)], runs, ["broadcaster", "autobahn", "c"])
+        mine = {
+            r["server"]: (r["ratio_to_reference"], r["ratio_to_limit"])
+            for r in rows if r["metric"] == "deliveries_per_s"
+        }
+        self.assertEqual(mine["broadcaster"], (15.0, 1.2))
+        self.assertEqual(mine["autobahn"], (1.0, 0.08))
+        self.assertEqual(mine["c"], (12.5, None))
+        table = report.format_table(rows, [])
+        self.assertIn("3,000,000 (×15.00) [c ×1.20]", table)
+        self.assertIn("[c ×N]: the median divided by c-ref's", table)
+
+
 class TargetsTests(SynchronousTestCase):
     """A run's figures against the issue's targets (``report.targets``)."""
 
