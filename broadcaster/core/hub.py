@@ -44,7 +44,7 @@ from broadcaster.core.history import DEFAULT_MEMORY
 from broadcaster.core.members import Member
 from broadcaster.core.moderation import Bans, Expulsion
 from broadcaster.core.names import LOBBY
-from broadcaster.core.roster import Roster
+from broadcaster.core.roster import Roster, seat_event
 from broadcaster.core.stats import Stats
 
 
@@ -467,16 +467,9 @@ class Hub:
         ``room``, with what the roster said of it: ``(connections,
         announced)``.
         """
-        connections, announced = seated
-        return kind(
-            ts=self._clock.seconds(),
-            origin=self.node_id,
-            room=room,
-            member=member.id,
-            name=member.name,
-            user=member.user,
-            connections=connections,
-            announced=announced,
+        return seat_event(
+            kind, room, member.id, member.name, member.user, seated,
+            self._clock.seconds(), self.node_id,
         )
 
     def _unblind(self, member: Member, room: str) -> None:

@@ -67,6 +67,28 @@ def seat_key(member_id: str, user: Optional[str]) -> str:
     return member_id if user is None else _USER_KEY + user
 
 
+def seat_event(
+    kind, room: str, member: str, name, user, seated: Tuple[int, bool], ts: float, origin: str = ""
+):
+    """
+    The ``kind`` (:class:`~broadcaster.core.events.Joined`, ``Left`` or
+    ``Renamed``) event of connection ``member`` in ``room``, with what the
+    roster said of the change, ``seated``: ``(connections, announced)``.
+    For this node's connections (the hub) and the others' (Redis presence).
+    """
+    connections, announced = seated
+    return kind(
+        ts=ts,
+        origin=origin,
+        room=room,
+        member=member,
+        name=name,
+        user=user,
+        connections=connections,
+        announced=announced,
+    )
+
+
 def solo_seat(member) -> object:
     """
     The seat ``member`` would have alone (for one not in the room).

@@ -7,7 +7,7 @@ chat; an operator reading the log should see them announced the same way.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from autobahn.twisted.util import peer2str
 from twisted.internet.error import ConnectionDone
@@ -31,19 +31,33 @@ from broadcaster.protocols.outbound import Outbound
 LINGER_SECONDS = 2.0
 
 
-def log_connect(log: Logger, client: str, peer: str, kind: str, count: int) -> None:
+def log_connect(
+    log: Logger,
+    client: str,
+    peer: str,
+    kind: str,
+    count: int,
+    user: Optional[str] = None,
+    rooms: Optional[List[str]] = None,
+) -> None:
     """
     Log a member joining.
 
-    :param kind: what sort of client it is (``plain``, ``json``, ``image``, ``line``).
+    :param kind: what sort of client it is (``plain``, ``json``, ``image``,
+        ``line``, ``sse``).
     :param count: members connected now, this one included.
+    :param user: who it signed in as, if it did.
+    :param rooms: the rooms it chose (an event stream), if it did.
     """
     log.info(
-        "[CONNECT] {client} connected from {peer} ({kind}); {count} connected",
+        "[CONNECT] {client} connected from {peer} ({kind}){signed}{chosen}; {count} connected",
         client=client,
         peer=peer,
         kind=kind,
         count=count,
+        user=user,
+        signed="" if user is None else " as user {!r}".format(user),
+        chosen="" if rooms is None else " for " + ", ".join(rooms),
     )
 
 

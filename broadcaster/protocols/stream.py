@@ -52,7 +52,7 @@ from broadcaster.core.events import Event, TextMessage, encoded
 from broadcaster.core.members import MemberBase
 from broadcaster.core.names import LOBBY, InvalidName, check_room
 from broadcaster.core.permissions import HISTORY
-from broadcaster.protocols.connection import cut_slow_consumer, log_disconnect
+from broadcaster.protocols.connection import cut_slow_consumer, log_connect, log_disconnect
 from broadcaster.protocols.expiry import TokenExpiry
 from broadcaster.protocols.outbound import Outbound
 from broadcaster.protocols.wire import event_json, parse_since_param
@@ -302,14 +302,7 @@ class EventStream(MemberBase):
         hub.connect(self, lobby=False)
         for room in self._rooms:
             hub.join(self, room)
-        self._log.info(
-            "[CONNECT] {client} connected from {peer} (sse) for {rooms}{user}; {count} connected",
-            client=self.id,
-            peer=self.peer,
-            rooms=", ".join(self._rooms),
-            user="" if self.user is None else " as user {!r}".format(self.user),
-            count=len(hub),
-        )
+        log_connect(self._log, self.id, self.peer, self.kind, len(hub), self.user, self._rooms)
         if factory.keepalive is not None:
             factory.keepalive.add(self)
         if self._expiry is not None:

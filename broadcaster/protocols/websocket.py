@@ -436,18 +436,7 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
             return
         hub.connect(self)
         self._joined = True
-        if self.user is None:
-            log_connect(self._log, self.id, self.peer, self.codec.name, len(hub))
-        else:
-            self._log.info(
-                "[CONNECT] {client} connected from {peer} ({kind}) as user {user!r};"
-                " {count} connected",
-                client=self.id,
-                peer=self.peer,
-                kind=self.codec.name,
-                user=self.user,
-                count=len(hub),
-            )
+        log_connect(self._log, self.id, self.peer, self.codec.name, len(hub), self.user)
         if self._expiry is not None:
             # After the welcome: it is always the first message.
             self._expiry.start()
@@ -520,8 +509,7 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
             self._refuse(str(e), e.ref)
             if e.kind == "image":
                 # Its bytes may follow: discarded, never broadcast.
-                self._upload = (LOBBY, 0, e.ref, str(e))
-                allow_message_size(self, self.factory.limits.max_image_size)
+                self._expect_image(LOBBY, self.factory.limits.max_image_size, e.ref, str(e))
         except (NotInRoom, TooManyRooms) as e:
             self._refuse(str(e), request["ref"])
         except Forbidden as e:
@@ -575,6 +563,7 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
                 if not isinstance(size, int):
                     size = self.factory.limits.max_image_size
                 self._expect_image(LOBBY, size, request.get("ref"), reason)
+                self._reply_error("image: " + reason, request.get("ref"))
             else:
                 self._reply(_JSON.error(reason, request.get("ref")))
 
@@ -738,7 +727,10 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
         sent already, are then discarded, never taken for a binary message.
         """
         ref, room, size = request["ref"], request["room"], request["size"]
-        self._expect_image(room, size, ref, self._image_refusal(room, size))
+        refusal = self._image_refusal(room, size)
+        self._expect_image(room, size, ref, refusal)
+        if refusal is not None:
+            self._reply_error("image: " + refusal, ref)
 
     def _image_refusal(self, room: str, size: int) -> Optional[str]:
         """
@@ -766,13 +758,12 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
 
     def _expect_image(self, room: str, size: int, ref, refusal: Optional[str]) -> None:
         """
-        The next message is an image's bytes (discarded if ``refusal``
-        says why it may not be shared, after telling the client).
+        The next message is an image's bytes, which may be up to ``size``
+        bytes (within ``--max-image-size``); discarded if ``refusal`` says
+        why it may not be shared (the caller tells the client).
         """
         self._upload = (room, size, ref, refusal)
         allow_message_size(self, min(size, self.factory.limits.max_image_size))
-        if refusal is not None:
-            self._reply_error("image: " + refusal, ref)
 
     def _reply_error(self, reason: str, ref) -> None:
         if self.state == self.STATE_OPEN:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 from broadcaster.core.events import Event, Joined, Left, Renamed
-from broadcaster.core.roster import Roster
+from broadcaster.core.roster import Roster, seat_event
 
 
 @dataclass(frozen=True)
@@ -154,13 +154,4 @@ def _told(kind, member: str, known: _Known, room: str, ts: float, seated: Tuple[
     The ``kind`` (join, leave or rename) event of another node's
     connection, with what the roster said of it: ``(connections, announced)``.
     """
-    connections, announced = seated
-    return kind(
-        ts=ts,
-        room=room,
-        member=member,
-        name=known.name,
-        user=known.user,
-        connections=connections,
-        announced=announced,
-    )
+    return seat_event(kind, room, member, known.name, known.user, seated, ts)
