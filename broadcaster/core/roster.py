@@ -162,13 +162,6 @@ class Roster:
             return None
         return next(reversed(seat.names.items()))
 
-    def connections(self, room: str, user: str) -> int:
-        """
-        How many connections ``user`` has in ``room``.
-        """
-        seat = self._rooms.get(room, {}).get(_USER_KEY + user)
-        return seat.connections if seat is not None else 0
-
     def add(
         self, room: str, member_id: str, user: Optional[str], name: Optional[str], anonymous: object
     ) -> Tuple[int, bool]:

@@ -55,12 +55,6 @@ class Presence:
         # node -> member id -> what is known of it
         self._nodes: Dict[str, Dict[str, _Known]] = {}
 
-    def members(self, room: str) -> list:
-        """
-        The seats of ``room`` (this node's included, if the roster is the hub's).
-        """
-        return self.roster.seats(room)
-
     def nodes(self) -> List[str]:
         """
         The nodes that have members.

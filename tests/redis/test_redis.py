@@ -234,12 +234,12 @@ class PresenceTests(SynchronousTestCase):
         presence.apply("c", Joined(ts=0, room="dev", member="c-1", name=None))
         presence.apply("b", Renamed(ts=0, room="dev", member="b-1", name="Robert"))
         self.assertEqual(
-            presence.members("dev"), [RemoteMember("b-1", "Robert"), RemoteMember("c-1", None)]
+            presence.roster.seats("dev"), [RemoteMember("b-1", "Robert"), RemoteMember("c-1", None)]
         )
         presence.apply("b", Left(ts=0, room="dev", member="b-1", name="Robert"))
         presence.apply("b", Left(ts=0, room="lobby", member="b-1", name="Robert"))
-        self.assertEqual(presence.members("dev"), [RemoteMember("c-1", None)])
-        self.assertEqual(presence.members("lobby"), [])
+        self.assertEqual(presence.roster.seats("dev"), [RemoteMember("c-1", None)])
+        self.assertEqual(presence.roster.seats("lobby"), [])
         self.assertEqual(presence.nodes(), ["c"])
 
     def test_a_user_on_two_nodes_is_one_seat(self):
@@ -248,13 +248,13 @@ class PresenceTests(SynchronousTestCase):
         presence = Presence()
         presence.apply("b", Joined(ts=0, room="dev", member="b-1", name="Ann", user="u-1"))
         presence.apply("c", Joined(ts=0, room="dev", member="c-7", name="Ann", user="u-1"))
-        [seat] = presence.members("dev")
+        [seat] = presence.roster.seats("dev")
         self.assertEqual((seat.user, seat.name, seat.connections), ("u-1", "Ann", 2))
         presence.apply("b", Left(ts=0, room="dev", member="b-1", name="Ann", user="u-1"))
-        [seat] = presence.members("dev")
+        [seat] = presence.roster.seats("dev")
         self.assertEqual(seat.connections, 1)
         presence.apply("c", Left(ts=0, room="dev", member="c-7", name="Ann", user="u-1"))
-        self.assertEqual(presence.members("dev"), [])
+        self.assertEqual(presence.roster.seats("dev"), [])
 
     def test_replace_announces_the_difference(self):
         """A node's new state yields exactly the leaves, renames and joins
@@ -287,7 +287,7 @@ class PresenceTests(SynchronousTestCase):
                 ),
             ],
         )
-        self.assertEqual([m.id for m in presence.members("lobby")], ["b-1", "user:u-di", "b-3"])
+        self.assertEqual([m.id for m in presence.roster.seats("lobby")], ["b-1", "user:u-di", "b-3"])
         gone = presence.replace("b", {}, 10.0)
         self.assertEqual(
             {(e.member, e.room, e.announced) for e in gone},
