@@ -92,6 +92,22 @@ class RedisAddress:
         host = "[{}]".format(self.host) if ":" in self.host else self.host
         return "redis://{}{}:{}/{}".format(user, host, self.port, self.db)
 
+    def shard_name(self) -> str:
+        """
+        The name this server stands under on the ring of ``--redis``
+        servers (:mod:`broadcaster.redis.ring`): where it is, without
+        credentials; a Sentinel-watched master by its name, wherever the
+        sentinels are.
+        """
+        if self.sentinels:
+            return "sentinel:{}/{}".format(self.master, self.db)
+        if self.cluster:
+            return "cluster:{}".format(_hosts(self.cluster))
+        if self.path is not None:
+            return "unix:{}/{}".format(self.path, self.db)
+        host = "[{}]".format(self.host) if ":" in self.host else self.host
+        return "{}:{}/{}".format(host, self.port, self.db)
+
 
 def _hosts(hosts: Tuple[Tuple[str, int], ...]) -> str:
     return ",".join(

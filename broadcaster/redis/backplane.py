@@ -58,8 +58,11 @@ ends it.
 carry out on its own clients and bans; it is never delivered to a client,
 and its origin ignores it::
 
-    0 - {"t":"expel","o":"<node>","by":"<API key id>","user":"u-1842",
+    0 - {"t":"expel","o":"<node>","x":"<id>","by":"<API key id>","user":"u-1842",
          "client":null,"reason":"disconnected by the server","ban_seconds":600}
+
+``x`` is the message's random id: with several ``--redis`` servers it is
+published through each, and carried out once.
 
 Presence across nodes: each node keeps its clients in its ``members`` hash,
 changed in the same script that publishes the join, leave or rename, and
@@ -75,7 +78,11 @@ The parts: :mod:`broadcaster.redis.address` (``--redis`` URLs),
 :mod:`broadcaster.redis.presence`, :mod:`broadcaster.redis.scripts` (the Lua
 scripts, ``.lua`` files beside it), :mod:`broadcaster.redis.commands` (the
 command path), :mod:`broadcaster.redis.connections` (the two connections,
-kept up) and this module (the backplane).
+kept up), :mod:`broadcaster.redis.cluster` (the same over a Redis Cluster),
+:mod:`broadcaster.redis.rooms` (which room channels are received),
+:mod:`broadcaster.redis.ring` and :mod:`broadcaster.redis.shards` (rooms
+spread over several servers, one such backplane each) and this module
+(the backplane of one Redis).
 
 When Redis is unreachable a node goes on serving its own clients: what they
 publish is delivered locally, numbered in a local epoch
@@ -112,6 +119,7 @@ from broadcaster.core.history import DEFAULT_MEMORY, HistoryMemory, RoomHistory,
 from broadcaster.core.backplane import Attached, node_entry, this_node
 from broadcaster.core.events import PRESENCE_EVENTS, Event, TextMessage, uncached
 from broadcaster.core.moderation import Expulsion, InvalidExpulsion, parse_expulsion
+from broadcaster.core.names import LOBBY
 from broadcaster.redis.address import RedisAddress
 from broadcaster.redis.codec import (
     MESSAGES,
@@ -130,6 +138,7 @@ from broadcaster.redis.connections import (
     Subscription,
 )
 from broadcaster.redis.presence import Presence
+from broadcaster.redis.ring import Shard
 from broadcaster.redis.rooms import GRACE, RoomChannels
 from broadcaster.redis.scripts import (
     DEREGISTER,
@@ -204,6 +213,7 @@ class RedisBackplane:
         room_ttl: float = 7 * 24 * 3600,
         history_memory: int = DEFAULT_MEMORY,
         room_grace: float = GRACE,
+        shard: Optional[Shard] = None,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
@@ -246,7 +256,9 @@ class RedisBackplane:
         self._local_only = 0
         self._local_epoch = ""
         self._fallback: Dict[str, RoomHistory] = {}
-        self.memory = HistoryMemory(history_memory, clock)
+        #: Which rooms are this Redis's, when it is one of several.
+        self.shard = shard if shard is not None else Shard()
+        self.memory = self.shard.memory or HistoryMemory(history_memory, clock)
         self._room_grace = room_grace
         #: The rooms whose channels this node receives (set when attached).
         self.rooms: Optional[RoomChannels] = None
@@ -265,6 +277,7 @@ class RedisBackplane:
             self._room_dropped,
             hub.deliver,
             self._room_grace,
+            always=[room for room in (LOBBY,) if self.shard.owns(room)],
         )
         self._private_channel = self._prefix + "node:" + self.node_id
         self._nodes_key = self._node_prefix + "nodes"
@@ -433,7 +446,7 @@ class RedisBackplane:
         The ``members`` hash entry of a local member ('' once it is in no room).
         """
         member = self._hub.member(member_id)
-        rooms = self._hub.rooms_of(member_id)
+        rooms = [room for room in self._hub.rooms_of(member_id) if self.shard.owns(room)]
         if member is None or not rooms:
             return ""
         return json.dumps({"name": member.name, "user": member.user, "rooms": rooms})
@@ -564,11 +577,12 @@ class RedisBackplane:
         if not self._outage_logged:
             self._outage_logged = True
             self._log.error(
-                "Redis at {url} unavailable ({reason}); serving this node's clients"
+                "Redis at {url} unavailable ({reason}); serving {scope}"
                 " locally until it is back",
                 url=self.address.redacted(),
                 reason=reason,
                 node=self.node_id,
+                scope=self.shard.scope,
             )
 
     def _came_up(self) -> None:
@@ -767,14 +781,23 @@ class RedisBackplane:
         else:
             self._hub.deliver(event)
 
-    def spread(self, expulsion: Expulsion) -> Deferred:
+    def spread(self, expulsion: Expulsion, ident: Optional[str] = None) -> Deferred:
         """
         Publish an ``expel`` control message on the events channel: every
         other node carries it out (:meth:`_expelled`).
+
+        :param ident: the message's id (default: a new one); the same id
+            sent through several Redis servers is carried out once.
         """
         if not self.connected:
             return succeed(False)
-        body = {"t": "expel", "o": self.node_id, "by": expulsion.by, **expulsion.fields()}
+        body = {
+            "t": "expel",
+            "o": self.node_id,
+            "x": ident or os.urandom(8).hex(),
+            "by": expulsion.by,
+            **expulsion.fields(),
+        }
 
         def failed(failure: Failure) -> bool:
             self._log.error(
@@ -794,6 +817,10 @@ class RedisBackplane:
         """
         origin = body.get("o")
         if origin == self.node_id:
+            return
+        ident = body.get("x")
+        if isinstance(ident, str) and not self.shard.first_time(ident):
+            # Heard already through another --redis server.
             return
         try:
             expulsion = parse_expulsion(body, by=str(body.get("by"))[:16])

@@ -23,7 +23,7 @@ stands.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -74,6 +74,9 @@ class RoomChannels:
     :param forget: told a room no longer received (the hub forgets where
         it stood there: messages will be missed from now on).
     :param deliver: delivers a message to the hub.
+    :param always: the rooms received whether or not this node has members
+        there (the lobby, which nearly every client joins; none on a Redis
+        server that does not hold the lobby, see :mod:`broadcaster.redis.ring`).
     """
 
     _log = Logger()
@@ -87,6 +90,7 @@ class RoomChannels:
         forget: Callable[[str], None],
         deliver: Callable[[Event], None],
         grace: float = GRACE,
+        always: Iterable[str] = (LOBBY,),
     ) -> None:
         self._deliver = deliver
         self._clock = clock
@@ -96,7 +100,7 @@ class RoomChannels:
         self._forget = forget
         self.grace = grace
         self._rooms: Dict[str, _Room] = {}
-        self._always: Set[str] = {LOBBY}
+        self._always: Set[str] = set(always)
         self._subscription = None
         for room in self._always:
             self._rooms[room] = _Room()

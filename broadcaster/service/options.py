@@ -399,18 +399,6 @@ class Options(usage.Options):
             "Must differ between servers sharing a backplane.",
         ],
         [
-            "redis",
-            None,
-            None,
-            "Share rooms, sequences, histories and presence with every other "
-            "server using this Redis: redis://[[user]:password@]host[:port][/db], "
-            "unix:/path/to/redis.sock[?db=N], or through Sentinel "
-            "redis+sentinel://host:port[,host:port...]/<master>[/db], or a cluster "
-            "redis+cluster://host:port[,host:port...].  Without it the server is on "
-            "its own.  Better without the password, which every local user "
-            "can read on a command line: see --redis-password-file.",
-        ],
-        [
             "redis-password-file",
             None,
             None,
@@ -646,6 +634,8 @@ class Options(usage.Options):
         self["allow-origin"] = []
         self["allow-host"] = []
         self["webhook"] = []
+        self["redis"] = None
+        self["redis-urls"] = []
         self["api-key"] = []
 
     def parseOptions(self, options=None) -> None:
@@ -691,6 +681,11 @@ class Options(usage.Options):
         if problem is not None:
             raise usage.UsageError("--webhook {!r}: {}".format(url, problem))
         self["webhook"].append(url)
+
+    def opt_redis(self, url: str) -> None:
+        """Share rooms, sequences, histories and presence with every other server using this Redis: redis://[[user]:password@]host[:port][/db], unix:/path/to/redis.sock[?db=N], or through Sentinel redis+sentinel://host:port[,host:port...]/<master>[/db], or a cluster redis+cluster://host:port[,host:port...].  Repeatable (not with a cluster): rooms are spread over the servers by consistent hashing of their names, and every server must give the same list.  Without it the server is on its own.  Better without the password, which every local user can read on a command line: see --redis-password-file."""  # noqa: E501
+        self["redis-urls"].append(url)
+        self["redis"] = self["redis-urls"][0]
 
     def opt_api_key(self, key: str) -> None:
         """Accept this key for the server API, /api/... (Authorization: Bearer KEY; repeatable). Without any key the API is off. Every local user can read it on the command line: prefer --api-key-file."""  # noqa: E501
@@ -840,13 +835,37 @@ class Options(usage.Options):
             from_file = secrets.read_secret_file("redis-password-file", self["redis-password-file"])
         if self["redis"] is None:
             return
-        try:
-            address = parse_redis_url(self["redis"])
-        except ValueError as e:
-            raise usage.UsageError("--redis {!r}: {}".format(redact_url(self["redis"]), e))
-        self["redis-url-password"] = address.password is not None
-        password = secrets.redis_password(address.password, from_file, self.environ)
-        self["redis-address"] = dataclasses.replace(address, password=password)
+        addresses = []
+        for url in self["redis-urls"]:
+            try:
+                address = parse_redis_url(url)
+            except ValueError as e:
+                raise usage.UsageError("--redis {!r}: {}".format(redact_url(url), e))
+            if address.cluster and len(self["redis-urls"]) > 1:
+                raise usage.UsageError(
+                    "--redis {!r}: a cluster spreads rooms over its own masters; give it"
+                    " as the only --redis".format(redact_url(url))
+                )
+            if address.password is not None:
+                self["redis-url-password"] = True
+            password = secrets.redis_password(address.password, from_file, self.environ)
+            addresses.append(dataclasses.replace(address, password=password))
+        names = [address.shard_name() for address in addresses]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise usage.UsageError(
+                    "--redis {!r} is given twice (as {}): each server once".format(
+                        redact_url(self["redis-urls"][i]), name
+                    )
+                )
+        if self["workers"] > 1 or self["worker-fds"] is not None:
+            if len({address.password for address in addresses}) > 1:
+                raise usage.UsageError(
+                    "with --workers, every --redis server must take the same password"
+                    " (give it in --redis-password-file): the workers are given one"
+                )
+        self["redis-addresses"] = addresses
+        self["redis-address"] = addresses[0]
 
     def _check_http_options(self) -> None:
         """
@@ -951,7 +970,7 @@ class Options(usage.Options):
         self["worker-args"] = secrets.worker_args(
             self["given"],
             [name[:-1] for name in self.longOpt if name.endswith("=")],
-            address.without_password() if address is not None else None,
+            [address.without_password() for address in self.get("redis-addresses", ())],
         )
         self["worker-env"] = secrets.worker_environment(
             self["webhook-secret"],

@@ -219,23 +219,24 @@ def command_line_secrets(
 def worker_args(
     given: Iterable[Tuple[str, str]],
     takes_value: Iterable[str],
-    redis_url: Optional[str],
+    redis_urls: Sequence[str],
 ) -> List[str]:
     """
     The user's options for a worker's command line: in the order given,
-    without the secret ones, and with ``--redis`` as ``redis_url``, which
-    must hold no password.
+    without the secret ones, and with each ``--redis`` as the next of
+    ``redis_urls``, which must hold no password.
 
     :param given: ``(option, value)`` as given, long names only.
     :param takes_value: the options that take a value (the others are flags).
     """
     takes_value = set(takes_value)
+    redis = iter(redis_urls)
     args: List[str] = []
     for option, value in given:
         if option in SECRET_OPTIONS:
             continue
         if option == "redis":
-            value = redis_url
+            value = next(redis)
         args.append("--" + option)
         if option in takes_value:
             args.append(value)

@@ -42,6 +42,7 @@ from broadcaster.redis.address import parse_redis_url
 from broadcaster.redis.backplane import RedisBackplane, RedisBackplaneService
 from broadcaster.redis.cluster import ClusterConnections
 from broadcaster.redis.connections import RedisConnections
+from broadcaster.redis.shards import sharded
 from broadcaster.http.site import BoundedSite, BroadcasterSite
 from broadcaster.http.webhooks import WebhookService
 from broadcaster.protocols.websocket import BroadcastServerFactory
@@ -228,22 +229,30 @@ def makeService(options: Options, reactor=None) -> "BroadcasterService | MasterS
 
     backplane = None
     if options["redis"] is not None:
-        address = options.get("redis-address") or parse_redis_url(options["redis"])
-        backplane = RedisBackplane(
-            address,
-            namespace=options["redis-namespace"],
-            history_size=options["history-size"],
-            node_timeout=options["node-timeout"],
-            room_ttl=options["room-ttl"],
-            room_grace=options["room-grace"],
-            clock=reactor,
-            connections=(
-                ClusterConnections(address, reactor)
-                if address.cluster
-                else RedisConnections(address, reactor)
-            ),
-            history_memory=options["history-memory"],
-        )
+        addresses = options.get("redis-addresses") or [parse_redis_url(options["redis"])]
+
+        def redis_backplane(address, shard=None):
+            return RedisBackplane(
+                address,
+                namespace=options["redis-namespace"],
+                history_size=options["history-size"],
+                node_timeout=options["node-timeout"],
+                room_ttl=options["room-ttl"],
+                room_grace=options["room-grace"],
+                clock=reactor,
+                connections=(
+                    ClusterConnections(address, reactor)
+                    if address.cluster
+                    else RedisConnections(address, reactor)
+                ),
+                history_memory=options["history-memory"],
+                shard=shard,
+            )
+
+        if len(addresses) == 1:
+            backplane = redis_backplane(addresses[0])
+        else:
+            backplane = sharded(addresses, redis_backplane, reactor, options["history-memory"])
     hub = Hub(
         reactor,
         node_id=options["node-id"],

@@ -483,8 +483,11 @@ class BackplaneTests(SynchronousTestCase):
         ((command, _, (channel, payload), answer),) = self.commands.calls
         self.assertEqual((command, channel, expelled), ("PUBLISH", self.backplane.channel, ["bye"]))
         self.assertTrue(payload.startswith(b"0 - "))
+        body = json.loads(payload[4:])
+        ident = body.pop("x")
+        self.assertRegex(ident, "^[0-9a-f]{16}$")
         self.assertEqual(
-            json.loads(payload[4:]),
+            body,
             {
                 "t": "expel",
                 "o": "a",
@@ -502,7 +505,12 @@ class BackplaneTests(SynchronousTestCase):
         from_b = payload.replace(b'"o":"a"', b'"o":"b"')
         self.connections.listener.message_received(self.events_channel, from_b)
         self.assertEqual(expelled, ["bye", "bye"])
-        unreadable = from_b.replace(b'"ban_seconds":0', b'"ban_seconds":-5')
+        # The same message again (through another --redis server): once.
+        self.connections.listener.message_received(self.events_channel, from_b)
+        self.assertEqual(expelled, ["bye", "bye"])
+        unreadable = from_b.replace(b'"ban_seconds":0', b'"ban_seconds":-5').replace(
+            ident.encode("ascii"), b"another"
+        )
         self.connections.listener.message_received(self.events_channel, unreadable)
         self.assertEqual(expelled, ["bye", "bye"])
         self.assertEqual(self.member.events, [])
@@ -876,6 +884,19 @@ def messages_until(client, text):
     return [e for e in events if e["type"] == "message"]
 
 
+@inlineCallbacks
+def join_room(client, room, since=None):
+    """
+    Have ``client`` join ``room`` (recovering from ``since``); fires with
+    the room's presence list, which answers the join.
+    """
+    request = {"type": "join", "room": room}
+    if since is not None:
+        request["since"] = since
+    client.send_json(request)
+    return (yield read_until(client, of_type("presence", room=room)))[-1]
+
+
 class RedisTestCase(TestCase):
     timeout = 120
 
@@ -1115,13 +1136,7 @@ class RoomChannelTests(RedisTestCase):
         reply = yield self.redis.command("PUBSUB", "SHARDNUMSUB", "broadcaster:default:room:{%s}" % room)
         return int(reply[1])
 
-    @inlineCallbacks
-    def join(self, client, room, since=None):
-        request = {"type": "join", "room": room}
-        if since is not None:
-            request["since"] = since
-        client.send_json(request)
-        return (yield read_until(client, of_type("presence", room=room)))[-1]
+    join = staticmethod(join_room)
 
     @inlineCallbacks
     def test_only_nodes_with_members_receive_a_room(self):
@@ -1492,7 +1507,8 @@ class OutageTests(RedisTestCase):
             e
             for e in log
             if e.get("node") == node and "unavailable" in e.get("log_format", "")
-            and "serving this node's clients locally" in e.get("log_format", "")
+            and "serving {scope} locally" in e.get("log_format", "")
+            and e.get("scope") == "this node's clients"
         ]
 
     def back_events(self, log, node):

@@ -548,6 +548,15 @@ class OptionsTests(SynchronousTestCase):
         )
         self.assertEqual(master._worker_args, [*args[:3], "redis://127.0.0.1:6379/0", *args[4:]])
         self.assertEqual(master.stop_timeout, 8.0)
+        # Every --redis server, in order.
+        sharded = makeService(
+            parse(*args, "--redis", "redis://127.0.0.1:6380"), reactor=MemoryReactorClock()
+        )
+        self.assertEqual(sharded._worker_args[-2:], ["--redis", "redis://127.0.0.1:6380/0"])
+        self.assertEqual(sharded._worker_args[3], "redis://127.0.0.1:6379/0")
+        # The workers are given one password (in their environment).
+        with self.assertRaises(UsageError):
+            parse(*args, "--redis", "redis://:pw@127.0.0.1:6380")
         self.assertIsNone(master._redis_server)
         self.assertRegex(master.node_id, "^[0-9a-f]{6}$")
         with_webhook = makeService(
