@@ -128,6 +128,17 @@ class StatsCollector:
         )
         connected.add_metric([backplane.get("kind", "local")], 1 if backplane.get("connected") else 0)
         yield connected
+        servers = backplane.get("shards") or ([backplane] if "url" in backplane else [])
+        if servers:
+            reachable = GaugeMetricFamily(
+                "broadcaster_redis_connected",
+                "1 while this --redis server is usable, else 0 (its rooms are then"
+                " served on this node only), by server URL without password.",
+                labels=["server"],
+            )
+            for server in servers:
+                reachable.add_metric([server["url"]], 1 if server["connected"] else 0)
+            yield reachable
         yield GaugeMetricFamily(
             "broadcaster_backplane_nodes",
             "Nodes sharing the backplane, this one included.",

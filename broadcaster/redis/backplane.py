@@ -259,6 +259,10 @@ class RedisBackplane:
         #: Which rooms are this Redis's, when it is one of several.
         self.shard = shard if shard is not None else Shard()
         self.memory = self.shard.memory or HistoryMemory(history_memory, clock)
+        #: Every --redis server of this node, by name: a node with others
+        #: would keep some rooms on other servers (told in ``state``).
+        self._servers = sorted(self.shard.servers or [address.shard_name()])
+        self._told_servers: Set[str] = set()
         self._room_grace = room_grace
         #: The rooms whose channels this node receives (set when attached).
         self.rooms: Optional[RoomChannels] = None
@@ -438,6 +442,7 @@ class RedisBackplane:
                 "node": self.node_id,
                 "alive": alive,
                 "members": members,
+                "servers": self._servers,
             }
         )
 
@@ -750,6 +755,7 @@ class RedisBackplane:
             if kind == "state":
                 node = body.get("node")
                 if node != self.node_id:
+                    self._compare_servers(node, body.get("servers"))
                     if body.get("alive"):
                         self._peers.add(node)
                     else:
@@ -809,6 +815,26 @@ class RedisBackplane:
 
         d = self._run("PUBLISH", self.channel, b"0 - " + dumps(body))
         return d.addCallbacks(lambda _: True, failed)
+
+    def _compare_servers(self, node: Any, servers: Any) -> None:
+        """
+        Say (once per node) if ``node`` was given other ``--redis`` servers
+        than this one: the two would each put some rooms on a server where
+        the other does not look for them.
+        """
+        if not isinstance(servers, list) or servers == self._servers or node in self._told_servers:
+            return
+        self._told_servers.add(node)
+        self._log.error(
+            "node {other} was given other --redis servers ({theirs}) than this node"
+            " ({ours}): some rooms are kept on one server by one and on another by the"
+            " other, and their members do not hear each other; give every node the same"
+            " --redis servers",
+            other=str(node),
+            theirs=", ".join(map(str, servers)),
+            ours=", ".join(self._servers),
+            node=self.node_id,
+        )
 
     def _expelled(self, body: Dict[str, Any]) -> None:
         """

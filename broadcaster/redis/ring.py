@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from bisect import bisect_left
-from typing import Dict, Generic, List, Sequence, Tuple, TypeVar
+from typing import Dict, Generic, List, Optional, Sequence, Tuple, TypeVar
 
 #: Places on the ring per server: enough that each server's share of the
 #: rooms is within a few percent of even.
@@ -107,10 +107,14 @@ class Shard:
         backplane makes its own).
     :param index: this server's position in ``--redis``, from 0.
     :param count: how many servers share the rooms.
+    :param servers: their names (``None``: this one alone).
     """
 
-    def __init__(self, owns=None, memory=None, index: int = 0, count: int = 1) -> None:
+    def __init__(
+        self, owns=None, memory=None, index: int = 0, count: int = 1, servers=None
+    ) -> None:
         self.owns = owns if owns is not None else (lambda room: True)
+        self.servers: Optional[List[str]] = list(servers) if servers is not None else None
         self.memory = memory
         self.index = index
         self.count = count

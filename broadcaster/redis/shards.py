@@ -226,6 +226,7 @@ def sharded(addresses: Sequence[Any], make, clock: IReactorTime, history_memory:
             memory=memory,
             index=i,
             count=len(addresses),
+            servers=names,
         )
         if shards:
             shard.share_seen(shards[0])

@@ -7,18 +7,22 @@ two nodes, one of them killed.
 from __future__ import annotations
 
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.python.usage import UsageError
 
 from broadcaster.redis.address import parse_redis_url
 from broadcaster.redis.ring import Ring
 from tests.redis.test_redis import (
+    PASSWORD,
     RedisServer,
     join_room,
     messages_until,
     require_redis_server,
     start_node,
 )
+from tests.http.test_metrics import scrape
 from tests.support import server_options, wait_for
 from tests.test_rooms import join_chat
 
@@ -122,7 +126,12 @@ class ShardedNodesTests(TestCase):
         for room in first + second:
             for i in range(5):
                 ann.send_json({"type": "message", "room": room, "text": "{} {}".format(room, i)})
-        got = yield messages_until(bob, "{} 4".format(second[-1]))
+        # One order per room; rooms of two servers are not ordered together.
+        got = []
+        while len(got) < 5 * len(first + second):
+            event = yield bob.next_json()
+            if event["type"] == "message":
+                got.append(event)
         for room in first + second:
             self.assertEqual(
                 [(m["text"], m["seq"]) for m in got if m["room"] == room],
@@ -195,6 +204,12 @@ class ShardedNodesTests(TestCase):
             [s["connected"] for s in state["shards"]], [False, True], state
         )
         self.assertFalse(state["connected"])
+        samples = yield scrape(self.port_a)
+        self.assertEqual(
+            [samples[("broadcaster_redis_connected", (("server", s["url"]),))] for s in state["shards"]],
+            [0, 1],
+        )
+        self.assertEqual(samples[("broadcaster_backplane_connected", (("kind", "redis"),))], 0)
 
         yield self.servers[0].start()
         for node in (self.a, self.b):
@@ -216,3 +231,22 @@ class ShardedNodesTests(TestCase):
         for server in self.servers:
             counts.append(int((yield server.command("PUBSUB", "SHARDNUMSUB", lobby))[1]))
         self.assertEqual(sorted(counts), [0, 2])
+
+    @inlineCallbacks
+    def test_a_node_given_other_servers_is_named(self):
+        """A node started with only one of the two servers would keep
+        some rooms where the others do not look: the others log it, once,
+        naming it and both lists, without passwords."""
+        log = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        yield start_node(self, self.servers[0], "gamma")
+        told = yield wait_for(
+            lambda: [e for e in log if "other --redis servers" in e.get("log_format", "")
+                     and e.get("node") == "alpha"],
+            what="alpha telling",
+        )
+        names = sorted(parse_redis_url(s.url).shard_name() for s in self.servers)
+        self.assertEqual(
+            (told[0]["other"], told[0]["theirs"], told[0]["ours"]),
+            ("gamma", parse_redis_url(self.servers[0].url).shard_name(), ", ".join(names)),
+        )
+        self.assertNotIn(PASSWORD, formatEvent(told[0]))
