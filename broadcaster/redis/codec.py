@@ -1,14 +1,15 @@
 """
 How events travel through Redis: one entry per event, ``<seq> <epoch>
 <json>`` with the bytes of a binary message or an image after the JSON, as
-published and as kept in a room's history.
+published and as kept in a room's history; several text messages of one
+room published together travel as one batch (:func:`split_batch`).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import fields
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from broadcaster.core.events import (
     BinaryMessage,
@@ -76,6 +77,30 @@ def decode_entry(entry: bytes) -> Tuple[Dict[str, Any], Optional[bytes], int, st
     if not isinstance(body, dict):
         raise ValueError("not a JSON object")
     return body, (blob if newline else None), int(seq), epoch.decode("ascii")
+
+
+def split_batch(message: bytes) -> List[bytes]:
+    """
+    The entries of a batch: ``*`` and the length of each entry, separated
+    by spaces, then a newline and the entries back to back (several text
+    messages of one room, numbered and published by one script).
+
+    :raise ValueError: if it is not one.
+    """
+    head, newline, rest = message.partition(b"\n")
+    if not newline:
+        raise ValueError("a batch without a line of lengths")
+    lengths = [int(length) for length in head[1:].split(b" ")]
+    entries = []
+    at = 0
+    for length in lengths:
+        if length <= 0:
+            raise ValueError("an empty entry in a batch")
+        entries.append(rest[at : at + length])
+        at += length
+    if at != len(rest):
+        raise ValueError("a batch whose lengths do not add up to its size")
+    return entries
 
 
 def event_from(body: Dict[str, Any], blob: Optional[bytes], seq: int, epoch: str) -> Event:

@@ -19,7 +19,7 @@ import tempfile
 import treq
 from PIL import Image
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.internet.task import Clock, deferLater
@@ -460,7 +460,8 @@ class BackplaneTests(SynchronousTestCase):
         """What the subscription brings back for a recorded call."""
         script, keys, args, _ = call
         if script is PUBLISH_TEXT:
-            return "{} {} ".format(seq, epoch).encode() + args[1]
+            (body,) = args[4:]
+            return "{} {} ".format(seq, epoch).encode() + body
         return args[-1]
 
     def comes_back(self, call, seq=0, epoch="-"):
@@ -530,7 +531,11 @@ class BackplaneTests(SynchronousTestCase):
         """Whether the connection went before or after Redis answered, and
         before or after the subscription brought a message back, each is
         delivered once and every publication is answered."""
-        acks = [self.hub.publish_text("a-1", text) for text in ("one", "two", "three", "four")]
+        acks = []
+        for text in ("one", "two", "three", "four"):
+            # Each in a reactor turn of its own: each is a script of its own.
+            acks.append(self.hub.publish_text("a-1", text))
+            self.clock.advance(0)
         one, two, three, four = self.commands.calls
         # "one" is back through the subscription; its answer will fail.
         self.comes_back(one, 1, "e1")
@@ -556,11 +561,63 @@ class BackplaneTests(SynchronousTestCase):
         self.assertEqual([self.successResultOf(ack).seq for ack in acks], [1, 2, 1, 2])
         self.assertEqual(self.backplane.state()["local_only"], 2)
 
+    def test_a_turns_texts_are_numbered_and_published_together(self):
+        """The text messages of a room that one reactor turn publishes go
+        to Redis in one script, come back as one batch, and are each
+        delivered once, in order, with their own numbers; a binary message
+        published after them in that turn follows them."""
+        acks = [self.hub.publish_text("a-1", text) for text in ("one", "two", "three")]
+        self.hub.publish_binary("a-1", b"\x00\x01")
+        self.assertEqual(self.texts(), [])  # nothing is back yet
+        (texts, binary) = self.commands.calls
+        self.assertIs(texts[0], PUBLISH_TEXT)
+        self.assertEqual(binary[0], "SPUBLISH")
+        self.assertEqual(len(texts[2][4:]), 3)
+        texts[3].callback([5, b"e1"])
+        entries = [b"%d e1 " % (5 + i) + body for i, body in enumerate(texts[2][4:])]
+        batch = b"*" + b" ".join(b"%d" % len(e) for e in entries) + b"\n" + b"".join(entries)
+        self.connections.listener.message_received(b"room", batch)
+        self.assertEqual(self.texts(), [("one", 5, "e1"), ("two", 6, "e1"), ("three", 7, "e1")])
+        self.assertEqual([self.successResultOf(ack).seq for ack in acks], [5, 6, 7])
+
+    def test_a_batch_that_fails_is_delivered_here(self):
+        """A batch Redis did not take, or that was still to be sent when
+        Redis went, is delivered here once, in the outage's numbering."""
+        for text in ("one", "two"):
+            self.hub.publish_text("a-1", text)
+        self.clock.advance(0)
+        (texts,) = self.commands.calls
+        texts[3].errback(txredisapi.ConnectionError("Lost connection"))
+        self.assertEqual(self.texts(), [("one", 1, "local-a-2"), ("two", 2, "local-a-2")])
+        commands = FakeCommands()
+        self.connections.come_up(commands)
+        self.hub.publish_text("a-1", "queued")
+        self.connections.listener.commands_lost(commands)
+        self.clock.advance(0)
+        self.assertEqual(self.texts()[-1], ("queued", 1, "local-a-3"))
+        self.assertEqual([call for call in commands.calls if call[0] is PUBLISH_TEXT], [])
+
+    def test_unreadable_batches_are_ignored(self):
+        """A batch whose lengths do not fit is logged and dropped; the next
+        message is delivered."""
+        log = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        entry = b"1 e1 " + encode_event(
+            TextMessage(ts=0, room="lobby", sender="b-1", text="fine"), "b", 1
+        )
+        for bad in (b"*3 4", b"*x\nabc", b"*2 2\nabc", b"*0\n", b"*%d\n%s" % (len(entry) + 1, entry)):
+            self.connections.listener.message_received(b"room", bad)
+        self.connections.listener.message_received(b"room", entry)
+        self.assertEqual(self.texts(), [("fine", 1, "e1")])
+        self.assertEqual(
+            len([e for e in log if "unreadable batch" in e.get("log_format", "")]), 5
+        )
+
     def test_only_redis_numbers_move_the_join_position(self):
         """A member joining during an outage has seen live everything up to
         the last message Redis numbered, not the outage's local ones: once
         Redis is back, its replay from Redis stops there."""
         self.hub.publish_text("a-1", "one")
+        self.clock.advance(0)
         (one,) = self.commands.calls
         one[3].callback([1, b"e1"])
         self.comes_back(one, 1, "e1")
@@ -897,6 +954,19 @@ def join_room(client, room, since=None):
     return (yield read_until(client, of_type("presence", room=room)))[-1]
 
 
+def script_runs(info) -> int:
+    """
+    How many scripts Redis ran (EVAL and EVALSHA), from ``INFO commandstats``.
+    """
+    if isinstance(info, bytes):
+        info = info.decode("ascii")
+    runs = 0
+    for line in info.splitlines():
+        if line.startswith(("cmdstat_evalsha:", "cmdstat_eval:")):
+            runs += int(line.split("calls=", 1)[1].split(",", 1)[0])
+    return runs
+
+
 class RedisTestCase(TestCase):
     timeout = 120
 
@@ -981,6 +1051,32 @@ class CrossNodeTests(RedisTestCase):
             self.assertEqual(seqs, list(range(seqs[0], seqs[0] + len(texts))))
             self.assertEqual({m["epoch"] for m in received}, {at_a[0]["epoch"]})
         self.assertEqual(at_a, at_b)
+
+    @inlineCallbacks
+    def test_texts_of_one_turn_travel_as_one_batch(self):
+        """150 messages published on node A in one reactor turn reach B in
+        order, numbered 1 to 150, through three scripts (64 at most each);
+        the history keeps each one, and recovery replays them."""
+        ann, ann_welcome = yield join_chat(self, self.port_a, "ann")
+        bob, _ = yield join_chat(self, self.port_b, "bob")
+        yield wait_for(lambda: len(self.a.hub.presence("lobby")) == 2)
+        before = yield self.redis.command("INFO", "commandstats")
+        texts = ["t{}".format(i) for i in range(150)]
+        acks = [self.a.hub.publish_text(ann_welcome["id"], text) for text in texts]
+        got = yield messages_until(bob, "t149")
+        self.assertEqual([(m["text"], m["seq"]) for m in got], list(zip(texts, range(1, 151))))
+        answered = yield gatherResults(acks)
+        self.assertEqual([message.seq for message in answered], list(range(1, 151)))
+        after = yield self.redis.command("INFO", "commandstats")
+        self.assertEqual(script_runs(after) - script_runs(before), 3)
+        history = yield self.b.hub.backplane.history("lobby", 200)
+        self.assertEqual([m.text for m in history], texts[-100:])
+        carol, _ = yield join_chat(self, self.port_b, "carol")
+        carol.send_json(
+            {"type": "join", "room": "lobby", "since": {"epoch": got[0]["epoch"], "seq": 140}}
+        )
+        replayed = yield messages_until(carol, "t149")
+        self.assertEqual([m["seq"] for m in replayed], list(range(141, 151)))
 
     @inlineCallbacks
     def test_presence_and_renames_cross_nodes(self):
