@@ -516,7 +516,7 @@ class NeedsServerOption(Scenario):
     option = ""
 
     def unavailable(self, spec: ServerSpec) -> Optional[str]:
-        if spec.name != "broadcaster":
+        if spec.name not in ("broadcaster", "baseline"):
             return "not applicable: only broadcaster has {}".format(self.option)
         if self.option not in spec.options():
             return "not available: broadcaster has no {} option".format(self.option)

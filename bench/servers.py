@@ -71,6 +71,8 @@ class ServerSpec:
     :ivar label: what the table calls it.
     :ivar argv: the command line, given the port.
     :ivar requires: modules it needs, each with how to install it.
+    :ivar source: for a broadcaster of another revision (``--baseline``),
+        the directory its package was unpacked into.
     """
 
     name: str
@@ -78,6 +80,7 @@ class ServerSpec:
     description: str
     argv: Callable[[int], List[str]]
     requires: Dict[str, str] = field(default_factory=dict)
+    source: Optional[str] = None
 
     def missing(self) -> Optional[str]:
         """
@@ -93,18 +96,19 @@ class ServerSpec:
         """
         The command-line flags this server accepts (from ``--help``), so
         scenarios can tell whether it has ``--redis`` or ``--workers``.
-        Only broadcaster has any.
+        Only broadcaster (and a ``--baseline`` of it) has any.
         """
         return _OPTIONS_CACHE.setdefault(self.name, self._read_options())
 
     def _read_options(self) -> FrozenSet[str]:
-        if self.name != "broadcaster":
+        if self.name not in ("broadcaster", "baseline"):
             return frozenset()
+        env = _env() if self.source is None else dict(_env(), PYTHONPATH=self.source)
         try:
             out = subprocess.run(
                 [sys.executable, "-c", TWISTD, "broadcaster", "--help"],
                 capture_output=True,
-                env=_env(),
+                env=env,
                 cwd=str(REPO_ROOT),
                 timeout=60,
             ).stdout.decode(errors="replace")
@@ -207,6 +211,7 @@ def add_baseline(revision: str) -> ServerSpec:
         "twistd -n broadcaster as of git revision {}, defaults but --rate 0".format(revision),
         argv,
         {"twisted": "pip install .", "autobahn": "pip install ."},
+        source=directory,
     )
     SERVERS[spec.name] = spec
     return spec
