@@ -71,6 +71,8 @@ class ServerSpec:
     :ivar label: what the table calls it.
     :ivar argv: the command line, given the port.
     :ivar requires: modules it needs, each with how to install it.
+    :ivar greets: whether it sends every new connection a first message
+        (broadcaster's plain mode: the announcement of its arrival).
     """
 
     name: str
@@ -78,6 +80,7 @@ class ServerSpec:
     description: str
     argv: Callable[[int], List[str]]
     requires: Dict[str, str] = field(default_factory=dict)
+    greets: bool = False
 
     def missing(self) -> Optional[str]:
         """
@@ -145,6 +148,7 @@ SERVERS: Dict[str, ServerSpec] = {
             "twistd -n broadcaster (this repository), defaults but --rate 0",
             _broadcaster_argv,
             {"twisted": "pip install .", "autobahn": "pip install ."},
+            greets=True,
         ),
         ServerSpec(
             "autobahn",
@@ -207,6 +211,7 @@ def add_baseline(revision: str) -> ServerSpec:
         "twistd -n broadcaster as of git revision {}, defaults but --rate 0".format(revision),
         argv,
         {"twisted": "pip install .", "autobahn": "pip install ."},
+        greets=True,
     )
     SERVERS[spec.name] = spec
     return spec
