@@ -38,8 +38,8 @@
  *               and the server's CPU until it went quiet.
  *
  * In rate and throughput modes, --slow K of the subscribers read at most
- * --slow-bytes-per-s bytes a second and --stalled M read nothing at all once
- * the first message is sent, both with an SO_RCVBUF of --slow-rcvbuf bytes
+ * --slow-bytes-per-s bytes a second and --stalled M read nothing at all from
+ * their 101 on, both with an SO_RCVBUF of --slow-rcvbuf bytes
  * and a TCP MSS of --slow-mss (spread evenly among the others).  They are left out of the delivery check
  * and the latencies, which are the other ("honest") subscribers'; the server
  * closing or resetting them is no error but reported: whether, how (close
@@ -901,6 +901,12 @@ static void on_readable(conn *c)
                 c->t_open = now;
                 pending--;
                 opened++;
+                if (pacing && c->kind != KIND_HONEST)
+                    /* Slow from the start: had it read the join
+                     * announcements at full speed, the server's kernel
+                     * would have grown its send buffer (with the
+                     * congestion window) to hundreds of KB. */
+                    set_paused(c, 1);
             }
         }
         if (c->state == ST_OPEN || c->state == ST_CLOSING)
@@ -978,7 +984,7 @@ static void resume(conn *c)
  * for a burst) and let those with a useful amount read again. */
 static void pace_slow(int64_t now)
 {
-    if (!pacing || !cfg.slow)
+    if (!pacing || !cfg.slow || now - pace_ns < 5000000)
         return;
     double dt = (now - pace_ns) / 1e9, cap = cfg.slow_bytes_per_s / 10;
     if (cap < 1024)
@@ -1046,6 +1052,7 @@ static void poll_once(int timeout_ms)
         else
             on_event(evs[i].data.ptr, evs[i].events);
     }
+    pace_slow(now_ns());
 }
 
 static void check_stdin_alive(void)
@@ -1231,6 +1238,10 @@ static const char *cut_name(int how)
 static void run_messages(void)
 {
     double settle;
+    /* From its 101 on, a slow subscriber reads at its bandwidth and a
+     * stalled one not at all. */
+    pacing = cfg.slow || cfg.stalled;
+    pace_ns = now_ns();
     /* Subscribers first, then the publisher, so every message finds them all. */
     double connect_s = connect_and_settle(cfg.subscribers, &settle);
     double settle_total = settle;
@@ -1250,13 +1261,6 @@ static void run_messages(void)
     measuring = 1; /* counts deliveries from t_measure_start */
     t_measure_start = INT64_MAX;
     sending = 1;
-    /* From the first message on, slow subscribers read at their bandwidth
-     * and stalled ones not at all. */
-    pacing = 1;
-    pace_ns = t0;
-    for (int i = 0; i < cfg.subscribers; i++)
-        if (conns[i].kind != KIND_HONEST)
-            set_paused(&conns[i], 1);
     if (cfg.messages) {
         t_measure_start = t0;
         measure_from_seq = 0;
@@ -1288,7 +1292,6 @@ static void run_messages(void)
         }
         if (pub->state != ST_OPEN)
             break;
-        pace_slow(now);
         int timeout = cfg.slow ? 10 : 50;
         if (sending) {
             if (cfg.mode == MODE_THROUGHPUT) {
