@@ -3,7 +3,9 @@ Pictures of a benchmark run: one SVG chart per scenario beside the JSON
 results, for the README and for eyes that read bars faster than tables.
 
 Each chart has a panel per figure the scenario judges (higher or lower is
-better): bars for the median of each server in each variant, whiskers from
+better), or per figure it names for its chart (``charts`` in the results:
+S8 the storm's time and CPU per connection, S9 the latency percentiles):
+bars for the median of each server in each variant, whiskers from
 the fastest to the slowest run, every server in the same colour on every
 chart, and the machine and date in the title, since figures vary twofold
 between machines.  The C reference server's bars (``--servers c``) are
@@ -58,10 +60,13 @@ def write_charts(document: Dict, directory: Path) -> List[Path]:
     when = str(machine.get("date", ""))[:10]
     where = "{} ({} cores)".format(machine.get("cpu_model", "?"), machine.get("cores", "?"))
     labels = {name: info.get("label", name) for name, info in document.get("servers", {}).items()}
+    chosen = document.get("charts", {})
     written = []
     for scenario, title in document.get("scenarios", {}).items():
         mine = [r for r in rows if r["scenario"] == scenario and r.get("better")]
         metrics = list(dict.fromkeys(r["metric"] for r in mine))[:4]
+        if scenario in chosen:
+            metrics = [m for m in chosen[scenario] if m in metrics]
         if not metrics:
             continue
         figure, axes = plt.subplots(

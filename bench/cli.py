@@ -76,7 +76,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=None, help="repetitions of every run (default 3; 1 with --quick)")
     p.add_argument(
         "--quick", action="store_true",
-        help="a tiny run for the test suite: 20 subscribers, 200 messages, 200 idle connections",
+        help="a tiny run for the test suite: 20 subscribers, 200 messages, 200 idle"
+        " connections, a storm of 200",
     )
     p.add_argument(
         "--json-out", type=Path, default=DEFAULT_JSON,
@@ -101,6 +102,25 @@ def parser() -> argparse.ArgumentParser:
         "--idle-connections", type=_ints, default=[5000],
         help="S3 variants (default 5000; e.g. 5000,20000: counts above the open files"
         " limit are lowered to fit)",
+    )
+    p.add_argument(
+        "--storm-connections", type=_ints, default=[5000, 20000],
+        help="S8 variants: connections opened at once (default 5000,20000; lowered to fit"
+        " the open files limit)",
+    )
+    p.add_argument(
+        "--storm-concurrency", type=int, default=256,
+        help="S8: connects and handshakes under way at a time (default 256)",
+    )
+    p.add_argument("--s9-rate", type=float, default=20.0, help="S9 messages/s (default 20)")
+    p.add_argument(
+        "--s9-size", type=int, default=4096,
+        help="S9 message size in bytes, 33 to 65526 (default 4096)",
+    )
+    p.add_argument(
+        "--s9-max-buffer", type=int, default=65536,
+        help="S9: broadcaster's --max-buffer, so that the stalled subscriber is cut within"
+        " the run (default 65536; at least the message size plus its frame header)",
     )
     p.add_argument(
         "--baseline", default=None, metavar="REV",
@@ -153,6 +173,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.repeat = 1 if args.quick else 3
     if args.repeat < 1 or args.window < 1 or not 33 <= args.size <= 65536:
         parser().error("--repeat and --window must be at least 1, --size 33 to 65536")
+    if args.storm_concurrency < 1 or args.s9_rate <= 0 or not 33 <= args.s9_size <= 65526:
+        parser().error(
+            "--storm-concurrency must be at least 1, --s9-rate above 0, --s9-size 33 to 65526"
+        )
+    if args.s9_max_buffer < args.s9_size + 10:
+        parser().error("--s9-max-buffer must hold one message: at least --s9-size + 10")
 
     try:
         servers = [lookup(name).name for name in (args.servers or list(SERVERS))]
@@ -198,6 +224,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         s3_connections=args.idle_connections,
         s45_subscribers=args.s45_subscribers,
         s6_members=args.big_room_members,
+        storm_connections=args.storm_connections,
+        storm_concurrency=args.storm_concurrency,
+        s9_rate=args.s9_rate,
+        s9_size=args.s9_size,
+        s9_max_buffer=args.s9_max_buffer,
         # The server needs a few descriptors of its own besides its clients.
         max_connections=max(1, nofile - 64),
         nofile_limit=nofile,
@@ -214,6 +245,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             s3_connections=[200],
             s45_subscribers=20,
             s6_members=[200],
+            storm_connections=[200],
+            s9_rate=200.0,
+            s9_slow=2,
             drain_max=20.0,
             settle=0.3,
         )
@@ -332,6 +366,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows = report.summarize([(s, v) for s, v, _ in plan], runs, servers)
     comparisons = report.comparisons(rows, len(os.sched_getaffinity(0)))
     targets = report.targets(rows, settings.s2_subscribers, floor)
+    stalled = report.stalled_cuts(runs)
     ok = not interrupted and all(r.get("ok") for r in runs)
     document = {
         "benchmark": "broadcaster fan-out (python -m bench)",
@@ -358,12 +393,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "scenarios": {
             s.id: s.title.format(window=settings.window, size=settings.size) for s in scenarios
         },
+        "charts": {s.id: s.chart for s in scenarios if s.chart},
         "notes": notes,
         "unavailable": unavailable,
         "runs": runs,
         "summary": rows,
         "comparisons": comparisons,
         "targets": targets,
+        "stalled": stalled,
         "ok": ok,
         "interrupted": interrupted,
         "elapsed_s": round(time.monotonic() - started, 1),
@@ -380,7 +417,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     print()
     print(report.format_table(rows, unavailable))
-    for line in report.format_targets(targets) + report.format_comparisons(comparisons) + notes:
+    for line in (
+        report.format_targets(targets) + report.format_comparisons(comparisons)
+        + report.format_stalled(stalled) + notes
+    ):
         print(line)
     print()
     print("results: {}".format(args.json_out))

@@ -30,6 +30,24 @@
  *   idle        subscribers only, opened in --stages (e.g. 500,5000); after
  *               each stage has connected and gone quiet, a JSON line is
  *               printed and the next stage waits for a line on stdin.
+ *   storm       --subscribers connections opened as fast as the server takes
+ *               them, --concurrency connects and handshakes under way at a
+ *               time; a connection is done at its 101 (with --greeting 1, at
+ *               its first message: the server's greeting).  The time until
+ *               all are done, each one's handshake time (connect() to 101),
+ *               and the server's CPU until it went quiet.
+ *
+ * In rate and throughput modes, --slow K of the subscribers read at most
+ * --slow-bytes-per-s bytes a second and --stalled M read nothing at all from
+ * their 101 on, both with an SO_RCVBUF of --slow-rcvbuf bytes
+ * and a TCP MSS of --slow-mss (spread evenly among the others).  They are left out of the delivery check
+ * and the latencies, which are the other ("honest") subscribers'; the server
+ * closing or resetting them is no error but reported: whether, how (close
+ * frame and its code, EOF, reset) and, when seen during the run, how long
+ * after the first message (a server that closes cleanly waits for the close
+ * handshake, which a stalled reader cannot answer: then the time is not
+ * known, -1).  After the run they all read what they were sent, without a
+ * limit, to see how it ended.
  *
  * Both message modes run --warmup seconds (not measured), then --duration
  * seconds (measured: deliveries, completed messages, server CPU from
@@ -260,7 +278,7 @@ static double h_quantile(double q) /* in ns */
 /* ------------------------------------------------------------------ */
 /* Configuration                                                        */
 
-enum { MODE_THROUGHPUT, MODE_RATE, MODE_IDLE };
+enum { MODE_THROUGHPUT, MODE_RATE, MODE_IDLE, MODE_STORM };
 
 static struct {
     const char *host;
@@ -287,6 +305,12 @@ static struct {
     int nstages;
     double linger_max; /* seconds to wait for stdin EOF after the last report */
     int name_length;   /* >0: connect as /?name=<this many characters> */
+    int greeting;      /* storm: a connection is done at its first message, not its 101 */
+    int slow;          /* rate: subscribers that read at slow_bytes_per_s */
+    double slow_bytes_per_s;
+    int stalled;       /* rate: subscribers that stop reading when sending starts */
+    int slow_rcvbuf;   /* SO_RCVBUF of slow and stalled subscribers (0: the system's) */
+    int slow_mss;      /* their TCP_MAXSEG (0: the system's) */
 } cfg = {
     .host = "127.0.0.1",
     .port = 0,
@@ -309,6 +333,8 @@ static struct {
     .settle_max = 600,
     .nstages = 0,
     .linger_max = 120,
+    .slow_rcvbuf = 4096,
+    .slow_mss = 536,
 };
 
 #define HDR_LEN 33 /* "B" + 10 digits + " " + 20 digits + " " */
@@ -318,6 +344,11 @@ static struct {
 
 enum { ST_IDLE, ST_CONNECTING, ST_HANDSHAKE, ST_OPEN, ST_CLOSING, ST_CLOSED };
 enum { ROLE_SUB, ROLE_PUB };
+/* What kind of reader a subscriber is: only honest ones are in the delivery
+ * check and the latencies. */
+enum { KIND_HONEST, KIND_SLOW, KIND_STALLED };
+/* How the server ended a slow or stalled subscriber. */
+enum { CUT_NONE, CUT_CLOSE, CUT_EOF, CUT_RESET };
 
 typedef struct conn {
     int fd;
@@ -333,6 +364,13 @@ typedef struct conn {
     int8_t msg_op;
     int64_t last_seq;
     uint64_t received;
+    uint8_t kind, paused, detached, cut_how;
+    int close_code;    /* of the server's close frame, -1: none */
+    double budget;     /* bytes a slow subscriber may read now */
+    int64_t t_start;   /* connect() called */
+    int64_t t_open;    /* 101 received */
+    int64_t t_greet;   /* first message received */
+    int64_t t_cut;     /* the server hung up on a paused subscriber, seen then */
 } conn;
 
 static conn *conns;
@@ -341,6 +379,10 @@ static int target_open; /* how many subscribers the current stage wants */
 static int started;     /* subscribers whose connect has begun */
 static int pending;     /* in CONNECTING or HANDSHAKE */
 static int opened;      /* ever reached OPEN */
+static int greeted;     /* received a first message */
+static int honest;      /* subscribers in the delivery check */
+static int pacing;      /* slow subscribers read at their bandwidth, stalled ones not at all */
+static int64_t pace_ns; /* when budgets were last topped up */
 static int epfd;
 static uint8_t *scratch;
 static size_t scratch_cap = 1 << 18;
@@ -349,6 +391,8 @@ static size_t scratch_cap = 1 << 18;
 static uint64_t announcements, announcement_bytes, bench_bytes;
 static uint64_t order_errors, duplicates, corrupt, protocol_errors;
 static uint64_t server_closes, resets, pings;
+/* Server closes and resets of slow and stalled subscribers (not errors). */
+static uint64_t odd_closes, odd_resets;
 static int64_t last_data_ns;
 
 /* Message bookkeeping (publisher side). */
@@ -365,10 +409,33 @@ static int measuring;
 
 static void set_events(conn *c, int out)
 {
-    struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP | (out ? EPOLLOUT : 0), .data.ptr = c};
+    struct epoll_event ev = {.events = (c->paused ? 0 : EPOLLIN | EPOLLRDHUP) | (out ? EPOLLOUT : 0),
+                             .data.ptr = c};
+    c->want_out = out;
+    if (c->detached)
+        return;
     if (epoll_ctl(epfd, EPOLL_CTL_MOD, c->fd, &ev) < 0)
         die("epoll_ctl: %s", strerror(errno));
-    c->want_out = out;
+}
+
+static void resume(conn *c);
+
+/* A slow or stalled subscriber stops (or resumes) reading. */
+static void set_paused(conn *c, int paused)
+{
+    if (c->paused == paused || c->state == ST_CLOSED)
+        return;
+    c->paused = paused;
+    set_events(c, c->want_out);
+}
+
+/* The server ended a slow or stalled subscriber: keep the first sign of it. */
+static void note_cut(conn *c, int how)
+{
+    if (c->cut_how == CUT_NONE)
+        c->cut_how = how;
+    if (!c->t_cut && pacing) /* after the run, the time would say nothing */
+        c->t_cut = now_ns();
 }
 
 static void conn_close(conn *c)
@@ -479,6 +546,17 @@ static void start_connect(conn *c)
         die("socket: %s (raise the open files limit?)", strerror(errno));
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (c->kind != KIND_HONEST) {
+        /* Before connect(): the window scale and the MSS are agreed in the
+         * TCP handshake.  A small MSS keeps the server's kernel from giving
+         * this connection a send buffer of megabytes (on loopback its MSS
+         * is 64 KiB, and the initial send buffer is sized from it), so the
+         * backlog of a slow or stalled reader reaches the server process. */
+        if (cfg.slow_rcvbuf > 0)
+            setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &cfg.slow_rcvbuf, sizeof cfg.slow_rcvbuf);
+        if (cfg.slow_mss > 0)
+            setsockopt(fd, IPPROTO_TCP, TCP_MAXSEG, &cfg.slow_mss, sizeof cfg.slow_mss);
+    }
     if (cfg.sources > 1) {
         /* Spread connections over 127.0.0.1..127.0.0.K so that ephemeral
          * ports do not run short; the port is still chosen at connect(). */
@@ -495,6 +573,7 @@ static void start_connect(conn *c)
     c->fd = fd;
     c->state = ST_CONNECTING;
     c->last_seq = -1;
+    c->t_start = now_ns();
     pending++;
     struct epoll_event ev = {.events = EPOLLOUT | EPOLLIN | EPOLLRDHUP, .data.ptr = c};
     c->want_out = 1;
@@ -587,7 +666,10 @@ static void ensure_counts(int64_t seq)
     counts_cap = cap;
 }
 
-static conn *publisher(void) { return cfg.mode == MODE_IDLE ? NULL : &conns[nconns - 1]; }
+static conn *publisher(void)
+{
+    return cfg.mode == MODE_IDLE || cfg.mode == MODE_STORM ? NULL : &conns[nconns - 1];
+}
 
 static void publish_one(int64_t t)
 {
@@ -625,6 +707,10 @@ static void on_complete(int64_t now)
 static void on_message(conn *c, const uint8_t *p, size_t len, int64_t now)
 {
     int64_t seq, ts;
+    if (!c->t_greet) {
+        c->t_greet = now;
+        greeted++;
+    }
     if (len == 0 || p[0] != 'B' || len < HDR_LEN) {
         announcements++;
         announcement_bytes += len;
@@ -651,13 +737,13 @@ static void on_message(conn *c, const uint8_t *p, size_t len, int64_t now)
         return;
     }
     c->received++;
-    if (c->role != ROLE_SUB)
+    if (c->role != ROLE_SUB || c->kind != KIND_HONEST)
         return;
     if (seq >= measure_from_seq && measuring)
         h_record(now - ts);
     if (measuring && now >= t_measure_start && !t_measure_end)
         win_deliveries++;
-    if (++counts[seq] == (uint32_t)cfg.subscribers)
+    if (++counts[seq] == (uint32_t)honest)
         on_complete(now);
 }
 
@@ -697,7 +783,13 @@ static void on_frame(conn *c, int fin, int op, const uint8_t *p, size_t len, int
         return;
     case 0x8: /* close: answer with the same code, then wait for the server to hang up */
         if (c->state == ST_OPEN) {
-            server_closes++;
+            if (c->kind == KIND_HONEST) {
+                server_closes++;
+            } else {
+                odd_closes++;
+                c->close_code = len >= 2 ? p[0] << 8 | p[1] : 1005;
+                note_cut(c, CUT_CLOSE);
+            }
             send_frame(c, 0x8, p, len >= 2 ? 2 : 0);
             c->state = ST_CLOSING;
         }
@@ -753,9 +845,22 @@ static size_t parse_frames(conn *c, const uint8_t *buf, size_t len, int64_t now)
     return off;
 }
 
+/* The server hung up (EOF, or an error such as a reset). */
+static void on_hangup(conn *c, int eof)
+{
+    if (c->kind != KIND_HONEST) {
+        if (c->state == ST_OPEN || !eof)
+            odd_resets++;
+        note_cut(c, eof ? CUT_EOF : CUT_RESET);
+    } else if (c->state == ST_OPEN || !eof) {
+        resets++;
+    }
+    conn_close(c);
+}
+
 static void on_readable(conn *c)
 {
-    for (int rounds = 0; rounds < 4 && c->state != ST_CLOSED; rounds++) {
+    for (int rounds = 0; rounds < 4 && c->state != ST_CLOSED && !c->paused; rounds++) {
         /* Whatever was left over goes in front of the new bytes. */
         size_t have = c->left_len;
         if (have + 65536 > scratch_cap) {
@@ -765,19 +870,26 @@ static void on_readable(conn *c)
         }
         if (have)
             memcpy(scratch, c->left, have);
-        ssize_t n = recv(c->fd, scratch + have, scratch_cap - have, 0);
+        size_t want = scratch_cap - have;
+        int limited = pacing && c->kind == KIND_SLOW && c->state == ST_OPEN;
+        if (limited && want > (size_t)c->budget)
+            want = (size_t)c->budget;
+        ssize_t n = recv(c->fd, scratch + have, want, 0);
         if (n == 0) {
-            if (c->state == ST_OPEN)
-                resets++;
-            conn_close(c);
+            on_hangup(c, 1);
             return;
         }
         if (n < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
                 return;
-            resets++;
-            conn_close(c);
+            on_hangup(c, 0);
             return;
+        }
+        if (limited) {
+            /* Its bandwidth is spent: it waits for pace_slow() to top it up. */
+            c->budget -= n;
+            if (c->budget < 1)
+                set_paused(c, 1);
         }
         int64_t now = now_ns();
         last_data_ns = now;
@@ -786,8 +898,15 @@ static void on_readable(conn *c)
             off = check_handshake(c, scratch, len);
             if (off) {
                 c->state = ST_OPEN;
+                c->t_open = now;
                 pending--;
                 opened++;
+                if (pacing && c->kind != KIND_HONEST)
+                    /* Slow from the start: had it read the join
+                     * announcements at full speed, the server's kernel
+                     * would have grown its send buffer (with the
+                     * congestion window) to hundreds of KB. */
+                    set_paused(c, 1);
             }
         }
         if (c->state == ST_OPEN || c->state == ST_CLOSING)
@@ -802,8 +921,8 @@ static void on_readable(conn *c)
         if (rest)
             memmove(c->left, scratch + off, rest);
         c->left_len = rest;
-        if ((size_t)n < scratch_cap - have)
-            return; /* drained the socket */
+        if ((size_t)n < want || limited)
+            return; /* drained the socket, or read what it may for now */
     }
 }
 
@@ -823,10 +942,64 @@ static void on_event(conn *c, uint32_t ev)
         }
         return;
     }
+    if (c->paused && (ev & (EPOLLHUP | EPOLLERR))) {
+        /* The server reset a subscriber that is not reading: note when.  A
+         * stalled one is no longer watched (the hang-up would be reported
+         * again and again) until resume() reads what it was sent and how it
+         * ended; a slow one reads it now, its bandwidth no longer matters. */
+        if (!c->t_cut)
+            c->t_cut = now_ns();
+        if (c->kind == KIND_STALLED) {
+            epoll_ctl(epfd, EPOLL_CTL_DEL, c->fd, NULL);
+            c->detached = 1;
+            return;
+        }
+        resume(c);
+    }
     if (ev & EPOLLOUT)
         conn_flush(c);
     if (c->state != ST_CLOSED && (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)))
         on_readable(c);
+}
+
+/* A paused subscriber reads again (without a bandwidth limit). */
+static void resume(conn *c)
+{
+    if (c->state == ST_CLOSED)
+        return;
+    c->paused = 0;
+    if (c->detached) {
+        struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP | (c->want_out ? EPOLLOUT : 0),
+                                 .data.ptr = c};
+        c->detached = 0;
+        if (epoll_ctl(epfd, EPOLL_CTL_ADD, c->fd, &ev) < 0)
+            die("epoll_ctl add: %s", strerror(errno));
+    } else {
+        set_events(c, c->want_out);
+    }
+}
+
+/* Slow subscribers' bandwidth: top up each one's budget for the time gone
+ * by (at most a tenth of a second's worth, so an idle spell is not saved up
+ * for a burst) and let those with a useful amount read again. */
+static void pace_slow(int64_t now)
+{
+    if (!pacing || !cfg.slow || now - pace_ns < 5000000)
+        return;
+    double dt = (now - pace_ns) / 1e9, cap = cfg.slow_bytes_per_s / 10;
+    if (cap < 1024)
+        cap = 1024;
+    pace_ns = now;
+    for (int i = 0; i < cfg.subscribers; i++) {
+        conn *c = &conns[i];
+        if (c->kind != KIND_SLOW || c->state == ST_CLOSED)
+            continue;
+        c->budget += cfg.slow_bytes_per_s * dt;
+        if (c->budget > cap)
+            c->budget = cap;
+        if (c->paused && c->budget >= 512)
+            set_paused(c, 0);
+    }
 }
 
 /* Open more subscribers, keeping at most --concurrency handshakes under way. */
@@ -879,6 +1052,7 @@ static void poll_once(int timeout_ms)
         else
             on_event(evs[i].data.ptr, evs[i].events);
     }
+    pace_slow(now_ns());
 }
 
 static void check_stdin_alive(void)
@@ -965,9 +1139,109 @@ static void run_idle(void)
     linger();
 }
 
+/* Storm: open every connection as fast as the server takes them, with up
+ * to --concurrency connects and handshakes under way.  A connection is done
+ * at its 101 or, with --greeting 1, at its first message (the server's
+ * greeting); then the generator waits until nothing has arrived for
+ * --settle-ms and reports. */
+static void run_storm(void)
+{
+    int n = cfg.subscribers;
+    double cpu0 = self_cpu_s(), srv0 = proc_cpu_s(cfg.server_pid);
+    int64_t t0 = now_ns(), deadline = t0 + (int64_t)(cfg.connect_timeout * 1e9);
+    int64_t t_open = 0, t_done = 0;
+    target_open = n;
+    open_more();
+    while (1) {
+        int64_t now = now_ns();
+        if (!t_open && opened >= n)
+            t_open = now;
+        if (t_open && (!cfg.greeting || greeted >= n)) {
+            t_done = now;
+            break;
+        }
+        if (now > deadline)
+            break;
+        poll_once(50);
+        open_more();
+        check_stdin_alive();
+    }
+    int64_t t1 = now_ns(), settle_deadline = t1 + (int64_t)(cfg.settle_max * 1e9);
+    last_data_ns = t1;
+    while (now_ns() - last_data_ns < (int64_t)cfg.settle_ms * 1000000 && now_ns() < settle_deadline) {
+        poll_once(cfg.settle_ms / 4 + 1);
+        check_stdin_alive();
+    }
+    /* The last data, not the end of the quiet spell that proved it last. */
+    double quiet_s = (last_data_ns - t0) / 1e9;
+    double srv1 = proc_cpu_s(cfg.server_pid);
+    int64_t last_greet = 0;
+    for (int i = 0; i < n; i++) {
+        if (conns[i].t_open)
+            h_record(conns[i].t_open - conns[i].t_start);
+        if (conns[i].t_greet > last_greet)
+            last_greet = conns[i].t_greet;
+    }
+    printf("{\"mode\":\"storm\",\"connections\":%d,\"concurrency\":%d,\"greeting\":%s,"
+           "\"opened\":%d,\"greeted\":%d,\"open\":%d,\"complete\":%s,"
+           "\"storm_seconds\":%.4f,\"connect_seconds\":%.4f,\"greet_seconds\":%.4f,"
+           "\"quiet_seconds\":%.4f,\"announcements\":%" PRIu64 ",\"server_cpu_s\":%.3f,"
+           "\"loadgen_cpu_s\":%.3f,"
+           "\"handshake_ms\":{\"count\":%" PRIu64 ",\"p50\":%.3f,\"p90\":%.3f,\"p99\":%.3f,"
+           "\"max\":%.3f},"
+           "\"server_closes\":%" PRIu64 ",\"resets\":%" PRIu64 ",\"protocol_errors\":%" PRIu64
+           ",\"pings\":%" PRIu64 "}\n",
+           n, cfg.concurrency, cfg.greeting ? "true" : "false", opened, greeted, count_open(),
+           t_done ? "true" : "false", t_done ? (t_done - t0) / 1e9 : -1.0,
+           t_open ? (t_open - t0) / 1e9 : -1.0, last_greet ? (last_greet - t0) / 1e9 : -1.0,
+           quiet_s, announcements, (srv0 >= 0 && srv1 >= 0) ? srv1 - srv0 : -1.0,
+           self_cpu_s() - cpu0, hist_count, h_quantile(0.5) / 1e6, h_quantile(0.9) / 1e6,
+           h_quantile(0.99) / 1e6, hist_max / 1e6, server_closes, resets, protocol_errors, pings);
+    linger();
+}
+
+/* After the run: let the slow and stalled subscribers read what they were
+ * sent, to learn whether the server cut them (a close frame, EOF or reset)
+ * or kept them open, and so that they answer the server's close frames when
+ * it stops; at most 5 s, or 1 s without anything new. */
+static void wait_odd(void)
+{
+    int64_t start = now_ns(), last = start;
+    uint64_t seen = 0;
+    for (int i = 0; i < cfg.subscribers; i++)
+        if (conns[i].kind != KIND_HONEST)
+            resume(&conns[i]);
+    while (now_ns() - start < 5000000000LL) {
+        int open = 0;
+        uint64_t got = 0;
+        for (int i = 0; i < cfg.subscribers; i++)
+            if (conns[i].kind == KIND_STALLED) {
+                open += conns[i].state != ST_CLOSED && conns[i].state != ST_CLOSING;
+                got += conns[i].received;
+            }
+        if (!open)
+            break;
+        if (got != seen)
+            seen = got, last = now_ns();
+        else if (now_ns() - last > 1000000000LL)
+            break;
+        poll_once(20);
+        check_stdin_alive();
+    }
+}
+
+static const char *cut_name(int how)
+{
+    return how == CUT_CLOSE ? "close" : how == CUT_EOF ? "eof" : how == CUT_RESET ? "reset" : "open";
+}
+
 static void run_messages(void)
 {
     double settle;
+    /* From its 101 on, a slow subscriber reads at its bandwidth and a
+     * stalled one not at all. */
+    pacing = cfg.slow || cfg.stalled;
+    pace_ns = now_ns();
     /* Subscribers first, then the publisher, so every message finds them all. */
     double connect_s = connect_and_settle(cfg.subscribers, &settle);
     double settle_total = settle;
@@ -1018,7 +1292,7 @@ static void run_messages(void)
         }
         if (pub->state != ST_OPEN)
             break;
-        int timeout = 50;
+        int timeout = cfg.slow ? 10 : 50;
         if (sending) {
             if (cfg.mode == MODE_THROUGHPUT) {
                 while (in_flight < cfg.window && sending &&
@@ -1030,9 +1304,9 @@ static void run_messages(void)
                     next_send += (int64_t)period_ns;
                 }
                 int64_t wait = next_send - now_ns();
-                timeout = wait <= 0 ? 0 : (int)(wait / 1000000);
-                if (timeout > 50)
-                    timeout = 50;
+                int until_next = wait <= 0 ? 0 : (int)(wait / 1000000);
+                if (until_next < timeout)
+                    timeout = until_next;
             }
         } else {
             /* Draining: done once everything sent has reached everyone. */
@@ -1071,10 +1345,45 @@ static void run_messages(void)
 
     uint64_t deliveries = 0, short_subs = 0;
     for (int i = 0; i < cfg.subscribers; i++) {
+        if (conns[i].kind != KIND_HONEST)
+            continue;
         deliveries += conns[i].received;
         short_subs += conns[i].received != (uint64_t)next_seq;
     }
-    uint64_t expected = (uint64_t)next_seq * cfg.subscribers;
+    uint64_t expected = (uint64_t)next_seq * honest;
+    /* The slow and stalled subscribers: how far each got, and whether and
+     * when (seconds after the first message) the server cut it. */
+    int64_t slow_min = -1, slow_max = -1, stalled_received = -1;
+    int slow_cut = 0, stalled_cut = 0, stalled_how = CUT_NONE, stalled_code = -1;
+    double stalled_cut_s = -1;
+    pacing = 0;
+    for (int i = 0; i < cfg.subscribers; i++) {
+        conn *c = &conns[i];
+        if (c->kind != KIND_SLOW)
+            continue;
+        /* What it had read at its bandwidth by the end of the run. */
+        if (slow_min < 0 || (int64_t)c->received < slow_min)
+            slow_min = c->received;
+        if ((int64_t)c->received > slow_max)
+            slow_max = c->received;
+    }
+    if (cfg.slow || cfg.stalled)
+        wait_odd();
+    for (int i = 0; i < cfg.subscribers; i++) {
+        conn *c = &conns[i];
+        int cut = c->cut_how != CUT_NONE;
+        if (c->kind == KIND_SLOW) {
+            slow_cut += cut;
+        } else if (c->kind == KIND_STALLED) {
+            stalled_cut += cut;
+            if (stalled_received < 0) { /* the first one speaks for all */
+                stalled_received = c->received;
+                stalled_how = c->cut_how;
+                stalled_code = c->close_code;
+                stalled_cut_s = c->t_cut ? (c->t_cut - t0) / 1e9 : -1.0;
+            }
+        }
+    }
     double win_s = (t_measure_end - t_measure_start) / 1e9;
     if (win_s <= 0)
         win_s = 1e-9;
@@ -1100,6 +1409,11 @@ static void run_messages(void)
            ",\"publisher_echoes\":%" PRIu64 ",\"announcements\":%" PRIu64
            ",\"server_closes\":%" PRIu64 ",\"resets\":%" PRIu64 ",\"open_at_end\":%d,"
            "\"complete\":%s},"
+           "\"honest\":%d,\"slow\":{\"count\":%d,\"bytes_per_s\":%.0f,\"rcvbuf\":%d,"
+           "\"received_min\":%" PRId64 ",\"received_max\":%" PRId64 ",\"cut\":%d},"
+           "\"stalled\":{\"count\":%d,\"cut\":%d,\"how\":\"%s\",\"close_code\":%d,"
+           "\"cut_after_s\":%.3f,\"received\":%" PRId64 "},"
+           "\"odd_closes\":%" PRIu64 ",\"odd_resets\":%" PRIu64 ","
            "\"loadgen_total_cpu_s\":%.3f}\n",
            cfg.mode == MODE_RATE ? "rate" : "throughput", cfg.subscribers,
            cfg.mode == MODE_THROUGHPUT ? cfg.window : 0, cfg.mode == MODE_RATE ? cfg.rate : 0.0,
@@ -1115,7 +1429,10 @@ static void run_messages(void)
            hist_count ? hist_sum / hist_count / 1e3 : 0.0, expected, deliveries,
            expected > deliveries ? expected - deliveries : 0, short_subs, order_errors,
            duplicates, corrupt, protocol_errors, pub->received, announcements, server_closes,
-           resets, count_open(), complete ? "true" : "false", self_cpu_s());
+           resets, count_open(), complete ? "true" : "false", honest, cfg.slow,
+           cfg.slow_bytes_per_s, cfg.slow_rcvbuf, slow_min, slow_max, slow_cut, cfg.stalled,
+           stalled_cut, cut_name(stalled_how), stalled_code, stalled_cut_s, stalled_received,
+           odd_closes, odd_resets, self_cpu_s());
     fflush(stdout);
     linger();
 }
@@ -1124,12 +1441,14 @@ static void usage(void)
 {
     fprintf(stderr,
             "usage: loadgen --port P [--publisher-port P] [--host 127.0.0.1]\n"
-            "  [--mode throughput|rate|idle]\n"
+            "  [--mode throughput|rate|idle|storm] [--greeting 0|1]\n"
             "  [--subscribers N] [--window W] [--rate R] [--duration S] [--warmup S]\n"
             "  [--messages M] [--size BYTES] [--server-pid PID] [--server-core CPU]\n"
             "  [--concurrency C]\n"
             "  [--sources K] [--drain-timeout S] [--drain-max S] [--connect-timeout S] [--settle-ms MS]\n"
-            "  [--settle-max S] [--stages N1,N2,...] [--linger-max S] [--name-length N]\n");
+            "  [--settle-max S] [--stages N1,N2,...] [--linger-max S] [--name-length N]\n"
+            "  [--slow K] [--slow-bytes-per-s B] [--stalled M] [--slow-rcvbuf BYTES]\n"
+            "  [--slow-mss BYTES]\n");
     exit(2);
 }
 
@@ -1149,6 +1468,7 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--mode"))
             cfg.mode = !strcmp(v, "rate") ? MODE_RATE
                        : !strcmp(v, "idle") ? MODE_IDLE
+                       : !strcmp(v, "storm") ? MODE_STORM
                        : !strcmp(v, "throughput") ? MODE_THROUGHPUT
                                                   : (usage(), 0);
         else if (!strcmp(a, "--subscribers"))
@@ -1187,6 +1507,18 @@ int main(int argc, char **argv)
             cfg.linger_max = atof(v);
         else if (!strcmp(a, "--name-length"))
             cfg.name_length = atoi(v);
+        else if (!strcmp(a, "--greeting"))
+            cfg.greeting = atoi(v);
+        else if (!strcmp(a, "--slow"))
+            cfg.slow = atoi(v);
+        else if (!strcmp(a, "--slow-bytes-per-s"))
+            cfg.slow_bytes_per_s = atof(v);
+        else if (!strcmp(a, "--stalled"))
+            cfg.stalled = atoi(v);
+        else if (!strcmp(a, "--slow-rcvbuf"))
+            cfg.slow_rcvbuf = atoi(v);
+        else if (!strcmp(a, "--slow-mss"))
+            cfg.slow_mss = atoi(v);
         else if (!strcmp(a, "--stages")) {
             char *s = strdup(v), *tok, *save;
             for (tok = strtok_r(s, ",", &save); tok && cfg.nstages < 16;
@@ -1199,7 +1531,10 @@ int main(int argc, char **argv)
     if (cfg.port <= 0 || cfg.port > 65535 || cfg.publisher_port < 0 ||
         cfg.publisher_port > 65535 || cfg.size < HDR_LEN || cfg.size > 65536 ||
         cfg.subscribers < 1 || cfg.window < 1 || cfg.rate <= 0 || cfg.concurrency < 1 ||
-        cfg.sources < 1 || cfg.sources > 250 || (cfg.mode == MODE_IDLE && !cfg.nstages))
+        cfg.sources < 1 || cfg.sources > 250 || (cfg.mode == MODE_IDLE && !cfg.nstages) ||
+        cfg.slow < 0 || cfg.stalled < 0 || cfg.slow + cfg.stalled >= cfg.subscribers ||
+        (cfg.slow && cfg.slow_bytes_per_s <= 0) || cfg.slow_rcvbuf < 0 || cfg.slow_mss < 0 ||
+        ((cfg.slow || cfg.stalled) && cfg.mode == MODE_IDLE))
         usage();
     for (int s = 1; s < cfg.nstages; s++)
         if (cfg.stages[s] < cfg.stages[s - 1])
@@ -1213,7 +1548,9 @@ int main(int argc, char **argv)
         rl.rlim_cur = rl.rlim_max;
         setrlimit(RLIMIT_NOFILE, &rl);
     }
-    nconns = cfg.mode == MODE_IDLE ? cfg.stages[cfg.nstages - 1] : cfg.subscribers + 1;
+    nconns = cfg.mode == MODE_IDLE    ? cfg.stages[cfg.nstages - 1]
+             : cfg.mode == MODE_STORM ? cfg.subscribers
+                                      : cfg.subscribers + 1;
     if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && (rlim_t)nconns + 16 > rl.rlim_cur)
         die("%d connections need more open files than the limit (%lu); lower the count or "
             "raise the hard limit (ulimit -Hn)",
@@ -1225,8 +1562,16 @@ int main(int argc, char **argv)
         conns[i].fd = -1;
         conns[i].id = i;
         conns[i].msg_op = -1;
-        conns[i].role = (cfg.mode != MODE_IDLE && i == nconns - 1) ? ROLE_PUB : ROLE_SUB;
+        conns[i].role = (publisher() == &conns[i]) ? ROLE_PUB : ROLE_SUB;
+        conns[i].close_code = -1;
     }
+    /* Slow and stalled subscribers spread evenly among the honest ones. */
+    int odd = cfg.slow + cfg.stalled;
+    for (int k = 0; k < odd; k++) {
+        int i = (int)((int64_t)k * cfg.subscribers / odd) + cfg.subscribers / (2 * odd);
+        conns[i].kind = k < cfg.stalled ? KIND_STALLED : KIND_SLOW;
+    }
+    honest = cfg.subscribers - odd;
     scratch = xrealloc(NULL, scratch_cap);
     epfd = epoll_create1(EPOLL_CLOEXEC);
     if (epfd < 0)
@@ -1237,6 +1582,8 @@ int main(int argc, char **argv)
     stdin_watched = epoll_ctl(epfd, EPOLL_CTL_ADD, 0, &ev) == 0;
     if (cfg.mode == MODE_IDLE)
         run_idle();
+    else if (cfg.mode == MODE_STORM)
+        run_storm();
     else
         run_messages();
     return 0;

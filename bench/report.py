@@ -177,10 +177,12 @@ def format_table(rows: Sequence[Dict], unavailable: Sequence[Dict]) -> str:
     return "\n".join(out)
 
 
-#: The targets: cross-node at least 0.9x one node (issue 19; 0.8 before); --workers 2 at
-#: least 1.7x one process (with 4 cores or more).
+#: The targets: cross-node at least 0.9x one node (issue 19; 0.8 before);
+#: --workers 2 at least 1.7x one process (with 4 cores or more); the
+#: others' p99 with slow consumers at most 1.2x without.
 CROSS_NODE_TARGET = 0.9
 WORKERS_TARGET = 1.7
+SLOW_CONSUMER_TARGET = 1.2
 
 
 def _row(rows: Sequence[Dict], variant: str, metric: str) -> Optional[Dict]:
@@ -199,10 +201,36 @@ def comparisons(rows: Sequence[Dict], cores: Optional[int] = None) -> List[Dict]
     """
     broadcaster against itself: S4 (cross-node) over S1 with as many
     subscribers (single node) from the same run, and S5's ``--workers 2``
-    over one process.  Only those whose figures both exist.  S5's target
-    is only judged with ``cores`` of 4 or more.
+    over one process; and every server against itself in S9, the p99
+    latency with slow consumers over the one without.  Only those whose
+    figures both exist.  S5's target is only judged with ``cores`` of 4 or
+    more.
     """
     found = []
+    for row in rows:
+        if row["variant"] != "S9/slow" or row["metric"] != "latency_p99_ms":
+            continue
+        base = next(
+            (
+                r for r in rows
+                if r["variant"] == "S9/baseline" and r["metric"] == "latency_p99_ms"
+                and r["server"] == row["server"]
+            ),
+            None,
+        )
+        if base is not None and base["median"]:
+            found.append({
+                "what": "S9 p99 latency with slow consumers / without, {}".format(
+                    SERVERS[row["server"]].label
+                ),
+                "server": row["server"],
+                "numerator": row["median"],
+                "denominator": base["median"],
+                "ratio": row["median"] / base["median"],
+                "target": SLOW_CONSUMER_TARGET,
+                "better": "lower",
+                "digits": 2,
+            })
     for row in rows:
         if row["server"] != "broadcaster" or row["metric"] != "deliveries_per_s":
             continue
@@ -230,7 +258,10 @@ def comparisons(rows: Sequence[Dict], cores: Optional[int] = None) -> List[Dict]
                     "target": WORKERS_TARGET,
                 })
     for item in found:
-        item["meets_target"] = item["ratio"] >= item["target"]
+        if item.get("better") == "lower":
+            item["meets_target"] = item["ratio"] <= item["target"]
+        else:
+            item["meets_target"] = item["ratio"] >= item["target"]
         if item["target"] == WORKERS_TARGET and cores is not None and cores < 4:
             item["meets_target"] = None
             item["why_not_judged"] = "{} usable CPUs; the target assumes 4 or more".format(cores)
@@ -240,10 +271,12 @@ def comparisons(rows: Sequence[Dict], cores: Optional[int] = None) -> List[Dict]
 #: The issue's targets for one server against the references: S1 at 1000
 #: subscribers at least 3x the Autobahn reference's deliveries/s; S2 at 200
 #: messages/s to 1000 subscribers nothing lost and a p99 of at most 10 ms;
-#: S3 at most 8 KiB per idle connection.
+#: S3 at most 8 KiB per idle connection; S8 opening 5000 connections at
+#: least as fast as the Autobahn reference.
 THROUGHPUT_TARGET = 3.0
 LATENCY_TARGET_MS = 10.0
 IDLE_MEMORY_TARGET_KIB = 8.0
+STORM_TARGET = 1.0
 
 
 def targets(
@@ -289,6 +322,18 @@ def targets(
             "target": "≤ {:.0f} KiB".format(IDLE_MEMORY_TARGET_KIB),
             "meets_target": row["median"] <= IDLE_MEMORY_TARGET_KIB,
         })
+    storm = _row(rows, "S8/5000", "storm_s")
+    if storm is not None and storm["ratio_to_reference"] is not None:
+        ratio = storm["ratio_to_reference"]
+        item = {
+            "what": "S8 5000 connections, time to open them all over the Autobahn reference's",
+            "figure": "{:.2f} s, ×{:.2f}".format(storm["median"], ratio),
+            "target": "≤ ×{:.1f}".format(STORM_TARGET),
+            "meets_target": ratio <= STORM_TARGET,
+        }
+        if storm.get("ratio_to_limit") is not None:
+            item["note"] = "×{:.2f} the C reference's".format(storm["ratio_to_limit"])
+        found.append(item)
     return found
 
 
@@ -307,15 +352,70 @@ def format_targets(items: Sequence[Dict]) -> List[str]:
 def format_comparisons(items: Sequence[Dict]) -> List[str]:
     """Lines for the terminal, one per comparison."""
     return [
-        "{}: {:,.0f} / {:,.0f} = ×{:.2f} (target ≥ ×{:.1f}: {})".format(
-            item["what"], item["numerator"], item["denominator"], item["ratio"],
-            item["target"],
+        "{}: {} / {} = ×{:.2f} (target {} ×{:.1f}: {})".format(
+            item["what"], _num(item["numerator"], item.get("digits", 0)),
+            _num(item["denominator"], item.get("digits", 0)), item["ratio"],
+            "≤" if item.get("better") == "lower" else "≥", item["target"],
             "met" if item["meets_target"]
             else "not met" if item["meets_target"] is False
             else "not judged: " + item["why_not_judged"],
         )
         for item in items
     ]
+
+
+def stalled_cuts(runs: Sequence[Dict]) -> List[Dict]:
+    """
+    Per server, whether S9's stalled subscriber was cut: in how many runs,
+    how (the close frame's code, EOF or reset) and after how many of the
+    messages sent.
+    """
+    found: Dict[str, Dict] = {}
+    for run in runs:
+        result = run.get("loadgen") or {}
+        stalled = result.get("stalled")
+        if run.get("variant") != "S9/slow" or not stalled or not stalled.get("count"):
+            continue
+        item = found.setdefault(run["server"], {
+            "server": run["server"], "runs": 0, "cut": 0, "how": [], "received": [],
+            "sent": [], "max_buffer": run.get("max_buffer"),
+        })
+        item["runs"] += 1
+        item["cut"] += stalled["cut"] == stalled["count"]
+        how = stalled["how"]
+        if how == "close":
+            how = "close {}".format(stalled["close_code"])
+        item["how"].append(how)
+        item["received"].append(stalled["received"])
+        item["sent"].append(result.get("sent"))
+    return list(found.values())
+
+
+def format_stalled(items: Sequence[Dict]) -> List[str]:
+    """Lines for the terminal, one per server of S9."""
+    lines = []
+    for item in items:
+        label = SERVERS[item["server"]].label if item["server"] in SERVERS else item["server"]
+        got = ", ".join(
+            "{} of {}".format(received, sent) for received, sent in zip(item["received"], item["sent"])
+        )
+        if item["cut"]:
+            lines.append(
+                "S9 stalled subscriber on {}: cut in {} of {} runs ({}; it got {} messages){}".format(
+                    label, item["cut"], item["runs"], ", ".join(sorted(set(item["how"]))), got,
+                    "; --max-buffer {}".format(item["max_buffer"]) if item["max_buffer"] else "",
+                )
+            )
+        else:
+            lines.append(
+                "S9 stalled subscriber on {}: not cut ({}; it got {} messages once it read"
+                " again)".format(
+                    label,
+                    "--max-buffer {}".format(item["max_buffer"]) if item["max_buffer"]
+                    else "no buffer limit", got,
+                )
+            )
+    return lines
 
 
 def write_json(path: Path, document: Dict) -> None:

@@ -34,6 +34,17 @@ S7 rooms stay where their members are (Redis)
     rooms 0-49 only (on node A, at a fixed rate).  The CPU each node and
     Redis spend per published message: B's should be near nothing, since
     a node receives only the rooms it has members in.
+S8 connection storm
+    N connections (5000 and 20,000) opened as fast as the server takes
+    them, a few hundred connects and handshakes under way at a time: the
+    time until every one has its 101 (and, from a server that greets, its
+    first message), connections per second, the server's CPU per
+    connection, and each handshake's time.
+S9 slow consumers
+    S2 at 20 messages/s of 4096 bytes to 1000 subscribers, of which 10 read
+    at three quarters of the stream's bandwidth and 1 stops reading: the
+    others' latency, beside the same run with every subscriber reading
+    (variant ``baseline``), and whether the server cut the stalled one.
 """
 
 from __future__ import annotations
@@ -96,6 +107,14 @@ class Settings:
     s3_connections: Sequence[int] = (5000,)
     s45_subscribers: int = 1000
     s6_members: Sequence[int] = (20000,)
+    storm_connections: Sequence[int] = (5000, 20000)
+    storm_concurrency: int = 256
+    s9_rate: float = 20.0
+    s9_size: int = 4096
+    s9_slow: int = 10
+    s9_stalled: int = 1
+    s9_slow_share: float = 0.75
+    s9_max_buffer: int = 65536
     max_connections: int = 1000000
     nofile_limit: Optional[int] = None
     drain_timeout: float = 15.0
@@ -143,6 +162,8 @@ class Scenario:
     id = ""
     title = ""
     metrics: List[Metric] = []
+    #: The figures its chart shows (default: the first four judged ones).
+    chart: Optional[List[str]] = None
 
     def variants(self, settings: Settings) -> List[Variant]:
         raise NotImplementedError
@@ -190,6 +211,35 @@ def _check_problems(check: Dict, allow_loss: bool = False) -> List[str]:
     return problems
 
 
+def _connection_problems(result: Dict) -> List[str]:
+    """Protocol errors, and server closes and resets, in a connecting run's result."""
+    if result["protocol_errors"] or result["server_closes"] or result["resets"]:
+        return [
+            "{} protocol errors, {} closes, {} resets".format(
+                result["protocol_errors"], result["server_closes"], result["resets"]
+            )
+        ]
+    return []
+
+
+def _loadgen_warnings(loadgen_cpu_pct: Optional[float]) -> List[str]:
+    """A warning when the load generator was busy enough to be the limit."""
+    if (loadgen_cpu_pct or 0) > LOADGEN_CPU_LIMIT:
+        return [
+            "load generator at {:.0f}% of its core: it may have been the limit".format(
+                loadgen_cpu_pct
+            )
+        ]
+    return []
+
+
+def _stop_warnings(stopped: Dict, grace: float) -> List[str]:
+    """A warning when the server had to be killed."""
+    if stopped["killed"]:
+        return ["server did not exit within {:.0f} s of SIGTERM; killed".format(grace)]
+    return []
+
+
 def _message_run(
     ctx: Context,
     spec: ServerSpec,
@@ -199,13 +249,21 @@ def _message_run(
     subscribers: int,
     window: Optional[int] = None,
     rate: Optional[float] = None,
+    size: Optional[int] = None,
+    extra: Optional[Dict[str, Any]] = None,
 ) -> Dict:
-    """Start ``spec``, drive it with a publisher and subscribers, stop it."""
+    """
+    Start ``spec``, drive it with a publisher and subscribers, stop it.
+
+    :param size: the message size (default ``--size``).
+    :param extra: more load generator options (``slow=10`` for ``--slow 10``).
+    """
     server_log, loadgen_log = ctx.logs(spec, variant, repetition)
     with ServerProcess(spec, ctx.server_cpu, server_log) as server:
         startup = server.wait_ready()
         return _drive(
-            ctx, server, startup, loadgen_log, mode, subscribers, window=window, rate=rate
+            ctx, server, startup, loadgen_log, mode, subscribers, window=window, rate=rate,
+            size=size, extra=extra,
         )
 
 
@@ -228,6 +286,8 @@ def _drive(
     loadgen_cpu: Any = "pinned",
     stop: Optional[Callable[[], Dict]] = None,
     shared_core: bool = False,
+    size: Optional[int] = None,
+    extra: Optional[Dict[str, Any]] = None,
 ) -> Dict:
     """
     Drive a running ``server`` (subscribers on its port, the publisher on
@@ -238,6 +298,8 @@ def _drive(
         server CPU; ``None``: none, the server being unpinned).
     :param shared_core: other processes of the run share the server's CPU
         on purpose (S4), so its being busier than ``server`` is no warning.
+    :param size: the message size (default ``--size``).
+    :param extra: more load generator options.
     """
     s = ctx.settings
     if server_core == "pinned":
@@ -255,7 +317,7 @@ def _drive(
             subscribers=subscribers,
             window=window,
             rate=rate,
-            size=s.size,
+            size=size or s.size,
             warmup=s.warmup,
             duration=s.duration,
             messages=s.messages,
@@ -264,6 +326,7 @@ def _drive(
             drain_timeout=s.drain_timeout,
             drain_max=s.drain_max,
             linger_max=s.stop_grace + 30,
+            **(extra or {}),
         )
         deadline = 120 + subscribers * 0.05 + s.warmup + s.duration + s.drain_max
         with LoadGen(ctx.loadgen, args, loadgen_cpu, loadgen_log) as lg:
@@ -301,13 +364,7 @@ def _drive(
     problems = _check_problems(check, allow_loss=False)
     if not check["complete"] and not problems:
         problems.append("delivery check incomplete")
-    warnings = []
-    if measured["loadgen_cpu_pct"] > LOADGEN_CPU_LIMIT:
-        warnings.append(
-            "load generator at {:.0f}% of its core: it may have been the limit".format(
-                measured["loadgen_cpu_pct"]
-            )
-        )
+    warnings = _loadgen_warnings(measured["loadgen_cpu_pct"])
     if (
         not shared_core
         and figures["server_core_busy_pct"] is not None
@@ -325,8 +382,7 @@ def _drive(
             "{:.0f}% of the server's CPU was stolen by the hypervisor: figures are"
             " unreliable".format(figures["server_core_steal_pct"])
         )
-    if stopped["killed"]:
-        warnings.append("server did not exit within {:.0f} s of SIGTERM; killed".format(s.stop_grace))
+    warnings += _stop_warnings(stopped, s.stop_grace)
     return {
         "figures": figures,
         "ok": not problems,
@@ -471,22 +527,12 @@ class IdleMemory(Scenario):
                 problems.append(
                     "{} of {} connections open".format(stage["open"], stage["connections"])
                 )
-            if stage["protocol_errors"] or stage["server_closes"] or stage["resets"]:
-                problems.append(
-                    "{} protocol errors, {} closes, {} resets".format(
-                        stage["protocol_errors"], stage["server_closes"], stage["resets"]
-                    )
-                )
-        warnings = []
-        if stopped["killed"]:
-            warnings.append(
-                "server did not exit within {:.0f} s of SIGTERM; killed".format(s.stop_grace)
-            )
+            problems += _connection_problems(stage)
         return {
             "figures": figures,
             "ok": not problems,
             "problems": problems,
-            "warnings": warnings,
+            "warnings": _stop_warnings(stopped, s.stop_grace),
             "loadgen": {"stages": [stage_a, stage_b]},
             "loadgen_status": loadgen_status,
             "server_process": {
@@ -950,9 +996,260 @@ class RoomLocality(NeedsServerOption):
         )
 
 
+def _listen_drops() -> Optional[int]:
+    """
+    The kernel's count of connection attempts dropped at a full listen
+    queue (``TcpExt ListenDrops`` in ``/proc/net/netstat``; for the whole
+    machine), or ``None`` where it cannot be read.
+    """
+    try:
+        with open("/proc/net/netstat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], values.split()[1:]))
+            if "ListenDrops" in table:
+                return int(table["ListenDrops"])
+    return None
+
+
+class ConnectionStorm(Scenario):
+    """
+    S8: N connections opened as fast as the server takes them.
+    """
+
+    id = "S8"
+    title = "connection storm: every connection opened at once"
+    metrics = [
+        Metric("storm_s", "seconds until all connected (and greeted)", "lower", 2),
+        Metric("connections_per_s", "connections/s", "higher", 0),
+        Metric("cpu_ms_per_conn", "server CPU ms/connection", "lower", 3),
+        Metric("handshake_p99_ms", "p99 handshake ms (connect() to 101)", "lower", 1),
+        Metric("frames_per_conn", "frames received per connection", None, 0),
+        Metric("loadgen_cpu_pct", "load generator CPU %", None, 0),
+    ]
+    chart = ["storm_s", "cpu_ms_per_conn"]
+
+    def variants(self, settings: Settings) -> List[Variant]:
+        variants = []
+        for asked in settings.storm_connections:
+            n = min(asked, settings.max_connections)
+            label = "{} connections".format(n)
+            if n < asked:
+                label += " ({} asked; open files limit {})".format(asked, settings.nofile_limit)
+            variants.append(Variant("S8/{}".format(asked), label, {"connections": n}))
+        return variants
+
+    def run(self, ctx: Context, spec: ServerSpec, variant: Variant, repetition: int) -> Dict:
+        s = ctx.settings
+        n = variant.params["connections"]
+        # broadcaster announces every arrival to everyone: N²/2 frames.
+        connect_timeout = 120 + 3 * (n / 1000.0) ** 2
+        server_log, loadgen_log = ctx.logs(spec, variant, repetition)
+        with ServerProcess(spec, ctx.server_cpu, server_log) as server:
+            startup = server.wait_ready()
+            drops = _listen_drops()
+            args = loadgen_args(
+                port=server.port,
+                mode="storm",
+                subscribers=n,
+                concurrency=s.storm_concurrency,
+                greeting=1 if spec.greets else 0,
+                server_pid=server.pid,
+                sources=1 + n // 10000,
+                connect_timeout=connect_timeout,
+                settle_max=60,
+                linger_max=s.stop_grace + 30,
+            )
+            with LoadGen(ctx.loadgen, args, ctx.loadgen_cpu, loadgen_log) as lg:
+                result = lg.read_result(timeout=connect_timeout + 120)
+                rss = server.rss_kib()
+                stopped = server.stop(s.stop_grace)
+            loadgen_status = lg.proc.returncode
+        if drops is not None:
+            after = _listen_drops()
+            drops = None if after is None else after - drops
+        storm = result["storm_seconds"] if result["complete"] else None
+        figures = {
+            "storm_s": storm,
+            "connections_per_s": n / storm if storm else None,
+            "cpu_ms_per_conn": 1000.0 * result["server_cpu_s"] / n
+            if result["server_cpu_s"] >= 0
+            else None,
+            "handshake_p99_ms": result["handshake_ms"]["p99"] if result["opened"] else None,
+            "frames_per_conn": result["announcements"] / n,
+            "loadgen_cpu_pct": 100.0 * result["loadgen_cpu_s"] / result["quiet_seconds"]
+            if result["quiet_seconds"] > 0
+            else None,
+        }
+        problems = []
+        if not result["complete"]:
+            problems.append(
+                "{} of {} connections open{} within {:.0f} s".format(
+                    result["opened"], n,
+                    ", {} greeted".format(result["greeted"]) if spec.greets else "",
+                    connect_timeout,
+                )
+            )
+        # Everyone hears of every later arrival, its own included (and of
+        # those announced in the same batch as its own): at least N(N+1)/2.
+        least = n * (n + 1) // 2
+        if spec.greets and result["announcements"] < least:
+            problems.append(
+                "{:,} announcements received, at least {:,} expected".format(
+                    result["announcements"], least
+                )
+            )
+        problems += _connection_problems(result)
+        warnings = _loadgen_warnings(figures["loadgen_cpu_pct"]) + _stop_warnings(
+            stopped, s.stop_grace
+        )
+        if drops:
+            warnings.append(
+                "the kernel dropped {} connection attempts at a full listen queue during the"
+                " run (ListenDrops, machine-wide): those clients retried a second or more"
+                " later".format(drops)
+            )
+        return {
+            "figures": figures,
+            "ok": not problems,
+            "problems": problems,
+            "warnings": warnings,
+            "loadgen": result,
+            "loadgen_status": loadgen_status,
+            "listen_drops": drops,
+            "server_process": {
+                "pid": server.pid,
+                "port": server.port,
+                "startup_s": round(startup, 3),
+                "rss_kib": rss,
+                "stop": stopped,
+            },
+        }
+
+    def headline(self, figures: Dict[str, float]) -> str:
+        return "all in {} s ({} connections/s), {} ms server CPU each".format(
+            _fmt(figures.get("storm_s"), 2), _fmt(figures.get("connections_per_s"), 0),
+            _fmt(figures.get("cpu_ms_per_conn"), 3),
+        )
+
+
+def _buffer_flags(limit: int) -> List[str]:
+    """
+    broadcaster's flags for a ``--max-buffer`` of ``limit`` bytes, with the
+    limits it must not be below lowered to fit (never raised).
+    """
+    flags = ["--max-buffer", str(limit)]
+    if limit < 16 * 1024 * 1024:
+        flags += ["--max-image-size", str(limit)]
+    if limit < 65536:
+        flags += ["--max-message-size", str(limit)]
+    return flags
+
+
+def _frame_size(size: int) -> int:
+    """The bytes of a server frame (unmasked) carrying ``size`` bytes."""
+    return size + (2 if size < 126 else 4 if size < 65536 else 10)
+
+
+class SlowConsumers(Scenario):
+    """
+    S9: S2 with ten slow subscribers and one that stops reading, beside the
+    same run with every subscriber reading.
+    """
+
+    id = "S9"
+    title = "slow consumers: the others' latency, and the stalled one cut"
+    metrics = [
+        Metric("latency_p50_ms", "p50 latency ms (the others)", "lower", 2),
+        Metric("latency_p99_ms", "p99 latency ms (the others)", "lower", 2),
+        Metric("latency_max_ms", "max latency ms (the others)", "lower", 1),
+        Metric("lost", "deliveries lost (the others)", "lower", 0),
+        Metric("stalled_cut", "stalled subscriber cut by the server (1 yes, 0 no)", None, 0),
+        Metric("stalled_received", "messages the stalled one received", None, 0),
+        Metric("slow_cut", "slow subscribers cut", None, 0),
+        Metric("cpu_us_per_delivery", "server process CPU µs/delivery", "lower", 2),
+        Metric("loadgen_cpu_pct", "load generator CPU %", None, 0),
+    ]
+    chart = ["latency_p50_ms", "latency_p99_ms"]
+
+    def variants(self, settings: Settings) -> List[Variant]:
+        n, rate = settings.s2_subscribers, settings.s9_rate
+        slow = min(settings.s9_slow, max(0, n - settings.s9_stalled - 1))
+        stalled = min(settings.s9_stalled, n - slow - 1)
+        return [
+            Variant(
+                "S9/baseline",
+                "{} subscribers, {:g} msg/s, all reading".format(n, rate),
+                {"subscribers": n, "slow": 0, "stalled": 0},
+            ),
+            Variant(
+                "S9/slow",
+                "{} subscribers, {:g} msg/s, {} slow, {} stalled".format(n, rate, slow, stalled),
+                {"subscribers": n, "slow": slow, "stalled": stalled},
+            ),
+        ]
+
+    def notes(self, ctx: Context) -> List[str]:
+        s = ctx.settings
+        return [
+            "S9: broadcaster runs with {} (lowered, not off: its default --max-buffer is"
+            " 16 MiB) so that the stalled subscriber passes the limit within the run; the"
+            " reference servers have no such limit and run as they are".format(
+                " ".join(_buffer_flags(s.s9_max_buffer))
+            )
+        ]
+
+    def run(self, ctx: Context, spec: ServerSpec, variant: Variant, repetition: int) -> Dict:
+        s = ctx.settings
+        slow, stalled = variant.params["slow"], variant.params["stalled"]
+        limited = "--max-buffer" in spec.options()
+        if limited:
+            spec = with_args(spec, _buffer_flags(s.s9_max_buffer))
+        extra: Dict[str, Any] = {}
+        if slow or stalled:
+            extra = {
+                "slow": slow,
+                "stalled": stalled,
+                "slow_bytes_per_s": round(s.s9_slow_share * s.s9_rate * _frame_size(s.s9_size)),
+            }
+        record = _message_run(
+            ctx, spec, variant, repetition, "rate",
+            subscribers=variant.params["subscribers"], rate=s.s9_rate, size=s.s9_size,
+            extra=extra,
+        )
+        result = record["loadgen"]
+        record["max_buffer"] = s.s9_max_buffer if limited else None
+        if stalled:
+            cut = result["stalled"]
+            record["figures"].update(
+                stalled_cut=1.0 if cut["cut"] == cut["count"] else 0.0,
+                stalled_received=cut["received"],
+                slow_cut=result["slow"]["cut"],
+            )
+            if limited and cut["cut"] < cut["count"]:
+                record["problems"].append(
+                    "the stalled subscriber was not cut (it got {} of {} messages; --max-buffer"
+                    " {})".format(cut["received"], result["sent"], s.s9_max_buffer)
+                )
+                record["ok"] = False
+        return record
+
+    def headline(self, figures: Dict[str, float]) -> str:
+        line = "p50 {} ms, p99 {} ms".format(
+            _fmt(figures.get("latency_p50_ms"), 2), _fmt(figures.get("latency_p99_ms"), 2)
+        )
+        if figures.get("stalled_cut") is not None:
+            line += ", stalled subscriber {}".format("cut" if figures["stalled_cut"] else "not cut")
+        return line
+
+
 SCENARIOS: Dict[str, Scenario] = {
     s.id: s
     for s in (
-        Throughput(), Latency(), IdleMemory(), CrossNode(), Workers(), BigRoom(), RoomLocality()
+        Throughput(), Latency(), IdleMemory(), CrossNode(), Workers(), BigRoom(), RoomLocality(),
+        ConnectionStorm(), SlowConsumers(),
     )
 }

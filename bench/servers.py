@@ -73,6 +73,8 @@ class ServerSpec:
     :ivar requires: modules it needs, each with how to install it.
     :ivar source: for a broadcaster of another revision (``--baseline``),
         the directory its package was unpacked into.
+    :ivar greets: whether it sends every new connection a first message
+        (broadcaster's plain mode: the announcement of its arrival).
     """
 
     name: str
@@ -81,6 +83,7 @@ class ServerSpec:
     argv: Callable[[int], List[str]]
     requires: Dict[str, str] = field(default_factory=dict)
     source: Optional[str] = None
+    greets: bool = False
 
     def missing(self) -> Optional[str]:
         """
@@ -149,6 +152,7 @@ SERVERS: Dict[str, ServerSpec] = {
             "twistd -n broadcaster (this repository), defaults but --rate 0",
             _broadcaster_argv,
             {"twisted": "pip install .", "autobahn": "pip install ."},
+            greets=True,
         ),
         ServerSpec(
             "autobahn",
@@ -212,6 +216,7 @@ def add_baseline(revision: str) -> ServerSpec:
         argv,
         {"twisted": "pip install .", "autobahn": "pip install ."},
         source=directory,
+        greets=True,
     )
     SERVERS[spec.name] = spec
     return spec

@@ -143,6 +143,66 @@ class BenchSmokeTests(TestCase):
         self.assertIn("every member listed", err)
 
     @inlineCallbacks
+    def test_quick_storm_and_slow_consumers(self):
+        """
+        Quick S8 (a storm of 200 connections) and S9 (subscribers of which
+        two read slowly and one not at all, and the same with everyone
+        reading) runs on broadcaster and the C reference count every
+        connection and check every delivery to the others; broadcaster cuts
+        the stalled subscriber.
+        """
+        results = os.path.abspath(self.mktemp() + ".json")
+        out, err, status = yield self.run_bench(
+            "--quick", "--servers", "broadcaster,c", "--scenarios", "S8,S9",
+            "--json-out", results, "--cache-dir", os.path.abspath(self.mktemp()),
+        )
+        self.assertEqual(status, 0, "stdout:\n{}\nstderr:\n{}".format(out, err))
+        with open(results) as f:
+            document = json.load(f)
+        self.assertTrue(document["ok"])
+        runs = {(r["variant"], r["server"]): r for r in document["runs"]}
+        self.assertEqual(
+            sorted(runs),
+            sorted(
+                (variant, server)
+                for variant in ("S8/200", "S9/baseline", "S9/slow")
+                for server in ("broadcaster", "c")
+            ),
+        )
+        for server in ("broadcaster", "c"):
+            storm = runs["S8/200", server]
+            self.assertEqual(storm["problems"], [], server)
+            result = storm["loadgen"]
+            self.assertEqual((result["opened"], result["open"]), (200, 200), server)
+            self.assertTrue(result["complete"], server)
+            self.assertEqual(result["handshake_ms"]["count"], 200, server)
+        # broadcaster greets each connection; everyone hears of every later arrival.
+        greeted = runs["S8/200", "broadcaster"]["loadgen"]
+        self.assertEqual(greeted["greeted"], 200)
+        self.assertGreaterEqual(greeted["announcements"], 200 * 201 // 2)
+        for variant, odd in (("S9/baseline", 0), ("S9/slow", 3)):
+            for server in ("broadcaster", "c"):
+                run = runs[variant, server]
+                self.assertEqual(run["problems"], [], (variant, server))
+                result = run["loadgen"]
+                check = result["check"]
+                self.assertEqual(result["honest"], result["subscribers"] - odd)
+                self.assertGreater(result["sent"], 0)
+                self.assertEqual(check["expected_deliveries"], result["sent"] * result["honest"])
+                self.assertEqual(check["deliveries"], check["expected_deliveries"])
+                for error in ("lost", "order_errors", "duplicates", "corrupt", "protocol_errors"):
+                    self.assertEqual(check[error], 0, (variant, server, error))
+                self.assertTrue(check["complete"], (variant, server))
+        cut = runs["S9/slow", "broadcaster"]["loadgen"]["stalled"]
+        self.assertEqual((cut["cut"], cut["how"], cut["close_code"]), (1, "close", 4008))
+        self.assertEqual(runs["S9/slow", "c"]["loadgen"]["stalled"]["how"], "open")
+        self.assertIn("S9 stalled subscriber on broadcaster: cut", out)
+        self.assertIn("S9 stalled subscriber on c-ref: not cut", out)
+        for name in ("S8.svg", "S9.svg"):
+            with open(os.path.join(os.path.dirname(results), name)) as f:
+                self.assertIn("<svg", f.read())
+
+    @inlineCallbacks
     def test_quick_cross_node_and_workers(self):
         """
         Quick S4 (two nodes through Redis) and S5 (one process, --workers 2)
@@ -229,6 +289,52 @@ class SummaryTests(SynchronousTestCase):
         self.assertIn("[c ×N]: the median divided by c-ref's", table)
 
 
+class SlowConsumerTests(SynchronousTestCase):
+    """S9 in the report: the p99 ratio per server, and the stalled subscriber's fate."""
+
+    def test_p99_ratio_per_server(self):
+        """Each server's p99 with slow consumers over its own without, judged against 1.2."""
+        rows = [
+            dict(_row("S9/baseline", "latency_p99_ms", 10.0), server="broadcaster"),
+            dict(_row("S9/slow", "latency_p99_ms", 11.0), server="broadcaster"),
+            dict(_row("S9/baseline", "latency_p99_ms", 20.0), server="autobahn"),
+            dict(_row("S9/slow", "latency_p99_ms", 30.0), server="autobahn"),
+        ]
+        found = {c["server"]: c for c in report.comparisons(rows)}
+        self.assertAlmostEqual(found["broadcaster"]["ratio"], 1.1)
+        self.assertTrue(found["broadcaster"]["meets_target"])
+        self.assertFalse(found["autobahn"]["meets_target"])
+        lines = report.format_comparisons([found["broadcaster"]])
+        self.assertEqual(
+            lines,
+            ["S9 p99 latency with slow consumers / without, broadcaster: 11.00 / 10.00 = ×1.10"
+             " (target ≤ ×1.2: met)"],
+        )
+
+    def test_stalled_cut_or_not(self):
+        """Whether the stalled subscriber was cut is said per server, "not cut" included."""
+
+        def run(server, how, code, received):
+            return {
+                "variant": "S9/slow", "server": server, "max_buffer": 65536 if how == "close" else None,
+                "loadgen": {"sent": 120, "stalled": {
+                    "count": 1, "cut": int(how != "open"), "how": how, "close_code": code,
+                    "received": received,
+                }},
+            }
+
+        items = report.stalled_cuts([run("broadcaster", "close", 4008, 29), run("c", "open", -1, 120)])
+        self.assertEqual(
+            report.format_stalled(items),
+            [
+                "S9 stalled subscriber on broadcaster: cut in 1 of 1 runs (close 4008; it got 29"
+                " of 120 messages); --max-buffer 65536",
+                "S9 stalled subscriber on c-ref: not cut (no buffer limit; it got 120 of 120"
+                " messages once it read again)",
+            ],
+        )
+
+
 class TargetsTests(SynchronousTestCase):
     """A run's figures against the issue's targets (``report.targets``)."""
 
@@ -269,6 +375,15 @@ class TargetsTests(SynchronousTestCase):
         (line,) = report.format_targets(report.targets(rows, 1000, self.floor))
         self.assertIn("4.0 ms, 3 lost (target ≤ 10 ms, none lost: not met)", line)
         self.assertIn("bare send()s to 1000 sockets takes 9.2 ms here", line)
+
+    def test_storm_against_autobahn(self):
+        """S8 at 5000 connections is met when broadcaster opens them at least as fast
+        as the Autobahn reference (its time at most ×1.0 Autobahn's)."""
+        for ratio, met in ((0.9, True), (1.3, False)):
+            rows = [_row("S8/5000", "storm_s", 2.0, ratio=ratio)]
+            self.assertEqual(
+                self.verdicts(rows), {"S8 5000 connections": met}
+            )
 
     def test_only_under_the_targets_conditions(self):
         """No S1 verdict without the reference beside it, none for S2 with
