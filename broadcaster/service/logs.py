@@ -34,11 +34,17 @@ import re
 import sys
 from typing import Any, Dict
 
-from twisted.logger import FileLogObserver, ILogObserver, jsonFileLogObserver, textFileLogObserver
+from twisted.logger import (
+    FileLogObserver,
+    ILogObserver,
+    formatEventAsClassicLogText,
+    formatTime,
+    jsonFileLogObserver,
+)
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
-from broadcaster.core.text import escape_controls
+from broadcaster.core.text import CONTROLS, escape_controls
 
 _target = "-"
 
@@ -91,6 +97,14 @@ def redact(text: str) -> str:
 
 
 def _clean(value: Any) -> Any:
+    if value.__class__ is str:
+        # Nearly every field has neither a control character nor anything
+        # like a credential: two searches, no copy.
+        if not _SUSPECT.search(value) and not CONTROLS.search(value):
+            return value
+        return escape_controls(redact(value))
+    if value is None or value.__class__ in (int, float, bool):
+        return value
     if isinstance(value, str):
         return escape_controls(redact(value))
     if isinstance(value, bytes):
@@ -145,11 +159,65 @@ def _output():
     return LogFile.fromFullPath(_target)
 
 
+def _system(event: Dict[str, Any]) -> str:
+    level = event.get("log_level")
+    return "{}#{}".format(event.get("log_namespace", "-"), "-" if level is None else level.name)
+
+
+_stamps: Dict[int, str] = {}
+
+
+def _stamp(when: float) -> str:
+    """
+    :func:`twisted.logger.formatTime` of ``when`` (to the second), made
+    once per second.
+    """
+    second = int(when)
+    stamp = _stamps.get(second)
+    if stamp is None:
+        if len(_stamps) > 64:
+            _stamps.clear()
+        stamp = _stamps[second] = formatTime(second)
+    return stamp
+
+
+def classic_text(event: Dict[str, Any]):
+    """
+    The line :func:`twisted.logger.formatEventAsClassicLogText` makes of
+    ``event``, made faster for the usual event (a format without calls,
+    no traceback, no legacy system): its format filled by ``str.format_map``
+    rather than Twisted's Python formatter, its time stamp made once per
+    second.  Twisted's own formatting (4 times slower, measured) was a
+    sixth of a WebSocket connection's cost in a connection storm; anything
+    else, and any event the fast way cannot fill, goes to it.
+    """
+    text = None
+    form = event.get("log_format")
+    when = event.get("log_time")
+    if (
+        form.__class__ is str
+        and when is not None
+        and "(" not in form
+        and "log_failure" not in event
+        and "log_system" not in event
+        and "log_flattened" not in event
+    ):
+        try:
+            text = form.format_map(event)
+        except Exception:
+            text = None
+    if text is None:
+        return formatEventAsClassicLogText(event)
+    if not text:
+        return None
+    return "{} [{}] {}\n".format(_stamp(when), _system(event), text.replace("\n", "\n\t"))
+
+
 def text_observer() -> SanitisingObserver:
     """
     The observer twistd installs with ``--log-format text`` (the default).
     """
-    return SanitisingObserver(textFileLogObserver(_output()))
+    return SanitisingObserver(FileLogObserver(_output(), classic_text))
 
 
 def json_observer() -> SanitisingObserver:

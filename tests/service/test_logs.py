@@ -120,3 +120,36 @@ class ObserverChoiceTests(SynchronousTestCase):
 
     def test_bad_log_format(self):
         self.assertRaises(usage.UsageError, self.parse, "--log-format", "xml")
+
+
+class ClassicTextTests(SynchronousTestCase):
+    """The text observer writes exactly the lines Twisted's classic
+    format would, the usual ones without its slow formatter."""
+
+    def test_the_same_lines_as_twisteds(self):
+        from twisted.logger import LogLevel, formatEventAsClassicLogText
+        from twisted.python.failure import Failure
+
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            failure = Failure()
+        when = 1796431768.9
+        events = [
+            dict(log_format="[X] {a} {b!r} {c:.2f}", a="x", b="y", c=1.5),
+            dict(log_format="two\nlines {a}", a="x"),
+            dict(log_format="{missing} field"),
+            dict(log_format="a call {a.bit_length()}", a=5),
+            dict(log_format="attribute {a.real} and item {b[0]}", a=3, b=["first"]),
+            dict(log_format=""),
+            dict(log_format="failed", log_failure=failure),
+            dict(log_format="legacy", log_system="HTTPChannel,3,127.0.0.1"),
+            dict(log_format=b"bytes {a}", a=1),
+            dict(a="no format"),
+        ]
+        for event in events:
+            event.update(log_time=when, log_level=LogLevel.warn, log_namespace="n.s")
+            self.assertEqual(logs.classic_text(event), formatEventAsClassicLogText(event), event)
+        # Without a time or a level, as Twisted writes them.
+        for event in (dict(log_format="hi"), dict(log_format="hi", log_time=when)):
+            self.assertEqual(logs.classic_text(event), formatEventAsClassicLogText(event))
