@@ -369,6 +369,82 @@ class SlicedSweepTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
+class PresencePaceTests(SynchronousTestCase):
+    """
+    In a big room, joins and leaves alone (a connection storm) go out at
+    most a quarter of the time: a batch of them waits three times the last
+    round's length after it; a message takes them out at once.  A member
+    joining meanwhile is not told of those its welcome already lists.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.timer = FakeTimer()
+        self.hub = Hub(self.clock, node_id="n")
+        self.hub.fanout.timer = self.timer
+        # Each delivery 1 ms: a round to the 20 members takes 20 ms.
+        self.members = [SlowMember("m{}".format(i), self.timer, cost=0.001) for i in range(20)]
+        for member in self.members:
+            self.hub.connect(member)
+        self.hub.flush()
+        for member in self.members:
+            member.batches.clear()
+        self.hub.publish_text("m0", "round")
+        self.clock.advance(0)
+        self.assertAlmostEqual(self.hub.fanout._last_round, 0.02)
+
+    def comings(self, member):
+        return [e.member for e in member.events() if isinstance(e, (Joined, Left))]
+
+    def test_joins_wait_for_the_pace(self):
+        """Joins right after a 20 ms round wait 60 ms, then go out in one batch."""
+        self.hub.connect(BatchRecorder("late1"))
+        self.clock.advance(0.03)
+        self.hub.connect(BatchRecorder("late2"))
+        self.clock.advance(0.029)
+        self.assertEqual(self.comings(self.members[5]), [])
+        self.clock.advance(0.002)
+        self.assertEqual(self.comings(self.members[5]), ["late1", "late2"])
+        self.assertEqual(len(self.members[5].batches), 2)  # the round, then the joins
+
+    def test_a_message_takes_them_out_at_once(self):
+        """A message published while joins wait goes out at the end of its
+        turn, after them, in one write."""
+        self.hub.connect(BatchRecorder("late"))
+        self.hub.publish_text("m0", "now")
+        self.clock.advance(0)
+        batch = self.members[5].batches[-1]
+        self.assertEqual(
+            [(type(e).__name__, getattr(e, "text", None)) for e in batch],
+            [("Joined", None), ("TextMessage", "now")],
+        )
+
+    def test_a_newcomer_hears_only_what_came_after_it(self):
+        """A member connecting while joins and a leave wait is not told of
+        them (the room's list it gets holds them already), but of its own
+        join, later ones, and the messages of that turn."""
+        self.hub.connect(BatchRecorder("early"))
+        self.hub.disconnect(self.members[19])
+        self.hub.publish_text("m0", "pending")
+        newcomer = BatchRecorder("newcomer")
+        self.hub.connect(newcomer)
+        self.hub.connect(BatchRecorder("after"))
+        self.clock.advance(0.1)
+        self.assertEqual(self.comings(newcomer), ["newcomer", "after"])
+        self.assertEqual([e.text for e in newcomer.events() if isinstance(e, TextMessage)], ["pending"])
+        self.assertEqual(self.comings(self.members[5]), ["early", "m19", "newcomer", "after"])
+        listed = {seat.id for seat in self.hub.presence("lobby")}
+        self.assertTrue({"early", "newcomer", "after"} <= listed and "m19" not in listed)
+
+    def test_small_rooms_are_not_paced(self):
+        """After a round shorter than a third of a millisecond, a join goes
+        out at the end of its turn."""
+        self.hub.fanout._last_round = 0.0003
+        self.hub.connect(BatchRecorder("late"))
+        self.clock.advance(0)
+        self.assertEqual(self.comings(self.members[5]), ["late"])
+
+
 class WebSocketBatchTests(SynchronousTestCase):
     """Batches on the wire: one write per client, identical bytes per wire format."""
 

@@ -40,6 +40,20 @@ from broadcaster.core.stats import Stats
 #: the round under way instead of waiting for it.
 SWEEP_SLICE = 0.001
 
+#: A batch of joins, leaves and renames alone (a connection storm) waits
+#: until this many times the last round's length has passed since it
+#: ended: the rounds that tell thousands of members of each other's
+#: arrivals then take at most a quarter of the time, and their events are
+#: sent in fewer, larger writes.  A message flushes them at once.
+PRESENCE_PACE = 3.0
+
+#: ... but never longer than this (seconds) ...
+PRESENCE_WAIT_MAX = 0.25
+
+#: ... and not at all for a wait shorter than this: small rooms' presence
+#: goes out at the end of the turn, as messages do.
+PRESENCE_WAIT_MIN = 0.001
+
 #: Nobody: the members of a room that has none.
 _NOBODY: Dict[str, Member] = {}
 
@@ -80,6 +94,26 @@ class _Sweep:
             events = _unseen(events)
         self.events = self.events + events
         self.batch = EventBatch(self.events)
+
+
+def _late_groups(
+    late: Dict[str, Tuple[Member, int]], placed
+) -> List[Tuple[List[Event], List[Member]]]:
+    """
+    The members who joined a room while presence events waited, grouped
+    by where the batch stood then, each group with its events: those that
+    came after, and every message.
+    """
+    groups: Dict[int, List[Member]] = {}
+    for member, cut in late.values():
+        groups.setdefault(cut, []).append(member)
+    return [
+        (
+            [e for index, e in placed if index >= cut or not isinstance(e, PRESENCE_EVENTS)],
+            members,
+        )
+        for cut, members in groups.items()
+    ]
 
 
 def _unseen(events: List[Event]) -> List[Event]:
@@ -132,6 +166,17 @@ class FanOut:
         self.immediate = False
         self._batch: List[Tuple[Event, str]] = []
         self._flush_call = None
+        # Whether that flush waits for the pace of presence rounds.
+        self._paced = False
+        #: How many times the last round's length presence-only batches
+        #: wait (:data:`PRESENCE_PACE`; 0: not at all).
+        self.presence_pace = PRESENCE_PACE
+        # room -> joins, leaves and renames in the batch
+        self._pending_presence: Dict[str, int] = {}
+        # room -> member id -> (member, where the batch stood when it
+        # joined): the presence events before that are in what it was told
+        # of the room, not for it.
+        self._cutoffs: Dict[str, Dict[str, Tuple[Member, int]]] = {}
         # room -> deliveries under way there, oldest first; each member of
         # the room is waiting in at most one of them.
         self._sweeps: Dict[str, Deque[_Sweep]] = {}
@@ -164,11 +209,41 @@ class FanOut:
         the same order.
         """
         self._batch.append((event, room))
+        presence = isinstance(event, PRESENCE_EVENTS)
+        if presence:
+            self._pending_presence[room] = self._pending_presence.get(room, 0) + 1
         if self.immediate:
             if not self._delivering:
                 self.flush()
         elif self._flush_call is None:
+            wait = self._presence_wait() if presence else 0.0
+            self._paced = wait > self.batch_delay
+            self._flush_call = self._clock.callLater(max(wait, self.batch_delay), self._flush)
+        elif self._paced and not presence:
+            # A message goes out at the end of this turn, with the joins
+            # and leaves before it.
+            self._flush_call.cancel()
+            self._paced = False
             self._flush_call = self._clock.callLater(self.batch_delay, self._flush)
+
+    def _presence_wait(self) -> float:
+        """
+        Seconds a batch of presence events waits (see :data:`PRESENCE_PACE`).
+        """
+        if not self.presence_pace:
+            return 0.0
+        now = self.timer()
+        if self._sweeps:
+            # A round is under way: as long again as it has lasted, at least.
+            length = max(self._last_round, now - self._round_started)
+            wait = self.presence_pace * length
+        elif self._quiet_since is None:
+            return 0.0
+        else:
+            wait = self.presence_pace * self._last_round - (now - self._quiet_since)
+        if wait < PRESENCE_WAIT_MIN:
+            return 0.0
+        return min(wait, PRESENCE_WAIT_MAX)
 
     _delivering = False
 
@@ -180,6 +255,8 @@ class FanOut:
         waits outside it, and if it was still waiting in one (it left and
         came back) it is taken out.
         """
+        if self._pending_presence.get(room):
+            self._cutoffs.setdefault(room, {})[member.id] = (member, len(self._batch))
         queue = self._sweeps.get(room)
         if not queue:
             return
@@ -215,6 +292,9 @@ class FanOut:
         deliveries cause go into the next batch.
         """
         self._flush_call = None
+        self._paced = False
+        self._pending_presence = {}
+        cutoffs, self._cutoffs = self._cutoffs, {}
         # Under load: a round is under way, or the last one ended less time
         # ago than it took (the fan-out has been busy more than half the
         # time).  Only then is slicing worth its reactor turns; a lone
@@ -231,9 +311,14 @@ class FanOut:
         # Events nobody is told of (a user's second connection coming or
         # going): only the observers (webhooks) hear of them.
         quiet: Optional[Dict[str, List[Event]]] = None
-        for event, room in batch:
+        # For the rooms where a member joined while presence events waited:
+        # each event with its place in the batch.
+        placed: Dict[str, List[Tuple[int, Event]]] = {}
+        for index, (event, room) in enumerate(batch):
             if event.announced:
                 by_room.setdefault(room, []).append(event)
+                if room in cutoffs:
+                    placed.setdefault(room, []).append((index, event))
             else:
                 if quiet is None:
                     quiet = {}
@@ -241,7 +326,8 @@ class FanOut:
         stats = self.stats
         for room, events in by_room.items():
             stats.deliveries += len(self._rooms.get(room, _NOBODY)) * len(events)
-            self._commit(room, events)
+            late = cutoffs.get(room)
+            self._commit(room, events, _late_groups(late, placed.get(room, ())) if late else None)
             self._committed(room, events)
         if quiet is not None:
             for room, events in quiet.items():
@@ -251,9 +337,18 @@ class FanOut:
             self._sweep_call.cancel()
         self._sweep(sliced=busy and not self.immediate)
 
-    def _commit(self, room: str, events: List[Event]) -> None:
+    def _commit(
+        self,
+        room: str,
+        events: List[Event],
+        late: Optional[List[Tuple[List[Event], List[Member]]]] = None,
+    ) -> None:
         """
         Queue ``events`` for every member of ``room``.
+
+        ``late`` are the members who joined while presence events of the
+        room waited, each group with the events it gets: not those, which
+        what it was told of the room on joining already holds.
 
         A member still waiting in a sweep under way gets them with that
         sweep's events, in the same write; the others (served already, or
@@ -262,11 +357,19 @@ class FanOut:
         the member's next turn, not for the end of the whole round.
         """
         queue = self._sweeps.get(room)
+        late_ids = {member.id for _, group in late for member in group} if late else ()
         if not queue:
             self._outside.pop(room, None)
             occupants = self._rooms.get(room, _NOBODY)
             if occupants:
-                self._sweeps[room] = deque(self._new_sweeps(room, events, list(occupants.values())))
+                members = list(occupants.values())
+                if late_ids:
+                    members = [member for member in members if member.id not in late_ids]
+                sweeps = self._new_sweeps(room, events, members) if members else []
+                if late:
+                    sweeps += self._late_sweeps(room, late, occupants)
+                if sweeps:
+                    self._sweeps[room] = deque(sweeps)
             return
         # Everyone in the room is either waiting in a sweep, served already
         # by the one under way, or outside them (served by one that is
@@ -277,8 +380,26 @@ class FanOut:
         for sweep in queue:
             rest.extend(sweep.members[: sweep.next])
             sweep.extend(events)
+        if late_ids:
+            rest = [member for member in rest if member.id not in late_ids]
         if rest:
             queue.extend(self._new_sweeps(room, events, rest))
+        if late:
+            queue.extend(self._late_sweeps(room, late, self._rooms.get(room, _NOBODY)))
+
+    def _late_sweeps(self, room: str, late, occupants: Dict[str, Member]) -> List[_Sweep]:
+        """
+        The sweeps of the members who joined while presence events waited
+        (see :meth:`_commit`); one with nothing for it waits outside them.
+        """
+        sweeps: List[_Sweep] = []
+        for events, group in late:
+            group = [member for member in group if occupants.get(member.id) is member]
+            if events:
+                sweeps += self._new_sweeps(room, events, group)
+            elif group:
+                self._outside.setdefault(room, []).extend(group)
+        return sweeps
 
     def _new_sweeps(self, room: str, events: List[Event], members: List[Member]) -> List[_Sweep]:
         """
@@ -306,7 +427,7 @@ class FanOut:
         :meth:`_commit` merges it into the members' turns still to come.
         """
         self._sweep_call = None
-        if self._flush_call is not None and not self.batch_delay:
+        if self._flush_call is not None and not self.batch_delay and not self._paced:
             # What the reactor read since the last slice: merge it into the
             # round first (that flush continues the round).
             self._flush_call.cancel()
