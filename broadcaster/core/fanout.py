@@ -138,9 +138,12 @@ class FanOut:
         # room -> its members in none of its sweeps while some are under
         # way: served by one that is done, or joined since they began.
         self._outside: Dict[str, List[Member]] = {}
-        # room -> the batches of its round served so far, whose events'
-        # cached encodings are dropped when the round is done.
-        self._served: Dict[str, List[EventBatch]] = {}
+        # room -> the events of its round under way, each once, whose
+        # cached encodings are dropped when the round is done.  (Not the
+        # sweeps' batches: while a long round takes in new events, each
+        # sweep's batch holds all it has taken in, and its framing; kept to
+        # the end of the round, they grew with the square of its events.)
+        self._round_events: Dict[str, List[Event]] = {}
         self._sweep_call = None
         #: Seconds of delivering before the reactor gets to read again.
         self.sweep_slice = SWEEP_SLICE
@@ -267,7 +270,9 @@ class FanOut:
             occupants = self._rooms.get(room, _NOBODY)
             if occupants:
                 self._sweeps[room] = deque(self._new_sweeps(room, events, list(occupants.values())))
+                self._round_events[room] = list(events)
             return
+        self._round_events[room].extend(events)
         # Everyone in the room is either waiting in a sweep, served already
         # by the one under way, or outside them (served by one that is
         # done, or joined since they began).  Only the last two are listed
@@ -344,7 +349,6 @@ class FanOut:
                         self._sweep_call = self._clock.callLater(0, self._sweep)
                         return
                     queue.popleft()
-                    self._served.setdefault(room, []).append(batch)
                     self.stats.fan_out_seconds.observe(sweep.seconds)
                     if queue:
                         self._outside.setdefault(room, []).extend(members)
@@ -354,9 +358,8 @@ class FanOut:
                 # events served it and are dropped, so that a message kept
                 # in history keeps only itself.  (Only a cache: a replay
                 # encodes again.)
-                for batch in self._served.pop(room, ()):
-                    for event in batch:
-                        event.wire.clear()
+                for event in self._round_events.pop(room, ()):
+                    event.wire.clear()
         finally:
             self._delivering = False
         self._quiet_since = timer()
