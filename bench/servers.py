@@ -71,6 +71,9 @@ class ServerSpec:
     :ivar label: what the table calls it.
     :ivar argv: the command line, given the port.
     :ivar requires: modules it needs, each with how to install it.
+    :ivar cwd: the directory it runs in (``None``: the repository).  It
+        matters: ``python -c`` puts its working directory first on
+        ``sys.path``, ahead of ``PYTHONPATH``.
     """
 
     name: str
@@ -78,6 +81,7 @@ class ServerSpec:
     description: str
     argv: Callable[[int], List[str]]
     requires: Dict[str, str] = field(default_factory=dict)
+    cwd: Optional[str] = None
 
     def missing(self) -> Optional[str]:
         """
@@ -207,6 +211,9 @@ def add_baseline(revision: str) -> ServerSpec:
         "twistd -n broadcaster as of git revision {}, defaults but --rate 0".format(revision),
         argv,
         {"twisted": "pip install .", "autobahn": "pip install ."},
+        # Run from this checkout, python -c would import this checkout's
+        # broadcaster first, whatever PYTHONPATH says.
+        cwd=directory,
     )
     SERVERS[spec.name] = spec
     return spec
@@ -304,7 +311,7 @@ class ServerProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                cwd=str(REPO_ROOT),
+                cwd=self.spec.cwd or str(REPO_ROOT),
                 env=_env(),
                 preexec_fn=_preexec(self.cpu),
                 start_new_session=True,
