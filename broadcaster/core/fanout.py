@@ -49,6 +49,13 @@ class _Sweep:
     Events of one room on their way to some of its members, a slice of
     members at a time (see :meth:`FanOut._sweep`).
 
+    Its events are those of the round's log (every event committed in the
+    room since the round began) from :attr:`start` on: every commit during
+    the round adds its events to every sweep still waiting, so they are
+    never copied into each sweep; the batch is made when the sweep is
+    served.  (Copied, a long round's waiting sweeps held events growing
+    with the square of its commits.)
+
     :ivar members: who gets :attr:`batch`, in order; those before
         :attr:`next` have had it.
     :ivar seconds: time spent delivering it so far.
@@ -57,29 +64,37 @@ class _Sweep:
         include joins, leaves or renames.
     """
 
-    __slots__ = ("events", "batch", "members", "next", "seconds", "blind")
+    __slots__ = ("_log", "start", "_batch", "members", "next", "seconds", "blind")
 
-    def __init__(self, events: List[Event], members: List[Member], blind: bool = False) -> None:
-        if blind:
-            events = _unseen(events)
-        self.events = events
-        self.batch = EventBatch(events)
+    def __init__(self, log: List[Event], start: int, members: List[Member], blind: bool = False) -> None:
+        self._log = log
+        self.start = start
+        self._batch: Optional[EventBatch] = None
         self.members = members
         self.next = 0
         self.seconds = 0.0
         self.blind = blind
 
-    def extend(self, events: List[Event]) -> None:
+    @property
+    def batch(self) -> EventBatch:
+        """Its events, as one batch for its members."""
+        batch = self._batch
+        if batch is None:
+            events = self._log[self.start :]
+            if self.blind:
+                events = _unseen(events)
+            batch = self._batch = EventBatch(events)
+        return batch
+
+    def extend(self) -> None:
         """
-        Add ``events`` for the members still waiting; the ones already
-        served are dropped (they get ``events`` in a sweep of their own).
+        Events were added to the round's log: the members still waiting
+        get them too; the ones already served are dropped (they get them
+        in a sweep of their own).
         """
         del self.members[: self.next]
         self.next = 0
-        if self.blind:
-            events = _unseen(events)
-        self.events = self.events + events
-        self.batch = EventBatch(self.events)
+        self._batch = None
 
 
 def _unseen(events: List[Event]) -> List[Event]:
@@ -138,11 +153,9 @@ class FanOut:
         # room -> its members in none of its sweeps while some are under
         # way: served by one that is done, or joined since they began.
         self._outside: Dict[str, List[Member]] = {}
-        # room -> the events of its round under way, each once, whose
-        # cached encodings are dropped when the round is done.  (Not the
-        # sweeps' batches: while a long round takes in new events, each
-        # sweep's batch holds all it has taken in, and its framing; kept to
-        # the end of the round, they grew with the square of its events.)
+        # room -> the events of its round under way, in order, each once:
+        # the log its sweeps take their events from (see _Sweep), and
+        # whose cached encodings are dropped when the round is done.
         self._round_events: Dict[str, List[Event]] = {}
         self._sweep_call = None
         #: Seconds of delivering before the reactor gets to read again.
@@ -269,10 +282,12 @@ class FanOut:
             self._outside.pop(room, None)
             occupants = self._rooms.get(room, _NOBODY)
             if occupants:
-                self._sweeps[room] = deque(self._new_sweeps(room, events, list(occupants.values())))
-                self._round_events[room] = list(events)
+                log = self._round_events[room] = list(events)
+                self._sweeps[room] = deque(self._new_sweeps(log, 0, list(occupants.values()), room))
             return
-        self._round_events[room].extend(events)
+        log = self._round_events[room]
+        start = len(log)
+        log.extend(events)
         # Everyone in the room is either waiting in a sweep, served already
         # by the one under way, or outside them (served by one that is
         # done, or joined since they began).  Only the last two are listed
@@ -281,24 +296,26 @@ class FanOut:
         rest: List[Member] = self._outside.pop(room, [])
         for sweep in queue:
             rest.extend(sweep.members[: sweep.next])
-            sweep.extend(events)
+            sweep.extend()
         if rest:
-            queue.extend(self._new_sweeps(room, events, rest))
+            queue.extend(self._new_sweeps(log, start, rest, room))
 
-    def _new_sweeps(self, room: str, events: List[Event], members: List[Member]) -> List[_Sweep]:
+    def _new_sweeps(
+        self, log: List[Event], start: int, members: List[Member], room: str
+    ) -> List[_Sweep]:
         """
-        The sweeps that take ``events`` to ``members``: one, unless some
-        of them may not see who comes and goes in ``room`` (then those
-        have one of their own).
+        The sweeps that take the events of the round's ``log`` from
+        ``start`` on to ``members``: one, unless some of them may not see
+        who comes and goes in ``room`` (then those have one of their own).
         """
         blind = self._blind.get(room)
         if not blind:
-            return [_Sweep(events, members)]
+            return [_Sweep(log, start, members)]
         seeing = [member for member in members if member.id not in blind]
         unseeing = [member for member in members if member.id in blind]
-        sweeps = [_Sweep(events, seeing)] if seeing else []
+        sweeps = [_Sweep(log, start, seeing)] if seeing else []
         if unseeing:
-            sweeps.append(_Sweep(events, unseeing, blind=True))
+            sweeps.append(_Sweep(log, start, unseeing, blind=True))
         return sweeps
 
     def _sweep(self, until_done: bool = False, sliced: bool = True) -> None:
@@ -333,7 +350,7 @@ class FanOut:
                     batch = sweep.batch
                     index = sweep.next
                     started = timer()
-                    if not sweep.events:
+                    if not batch.events:
                         # Presence events, for members not told of them.
                         index = len(members)
                     while index < len(members):
