@@ -71,10 +71,12 @@ class ServerSpec:
     :ivar label: what the table calls it.
     :ivar argv: the command line, given the port.
     :ivar requires: modules it needs, each with how to install it.
-    :ivar source: for a broadcaster of another revision (``--baseline``),
-        the directory its package was unpacked into.
     :ivar greets: whether it sends every new connection a first message
         (broadcaster's plain mode: the announcement of its arrival).
+    :ivar cwd: the directory it runs in (``None``: the repository).  It
+        matters: ``python -c`` puts its working directory first on
+        ``sys.path``, ahead of ``PYTHONPATH``.  A ``--baseline``'s is where
+        its revision was unpacked.
     """
 
     name: str
@@ -82,8 +84,8 @@ class ServerSpec:
     description: str
     argv: Callable[[int], List[str]]
     requires: Dict[str, str] = field(default_factory=dict)
-    source: Optional[str] = None
     greets: bool = False
+    cwd: Optional[str] = None
 
     def missing(self) -> Optional[str]:
         """
@@ -106,13 +108,14 @@ class ServerSpec:
     def _read_options(self) -> FrozenSet[str]:
         if self.name not in ("broadcaster", "baseline"):
             return frozenset()
-        env = _env() if self.source is None else dict(_env(), PYTHONPATH=self.source)
+        # A --baseline's own package: from its directory, on its path.
+        env = _env() if self.cwd is None else dict(_env(), PYTHONPATH=self.cwd)
         try:
             out = subprocess.run(
                 [sys.executable, "-c", TWISTD, "broadcaster", "--help"],
                 capture_output=True,
                 env=env,
-                cwd=str(REPO_ROOT),
+                cwd=self.cwd or str(REPO_ROOT),
                 timeout=60,
             ).stdout.decode(errors="replace")
         except (OSError, subprocess.SubprocessError):
@@ -215,8 +218,10 @@ def add_baseline(revision: str) -> ServerSpec:
         "twistd -n broadcaster as of git revision {}, defaults but --rate 0".format(revision),
         argv,
         {"twisted": "pip install .", "autobahn": "pip install ."},
-        source=directory,
         greets=True,
+        # Run from this checkout, python -c would import this checkout's
+        # broadcaster first, whatever PYTHONPATH says.
+        cwd=directory,
     )
     SERVERS[spec.name] = spec
     return spec
@@ -314,7 +319,7 @@ class ServerProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                cwd=str(REPO_ROOT),
+                cwd=self.spec.cwd or str(REPO_ROOT),
                 env=_env(),
                 preexec_fn=_preexec(self.cpu),
                 start_new_session=True,

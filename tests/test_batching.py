@@ -14,7 +14,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from broadcaster.core.events import Event, EventBatch, Joined, Left, TextMessage
+from broadcaster.core.events import Event, EventBatch, Joined, Left, TextMessage, encoded
 from broadcaster.core.hub import Hub
 from broadcaster.core.permissions import parse_grants
 from broadcaster.protocols.origin import OriginPolicy
@@ -290,6 +290,38 @@ class SlicedSweepTests(SynchronousTestCase):
         self.assertEqual(
             [sum(self.texts(m), []) for m in self.members], [["one", "two", "three"]] * 10
         )
+
+    def test_encodings_of_a_round_are_dropped_when_it_ends(self):
+        """What the members encoded of a round's events, those that joined
+        it under way included, is dropped once the round is done, and not
+        before."""
+        originals = {}
+
+        def encoding(member):
+            deliver_many = member.deliver_many
+
+            def encode_then_deliver(batch):
+                for event in batch:
+                    encoded(event, "test", lambda e: b"frame")
+                    originals[id(event)] = event
+                deliver_many(batch)
+
+            member.deliver_many = encode_then_deliver
+
+        for member in self.members:
+            encoding(member)
+        self.hub.publish_text("m0", "one")
+        turn(self.clock)
+        self.hub.publish_text("m0", "two")
+        turn(self.clock)
+        events = list(originals.values())
+        self.assertTrue(events and all(event.wire for event in events))
+        for _ in range(6):
+            turn(self.clock)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual({text for m in self.members for t in self.texts(m) for text in t},
+                         {"one", "two"})
+        self.assertEqual([event.wire for event in originals.values()], [{}] * len(originals))
 
     def test_rejoining_after_being_served(self):
         """A member served in the round under way that leaves and comes back

@@ -394,3 +394,26 @@ class TargetsTests(SynchronousTestCase):
             _row("S2/200", "lost", 0),
         ]
         self.assertEqual(self.verdicts(rows, s2_subscribers=20), {})
+
+
+class BaselineTests(SynchronousTestCase):
+    """``--baseline REV`` runs broadcaster as it was at REV."""
+
+    def test_the_baseline_imports_its_own_broadcaster(self):
+        """The baseline server runs where python -c finds the unpacked
+        revision's broadcaster first, not this checkout's."""
+        import shutil
+        import subprocess
+
+        from bench import servers
+
+        spec = servers.add_baseline("HEAD")
+        self.addCleanup(servers.SERVERS.pop, spec.name, None)
+        self.addCleanup(shutil.rmtree, spec.cwd, True)
+        env = spec.argv(0)[1]
+        self.assertTrue(env.startswith("PYTHONPATH="))
+        found = subprocess.run(
+            ["env", env, sys.executable, "-c", "import broadcaster; print(broadcaster.__file__)"],
+            cwd=spec.cwd, capture_output=True, check=True,
+        ).stdout.decode().strip()
+        self.assertEqual(os.path.dirname(os.path.dirname(found)), os.path.realpath(spec.cwd))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections import deque
 from time import perf_counter
-from typing import Callable, Deque, Dict, List, Optional, Tuple
+from typing import Callable, Deque, Dict, FrozenSet, List, Optional, Tuple
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -63,53 +63,82 @@ class _Sweep:
     Events of one room on their way to some of its members, a slice of
     members at a time (see :meth:`FanOut._sweep`).
 
+    Its events are those of the round's log (every event committed in the
+    room since the round began) from :attr:`start` on: every commit during
+    the round adds its events to every sweep still waiting, so they are
+    never copied into each sweep; the batch is made when the sweep is
+    served.  (Copied, a long round's waiting sweeps held events growing
+    with the square of its commits.)
+
     :ivar members: who gets :attr:`batch`, in order; those before
         :attr:`next` have had it.
     :ivar seconds: time spent delivering it so far.
     :ivar blind: whether its members are not told who comes and goes
         (they lack the ``presence`` right in the room): its events never
         include joins, leaves or renames.
+    :ivar skip: the ids of events its members are not to get (the presence
+        events that waited when they joined; see :meth:`FanOut.joined`).
     """
 
-    __slots__ = ("events", "batch", "members", "next", "seconds", "blind")
+    __slots__ = ("_log", "start", "_batch", "members", "next", "seconds", "blind", "skip")
 
-    def __init__(self, events: List[Event], members: List[Member], blind: bool = False) -> None:
-        if blind:
-            events = _unseen(events)
-        self.events = events
-        self.batch = EventBatch(events)
+    def __init__(
+        self,
+        log: List[Event],
+        start: int,
+        members: List[Member],
+        blind: bool = False,
+        skip: FrozenSet[int] = frozenset(),
+    ) -> None:
+        self._log = log
+        self.start = start
+        self._batch: Optional[EventBatch] = None
         self.members = members
         self.next = 0
         self.seconds = 0.0
         self.blind = blind
+        self.skip = skip
 
-    def extend(self, events: List[Event]) -> None:
+    @property
+    def batch(self) -> EventBatch:
+        """Its events, as one batch for its members."""
+        batch = self._batch
+        if batch is None:
+            events = self._log[self.start :]
+            if self.blind:
+                events = _unseen(events)
+            if self.skip:
+                events = [event for event in events if id(event) not in self.skip]
+            batch = self._batch = EventBatch(events)
+        return batch
+
+    def extend(self) -> None:
         """
-        Add ``events`` for the members still waiting; the ones already
-        served are dropped (they get ``events`` in a sweep of their own).
+        Events were added to the round's log: the members still waiting
+        get them too; the ones already served are dropped (they get them
+        in a sweep of their own).
         """
         del self.members[: self.next]
         self.next = 0
-        if self.blind:
-            events = _unseen(events)
-        self.events = self.events + events
-        self.batch = EventBatch(self.events)
+        self._batch = None
 
 
-def _late_groups(
-    late: Dict[str, Tuple[Member, int]], placed
-) -> List[Tuple[List[Event], List[Member]]]:
+def _late_groups(late: Dict[str, Tuple[Member, int]], placed) -> List[Tuple[FrozenSet[int], List[Member]]]:
     """
     The members who joined a room while presence events waited, grouped
-    by where the batch stood then, each group with its events: those that
-    came after, and every message.
+    by where the batch stood then, each group with the ids of the events
+    it is not to get: the presence events before that.
     """
     groups: Dict[int, List[Member]] = {}
     for member, cut in late.values():
         groups.setdefault(cut, []).append(member)
     return [
         (
-            [e for index, e in placed if index >= cut or not isinstance(e, PRESENCE_EVENTS)],
+            frozenset(
+                id(event)
+                for index, event in placed
+                if index < cut and isinstance(event, PRESENCE_EVENTS)
+            ),
             members,
         )
         for cut, members in groups.items()
@@ -183,9 +212,10 @@ class FanOut:
         # room -> its members in none of its sweeps while some are under
         # way: served by one that is done, or joined since they began.
         self._outside: Dict[str, List[Member]] = {}
-        # room -> the batches of its round served so far, whose events'
-        # cached encodings are dropped when the round is done.
-        self._served: Dict[str, List[EventBatch]] = {}
+        # room -> the events of its round under way, in order, each once:
+        # the log its sweeps take their events from (see _Sweep), and
+        # whose cached encodings are dropped when the round is done.
+        self._round_events: Dict[str, List[Event]] = {}
         self._sweep_call = None
         #: Seconds of delivering before the reactor gets to read again.
         self.sweep_slice = SWEEP_SLICE
@@ -253,7 +283,9 @@ class FanOut:
         connected, so it cannot be in any round under way).  It gets only
         events committed from now on: if a round is under way there it
         waits outside it, and if it was still waiting in one (it left and
-        came back) it is taken out.
+        came back) it is taken out.  The joins, leaves and renames of the
+        room still waiting to go out are not for it: what it is told of the
+        room on joining (the roster) holds them already.
         """
         if self._pending_presence.get(room):
             self._cutoffs.setdefault(room, {})[member.id] = (member, len(self._batch))
@@ -341,14 +373,14 @@ class FanOut:
         self,
         room: str,
         events: List[Event],
-        late: Optional[List[Tuple[List[Event], List[Member]]]] = None,
+        late: Optional[List[Tuple[FrozenSet[int], List[Member]]]] = None,
     ) -> None:
         """
         Queue ``events`` for every member of ``room``.
 
         ``late`` are the members who joined while presence events of the
-        room waited, each group with the events it gets: not those, which
-        what it was told of the room on joining already holds.
+        room waited, in groups, each with the events it is not to get:
+        those, which what it was told of the room on joining holds already.
 
         A member still waiting in a sweep under way gets them with that
         sweep's events, in the same write; the others (served already, or
@@ -362,15 +394,20 @@ class FanOut:
             self._outside.pop(room, None)
             occupants = self._rooms.get(room, _NOBODY)
             if occupants:
+                log = list(events)
                 members = list(occupants.values())
                 if late_ids:
                     members = [member for member in members if member.id not in late_ids]
-                sweeps = self._new_sweeps(room, events, members) if members else []
+                sweeps = self._new_sweeps(log, 0, members, room) if members else []
                 if late:
-                    sweeps += self._late_sweeps(room, late, occupants)
+                    sweeps += self._late_sweeps(room, late, log, 0, occupants)
                 if sweeps:
+                    self._round_events[room] = log
                     self._sweeps[room] = deque(sweeps)
             return
+        log = self._round_events[room]
+        start = len(log)
+        log.extend(events)
         # Everyone in the room is either waiting in a sweep, served already
         # by the one under way, or outside them (served by one that is
         # done, or joined since they began).  Only the last two are listed
@@ -379,42 +416,49 @@ class FanOut:
         rest: List[Member] = self._outside.pop(room, [])
         for sweep in queue:
             rest.extend(sweep.members[: sweep.next])
-            sweep.extend(events)
+            sweep.extend()
         if late_ids:
             rest = [member for member in rest if member.id not in late_ids]
         if rest:
-            queue.extend(self._new_sweeps(room, events, rest))
+            queue.extend(self._new_sweeps(log, start, rest, room))
         if late:
-            queue.extend(self._late_sweeps(room, late, self._rooms.get(room, _NOBODY)))
+            queue.extend(self._late_sweeps(room, late, log, start, self._rooms.get(room, _NOBODY)))
 
-    def _late_sweeps(self, room: str, late, occupants: Dict[str, Member]) -> List[_Sweep]:
+    def _late_sweeps(
+        self, room: str, late, log: List[Event], start: int, occupants: Dict[str, Member]
+    ) -> List[_Sweep]:
         """
         The sweeps of the members who joined while presence events waited
-        (see :meth:`_commit`); one with nothing for it waits outside them.
+        (see :meth:`_commit`).
         """
         sweeps: List[_Sweep] = []
-        for events, group in late:
+        for skip, group in late:
             group = [member for member in group if occupants.get(member.id) is member]
-            if events:
-                sweeps += self._new_sweeps(room, events, group)
-            elif group:
-                self._outside.setdefault(room, []).extend(group)
+            if group:
+                sweeps += self._new_sweeps(log, start, group, room, skip)
         return sweeps
 
-    def _new_sweeps(self, room: str, events: List[Event], members: List[Member]) -> List[_Sweep]:
+    def _new_sweeps(
+        self,
+        log: List[Event],
+        start: int,
+        members: List[Member],
+        room: str,
+        skip: FrozenSet[int] = frozenset(),
+    ) -> List[_Sweep]:
         """
-        The sweeps that take ``events`` to ``members``: one, unless some
-        of them may not see who comes and goes in ``room`` (then those
-        have one of their own).
+        The sweeps that take the events of the round's ``log`` from
+        ``start`` on to ``members``: one, unless some of them may not see
+        who comes and goes in ``room`` (then those have one of their own).
         """
         blind = self._blind.get(room)
         if not blind:
-            return [_Sweep(events, members)]
+            return [_Sweep(log, start, members, skip=skip)]
         seeing = [member for member in members if member.id not in blind]
         unseeing = [member for member in members if member.id in blind]
-        sweeps = [_Sweep(events, seeing)] if seeing else []
+        sweeps = [_Sweep(log, start, seeing, skip=skip)] if seeing else []
         if unseeing:
-            sweeps.append(_Sweep(events, unseeing, blind=True))
+            sweeps.append(_Sweep(log, start, unseeing, blind=True, skip=skip))
         return sweeps
 
     def _sweep(self, until_done: bool = False, sliced: bool = True) -> None:
@@ -449,7 +493,7 @@ class FanOut:
                     batch = sweep.batch
                     index = sweep.next
                     started = timer()
-                    if not sweep.events:
+                    if not batch.events:
                         # Presence events, for members not told of them.
                         index = len(members)
                     while index < len(members):
@@ -465,7 +509,6 @@ class FanOut:
                         self._sweep_call = self._clock.callLater(0, self._sweep)
                         return
                     queue.popleft()
-                    self._served.setdefault(room, []).append(batch)
                     self.stats.fan_out_seconds.observe(sweep.seconds)
                     if queue:
                         self._outside.setdefault(room, []).extend(members)
@@ -475,9 +518,8 @@ class FanOut:
                 # events served it and are dropped, so that a message kept
                 # in history keeps only itself.  (Only a cache: a replay
                 # encodes again.)
-                for batch in self._served.pop(room, ()):
-                    for event in batch:
-                        event.wire.clear()
+                for event in self._round_events.pop(room, ()):
+                    event.wire.clear()
         finally:
             self._delivering = False
         self._quiet_since = timer()

@@ -11,14 +11,23 @@ What is relied on, and why:
   ``send()`` on the socket when nothing is queued, instead of three system
   calls through ``transport.write``.
 - Autobahn's per-connection state, held in slots instead of an instance
-  dict of 90 keys (:data:`AUTOBAHN_STATE`), its handshake record
-  (forgotten once open), its ``send_queue`` (never used here), its options
-  (held on a subclass, not copied onto each connection:
-  :class:`LeanWebSocketServerFactory`), ``onMessageEnd`` (without an
-  observer event per message nobody observes), ``sendFrame`` and the
-  permessage-deflate context (to frame compressed replies of any size),
-  ``sendCloseFrame`` (for 1001 and 1008) and ``_closeConnection`` (to
-  close after what is queued).
+  dict of 90 keys (:data:`AUTOBAHN_STATE`, :data:`FRAME_STATE`,
+  :data:`DEFAULTED_STATE`), its handshake record (forgotten once open),
+  its ``send_queue`` (never used here), its options (held on a subclass,
+  not copied onto each connection: :class:`LeanWebSocketServerFactory`),
+  ``onMessageEnd`` (without an observer event per message nobody
+  observes), ``sendFrame`` and the permessage-deflate context (to frame
+  compressed replies of any size), ``sendCloseFrame`` (for 1001 and 1008)
+  and ``_closeConnection`` (to close after what is queued).
+- What Autobahn makes for every connection whether or not it is used
+  (``WebSocketProtocol.__init__``'s two futures and observer tables,
+  ``_connectionMade``'s ``TrafficStats`` and UTF-8 validator): made when
+  first needed, or shared (see :class:`LeanWebSocketServerProtocol`).
+- ``twisted.internet.tcp.Server``'s per-connection attributes and
+  ``tcp.Port.transport``: the listening ports build
+  :class:`LeanTCPServer`\ s, which keep those attributes in slots
+  (:func:`use_lean_transports`).  Their instance dict did not share its
+  keys with the others (832 bytes a connection).
 - ``autobahn.websocket.protocol.pformat``: Autobahn pretty-prints its
   ninety options for a debug log line on every connection, whether or not
   anything logs at debug level (0.7 ms per connection, most of what
@@ -52,8 +61,10 @@ import autobahn.websocket.protocol as _autobahn_protocol
 import twisted
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.compress import PerMessageDeflate
+from autobahn.websocket.protocol import TrafficStats
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.tcp import Server as _TCPServer
+from twisted.internet.defer import Deferred
+from twisted.internet.tcp import Port as _TCPPort, Server as _TCPServer
 
 #: The versions this module was written and tested against: ``(first,
 #: last)`` major versions, inclusive (setup.cfg has the same bounds).
@@ -84,8 +95,8 @@ HANDSHAKE_STATE = (
 #: stops using is merely an unused slot; one it adds lands in the instance
 #: dict as before.
 AUTOBAHN_STATE = HANDSHAKE_STATE + (
-    "is_closed", "is_open", "_transport_details", "_perMessageCompress", "trackedTimings",
-    "trafficStats", "state", "send_state", "data", "send_queue", "triggered", "utf8validator",
+    "_transport_details", "_perMessageCompress", "trackedTimings",
+    "trafficStats", "state", "send_state", "data", "send_queue", "triggered",
     "wasMaxFramePayloadSizeExceeded", "wasMaxMessagePayloadSizeExceeded", "closedByMe",
     "failedByMe", "droppedByMe", "wasClean", "wasNotCleanReason",
     "wasServerConnectionDropTimeout", "wasOpenHandshakeTimeout", "wasCloseHandshakeTimeout",
@@ -96,6 +107,50 @@ AUTOBAHN_STATE = HANDSHAKE_STATE + (
     "current_frame", "websocket_version", "websocket_protocol_in_use",
     "websocket_extensions_in_use",
 )
+
+#: What Autobahn sets as it reads frames: the first pong answering a
+#: keepalive ping would otherwise give every idle connection an instance
+#: dict.
+FRAME_STATE = (
+    "control_frame_data", "current_frame_masker", "_isMessageCompressed", "frame_data",
+    "frame_length", "message_data", "message_data_total_length", "message_is_binary",
+    "utf8validateIncomingCurrentMessage", "utf8validateLast",
+)
+
+#: Per-connection attributes with a default on a Twisted or Autobahn base
+#: class: slots too, which ``__init__`` sets to that default (a slot would
+#: otherwise hide it, and reading it before it is set would raise).
+DEFAULTED_STATE = ("factory", "transport", "connected", "peer")
+
+#: Where ``is_open`` and ``is_closed`` wait to be asked for (see
+#: :class:`LeanWebSocketServerProtocol`), and the UTF-8 validator.
+LAZY_STATE = ("_is_open", "_is_closed", "_utf8validator")
+
+class _Opened(Deferred):
+    """
+    ``is_open`` of a connection that opened with nobody waiting for it: a
+    Deferred that has fired with ``None``, which Autobahn's own firing of
+    it (as the handshake completes) leaves as it is.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        super().callback(None)
+
+    def callback(self, result) -> None:
+        pass
+
+
+#: Where ``is_open`` is left once open with nobody waiting for it: each
+#: reading makes an :class:`_Opened`.
+_OPENED = object()
+
+#: The ``TrafficStats`` every connection counts into: Autobahn makes one per
+#: connection (176 bytes), and nothing here reads them.
+SHARED_TRAFFIC = TrafficStats()
+
+#: ``websocket_extensions_in_use`` of an open connection without extensions.
+NO_EXTENSIONS = ()
 
 #: ``send_queue`` until a chopped or synchronous write needs a real queue
 #: (we make none): Autobahn only ever takes its length then, and an empty
@@ -110,11 +165,84 @@ class LeanWebSocketServerProtocol(WebSocketServerProtocol):
     by :func:`check`.
     """
 
-    __slots__ = AUTOBAHN_STATE
+    __slots__ = AUTOBAHN_STATE + FRAME_STATE + DEFAULTED_STATE + LAZY_STATE
+
+    #: The events observers may ask for (``on``), as Autobahn's
+    #: ``__init__`` sets them, once for every connection.
+    _valid_events = ("message",)
+
+    def __init__(self) -> None:
+        # Instead of Autobahn's (WebSocketProtocol.__init__): its futures
+        # are made when asked for (is_open, is_closed), its observer tables
+        # when an observer is added (on), and its transport details are
+        # set by connectionMade.
+        for name in DEFAULTED_STATE:
+            setattr(self, name, getattr(WebSocketServerProtocol, name))
+        self._is_open = self._is_closed = self._utf8validator = None
+        self._transport_details = None
+
+    @property
+    def is_open(self) -> Deferred:
+        """
+        Autobahn's future that fires (with ``None``) once the connection
+        is open: made when first asked for (by Autobahn too, to fire it),
+        and not kept once open if nobody waits for it.
+        """
+        opened = self._is_open
+        if opened is None:
+            opened = self._is_open = Deferred()
+        elif opened is _OPENED:
+            return _Opened()
+        return opened
+
+    @is_open.setter
+    def is_open(self, value: Deferred) -> None:
+        self._is_open = value
+
+    @property
+    def is_closed(self) -> Deferred:
+        """
+        Autobahn's future that fires (with the protocol) once the
+        connection is closed: made when first asked for.
+        """
+        closed = self._is_closed
+        if closed is None:
+            closed = self._is_closed = Deferred()
+        return closed
+
+    @is_closed.setter
+    def is_closed(self, value: Deferred) -> None:
+        self._is_closed = value
+
+    def on(self, event, handler) -> None:
+        # Autobahn's table of the observers' results, made when the first
+        # observer comes rather than for every connection.
+        if self._results is None:
+            self._results = dict.fromkeys(self._valid_events)
+        super().on(event, handler)
+
+    @property
+    def utf8validator(self):
+        """
+        Autobahn's incremental UTF-8 validator (a C object of its own),
+        made when the first text message arrives: Autobahn makes one for
+        every connection.
+        """
+        validator = self._utf8validator
+        if validator is None:
+            validator = self._utf8validator = _autobahn_protocol.Utf8Validator()
+        return validator
+
+    @utf8validator.setter
+    def utf8validator(self, value) -> None:
+        self._utf8validator = value
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self.send_queue = NO_SEND_QUEUE
+        # Made by Autobahn for this connection and not needed yet, or at all.
+        self._utf8validator = None
+        self.trafficStats = SHARED_TRAFFIC
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: Optional[int] = None) -> None:
         if (sync or chopsize) and self.send_queue is NO_SEND_QUEUE:
@@ -125,12 +253,19 @@ class LeanWebSocketServerProtocol(WebSocketServerProtocol):
         """
         Drop what Autobahn keeps of the opening handshake (request, headers,
         response: about 1.5 KB), which nothing reads once the connection is
-        open; and the transport details, which only WAMP reads.
+        open; the transport details, which only WAMP reads; the list of
+        extensions in use if it is empty; and ``is_open``, unless somebody
+        asked for it before.
         """
         for name in HANDSHAKE_STATE:
             if hasattr(self, name):
                 delattr(self, name)
         self._transport_details = None
+        if not self.websocket_extensions_in_use:
+            self.websocket_extensions_in_use = NO_EXTENSIONS
+        if self._is_open is None:
+            # Nobody is waiting for it: Autobahn fires one made when asked.
+            self._is_open = _OPENED
 
     def onMessageEnd(self) -> None:
         """
@@ -259,6 +394,56 @@ class LeanWebSocketServerFactory(WebSocketServerFactory):
         self.protocol = type(base.__name__, (base,), namespace)
 
 
+#: What ``twisted.internet.tcp.Server`` sets on each connection, none of it
+#: with a class-level default.
+TCP_STATE = (
+    "reactor", "_tempDataBuffer", "_tempDataLen", "socket", "protocol", "server", "client",
+    "sessionno", "hostname", "repstr",
+)
+
+#: What it sets that has a class-level default: slots that
+#: :class:`LeanTCPServer` sets to that default first.
+TCP_DEFAULTED = (
+    "logstr", "connected", "dataBuffer", "offset", "producer", "streamingProducer",
+    "producerPaused", "disconnected", "disconnecting", "_writeDisconnecting",
+    "_writeDisconnected",
+)
+
+
+class LeanTCPServer(_TCPServer):
+    """
+    Twisted's TCP server transport, with its per-connection state in
+    slots: the instance dicts of its connections did not share their keys
+    (832 bytes each, the largest single part of an idle connection).  An
+    attribute not named here (a later Twisted's) lands in the instance dict
+    as before.
+    """
+
+    # fileno is a method of FileDescriptor that Connection.__init__
+    # replaces with the socket's before anything reads it.
+    __slots__ = TCP_STATE + TCP_DEFAULTED + ("fileno",)
+
+    def __init__(self, *args, **kwargs) -> None:
+        for name in TCP_DEFAULTED:
+            setattr(self, name, getattr(_TCPServer, name))
+        super().__init__(*args, **kwargs)
+
+
+#: The transports the fan-out's direct path knows (a listener made
+#: elsewhere, in tests say, builds Twisted's own).
+_DIRECT_TRANSPORTS = (LeanTCPServer, _TCPServer)
+
+
+def use_lean_transports(port) -> None:
+    """
+    Have the listening ``port`` build :class:`LeanTCPServer` transports,
+    if it is one of Twisted's TCP ports (an ``ssl:`` one included, whose
+    TLS runs over a TCP transport); any other is left as it is.
+    """
+    if isinstance(port, _TCPPort) and port.transport is _TCPServer:
+        port.transport = LeanTCPServer
+
+
 def fan_out(engine, batch, members: List, index: int, occupants: Dict, deadline) -> int:
     """
     The WebSocket protocol's ``fan_out`` (see
@@ -310,7 +495,7 @@ def fan_out(engine, batch, members: List, index: int, occupants: Dict, deadline)
                     member.state == OPEN
                     and member._perMessageCompress is None
                     and not member._outbound.paused
-                    and transport.__class__ is _TCPServer
+                    and transport.__class__ in _DIRECT_TRANSPORTS
                     and not transport.TLS
                     and transport.connected
                     and not transport.disconnecting
@@ -367,6 +552,14 @@ class LazyFormat:
         return format(str(self), spec)
 
 
+#: The names Autobahn's ``WebSocketProtocol.__init__`` uses, in the version
+#: :meth:`LeanWebSocketServerProtocol.__init__` replaces.
+_AUTOBAHN_INIT = {
+    "TransportDetails", "_transport_details", "create_future", "is_closed", "is_open",
+    "set_valid_events", "txaio",
+}
+
+
 def _major(version: str) -> int:
     return int(version.split(".", 1)[0])
 
@@ -392,6 +585,11 @@ def check() -> None:
     for name in ("dataBuffer", "_writeDisconnected", "TLS", "disconnecting", "connected"):
         if not hasattr(_TCPServer, name):
             problems.append("twisted.internet.tcp.Server has no class attribute {}".format(name))
+    for name in TCP_DEFAULTED:
+        if not any(name in vars(klass) for klass in _TCPServer.__mro__):
+            problems.append("twisted.internet.tcp.Server has no default {}".format(name))
+    if getattr(_TCPPort, "transport", None) is not _TCPServer:
+        problems.append("twisted.internet.tcp.Port no longer builds its transports from .transport")
     # An instance attribute, set in __init__: read from its code, not its
     # source file (which an installation need not carry).
     if "_tempDataLen" not in FileDescriptor.__init__.__code__.co_names:
@@ -412,6 +610,23 @@ def check() -> None:
     for name in ("maxFramePayloadSize", "maxMessagePayloadSize"):
         if name not in getattr(WebSocketServerProtocol, "CONFIG_ATTRS", ()):
             problems.append("autobahn no longer reads the option {}".format(name))
+    # LeanWebSocketServerProtocol.__init__ stands in for this one.
+    made = set(_autobahn_protocol.WebSocketProtocol.__init__.__code__.co_names)
+    if made != _AUTOBAHN_INIT:
+        problems.append(
+            "autobahn's WebSocketProtocol.__init__ now sets up {} (not {})".format(
+                sorted(made), sorted(_AUTOBAHN_INIT)
+            )
+        )
+    for name in ("Utf8Validator", "TrafficStats"):
+        if not hasattr(_autobahn_protocol, name):
+            problems.append("autobahn.websocket.protocol no longer has {}".format(name))
+    for name in ("_valid_events", "_results", "on"):
+        if not hasattr(WebSocketServerProtocol, name):
+            problems.append("autobahn's WebSocketServerProtocol has no {}".format(name))
+    for name in DEFAULTED_STATE:
+        if not hasattr(WebSocketServerProtocol, name):
+            problems.append("autobahn's WebSocketServerProtocol has no default {}".format(name))
     if getattr(_autobahn_protocol, "pformat", None) not in (pformat, LazyFormat):
         problems.append("autobahn.websocket.protocol no longer uses pprint's pformat")
     if problems:

@@ -194,43 +194,55 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
     handshake is forgotten once the connection is open.
     """
 
-    __slots__ = ("_outbound", "_rate")
+    # Every per-connection attribute, so that no connection has an
+    # instance dict; __init__ sets them all.
+    __slots__ = (
+        "id", "ticket", "_opened_at", "_joined", "name", "_lobby_since", "grants", "user",
+        "codec", "_name_from_auth", "_auth", "_fetches", "_upload", "_expiry", "_refreshing",
+        "_outbound", "_rate",
+    )
 
     # Autobahn already uses ``self.log``.
     _log = Logger()
 
-    id: Optional[str] = None
-    codec = _PLAIN
+    def __init__(self) -> None:
+        super().__init__()
+        self.id: Optional[str] = None
+        #: The connection's place under --max-connections, taken over from
+        #: the HTTP channel it upgraded (see broadcaster.protocols.admission).
+        self.ticket = None
+        self._opened_at = 0.0
+        self._joined = False
+        self.name: Optional[str] = None
+        self._lobby_since: Optional[Tuple[str, int]] = None
+        #: What it may do where: every right, unless sign-in says otherwise.
+        self.grants: Grants = EVERYTHING
+        #: Who sign-in (--auth-url, a token's sub) says this client is, if it said.
+        self.user: Optional[str] = None
+        self.codec = _PLAIN
+        # The auth service chose the display name: hello may not change it.
+        self._name_from_auth = False
+        # The auth service's answer, while it is awaited.
+        self._auth: Optional[Deferred] = None
+        # image_url downloads and uploaded images being decoded.
+        self._fetches = 0
+        # An image announced by an "image" request, whose bytes are the next
+        # message: (room, size, ref, why it was refused or None).
+        self._upload: Optional[Tuple[str, int, object, Optional[str]]] = None
+        # The timer of the token signed in with (None: not signed in with one).
+        self._expiry: Optional[TokenExpiry] = None
+        # A refresh's token being checked.
+        self._refreshing: Optional[Deferred] = None
+        # The one way out to the client, once open.
+        self._outbound: Optional[Outbound] = None
+        # Its --rate, made with its first message: an idle connection has
+        # none (a bucket made then is as full as one made at the open).
+        self._rate: Optional[RateLimit] = None
 
     @property
     def kind(self) -> str:
         """``plain`` or ``json``, as in the logs and metrics."""
         return self.codec.name
-
-    #: The connection's place under --max-connections, taken over from
-    #: the HTTP channel it upgraded (see broadcaster.protocols.admission).
-    ticket = None
-    _opened_at: float = 0.0
-    _joined = False
-
-    name: Optional[str] = None
-    _lobby_since: Optional[Tuple[str, int]] = None
-
-    #: Who sign-in (--auth-url, a token's sub) says this client is, if it said.
-    user: Optional[str] = None
-    # The auth service chose the display name: hello may not change it.
-    _name_from_auth = False
-    # The auth service's answer, while it is awaited.
-    _auth: Optional[Deferred] = None
-    # image_url downloads and uploaded images being decoded.
-    _fetches = 0
-    # An image announced by an "image" request, whose bytes are the next
-    # message: (room, size, ref, why it was refused or None).
-    _upload: Optional[Tuple[str, int, object, Optional[str]]] = None
-    # The timer of the token signed in with (None: not signed in with one).
-    _expiry: Optional[TokenExpiry] = None
-    # A refresh's token being checked.
-    _refreshing: Optional[Deferred] = None
 
     def onConnect(self, request: ConnectionRequest) -> Optional[str]:
         headers = request.headers
@@ -343,10 +355,6 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
         refused = sign_in_failed(self.factory.hub.stats, failure, peer)
         raise ConnectionDeny(refused.status, refused.reason)
 
-    def connectionMade(self) -> None:
-        self._outbound = None
-        super().connectionMade()
-
     def sendData(self, data: bytes, sync: bool = False, chopsize: Optional[int] = None) -> None:
         """
         Where Autobahn writes every frame it makes (messages, pings, pongs,
@@ -393,7 +401,6 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
         self.id = hub.new_id()
         self._opened_at = factory.clock.seconds()
         self._outbound = Outbound(self.transport)
-        self._rate = RateLimit(factory.clock, factory.limits.rate, factory.limits.burst)
         if factory.keepalive is not None:
             factory.keepalive.add(self)
         if self.codec is _JSON:
@@ -474,7 +481,11 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
                     None,
                 )
                 return
-        if not self._rate.allow():
+        rate = self._rate
+        if rate is None:
+            limits = self.factory.limits
+            rate = self._rate = RateLimit(self.factory.clock, limits.rate, limits.burst)
+        if not rate.allow():
             self._rate_limited(payload if not isBinary else None)
             return
         self.factory.hub.stats.received(self.codec.name, len(payload))

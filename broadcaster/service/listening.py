@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from zope.interface import implementer
 
+from broadcaster.protocols.internals import use_lean_transports
 from broadcaster.protocols.origin import is_loopback_name
 
 
@@ -130,6 +131,8 @@ class ReportingEndpoint:
 
     def _listening(self, port: IListeningPort) -> IListeningPort:
         self.port = port
+        # Each connection's transport is part of what an idle client costs.
+        use_lean_transports(port)
         self._log.info(
             "{what} listening on {address}", what=self._what, address=describe_address(port.getHost())
         )

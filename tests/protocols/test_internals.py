@@ -95,17 +95,29 @@ class Stalled(Protocol):
 
 
 class TransportTests(TestCase):
-    @inlineCallbacks
     def test_queued_bytes_are_where_the_direct_path_looks(self):
         """
         On a real tcp.Server, nothing is queued until the socket stops taking
         bytes; then what waits is in ``_tempDataLen`` or ``dataBuffer``,
         exactly the fields the direct path checks before a send().
         """
+        return self.check_transport(lean=False)
+
+    def test_lean_transports_queue_where_the_direct_path_looks(self):
+        """
+        A LeanTCPServer (what broadcaster's listeners build) keeps its
+        state in slots, no instance dict, and queues as tcp.Server does.
+        """
+        return self.check_transport(lean=True)
+
+    @inlineCallbacks
+    def check_transport(self, lean):
         factory = Factory.forProtocol(Sink)
         factory.connected = Deferred()
         port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
         self.addCleanup(port.stopListening)
+        if lean:
+            internals.use_lean_transports(port)
         client = yield TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
             Factory.forProtocol(Stalled)
         )
@@ -113,7 +125,11 @@ class TransportTests(TestCase):
         server = yield factory.connected
         self.addCleanup(server.transport.abortConnection)
         transport = server.transport
-        self.assertIs(type(transport), Server)
+        self.assertIs(type(transport), internals.LeanTCPServer if lean else Server)
+        if lean:
+            self.assertFalse(hasattr(transport, "__dict__") and vars(transport))
+            self.assertEqual(repr(transport), "<Sink #{} on {}>".format(
+                transport.sessionno, port.getHost().port))
         self.assertFalse(transport._tempDataLen or transport.dataBuffer)
         self.assertFalse(transport.TLS or transport._writeDisconnected)
         transport.write(b"x" * 100)
@@ -123,3 +139,5 @@ class TransportTests(TestCase):
         transport.write(b"y" * (32 * 1024 * 1024))
         yield wait_for(lambda: not transport._tempDataLen, what="a write turn")
         self.assertTrue(transport.dataBuffer)
+        if lean:
+            self.assertFalse(hasattr(transport, "__dict__") and vars(transport))

@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from broadcaster.core.flow import Limits
 from broadcaster.protocols.origin import OriginPolicy
-from broadcaster.protocols.internals import LeanWebSocketServerProtocol
+from broadcaster.protocols.internals import LeanTCPServer, LeanWebSocketServerProtocol
 from broadcaster.protocols.websocket import BroadcastServerFactory, BroadcastServerProtocol
 
 from tests.support import (
@@ -29,6 +29,7 @@ from tests.support import (
     OP_TEXT,
     LineClient,
     build_frame,
+    close_payload,
     connect_client,
     connect_raw,
     port_of,
@@ -65,6 +66,17 @@ class PlainModeTests(TestCase):
         bob_id = (yield bob.next_text()).split()[0]
         self.assertEqual((yield ann.next_text()), "{} connected".format(bob_id))
         self.assertNotEqual(bob_id, ann_announcement.split()[0])
+
+    @inlineCallbacks
+    def test_connections_keep_their_state_in_slots(self):
+        """An open connection's protocol and TCP transport hold no
+        instance dict (what an idle client costs the server)."""
+        ann = yield connect_client(self, self.port)
+        yield ann.next_text()
+        (member,) = self.service.hub.members()
+        self.assertIsInstance(member.transport, LeanTCPServer)
+        for thing in (member, member.transport):
+            self.assertEqual(vars(thing) if hasattr(thing, "__dict__") else {}, {})
 
     @inlineCallbacks
     def test_disconnect_is_announced_to_the_others(self):
@@ -570,13 +582,50 @@ class ProtocolUnitTests(SynchronousTestCase):
         self.assertEqual(ann.maxMessagePayloadSize, 65536)
 
     def test_slots_hide_no_class_attribute(self):
-        """No slot shadows a default that Autobahn or Twisted defines on a
-        base class (reading it before it is set would raise instead)."""
+        """A slot named like a default that Autobahn or Twisted defines on a
+        base class reads as that default on a protocol just made (reading
+        it before it is set would raise otherwise)."""
+        protocol = self.factory.protocol()
         for klass in BroadcastServerProtocol.__mro__:
             for name in vars(klass).get("__slots__", ()):
                 for base in klass.__mro__[1:]:
-                    self.assertNotIn(name, vars(base), "{} on {}".format(name, base))
+                    if name in vars(base):
+                        self.assertIs(getattr(protocol, name), vars(base)[name], name)
+                        break
         self.assertIn("state", LeanWebSocketServerProtocol.__slots__)
+
+    def test_an_idle_connection_has_no_instance_dict(self):
+        """An open connection that has answered pings, sent messages and
+        had its rate checked keeps all its state in slots."""
+        ann, ann_t = self.connect(json_mode=True)
+        bob, _ = self.connect()
+        self.reactor.advance(25)
+        for protocol in (ann, bob):
+            protocol.dataReceived(build_frame(OP_PONG, b""))
+        ann.dataReceived(build_frame(OP_TEXT, b'{"type": "message", "text": "hi"}'))
+        bob.dataReceived(build_frame(OP_TEXT, b"hi"))
+        self.assertEqual(ann_t.value().count(b'"text":"hi"'), 2)
+        for protocol in (ann, bob):
+            self.assertEqual(vars(protocol) if hasattr(protocol, "__dict__") else {}, {})
+
+    def test_autobahn_futures_fire_for_those_who_ask(self):
+        """is_open fires once the connection is open, whether asked for
+        before or after; is_closed fires once it is closed."""
+        early = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        opened = early.is_open
+        transport = StringTransport()
+        early.makeConnection(transport)
+        self.assertNoResult(opened)
+        early.dataReceived(handshake_request())
+        self.assertIsNone(self.successResultOf(opened))
+        late, _ = self.connect()
+        self.assertIsNone(self.successResultOf(late.is_open))
+        closed = late.is_closed
+        self.assertNoResult(closed)
+        late.dataReceived(build_frame(OP_CLOSE, close_payload(1000)))
+        late.connectionLost(Failure(ConnectionDone()))
+        self.assertIs(self.successResultOf(closed), late)
+        early.connectionLost(Failure(ConnectionDone()))
 
     def test_connections_share_one_keepalive_timer(self):
         """Opening more connections schedules no more timers; a dead peer
