@@ -50,6 +50,12 @@ class BatchRecorder(MemberBase):
         return [event for batch in self.batches for event in batch]
 
 
+class Lister(BatchRecorder):
+    """A member told a room's members when it joins (as a JSON client is)."""
+
+    lists_members = True
+
+
 class Exploding(BatchRecorder):
     def deliver_many(self, batch) -> None:
         raise OSError("connection reset")
@@ -451,20 +457,24 @@ class PresencePaceTests(SynchronousTestCase):
             [("Joined", None), ("TextMessage", "now")],
         )
 
-    def test_a_newcomer_hears_only_what_came_after_it(self):
-        """A member connecting while joins and a leave wait is not told of
-        them (the room's list it gets holds them already), but of its own
-        join, later ones, and the messages of that turn."""
+    def test_a_newcomer_told_the_list_hears_only_what_came_after_it(self):
+        """A member told the room's members on joining (a JSON client),
+        connecting while joins and a leave wait, is not told of them (the
+        list holds them), but of its own join, later ones, and the
+        messages of that turn; one told no list (plain) hears them all."""
         self.hub.connect(BatchRecorder("early"))
         self.hub.disconnect(self.members[19])
         self.hub.publish_text("m0", "pending")
-        newcomer = BatchRecorder("newcomer")
+        newcomer = Lister("newcomer")
         self.hub.connect(newcomer)
+        plain = BatchRecorder("plain")
+        self.hub.connect(plain)
         self.hub.connect(BatchRecorder("after"))
         self.clock.advance(0.1)
-        self.assertEqual(self.comings(newcomer), ["newcomer", "after"])
+        self.assertEqual(self.comings(newcomer), ["newcomer", "plain", "after"])
         self.assertEqual([e.text for e in newcomer.events() if isinstance(e, TextMessage)], ["pending"])
-        self.assertEqual(self.comings(self.members[5]), ["early", "m19", "newcomer", "after"])
+        self.assertEqual(self.comings(plain), ["early", "m19", "newcomer", "plain", "after"])
+        self.assertEqual(self.comings(self.members[5]), ["early", "m19", "newcomer", "plain", "after"])
         listed = {seat.id for seat in self.hub.presence("lobby")}
         self.assertTrue({"early", "newcomer", "after"} <= listed and "m19" not in listed)
 

@@ -283,11 +283,12 @@ class FanOut:
         connected, so it cannot be in any round under way).  It gets only
         events committed from now on: if a round is under way there it
         waits outside it, and if it was still waiting in one (it left and
-        came back) it is taken out.  The joins, leaves and renames of the
-        room still waiting to go out are not for it: what it is told of the
-        room on joining (the roster) holds them already.
+        came back) it is taken out.  If it is told the room's members on
+        joining (:attr:`~broadcaster.core.members.Member.lists_members`),
+        the joins, leaves and renames of the room still waiting to go out
+        are not for it: that list holds them already.
         """
-        if self._pending_presence.get(room):
+        if self._pending_presence.get(room) and member.lists_members:
             self._cutoffs.setdefault(room, {})[member.id] = (member, len(self._batch))
         queue = self._sweeps.get(room)
         if not queue:

@@ -69,6 +69,11 @@ class Member(Protocol):
     #: What kind of client it is (``plain``, ``json``, ``line``, ``image``,
     #: ``sse``), for the counts by kind; fixed once it has connected.
     kind: str
+    #: Whether joining a room tells it the room's members (a JSON
+    #: WebSocket's ``welcome`` and ``presence``): then the joins, leaves and
+    #: renames of the room still waiting to go out are not for it (the list
+    #: holds them); a client told no list hears them all.
+    lists_members: bool
     #: Who sign-in says the client is, or ``None``.
     user: Optional[str]
     #: What it may do in which room (:mod:`broadcaster.core.permissions`).
@@ -110,6 +115,8 @@ class MemberBase:
     user: Optional[str] = None
     #: A kind of client the metrics do not name, unless the class says.
     kind: str = "other"
+    #: Told no member list on joining, unless the class says.
+    lists_members: bool = False
 
     def deliver_many(self, batch: EventBatch) -> None:
         """

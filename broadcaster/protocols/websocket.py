@@ -244,6 +244,11 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
         """``plain`` or ``json``, as in the logs and metrics."""
         return self.codec.name
 
+    @property
+    def lists_members(self) -> bool:
+        """A JSON client is told each room's members on joining it."""
+        return self.codec is _JSON
+
     def onConnect(self, request: ConnectionRequest) -> Optional[str]:
         headers = request.headers
         origin = headers.get("origin")

@@ -173,11 +173,10 @@ class PresenceRightTests(SynchronousTestCase):
         self.clock.advance(0)
         self.assertEqual(self.customer.texts(), [("announcements", "hello")])
         self.assertEqual(self.comings(self.customer), [])
-        # Staff joined after the customer, in the same turn: the room's
-        # list it was given on joining holds the customer already.
         self.assertEqual(
             self.comings(self.staff),
             [
+                ("Joined", "t-cust"),
                 ("Joined", "t-staff"),
                 ("Joined", "t-bob"),
                 ("Renamed", "t-bob"),
