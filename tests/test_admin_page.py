@@ -297,3 +297,59 @@ class DashboardPageTests(PageTestCase):
         errors = yield deferToThread(page.console_errors)
         self.assertEqual(errors, [])
 
+
+
+class ShardedDashboardTests(PageTestCase):
+    """
+    The dashboard of a node over two standalone Redis servers shows each
+    one, and which is unreachable.
+    """
+
+    page_class = AdminPage
+
+    @inlineCallbacks
+    def setUp(self):
+        from tests.redis.test_redis import redis_servers
+
+        self.servers = yield redis_servers(self, 2)
+        yield super().setUp()
+
+    def server_arguments(self):
+        return (
+            "--api-key-file", key_file(self),
+            "--redis", self.servers[0].url, "--redis", self.servers[1].url,
+        )
+
+    def backplane(self) -> str:
+        """The backplane's facts as the Nodes section lists them, term and
+        value on a line each (shown or not)."""
+        return self.page.script(
+            "return Array.from(document.querySelectorAll('#backplane dt, #backplane dd'))"
+            ".map((e) => e.textContent).join('\\n');"
+        )
+
+    @inlineCallbacks
+    def test_each_redis_server_is_shown(self):
+        """Both servers are listed by address, without their password;
+        the one killed is shown unreachable, the other not."""
+        from tests.redis.test_redis import PASSWORD
+
+        page = self.page
+        yield deferToThread(page.open_signed_in, self.url + "admin")
+        addresses = ["127.0.0.1:{}/0".format(s.port) for s in self.servers]
+        shown = yield deferToThread(
+            page.wait,
+            lambda driver: all(a in self.backplane() for a in addresses) and self.backplane(),
+            "both servers listed",
+        )
+        self.assertIn("Server 1 of 2", shown)
+        self.assertNotIn("unreachable", shown)
+        yield self.servers[1].kill()
+        shown = yield deferToThread(
+            page.wait,
+            lambda driver: "unreachable" in self.backplane() and self.backplane(),
+            "the killed server shown unreachable",
+        )
+        self.assertNotIn(PASSWORD, shown)
+        values = [line for line in shown.splitlines() if "127.0.0.1" in line]
+        self.assertEqual(["unreachable" in line for line in values], [False, True], shown)

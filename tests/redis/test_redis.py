@@ -868,6 +868,19 @@ class Sentinel:
 
 
 @inlineCallbacks
+def redis_servers(testcase, count):
+    """
+    Start ``count`` throw-away redis-servers (skipping, or in CI failing,
+    without redis-server); fires with them, each stopped when the test ends.
+    """
+    require_redis_server()
+    servers = [RedisServer(testcase) for _ in range(count)]
+    for server in servers:
+        yield server.start()
+    return servers
+
+
+@inlineCallbacks
 def poll(check, what, timeout=30.0):
     """
     Call ``check()`` (a Deferred-returning function) until it fires with a

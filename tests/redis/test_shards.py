@@ -16,10 +16,9 @@ from broadcaster.redis.address import parse_redis_url
 from broadcaster.redis.ring import Ring
 from tests.redis.test_redis import (
     PASSWORD,
-    RedisServer,
     join_room,
     messages_until,
-    require_redis_server,
+    redis_servers,
     start_node,
 )
 from tests.http.test_metrics import scrape
@@ -95,10 +94,7 @@ class ShardedNodesTests(TestCase):
 
     @inlineCallbacks
     def setUp(self):
-        require_redis_server()
-        self.servers = [RedisServer(self), RedisServer(self)]
-        for server in self.servers:
-            yield server.start()
+        self.servers = yield redis_servers(self, 2)
         first, second = (server.url for server in self.servers)
         flags = ["--redis", second, "--rate", "0", "--room-grace", "0.2"]
         self.a, self.port_a = yield start_node(self, None, "alpha", *flags, url=first)

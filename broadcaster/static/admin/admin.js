@@ -626,6 +626,13 @@
       fact('Connected', state.connected ? 'yes' : 'no', !state.connected),
     ];
     if (state.url) facts.push(fact('Address', state.url));
+    // Several --redis servers: each one's own state (its rooms are served
+    // on each node alone while it is unreachable).
+    (Array.isArray(state.shards) ? state.shards : []).forEach((shard, i) => {
+      const up = Boolean(shard.connected);
+      facts.push(fact(`Server ${i + 1} of ${state.shards.length}`,
+        `${shard.url}${up ? '' : ' (unreachable: its rooms served here alone)'}`, !up));
+    });
     if (state.namespace) facts.push(fact('Namespace', state.namespace));
     if (state.nodes !== undefined) facts.push(fact('Nodes known', count(state.nodes)));
     if (state.down_for !== undefined) {
