@@ -728,12 +728,7 @@ class RedisBackplane:
         Send the text messages queued by :meth:`_queue_text`, at most
         :data:`MAX_BATCH` per script.
         """
-        if self._flush_call is not None:
-            if self._flush_call.active():
-                self._flush_call.cancel()
-            self._flush_call = None
-        texts, self._texts = self._texts, {}
-        for room, queued in texts.items():
+        for room, queued in self._take_queued_texts().items():
             for start in range(0, len(queued), MAX_BATCH):
                 batch = queued[start : start + MAX_BATCH]
                 d = self._eval(
@@ -763,17 +758,24 @@ class RedisBackplane:
         for pid, publication, _ in batch:
             self._publish_failed(failure, pid, publication)
 
+    def _take_queued_texts(self) -> Dict[str, List[Tuple[int, _Pending, bytes]]]:
+        """
+        The text messages queued so far, by room, leaving none queued and
+        no flush to come.
+        """
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        texts, self._texts = self._texts, {}
+        return texts
+
     def _drop_queued_texts(self) -> None:
         """
         Redis went away before the queued text messages were sent: those
         its subscription would have brought back are delivered locally
         with the others in flight (:meth:`_went_down`), the rest here.
         """
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
-        self._flush_call = None
-        texts, self._texts = self._texts, {}
-        for queued in texts.values():
+        for queued in self._take_queued_texts().values():
             for _, publication, _ in queued:
                 if not publication.comes_back:
                     self._deliver_locally(publication.event, publication)

@@ -108,17 +108,26 @@ class Shard:
     :param index: this server's position in ``--redis``, from 0.
     :param count: how many servers share the rooms.
     :param servers: their names (``None``: this one alone).
+    :param seen: the ids of the control messages carried out, shared by
+        every server's shard (a message sent through each server is carried
+        out once; default: this shard's own).
     """
 
     def __init__(
-        self, owns=None, memory=None, index: int = 0, count: int = 1, servers=None
+        self,
+        owns=None,
+        memory=None,
+        index: int = 0,
+        count: int = 1,
+        servers=None,
+        seen: Optional[Dict[str, None]] = None,
     ) -> None:
         self.owns = owns if owns is not None else (lambda room: True)
         self.servers: Optional[List[str]] = list(servers) if servers is not None else None
         self.memory = memory
         self.index = index
         self.count = count
-        self._seen: Dict[str, None] = {}
+        self._seen: Dict[str, None] = seen if seen is not None else {}
 
     @property
     def scope(self) -> str:
@@ -135,8 +144,7 @@ class Shard:
         """
         Whether a control message with this id is new here: a message sent
         to every server reaches a node once through each (the last 1024
-        ids are kept; share one :class:`Shard`'s :meth:`first_time` through
-        ``seen``).
+        ids are kept, in ``seen``).
         """
         if ident in self._seen:
             return False
@@ -144,9 +152,3 @@ class Shard:
         if len(self._seen) > 1024:
             del self._seen[next(iter(self._seen))]
         return True
-
-    def share_seen(self, other: "Shard") -> None:
-        """
-        Remember control messages' ids together with ``other``.
-        """
-        self._seen = other._seen

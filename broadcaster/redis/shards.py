@@ -68,14 +68,15 @@ class ShardedBackplane:
     :param backplanes: one per server, made with a
         :class:`~broadcaster.redis.ring.Shard` saying which rooms are its
         (see :func:`sharded`).
-    :param ring: the ring of those backplanes.
+    :param ring: which of them holds a room: the ring of their positions
+        in ``backplanes``, the one their shards' ``owns`` ask too.
     """
 
     name = "redis"
 
-    def __init__(self, ring: Ring[RedisBackplane]) -> None:
+    def __init__(self, backplanes: Sequence[RedisBackplane], ring: Ring[int]) -> None:
         self._ring = ring
-        self.shards: List[RedisBackplane] = list(ring.shards)
+        self.shards: List[RedisBackplane] = list(backplanes)
         first = self.shards[0]
         self.history_size = first.history_size
         self.node_timeout = first.node_timeout
@@ -88,7 +89,7 @@ class ShardedBackplane:
         """
         The backplane of the server holding ``room``.
         """
-        return self._ring.shard(room)
+        return self.shards[self._ring.shard(room)]
 
     @property
     def connected(self) -> bool:
@@ -218,18 +219,21 @@ def sharded(addresses: Sequence[Any], make, clock: IReactorTime, history_memory:
     """
     memory = HistoryMemory(history_memory, clock)
     names = [address.shard_name() for address in addresses]
-    index_ring = Ring([(name, i) for i, name in enumerate(names)])
-    shards: List[Shard] = []
-    for i in range(len(addresses)):
-        shard = Shard(
-            owns=lambda room, i=i: index_ring.shard(room) == i,
-            memory=memory,
-            index=i,
-            count=len(addresses),
-            servers=names,
+    ring = Ring([(name, i) for i, name in enumerate(names)])
+    # Control messages come through every server: one memory of their ids.
+    seen: Dict[str, None] = {}
+    backplanes = [
+        make(
+            address,
+            Shard(
+                owns=lambda room, i=i: ring.shard(room) == i,
+                memory=memory,
+                index=i,
+                count=len(addresses),
+                servers=names,
+                seen=seen,
+            ),
         )
-        if shards:
-            shard.share_seen(shards[0])
-        shards.append(shard)
-    backplanes = [make(address, shard) for address, shard in zip(addresses, shards)]
-    return ShardedBackplane(Ring(list(zip(names, backplanes))))
+        for i, address in enumerate(addresses)
+    ]
+    return ShardedBackplane(backplanes, ring)

@@ -7,6 +7,7 @@ two nodes, one of them killed.
 from __future__ import annotations
 
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -70,6 +71,32 @@ class RingTests(SynchronousTestCase):
                 ["--redis", "redis+cluster://127.0.0.1:7000", "--redis", "redis://127.0.0.1:7001"]
             )
         self.assertIn("only --redis", str(raised.exception))
+
+    def test_a_control_message_through_every_server_is_carried_out_once(self):
+        """The shards of one node's servers remember the control
+        messages' ids together: the copy through the second is skipped."""
+        from broadcaster.redis.shards import sharded
+
+        class Made:
+            def __init__(self, address, shard):
+                self.shard = shard
+                for name in ("history_size", "node_timeout", "batch_delay", "namespace"):
+                    setattr(self, name, 0)
+                self.memory = shard.memory
+
+        addresses = [parse_redis_url("redis://127.0.0.1:{}/0".format(port)) for port in (7000, 7001)]
+        backplane = sharded(addresses, Made, Clock(), 1024)
+        first, second = (made.shard for made in backplane.shards)
+        self.assertTrue(first.first_time("x1"))
+        self.assertFalse(second.first_time("x1"))
+        self.assertTrue(second.first_time("x2"))
+        self.assertEqual(
+            {backplane.shard_of(room).shard.index for room in ROOMS[:50]}, {0, 1}
+        )
+        for room in ROOMS[:200]:
+            owner = backplane.shard_of(room).shard
+            self.assertTrue(owner.owns(room))
+            self.assertFalse((second if owner is first else first).owns(room))
 
     def test_servers_are_named_by_where_they_are(self):
         self.assertEqual(parse_redis_url("redis://:secret@10.0.0.5:7000/2").shard_name(), "10.0.0.5:7000/2")
