@@ -140,6 +140,7 @@ class ClassicTextTests(SynchronousTestCase):
             dict(log_format="two\nlines {a}", a="x"),
             dict(log_format="{missing} field"),
             dict(log_format="a call {a.bit_length()}", a=5),
+            dict(log_format="brackets ({a}) are not calls", a="x"),
             dict(log_format="attribute {a.real} and item {b[0]}", a=3, b=["first"]),
             dict(log_format=""),
             dict(log_format="failed", log_failure=failure),
@@ -153,3 +154,22 @@ class ClassicTextTests(SynchronousTestCase):
         # Without a time or a level, as Twisted writes them.
         for event in (dict(log_format="hi"), dict(log_format="hi", log_time=when)):
             self.assertEqual(logs.classic_text(event), formatEventAsClassicLogText(event))
+
+    def test_connection_lines_are_made_the_fast_way(self):
+        """
+        The lines every connection logs never reach Twisted's formatter
+        (four times slower; a sixth of a connection's cost in a storm),
+        brackets in their text notwithstanding.
+        """
+        from twisted.logger import LogLevel, formatEventAsClassicLogText
+
+        from broadcaster.protocols.connection import log_connect, log_disconnect
+
+        events = []
+        log = Logger(observer=events.append, namespace="n.s")
+        log_connect(log, "c-1", "tcp4:127.0.0.1:1", "plain", 1)
+        log_disconnect(log, "c-1", 1.0, 0, 1000, "", True)
+        expected = [formatEventAsClassicLogText(event) for event in events]
+        self.patch(logs, "formatEventAsClassicLogText", None)
+        self.assertEqual([logs.classic_text(event) for event in events], expected)
+        self.assertIn("(plain)", expected[0])
