@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Any, Dict
+from typing import Any, Callable, Dict
 
 from twisted.logger import (
     FileLogObserver,
@@ -103,13 +103,17 @@ def redact(text: str) -> str:
     return text
 
 
-def _redacted_format(form: str) -> str:
-    clean = _formats.get(form)
-    if clean is None:
-        if len(_formats) > 1024:
-            _formats.clear()
-        clean = _formats[form] = redact(form)
-    return clean
+def _remembered(cache: Dict[Any, str], key: Any, make: Callable[[Any], str], most: int) -> str:
+    """
+    ``make(key)``, kept in ``cache`` (emptied when it holds more than
+    ``most``) for the next time.
+    """
+    made = cache.get(key)
+    if made is None:
+        if len(cache) > most:
+            cache.clear()
+        made = cache[key] = make(key)
+    return made
 
 
 def _clean(value: Any) -> Any:
@@ -154,7 +158,7 @@ class SanitisingObserver:
             if not key.startswith("log_") or key == "log_text" or key == "log_io":
                 value = _clean(value)
             elif key == "log_format" and value.__class__ is str:
-                value = _redacted_format(value)
+                value = _remembered(_formats, value, redact, 1024)
             clean[key] = value
         self._observer(clean)
 
@@ -187,13 +191,7 @@ def _stamp(when: float) -> str:
     :func:`twisted.logger.formatTime` of ``when`` (to the second), made
     once per second.
     """
-    second = int(when)
-    stamp = _stamps.get(second)
-    if stamp is None:
-        if len(_stamps) > 64:
-            _stamps.clear()
-        stamp = _stamps[second] = formatTime(second)
-    return stamp
+    return _remembered(_stamps, int(when), formatTime, 64)
 
 
 def classic_text(event: Dict[str, Any]):

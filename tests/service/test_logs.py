@@ -161,7 +161,7 @@ class ClassicTextTests(SynchronousTestCase):
         (four times slower; a sixth of a connection's cost in a storm),
         brackets in their text notwithstanding.
         """
-        from twisted.logger import LogLevel, formatEventAsClassicLogText
+        from twisted.logger import formatEventAsClassicLogText
 
         from broadcaster.protocols.connection import log_connect, log_disconnect
 
