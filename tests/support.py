@@ -27,6 +27,17 @@ from broadcaster.core.hub import Hub
 from broadcaster.service.tap import BroadcasterService, Options, makeService
 
 
+def clocked_hub(clock, **kwargs) -> Hub:
+    """
+    A hub whose fan-out also times its rounds on ``clock`` (a fake one):
+    rounds then take no time, so presence is never paced and a turn of the
+    clock delivers everything, however slowly the machine runs the test.
+    """
+    hub = Hub(clock, **kwargs)
+    hub.fanout.timer = clock.seconds
+    return hub
+
+
 def immediate_hub(clock, **kwargs) -> Hub:
     """
     A hub whose fan-out delivers at once rather than at the end of the

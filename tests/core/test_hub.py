@@ -24,6 +24,7 @@ from broadcaster.core.events import (
 )
 from broadcaster.core.hub import Hub, NotInRoom, TooManyRooms
 from broadcaster.core.members import MemberBase
+from tests.support import clocked_hub
 
 
 class RecordingMember(MemberBase):
@@ -67,7 +68,7 @@ class HubTestCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(1000)
-        self.hub = Hub(self.clock, node_id="n1", history_size=5, max_rooms=3)
+        self.hub = clocked_hub(self.clock, node_id="n1", history_size=5, max_rooms=3)
 
     def epoch(self, room: str) -> str:
         """The epoch of ``room``'s sequence now, as the backplane tells it."""
@@ -188,7 +189,7 @@ class RoomTests(HubTestCase):
 
     def test_rooms_per_member_are_limited(self) -> None:
         """A member cannot be in more rooms than allowed."""
-        hub = Hub(self.clock, max_rooms_per_member=2)
+        hub = clocked_hub(self.clock, max_rooms_per_member=2)
         ann = RecordingMember("ann")
         hub.connect(ann)
         hub.join(ann, "a")
@@ -413,7 +414,7 @@ class SilentMember(RecordingMember):
 class HistoryMemoryTests(HubTestCase):
     def setUp(self) -> None:
         super().setUp()
-        self.hub = Hub(self.clock, node_id="n1", history_size=100, max_rooms=100,
+        self.hub = clocked_hub(self.clock, node_id="n1", history_size=100, max_rooms=100,
                        history_memory=64 * 1024)
         self.memory = self.hub.backplane.memory
 
@@ -421,7 +422,7 @@ class HistoryMemoryTests(HubTestCase):
         """A kept message is counted as about what it takes in memory,
         however long its text and whatever its characters."""
         for text in ("", "x" * 100, "x" * 2000, "é" * 2000, "x" * 60000 + "\U0001F600"):
-            hub = Hub(self.clock, node_id="n1")
+            hub = clocked_hub(self.clock, node_id="n1")
             ann = SilentMember("ann")
             hub.connect(ann)
             for room in ("a", "b", "c"):
@@ -652,7 +653,7 @@ class PositionedTests(HubTestCase):
 class LocalNodesTests(SynchronousTestCase):
     def test_one_node(self):
         """The in-process backplane lists this node alone, with its clients."""
-        hub = Hub(Clock(), node_id="solo")
+        hub = clocked_hub(Clock(), node_id="solo")
         hub.connect(RecordingMember("solo-1"))
         self.assertEqual(
             self.successResultOf(hub.backplane.nodes()),

@@ -30,7 +30,6 @@ from twisted.trial.unittest import FailTest, SkipTest, SynchronousTestCase, Test
 
 import txredisapi
 from broadcaster.core.events import BinaryMessage, ImageMessage, Joined, Left, Renamed, TextMessage
-from broadcaster.core.hub import Hub
 from broadcaster.core.moderation import Expulsion
 from broadcaster.core.history import kept_size
 from broadcaster.redis import connections as redis_connections
@@ -43,6 +42,7 @@ from broadcaster.redis.scripts import DEREGISTER, MISSED, POSITION, PUBLISH_TEXT
 from broadcaster.service.tap import Options
 from tests.support import (
     CollectingProcess,
+    clocked_hub,
     immediate_hub,
     close_client,
     connect_client,
@@ -386,7 +386,7 @@ class SubscriptionParsingTests(SynchronousTestCase):
         self.backplane = RedisBackplane(
             RedisAddress(host="127.0.0.1"), clock=self.clock, connections=self.connections
         )
-        self.hub = Hub(self.clock, node_id="b", backplane=self.backplane)
+        self.hub = clocked_hub(self.clock, node_id="b", backplane=self.backplane)
         self.backplane.start()
         self.member = BatchRecorder("b-1")
         self.hub.connect(self.member)
