@@ -4,8 +4,9 @@ WebSocket endpoint, all on one :class:`twisted.web.server.Site`.
 
 ``/`` is both the page and the WebSocket endpoint, as in the classic example
 where clients connect to ``ws://host:9999/``: a request carrying
-``Upgrade: websocket`` is handed to Autobahn's :class:`WebSocketResource`,
-any other ``GET /`` gets the page.
+``Upgrade: websocket`` is handed to Autobahn (:mod:`broadcaster.http.upgrade`;
+the usual handshake without twisted.web parsing it first), any other
+``GET /`` gets the page.
 
 The page's files are small and read once when the site is built, so serving
 them never touches the disk on the reactor thread.
@@ -41,15 +42,15 @@ from importlib import resources
 from io import BytesIO
 from typing import Optional
 
-from autobahn.twisted.resource import WebSocketResource
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from broadcaster import __version__
 from broadcaster.core.stats import Stats
 from broadcaster.http.events import EventsResource
+from broadcaster.http.upgrade import hand_over, plain_upgrade, replayed
 from broadcaster.protocols.admission import Admission, AdmittingFactory, http_refusal, say_and_hang_up
 from broadcaster.protocols.origin import HostPolicy
 from broadcaster.protocols.websocket import BroadcastServerFactory
@@ -123,7 +124,6 @@ class EntryPoint(Resource):
     def __init__(self, factory: BroadcastServerFactory, page: Resource) -> None:
         super().__init__()
         self._factory = factory
-        self._websocket = WebSocketResource(factory)
         self._page = page
 
     def render(self, request: Request):
@@ -145,18 +145,12 @@ class EntryPoint(Resource):
             # timeouts); the HTTP channel's timers must not fire on it,
             # and the protocol the upgrade makes takes over its place
             # under the connection limits.
-            channel = request.channel
-            channel.setTimeout(None)
-            channel.handed_over()
-            factory = self._factory
-            factory.adopt(channel.ticket)
-            try:
-                return self._websocket.render(request)
-            finally:
-                if factory.adopt(None) is None:
-                    channel.ticket = None
-                else:
-                    channel.handed_back()
+            protocol = hand_over(request.channel, self._factory)
+            if protocol is None:
+                request.setResponseCode(500)
+                return b""
+            protocol.dataReceived(replayed(request))
+            return NOT_DONE_YET
         return self._page.render(request)
 
     _log = Logger()
@@ -265,8 +259,21 @@ class BoundedChannel(HTTPChannel):
         )
 
     _streaming = False
+    _first = True
 
     def dataReceived(self, data: bytes) -> None:
+        if self._first:
+            self._first = False
+            websocket = self.site.websocket
+            if (
+                websocket is not None
+                and not self._refused
+                and plain_upgrade(data, self.site.hosts)
+            ):
+                protocol = hand_over(self, websocket)
+                if protocol is not None:
+                    protocol.dataReceived(data)
+                    return
         if not self._refused and not self._streaming:
             super().dataReceived(data)
 
@@ -414,6 +421,10 @@ class BoundedSite(AdmittingFactory, Site):
     refusal = staticmethod(http_refusal)
     noisy = False
 
+    #: The WebSocket factory an upgrade of ``/`` is handed to at once
+    #: (:func:`~broadcaster.http.upgrade.plain_upgrade`), or ``None``.
+    websocket: Optional[BroadcastServerFactory] = None
+
     def __init__(
         self,
         resource: Resource,
@@ -462,6 +473,10 @@ class BroadcasterSite(BoundedSite):
         admin: Optional[Resource] = None,
     ) -> None:
         self._debug = debug
+        if not debug:
+            # With --debug every request is logged, upgrades too: they
+            # take twisted.web's path.
+            self.websocket = factory
         self._api_body_limit = api_body_limit if api is not None else 0
         static = load_static()
         root = Resource()

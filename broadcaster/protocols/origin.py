@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Iterable, Optional, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 from urllib.parse import urlsplit
 
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
@@ -205,6 +205,13 @@ class HostPolicy:
         self._names = frozenset(names)
         self.loopback = loopback
         self.open = not names and not loopback
+        # Headers already judged: nearly every request names the host the
+        # last one did, and parsing it (an IP address) was a tenth of a
+        # handshake's cost.  Bounded: the header is the client's to choose.
+        self._verdicts: Dict[str, bool] = {}
+
+    #: Verdicts kept at most (then forgotten all at once).
+    REMEMBERED = 256
 
     def permits(self, host_header: str) -> bool:
         """
@@ -212,6 +219,14 @@ class HostPolicy:
         """
         if self.open:
             return True
+        verdict = self._verdicts.get(host_header)
+        if verdict is None:
+            if len(self._verdicts) >= self.REMEMBERED:
+                self._verdicts.clear()
+            verdict = self._verdicts[host_header] = self._judge(host_header)
+        return verdict
+
+    def _judge(self, host_header: str) -> bool:
         name = host_name(host_header)
         if name is None:
             return False

@@ -145,6 +145,20 @@ class HostPolicyTests(SynchronousTestCase):
             self.assertTrue(policy.permits(header), header)
         self.assertFalse(policy.permits("evil.example"))
 
+    def test_verdicts_are_remembered_within_a_bound(self):
+        """
+        Verdicts are kept for the next request naming the same host, but
+        a client naming ever new hosts cannot grow them past their bound,
+        and a verdict asked again after they were forgotten is the same.
+        """
+        policy = HostPolicy(loopback=True)
+        for n in range(3 * HostPolicy.REMEMBERED):
+            self.assertFalse(policy.permits("evil{}.example".format(n)))
+            self.assertTrue(policy.permits("127.0.0.1:{}".format(n)))
+            self.assertLessEqual(len(policy._verdicts), HostPolicy.REMEMBERED)
+        self.assertFalse(policy.permits("evil0.example"))
+        self.assertTrue(policy.permits("localhost"))
+
     def test_a_bad_name_is_refused(self):
         """A name that is not one cannot be allowed by mistake."""
         self.assertRaises(ValueError, HostPolicy, ["chat.example:443"])

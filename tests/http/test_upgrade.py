@@ -1,0 +1,141 @@
+"""
+Tests for :mod:`broadcaster.http.upgrade`: the usual WebSocket handshake is
+handed to Autobahn without twisted.web parsing it first, and anything
+unusual still takes twisted.web's path, refusals included.
+"""
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from broadcaster.http import site
+from broadcaster.http.upgrade import MOST_HEADER_BYTES, plain_upgrade
+from broadcaster.protocols.origin import HostPolicy
+from tests.support import (
+    RawWebSocketClient,
+    build_frame,
+    connect_raw,
+    handshake_request,
+    start_server,
+)
+
+LOOPBACK = HostPolicy(loopback=True)
+
+
+def _with(*headers: str) -> bytes:
+    return handshake_request(headers=headers)
+
+
+class PlainUpgradeTests(SynchronousTestCase):
+    """Which first bytes are taken as an ordinary handshake."""
+
+    def test_the_usual_handshakes(self):
+        """What browsers and client libraries send: with a query, a
+        subprotocol, any case of header names, a port in Host."""
+        for data in (
+            handshake_request(),
+            handshake_request(json_mode=True),
+            _with("Origin: http://localhost:9999", "User-Agent: x"),
+            handshake_request().replace(b"GET / ", b"GET /?name=ann&since=1:2 "),
+            handshake_request().replace(b"Upgrade: websocket", b"UPGRADE:  WebSocket "),
+        ):
+            self.assertTrue(plain_upgrade(data, LOOPBACK), data)
+        self.assertTrue(plain_upgrade(handshake_request(), HostPolicy()))
+
+    def test_anything_else_takes_twisted_web_s_path(self):
+        """Every request twisted.web might treat otherwise: partial,
+        followed by more bytes, another method, version or path, a body,
+        a header twice or malformed, no upgrade, too large."""
+        usual = handshake_request()
+        for data in (
+            usual[:-2],
+            usual[:-4],
+            usual + build_frame(1, b"early"),
+            usual.replace(b"GET ", b"POST "),
+            usual.replace(b"HTTP/1.1", b"HTTP/1.0"),
+            usual.replace(b"GET / ", b"GET /events "),
+            usual.replace(b"GET / ", b"GET // "),
+            usual.replace(b"GET / ", b"GET http://127.0.0.1:9999/ "),
+            usual.replace(b"GET / ", b"GET  / "),
+            _with("Content-Length: 0"),
+            _with("Transfer-Encoding: chunked"),
+            _with("Host: 127.0.0.1:9999"),
+            _with("Sec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA=="),
+            _with("Bad Name: x"),
+            _with(" folded: x"),
+            _with("no colon"),
+            _with("X-Control: a\x00b"),
+            _with("X-Control: a\x1bb"),
+            usual.replace(b"Upgrade: websocket", b"Upgrade: h2c"),
+            usual.replace(b"Upgrade: websocket\r\n", b""),
+            _with("X-Padding: " + "a" * MOST_HEADER_BYTES),
+            b"\r\n\r\n",
+            b"",
+        ):
+            self.assertFalse(plain_upgrade(data, LOOPBACK), data)
+
+    def test_a_host_the_server_does_not_answer_to(self):
+        """Its refusal is twisted.web's path's to make (with its 403 and
+        log line); without Host, under a policy, likewise."""
+        usual = handshake_request()
+        self.assertFalse(
+            plain_upgrade(usual.replace(b"127.0.0.1:9999", b"evil.example"), LOOPBACK)
+        )
+        self.assertFalse(plain_upgrade(usual.replace(b"Host: 127.0.0.1:9999\r\n", b""), LOOPBACK))
+        self.assertTrue(plain_upgrade(usual.replace(b"127.0.0.1:9999", b"evil.example"), HostPolicy()))
+
+
+class _Handshake(RawWebSocketClient):
+    """A raw client whose handshake carries ``extra`` header lines."""
+
+    def __init__(self, extra: bytes = b"") -> None:
+        super().__init__()
+        self.extra = extra
+
+    def connectionMade(self) -> None:
+        self.transport.write(
+            b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: " + self.key + b"\r\n"
+            b"Sec-WebSocket-Version: 13\r\n" + self.extra + b"\r\n"
+        )
+
+
+class BothPathsTests(TestCase):
+    """Over real TCP, a client is served alike on either path."""
+
+    @inlineCallbacks
+    def setUp(self):
+        self.service, self.port = yield start_server(self)
+        self.requests = []
+        original = site.BoundedRequest.__init__
+
+        def counted(request, *args, **kwargs):
+            self.requests.append(request)
+            original(request, *args, **kwargs)
+
+        self.patch(site.BoundedRequest, "__init__", counted)
+
+    @inlineCallbacks
+    def _echoes(self, extra: bytes = b""):
+        client = yield connect_raw(self, self.port, lambda: _Handshake(extra), abort=True)
+        yield client.opened
+        frame = yield client.next()
+        self.assertIn(b"connected", frame.payload)
+        client.send(build_frame(1, b"hello"))
+        while True:
+            frame = yield client.next()
+            if frame.payload.endswith(b"hello"):
+                break
+
+    @inlineCallbacks
+    def test_the_usual_handshake_skips_twisted_web(self):
+        """Sent in one write, the handshake opens the connection, which
+        then works, with no twisted.web request made for it."""
+        yield self._echoes()
+        self.assertEqual(self.requests, [])
+
+    @inlineCallbacks
+    def test_an_unusual_one_takes_twisted_web_s_path(self):
+        """A header given twice (twisted.web joins them) goes through
+        twisted.web, and the connection works the same."""
+        yield self._echoes(b"X-Twice: 1\r\nX-Twice: 2\r\n")
+        self.assertEqual(len(self.requests), 1)
