@@ -39,6 +39,7 @@ def log_connect(
     count: int,
     user: Optional[str] = None,
     rooms: Optional[List[str]] = None,
+    handshake: Optional[Tuple[str, str, str]] = None,
 ) -> None:
     """
     Log a member joining.
@@ -48,9 +49,11 @@ def log_connect(
     :param count: members connected now, this one included.
     :param user: who it signed in as, if it did.
     :param rooms: the rooms it chose (an event stream), if it did.
+    :param handshake: the path, ``Origin`` and ``User-Agent`` of the
+        WebSocket handshake it connected with (``-`` for a header absent):
+        a handshake that opens is logged in this one line.
     """
-    log.info(
-        "[CONNECT] {client} connected from {peer} ({kind}){signed}{chosen}; {count} connected",
+    fields = dict(
         client=client,
         peer=peer,
         kind=kind,
@@ -58,6 +61,37 @@ def log_connect(
         user=user,
         signed="" if user is None else " as user {!r}".format(user),
         chosen="" if rooms is None else " for " + ", ".join(rooms),
+    )
+    if handshake is None:
+        log.info(
+            "[CONNECT] {client} connected from {peer} ({kind}){signed}{chosen}; {count} connected",
+            **fields,
+        )
+        return
+    path, origin, agent = handshake
+    log.info(
+        "[CONNECT] {client} connected from {peer} ({kind}){signed} to {path} origin={origin}"
+        " agent={agent!r}; {count} connected",
+        path=path,
+        origin=origin,
+        agent=agent,
+        **fields,
+    )
+
+
+def log_handshake(log: Logger, peer: str, handshake: Tuple[str, str, str]) -> None:
+    """
+    Log a WebSocket handshake that did not open (after the line saying
+    why): its path, ``Origin`` and ``User-Agent``, as :func:`log_connect`
+    logs those of one that did.
+    """
+    path, origin, agent = handshake
+    log.info(
+        "[HANDSHAKE] {peer} {path} origin={origin} agent={agent!r}: not opened",
+        peer=peer,
+        path=path,
+        origin=origin,
+        agent=agent,
     )
 
 

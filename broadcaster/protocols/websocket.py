@@ -87,7 +87,12 @@ from broadcaster.core.permissions import (
 from broadcaster.core.members import MemberBase
 from broadcaster.core.imaging import ImageError, NormalisedImage
 from broadcaster.protocols.keepalive import Keepalive
-from broadcaster.protocols.connection import cut_slow_consumer, log_connect, log_disconnect
+from broadcaster.protocols.connection import (
+    cut_slow_consumer,
+    log_connect,
+    log_disconnect,
+    log_handshake,
+)
 from broadcaster.protocols.gate import (
     BANNED,
     Refused,
@@ -199,7 +204,7 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
     __slots__ = (
         "id", "ticket", "_opened_at", "_joined", "name", "_lobby_since", "grants", "user",
         "codec", "_name_from_auth", "_auth", "_fetches", "_upload", "_expiry", "_refreshing",
-        "_outbound", "_rate",
+        "_outbound", "_rate", "_handshake",
     )
 
     # Autobahn already uses ``self.log``.
@@ -238,6 +243,8 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
         # Its --rate, made with its first message: an idle connection has
         # none (a bucket made then is as full as one made at the open).
         self._rate: Optional[RateLimit] = None
+        # The handshake's path, Origin and User-Agent until they are logged.
+        self._handshake: Optional[Tuple[str, str, str]] = None
 
     @property
     def kind(self) -> str:
@@ -252,12 +259,11 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
     def onConnect(self, request: ConnectionRequest) -> Optional[str]:
         headers = request.headers
         origin = headers.get("origin")
-        self._log.info(
-            "[HANDSHAKE] {peer} {path} origin={origin} agent={agent!r}",
-            peer=request.peer,
-            path=request.path,
-            origin=origin if origin is not None else "-",
-            agent=headers.get("user-agent", "-"),
+        # Logged with the connect, or after the refusal.
+        self._handshake = (
+            request.path,
+            origin if origin is not None else "-",
+            headers.get("user-agent", "-"),
         )
         secure = ISSLTransport.providedBy(self.transport)
         with _denied():
@@ -305,6 +311,13 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
             return self._authenticate(request, subprotocol)
         self.grants = self.factory.anonymous
         return subprotocol
+
+    def failHandshake(self, reason, code=400, responseHeaders=None):
+        # The refusal is logged, with why; then what was refused.
+        handshake, self._handshake = self._handshake, None
+        if handshake is not None:
+            log_handshake(self._log, self.peer, handshake)
+        super().failHandshake(reason, code, responseHeaders)
 
     def _authenticate(self, request: ConnectionRequest, subprotocol: Optional[str]) -> Deferred:
         """
@@ -448,7 +461,10 @@ class BroadcastServerProtocol(MemberBase, LeanWebSocketServerProtocol):
             return
         hub.connect(self)
         self._joined = True
-        log_connect(self._log, self.id, self.peer, self.codec.name, len(hub), self.user)
+        handshake, self._handshake = self._handshake, None
+        log_connect(
+            self._log, self.id, self.peer, self.codec.name, len(hub), self.user, handshake=handshake
+        )
         if self._expiry is not None:
             # After the welcome: it is always the first message.
             self._expiry.start()

@@ -12,7 +12,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.internet.error import ConnectionDone
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -350,8 +350,9 @@ class LoggingTests(TestCase):
 
     @inlineCallbacks
     def test_handshake_connect_and_disconnect_are_logged(self):
-        """The handshake (peer, path, Origin, User-Agent), the connect and the
-        disconnect (code, duration) are logged at info, and no payload is."""
+        """The connect with its handshake (peer, path, Origin, User-Agent)
+        in one line, and the disconnect (code, duration) are logged at
+        info, and no payload is."""
         logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         service, port = yield start_server(self)
         client = yield connect_client(
@@ -368,13 +369,14 @@ class LoggingTests(TestCase):
         yield client.closed
         yield wait_for(lambda: _events(logged, LogLevel.info, "[DISCONNECT]"), what="log")
 
-        (handshake,) = _events(logged, LogLevel.info, "[HANDSHAKE]")
-        self.assertEqual(handshake["origin"], "http://127.0.0.1:{}".format(port))
-        self.assertEqual(handshake["path"], "/")
-        self.assertEqual(handshake["agent"], "tester/1")
-        self.assertIn("127.0.0.1", handshake["peer"])
+        self.assertEqual(_events(logged, LogLevel.info, "[HANDSHAKE]"), [])
         (connect,) = _events(logged, LogLevel.info, "[CONNECT]")
         self.assertEqual(connect["client"], client_id)
+        self.assertEqual(connect["origin"], "http://127.0.0.1:{}".format(port))
+        self.assertEqual(connect["path"], "/")
+        self.assertEqual(connect["agent"], "tester/1")
+        self.assertIn("127.0.0.1", connect["peer"])
+        self.assertIn("agent='tester/1'", formatEvent(connect))
         (disconnect,) = _events(logged, LogLevel.info, "[DISCONNECT]")
         self.assertEqual(
             (disconnect["client"], disconnect["code"], disconnect["reason"]),
@@ -383,6 +385,27 @@ class LoggingTests(TestCase):
         self.assertGreaterEqual(disconnect["duration"], 0)
         for event in logged:
             self.assertNotIn("secret payload", json.dumps(event, default=repr))
+
+
+class RefusedHandshakeLogTests(TestCase):
+    @inlineCallbacks
+    def test_a_refused_handshake_is_logged_after_why(self):
+        """A handshake that does not open is logged after the refusal
+        saying why, with its path, Origin and User-Agent, and nothing is
+        logged as connected."""
+        from tests.http.test_web import handshake
+
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        service, port = yield start_server(self)
+        status = yield handshake(port, "127.0.0.1:{}".format(port), "http://evil.example")
+        self.assertEqual(status, 403)
+        yield wait_for(lambda: _events(logged, LogLevel.info, "[HANDSHAKE]"), what="log")
+        tags = [e["log_format"].split("]")[0] + "]" for e in logged if "log_format" in e]
+        self.assertEqual([t for t in tags if t in ("[REFUSED]", "[HANDSHAKE]")], ["[REFUSED]", "[HANDSHAKE]"])
+        (refused,) = _events(logged, LogLevel.info, "[HANDSHAKE]")
+        self.assertEqual((refused["path"], refused["origin"]), ("/", "http://evil.example"))
+        self.assertIn("not opened", formatEvent(refused))
+        self.assertEqual(_events(logged, None, "[CONNECT]"), [])
 
 
 class TLSTests(TestCase):
