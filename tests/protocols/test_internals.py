@@ -87,6 +87,16 @@ class Sink(Protocol):
         self.factory.connected.callback(self)
 
 
+class Collector(Protocol):
+    """A client that reads everything."""
+
+    def __init__(self):
+        self.received = bytearray()
+
+    def dataReceived(self, data):
+        self.received += data
+
+
 class Stalled(Protocol):
     """A client that reads nothing."""
 
@@ -95,6 +105,39 @@ class Stalled(Protocol):
 
 
 class TransportTests(TestCase):
+    @inlineCallbacks
+    def test_lean_writes_arrive_whole_and_in_order(self):
+        """
+        Writes sent at once and writes queued behind a socket that took
+        only part of one interleave as the reader's pace allows, and the
+        reader gets every byte, in order, once.
+        """
+        factory = Factory.forProtocol(Sink)
+        factory.connected = Deferred()
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        internals.use_lean_transports(port)
+        reader = Collector()
+        yield TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
+            Factory.forProtocol(lambda: reader)
+        )
+        self.addCleanup(reader.transport.abortConnection)
+        server = yield factory.connected
+        self.addCleanup(server.transport.abortConnection)
+        chunks = [bytes([n % 251]) * (1 + (n * 7919) % 300000) for n in range(60)]
+        for n, chunk in enumerate(chunks):
+            server.transport.write(chunk)
+            if n % 10 == 9:
+                # Let the reader take some, so that later writes find the
+                # queue empty again.
+                yield wait_for(
+                    lambda: not server.transport._tempDataLen and not server.transport.dataBuffer,
+                    what="the queue to drain",
+                )
+        expected = b"".join(chunks)
+        yield wait_for(lambda: len(reader.received) >= len(expected), what="every byte")
+        self.assertEqual(bytes(reader.received), expected)
+
     def test_queued_bytes_are_where_the_direct_path_looks(self):
         """
         On a real tcp.Server, nothing is queued until the socket stops taking
@@ -133,11 +176,21 @@ class TransportTests(TestCase):
         self.assertFalse(transport._tempDataLen or transport.dataBuffer)
         self.assertFalse(transport.TLS or transport._writeDisconnected)
         transport.write(b"x" * 100)
-        self.assertEqual(transport._tempDataLen, 100)
+        if lean:
+            # Sent at once: nothing queued, and the reactor not asked to
+            # watch the socket for writability.
+            self.assertFalse(transport._tempDataLen or transport.dataBuffer)
+            self.assertNotIn(transport, reactor.getWriters())
+        else:
+            self.assertEqual(transport._tempDataLen, 100)
         # The socket takes what it can; a client that reads nothing leaves
         # the rest with the transport.
         transport.write(b"y" * (32 * 1024 * 1024))
-        yield wait_for(lambda: not transport._tempDataLen, what="a write turn")
-        self.assertTrue(transport.dataBuffer)
+        if lean:
+            # What the socket did not take at once is queued.
+            self.assertTrue(transport._tempDataLen or transport.dataBuffer)
+        else:
+            yield wait_for(lambda: not transport._tempDataLen, what="a write turn")
+            self.assertTrue(transport.dataBuffer)
         if lean:
             self.assertFalse(hasattr(transport, "__dict__") and vars(transport))
