@@ -23,8 +23,12 @@ What is relied on, and why:
   and ``_closeConnection`` (to close after what is queued).
 - What Autobahn makes for every connection whether or not it is used
   (``WebSocketProtocol.__init__``'s two futures and observer tables,
-  ``_connectionMade``'s ``TrafficStats`` and UTF-8 validator): made when
-  first needed, or shared (see :class:`LeanWebSocketServerProtocol`).
+  ``connectionMade``'s transport details, ``_connectionMade``'s
+  ``TrafficStats``, UTF-8 validator and options list): made when first
+  needed, shared, or not at all; the lean protocol's ``__init__``,
+  ``connectionMade`` and ``_onOpen`` stand in for Autobahn's, and
+  :func:`check` compares the names Autobahn's use with those they were
+  written from (see :class:`LeanWebSocketServerProtocol`).
 - ``twisted.internet.tcp.Server``'s per-connection attributes and
   ``tcp.Port.transport``: the listening ports build
   :class:`LeanTCPServer`\ s, which keep those attributes in slots
@@ -61,7 +65,12 @@ from pprint import pformat
 import autobahn
 import autobahn.websocket.protocol as _autobahn_protocol
 import twisted
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.twisted.util import peer2str
+from autobahn.twisted.websocket import (
+    WebSocketAdapterProtocol,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
 from autobahn.websocket.compress import PerMessageDeflate
 from autobahn.websocket.protocol import TrafficStats
 from twisted.internet.abstract import FileDescriptor
@@ -242,11 +251,66 @@ class LeanWebSocketServerProtocol(WebSocketServerProtocol):
         self._utf8validator = value
 
     def connectionMade(self) -> None:
-        super().connectionMade()
-        self.send_queue = NO_SEND_QUEUE
-        # Made by Autobahn for this connection and not needed yet, or at all.
-        self._utf8validator = None
+        """
+        Autobahn's (its Twisted adapter's ``connectionMade`` and the
+        ``_connectionMade`` methods it calls, checked by :func:`check`),
+        without what they make for every connection that a server here
+        does not read: transport details (only WAMP reads them; the peer's
+        address is kept as ``peer``, as they kept it), a list of all ninety
+        options for a debug line, two more debug lines' arguments, a UTF-8
+        validator (made with the first text message), traffic counters (a
+        shared, empty set) and a send queue.  Making them was a tenth of a
+        connection's cost in a connection storm.
+        """
+        transport = self.transport
+        self.peer = peer2str(transport)
+        try:
+            transport.setTcpNoDelay(self.tcpNoDelay)
+        except Exception:
+            # Not a TCP socket (a Unix one, say), as Autobahn allows.
+            pass
+        self._perMessageCompress = None
+        self.trackedTimings = None
+        self.setTrackTimings(self.trackTimings)
         self.trafficStats = SHARED_TRAFFIC
+        self.state = WebSocketServerProtocol.STATE_CONNECTING
+        self.send_state = WebSocketServerProtocol.SEND_STATE_GROUND
+        self.data = b""
+        self.send_queue = NO_SEND_QUEUE
+        self.triggered = False
+        self._utf8validator = None
+        self.wasMaxFramePayloadSizeExceeded = False
+        self.wasMaxMessagePayloadSizeExceeded = False
+        self.closedByMe = False
+        self.failedByMe = False
+        self.droppedByMe = False
+        self.wasClean = False
+        self.wasNotCleanReason = None
+        self.wasServerConnectionDropTimeout = False
+        self.wasOpenHandshakeTimeout = False
+        self.wasCloseHandshakeTimeout = False
+        self.wasServingFlashSocketPolicyFile = False
+        self.localCloseCode = None
+        self.localCloseReason = None
+        self.remoteCloseCode = None
+        self.remoteCloseReason = None
+        self.openHandshakeTimeoutCall = None
+        self.closeHandshakeTimeoutCall = None
+        self.autoPingTimeoutCall = None
+        self.autoPingPending = None
+        self.autoPingPendingCall = None
+        self.autoPingPendingSeq = 0
+        self.autoPingPendingSent = None
+        if self.openHandshakeTimeout > 0:
+            self.openHandshakeTimeoutCall = self.factory._batched_timer.call_later(
+                self.openHandshakeTimeout, self.onOpenHandshakeTimeout
+            )
+        self.factory.countConnections += 1
+
+    def _onOpen(self) -> None:
+        # Autobahn's, less filling in the TLS channel's details in the
+        # transport details it no longer makes (connectionMade).
+        self.onOpen()
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: Optional[int] = None) -> None:
         if (sync or chopsize) and self.send_queue is NO_SEND_QUEUE:
@@ -595,6 +659,43 @@ class LazyFormat:
 
 #: The names Autobahn's ``WebSocketProtocol.__init__`` uses, in the version
 #: :meth:`LeanWebSocketServerProtocol.__init__` replaces.
+#: What Autobahn's connection set-up and open use (their code's names), as
+#: :meth:`LeanWebSocketServerProtocol.connectionMade` and ``_onOpen`` do
+#: it in their stead: a release that sets up more, or otherwise, is
+#: refused by :func:`check`.
+_AUTOBAHN_OPENING = {
+    _autobahn_protocol.WebSocketProtocol._connectionMade: {
+        "CONFIG_ATTRS", "SEND_STATE_GROUND", "STATE_CONNECTING", "STATE_PROXY_CONNECTING",
+        "TrafficStats", "Utf8Validator", "WebSocketProtocol", "__class__", "__name__",
+        "_batched_timer", "_perMessageCompress", "append", "autoPingPending",
+        "autoPingPendingCall", "autoPingPendingSent", "autoPingPendingSeq",
+        "autoPingTimeoutCall", "call_later", "closeHandshakeTimeoutCall", "closedByMe", "data",
+        "debug", "deque", "droppedByMe", "factory", "failedByMe", "getattr", "hasattr",
+        "isServer", "localCloseCode", "localCloseReason", "log", "onOpenHandshakeTimeout",
+        "openHandshakeTimeout", "openHandshakeTimeoutCall", "pformat", "proxy",
+        "remoteCloseCode", "remoteCloseReason", "send_queue", "send_state",
+        "serverConnectionDropTimeoutCall", "setTrackTimings", "setattr", "state",
+        "trackTimings", "trackedTimings", "trafficStats", "triggered", "utf8validator",
+        "wasClean", "wasCloseHandshakeTimeout", "wasMaxFramePayloadSizeExceeded",
+        "wasMaxMessagePayloadSizeExceeded", "wasNotCleanReason", "wasOpenHandshakeTimeout",
+        "wasServerConnectionDropTimeout", "wasServingFlashSocketPolicyFile",
+    },
+    WebSocketServerProtocol._connectionMade: {
+        "WebSocketProtocol", "_connectionMade", "countConnections", "debug", "factory",
+        "hltype", "log", "peer",
+    },
+    WebSocketAdapterProtocol.connectionMade: {
+        "CHANNEL_FRAMING_WEBSOCKET", "TransportDetails", "_connectionMade",
+        "_transport_details", "channel_framing", "connectionMade", "create_transport_details",
+        "debug", "hltype", "hlval", "is_server", "log", "peer", "setTcpNoDelay", "tcpNoDelay",
+        "transport",
+    },
+    WebSocketAdapterProtocol._onOpen: {
+        "_transport_details", "channel_id", "extract_peer_certificate", "is_secure",
+        "is_server", "onOpen", "peer_cert", "transport", "transport_channel_id",
+    },
+}
+
 _AUTOBAHN_INIT = {
     "TransportDetails", "_transport_details", "create_future", "is_closed", "is_open",
     "set_valid_events", "txaio",
@@ -659,6 +760,15 @@ def check() -> None:
                 sorted(made), sorted(_AUTOBAHN_INIT)
             )
         )
+    # LeanWebSocketServerProtocol.connectionMade and _onOpen stand in for these.
+    for method, names in _AUTOBAHN_OPENING.items():
+        made = set(method.__code__.co_names)
+        if made != names:
+            problems.append(
+                "autobahn's {} now uses {} (not {})".format(
+                    method.__qualname__, sorted(made), sorted(names)
+                )
+            )
     for name in ("Utf8Validator", "TrafficStats"):
         if not hasattr(_autobahn_protocol, name):
             problems.append("autobahn.websocket.protocol no longer has {}".format(name))

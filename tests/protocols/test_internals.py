@@ -50,6 +50,57 @@ class CheckTests(SynchronousTestCase):
         error = self.assertRaises(internals.InternalsChanged, internals.check)
         self.assertIn("no longer uses pprint's pformat", str(error))
 
+    def test_autobahn_setting_up_connections_otherwise_fails_loudly(self):
+        """An Autobahn whose connection set-up changed (here: no longer
+        making a UTF-8 validator) stops the server: the lean protocol's
+        set-up stands in for it and would no longer match."""
+        from autobahn.websocket.protocol import WebSocketProtocol
+
+        changed = dict(internals._AUTOBAHN_OPENING)
+        changed[WebSocketProtocol._connectionMade] = changed[WebSocketProtocol._connectionMade] - {
+            "Utf8Validator"
+        }
+        self.patch(internals, "_AUTOBAHN_OPENING", changed)
+        error = self.assertRaises(internals.InternalsChanged, internals.check)
+        self.assertIn("WebSocketProtocol._connectionMade now uses", str(error))
+
+    def test_the_lean_set_up_is_autobahn_s(self):
+        """
+        A lean connection, once made, has every attribute Autobahn's own
+        set-up gives one, with the same value, but what it leaves unmade
+        on purpose (made when first needed, or shared).
+        """
+        from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+        from twisted.internet.testing import StringTransport
+
+        class Lean(internals.LeanWebSocketServerProtocol):
+            pass
+
+        class LeanFactory(internals.LeanWebSocketServerFactory):
+            protocol = Lean
+
+        lean_factory = LeanFactory()
+        lean_factory.setProtocolOptions(openHandshakeTimeout=0)
+        plain_factory = WebSocketServerFactory()
+        plain_factory.protocol = WebSocketServerProtocol
+        plain_factory.setProtocolOptions(openHandshakeTimeout=0)
+        lean = lean_factory.buildProtocol(None)
+        plain = plain_factory.buildProtocol(None)
+        lean.makeConnection(StringTransport())
+        plain.makeConnection(StringTransport())
+        self.assertEqual(lean.peer, plain.peer)
+        self.assertEqual(lean_factory.countConnections, 1)
+        on_purpose = {"utf8validator", "trafficStats", "send_queue", "log", "factory", "transport"}
+        names = set()
+        for method in internals._AUTOBAHN_OPENING:
+            code = method.__code__
+            names.update(n for n in code.co_names if n[0].islower() and hasattr(plain, n))
+        names = {n for n in names if not callable(getattr(plain, n)) or n == "state"}
+        self.assertIn("wasClean", names)
+        for name in sorted(names - on_purpose):
+            self.assertEqual(getattr(lean, name), getattr(plain, name), name)
+        self.assertIsNotNone(lean.utf8validator)
+
     def test_options_are_pretty_printed_only_if_shown(self):
         """Autobahn's per-connection debug line costs nothing unless shown."""
         calls = []
