@@ -57,6 +57,7 @@ setup.cfg pins the major versions this was tested with.
 from __future__ import annotations
 
 import inspect
+import socket
 from collections import deque
 from typing import Dict, List, Optional
 
@@ -494,12 +495,27 @@ class LeanTCPServer(_TCPServer):
 
     # fileno is a method of FileDescriptor that Connection.__init__
     # replaces with the socket's before anything reads it.
-    __slots__ = TCP_STATE + TCP_DEFAULTED + ("fileno",)
+    __slots__ = TCP_STATE + TCP_DEFAULTED + ("fileno", "_nodelay")
 
     def __init__(self, *args, **kwargs) -> None:
         for name in TCP_DEFAULTED:
             setattr(self, name, getattr(_TCPServer, name))
         super().__init__(*args, **kwargs)
+        # TCP_NODELAY as the socket has it, if known: inherited from a
+        # listening socket that has it (use_lean_transports).
+        self._nodelay = True if getattr(self.server, "broadcaster_nodelay", False) else None
+
+    def setTcpNoDelay(self, enabled) -> None:
+        """
+        Twisted's, but not set again to what the socket has already:
+        twisted.web's channel and Autobahn each set it on every
+        connection, which has it from its listening socket.
+        """
+        enabled = bool(enabled)
+        if self._nodelay is enabled:
+            return
+        super().setTcpNoDelay(enabled)
+        self._nodelay = enabled
 
     def write(self, data) -> None:
         """
@@ -543,10 +559,19 @@ def use_lean_transports(port) -> None:
     """
     Have the listening ``port`` build :class:`LeanTCPServer` transports,
     if it is one of Twisted's TCP ports (an ``ssl:`` one included, whose
-    TLS runs over a TCP transport); any other is left as it is.
+    TLS runs over a TCP transport); any other is left as it is.  Its
+    socket gets ``TCP_NODELAY``, which its connections inherit, so that
+    Autobahn's setting it again on each is skipped (a system call a
+    connection).
     """
     if isinstance(port, _TCPPort) and port.transport is _TCPServer:
         port.transport = LeanTCPServer
+        try:
+            port.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            return
+        # Linux's accept() copies it onto each connection's socket.
+        port.broadcaster_nodelay = True
 
 
 def fan_out(engine, batch, members: List, index: int, occupants: Dict, deadline) -> int:

@@ -226,6 +226,15 @@ class TransportTests(TestCase):
                 transport.sessionno, port.getHost().port))
         self.assertFalse(transport._tempDataLen or transport.dataBuffer)
         self.assertFalse(transport.TLS or transport._writeDisconnected)
+        # A lean port's connections have TCP_NODELAY from the listening
+        # socket, before anything asks for it; it can still be turned off.
+        self.assertEqual(bool(transport.getTcpNoDelay()), lean)
+        transport.setTcpNoDelay(True)
+        self.assertTrue(transport.getTcpNoDelay())
+        transport.setTcpNoDelay(False)
+        self.assertFalse(transport.getTcpNoDelay())
+        transport.setTcpNoDelay(True)
+        self.assertTrue(transport.getTcpNoDelay())
         transport.write(b"x" * 100)
         if lean:
             # Sent at once: nothing queued, and the reactor not asked to

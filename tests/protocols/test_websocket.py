@@ -79,6 +79,15 @@ class PlainModeTests(TestCase):
             self.assertEqual(vars(thing) if hasattr(thing, "__dict__") else {}, {})
 
     @inlineCallbacks
+    def test_connections_do_not_wait_for_nagle(self):
+        """Every WebSocket connection has TCP_NODELAY (a small frame goes
+        out at once), though it is set on the listening socket only."""
+        ann = yield connect_client(self, self.port)
+        yield ann.next_text()
+        (member,) = self.service.hub.members()
+        self.assertTrue(member.transport.getTcpNoDelay())
+
+    @inlineCallbacks
     def test_disconnect_is_announced_to_the_others(self):
         """When a client leaves, the others hear '<id> disconnected'."""
         ann = yield connect_client(self, self.port)
