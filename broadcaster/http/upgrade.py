@@ -92,8 +92,8 @@ def hand_over(channel, factory):
     :param channel: the :class:`~broadcaster.http.site.BoundedChannel`
         whose connection it is.
     :return: the protocol, connected and waiting for the handshake's
-        bytes, or ``None`` if none was made (the channel keeps the
-        connection).
+        bytes, which the caller gives it at once (all of them), or ``None``
+        if none was made (the channel keeps the connection).
     """
     channel.setTimeout(None)
     channel.handed_over()
@@ -107,6 +107,9 @@ def hand_over(channel, factory):
             channel.handed_back()
     if protocol is None:
         return None
+    # Its whole handshake is given to it next (its open handshake timeout
+    # is for waiting on its sign-in, if it has to).
+    protocol.handshake_at_hand = True
     transport, channel.transport = channel.transport, None
     if isinstance(transport, ProtocolWrapper):
         # TLS, as a wrapping protocol.

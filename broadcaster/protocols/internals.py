@@ -25,8 +25,10 @@ What is relied on, and why:
   (``WebSocketProtocol.__init__``'s two futures and observer tables,
   ``connectionMade``'s transport details, ``_connectionMade``'s
   ``TrafficStats``, UTF-8 validator and options list): made when first
-  needed, shared, or not at all; the lean protocol's ``__init__``,
-  ``connectionMade`` and ``_onOpen`` stand in for Autobahn's, and
+  needed, shared, or not at all, and the arguments of the debug lines
+  Autobahn's adapter makes on every read; the lean protocol's
+  ``__init__``, ``connectionMade``, ``dataReceived`` and ``_onOpen``
+  stand in for Autobahn's, and
   :func:`check` compares the names Autobahn's use with those they were
   written from (see :class:`LeanWebSocketServerProtocol`).
 - ``twisted.internet.tcp.Server``'s per-connection attributes and
@@ -138,7 +140,7 @@ DEFAULTED_STATE = ("factory", "transport", "connected", "peer")
 
 #: Where ``is_open`` and ``is_closed`` wait to be asked for (see
 #: :class:`LeanWebSocketServerProtocol`), and the UTF-8 validator.
-LAZY_STATE = ("_is_open", "_is_closed", "_utf8validator")
+LAZY_STATE = ("_is_open", "_is_closed", "_utf8validator", "handshake_at_hand")
 
 class _Opened(Deferred):
     """
@@ -194,6 +196,9 @@ class LeanWebSocketServerProtocol(WebSocketServerProtocol):
             setattr(self, name, getattr(WebSocketServerProtocol, name))
         self._is_open = self._is_closed = self._utf8validator = None
         self._transport_details = None
+        #: Whether the whole opening handshake is handed over with the
+        #: connection (see connectionMade).
+        self.handshake_at_hand = False
 
     @property
     def is_open(self) -> Deferred:
@@ -302,11 +307,34 @@ class LeanWebSocketServerProtocol(WebSocketServerProtocol):
         self.autoPingPendingCall = None
         self.autoPingPendingSeq = 0
         self.autoPingPendingSent = None
+        if not self.handshake_at_hand:
+            self._start_handshake_timeout()
+        self.factory.countConnections += 1
+
+    def _start_handshake_timeout(self) -> None:
         if self.openHandshakeTimeout > 0:
             self.openHandshakeTimeoutCall = self.factory._batched_timer.call_later(
                 self.openHandshakeTimeout, self.onOpenHandshakeTimeout
             )
-        self.factory.countConnections += 1
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Autobahn's, without the arguments of a debug line it makes for
+        every read (three formatting calls each time, whether or not
+        anything logs at debug level).
+
+        A connection whose whole handshake was at hand (an upgrade taken
+        over from the HTTP side, :attr:`handshake_at_hand`) gets its open
+        handshake timeout only now, if the handshake is still unfinished
+        (its sign-in is awaited): the usual handshake finishes in this
+        call, and a timer made and cancelled for each was a thirtieth of
+        a connection's cost in a connection storm.
+        """
+        self._dataReceived(data)
+        if self.handshake_at_hand:
+            self.handshake_at_hand = False
+            if self.state == WebSocketServerProtocol.STATE_CONNECTING:
+                self._start_handshake_timeout()
 
     def _onOpen(self) -> None:
         # Autobahn's, less filling in the TLS channel's details in the
@@ -714,6 +742,9 @@ _AUTOBAHN_OPENING = {
         "_transport_details", "channel_framing", "connectionMade", "create_transport_details",
         "debug", "hltype", "hlval", "is_server", "log", "peer", "setTcpNoDelay", "tcpNoDelay",
         "transport",
+    },
+    WebSocketAdapterProtocol.dataReceived: {
+        "_dataReceived", "dataReceived", "debug", "hltype", "hlval", "len", "log", "peer",
     },
     WebSocketAdapterProtocol._onOpen: {
         "_transport_details", "channel_id", "extract_peer_certificate", "is_secure",

@@ -139,3 +139,48 @@ class BothPathsTests(TestCase):
         twisted.web, and the connection works the same."""
         yield self._echoes(b"X-Twice: 1\r\nX-Twice: 2\r\n")
         self.assertEqual(len(self.requests), 1)
+
+
+class OpenHandshakeTimerTests(TestCase):
+    """
+    A handed-over handshake is timed only while it waits (on its
+    sign-in): one that finishes at once costs no timer.
+    """
+
+    @inlineCallbacks
+    def _start(self, args=()):
+        self.service, self.port = yield start_server(self, list(args))
+        timer = self.service.websocket_factory._batched_timer
+        self.timed = []
+        original = timer.call_later
+
+        def call_later(delay, function, *args, **kwargs):
+            if getattr(function, "__name__", "") == "onOpenHandshakeTimeout":
+                self.timed.append(delay)
+            return original(delay, function, *args, **kwargs)
+
+        self.patch(timer, "call_later", call_later)
+
+    @inlineCallbacks
+    def test_a_handshake_finished_at_once_has_no_timer(self):
+        yield self._start()
+        for extra in (b"", b"X-Twice: 1\r\nX-Twice: 2\r\n"):
+            client = yield connect_raw(self, self.port, lambda: _Handshake(extra), abort=True)
+            yield client.opened
+        self.assertEqual(self.timed, [])
+
+    @inlineCallbacks
+    def test_a_handshake_awaiting_its_sign_in_is_timed(self):
+        from tests.http.test_auth import AuthService
+        from tests.http.test_webhooks import serve
+
+        auth = AuthService(code=None)
+        url = serve(self, auth).url + "/check"
+        yield self._start(
+            ["--auth-url", url, "--auth-timeout", "0.5", "--open-handshake-timeout", "7"]
+        )
+        client = yield connect_raw(self, self.port, _Handshake, abort=True)
+        with self.assertRaises(ConnectionError) as refused:
+            yield client.opened
+        self.assertIn("503", str(refused.exception))
+        self.assertEqual(self.timed, [7.0])
