@@ -435,15 +435,29 @@ class PresencePaceTests(SynchronousTestCase):
         return [e.member for e in member.events() if isinstance(e, (Joined, Left))]
 
     def test_joins_wait_for_the_pace(self):
-        """Joins right after a 20 ms round wait 60 ms, then go out in one batch."""
-        self.hub.connect(BatchRecorder("late1"))
-        self.clock.advance(0.03)
-        self.hub.connect(BatchRecorder("late2"))
-        self.clock.advance(0.029)
+        """Joins still coming (one every 4 ms) right after a 20 ms round
+        wait 60 ms, then go out in one batch."""
+        for n in range(15):
+            if n:
+                self.clock.advance(0.004)
+            self.hub.connect(BatchRecorder("late{}".format(n)))
+        self.clock.advance(0.0039)
         self.assertEqual(self.comings(self.members[5]), [])
-        self.clock.advance(0.002)
-        self.assertEqual(self.comings(self.members[5]), ["late1", "late2"])
+        self.clock.advance(0.0002)
+        self.assertEqual(self.comings(self.members[5]), ["late{}".format(n) for n in range(15)])
         self.assertEqual(len(self.members[5].batches), 2)  # the round, then the joins
+
+    def test_joins_no_longer_coming_go_out(self):
+        """Once no join has come for 5 ms, those waiting go out without
+        waiting for the rest of the pace: the end of a storm is not held."""
+        self.hub.connect(BatchRecorder("late1"))
+        self.clock.advance(0.003)
+        self.hub.connect(BatchRecorder("late2"))
+        self.clock.advance(0.0049)
+        self.assertEqual(self.comings(self.members[5]), [])
+        self.clock.advance(0.0002)
+        self.assertEqual(self.comings(self.members[5]), ["late1", "late2"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_a_message_takes_them_out_at_once(self):
         """A message published while joins wait goes out at the end of its

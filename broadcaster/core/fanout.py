@@ -54,6 +54,11 @@ PRESENCE_WAIT_MAX = 0.25
 #: goes out at the end of the turn, as messages do.
 PRESENCE_WAIT_MIN = 0.001
 
+#: ... and no longer once no join, leave or rename has come for this long
+#: (seconds): the storm is over (or paused), and its last arrivals are not
+#: held for a pace set for the arrivals that no longer come.
+PRESENCE_QUIET = 0.005
+
 #: Nobody: the members of a room that has none.
 _NOBODY: Dict[str, Member] = {}
 
@@ -195,8 +200,13 @@ class FanOut:
         self.immediate = False
         self._batch: List[Tuple[Event, str]] = []
         self._flush_call = None
-        # Whether that flush waits for the pace of presence rounds.
+        # Whether that flush waits for the pace of presence rounds: then
+        # until when at most, and when the last presence event came.
         self._paced = False
+        self._paced_until = self._last_presence = 0.0
+        #: Seconds without presence events after which a paced batch goes
+        #: out (:data:`PRESENCE_QUIET`).
+        self.presence_quiet = PRESENCE_QUIET
         #: How many times the last round's length presence-only batches
         #: wait (:data:`PRESENCE_PACE`; 0: not at all).
         self.presence_pace = PRESENCE_PACE
@@ -248,13 +258,38 @@ class FanOut:
         elif self._flush_call is None:
             wait = self._presence_wait() if presence else 0.0
             self._paced = wait > self.batch_delay
-            self._flush_call = self._clock.callLater(max(wait, self.batch_delay), self._flush)
-        elif self._paced and not presence:
-            # A message goes out at the end of this turn, with the joins
-            # and leaves before it.
-            self._flush_call.cancel()
-            self._paced = False
-            self._flush_call = self._clock.callLater(self.batch_delay, self._flush)
+            if self._paced:
+                now = self._last_presence = self._clock.seconds()
+                self._paced_until = now + wait
+                self._flush_call = self._clock.callLater(
+                    min(wait, self.presence_quiet), self._paced_check
+                )
+            else:
+                self._flush_call = self._clock.callLater(max(wait, self.batch_delay), self._flush)
+        elif self._paced:
+            if presence:
+                self._last_presence = self._clock.seconds()
+            else:
+                # A message goes out at the end of this turn, with the
+                # joins and leaves before it.
+                self._flush_call.cancel()
+                self._paced = False
+                self._flush_call = self._clock.callLater(self.batch_delay, self._flush)
+
+    def _paced_check(self) -> None:
+        """
+        A paced batch goes out when its pace is up, or as soon as no
+        presence event has come for :attr:`presence_quiet` seconds.
+        """
+        now = self._clock.seconds()
+        quiet = now - self._last_presence
+        # (A little slack: timers fire on float sums of their delays.)
+        if quiet >= self.presence_quiet - 1e-9 or now >= self._paced_until - 1e-9:
+            self._flush()
+            return
+        self._flush_call = self._clock.callLater(
+            min(self.presence_quiet - quiet, self._paced_until - now), self._paced_check
+        )
 
     def _presence_wait(self) -> float:
         """
