@@ -212,6 +212,9 @@ class FanOut:
         self.presence_pace = PRESENCE_PACE
         # room -> joins, leaves and renames in the batch
         self._pending_presence: Dict[str, int] = {}
+        # room -> its first kept message in the batch (before_pending: a
+        # scan of the batch for each join was quadratic in a storm).
+        self._first_kept: Dict[str, TextMessage] = {}
         # room -> member id -> (member, where the batch stood when it
         # joined): the presence events before that are in what it was told
         # of the room, not for it.
@@ -252,6 +255,8 @@ class FanOut:
         presence = isinstance(event, PRESENCE_EVENTS)
         if presence:
             self._pending_presence[room] = self._pending_presence.get(room, 0) + 1
+        elif room not in self._first_kept and isinstance(event, TextMessage) and event.kept:
+            self._first_kept[room] = event
         if self.immediate:
             if not self._delivering:
                 self.flush()
@@ -348,10 +353,10 @@ class FanOut:
         waiting for the end of this turn, or ``None`` if none waits.  A
         member joining now gets those live, so they are not what it missed.
         """
-        for event, event_room in self._batch:
-            if event_room == room and isinstance(event, TextMessage) and event.kept:
-                return event.epoch, event.seq - 1
-        return None
+        event = self._first_kept.get(room)
+        if event is None:
+            return None
+        return event.epoch, event.seq - 1
 
     def _flush(self) -> None:
         """
@@ -375,6 +380,7 @@ class FanOut:
         if not self._sweeps:
             self._round_started = now
         batch, self._batch = self._batch, []
+        self._first_kept = {}
         by_room: Dict[str, List[Event]] = {}
         # Events nobody is told of (a user's second connection coming or
         # going): only the observers (webhooks) hear of them.
