@@ -179,6 +179,13 @@ SERVERS: Dict[str, ServerSpec] = {
             _c_ref_argv,
         ),
         ServerSpec(
+            "python",
+            "python-ref",
+            "bench/ref_python.py: ref_c.c in pure Python (epoll, each turn's messages framed"
+            " once, one send() per client): what the interpreter allows",
+            lambda port: [sys.executable, str(BENCH_DIR / "ref_python.py"), str(port)],
+        ),
+        ServerSpec(
             "picows",
             "picows-ref",
             "bench/ref_picows.py: picows (Cython) on asyncio, one send per client",

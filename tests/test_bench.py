@@ -122,6 +122,25 @@ class BenchSmokeTests(TestCase):
         self.assertTrue(check["complete"])
 
     @inlineCallbacks
+    def test_quick_run_of_the_pure_python_reference(self):
+        """The pure-Python reference (bench/ref_python.py) passes the same
+        delivery check, in the throughput and the latency scenario."""
+        results = os.path.abspath(self.mktemp() + ".json")
+        out, err, status = yield self.run_bench(
+            "--quick", "--servers", "python", "--scenarios", "S1,S2",
+            "--json-out", results, "--cache-dir", os.path.abspath(self.mktemp()),
+        )
+        self.assertEqual(status, 0, "stdout:\n{}\nstderr:\n{}".format(out, err))
+        with open(results) as f:
+            runs = json.load(f)["runs"]
+        self.assertEqual({run["scenario"] for run in runs}, {"S1", "S2"})
+        for run in runs:
+            self.assertEqual((run["server"], run["problems"]), ("python", []))
+            check = run["loadgen"]["check"]
+            self.assertEqual(check["deliveries"], check["expected_deliveries"])
+            self.assertTrue(check["complete"])
+
+    @inlineCallbacks
     def test_quick_big_room(self):
         """A quick S6 run lists every member of a 200-member lobby, named by
         the load generator, and measures the welcome and the listing."""
