@@ -32,6 +32,10 @@ from broadcaster.protocols.origin import HostPolicy
 #: is 16 KiB): no handshake a client sends is nearly this large.
 MOST_HEADER_BYTES = 8192
 
+#: Requests with more header lines than this take twisted.web's path
+#: (which refuses more than 500 with 400).
+MOST_HEADERS = 100
+
 # A header name, as RFC 9110 5.1 and twisted.web have it.
 _NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 
@@ -39,8 +43,13 @@ _NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 # mangle it; its path says so.
 _ODD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
-# Headers that announce a body: a handshake has none.
-_BODY = frozenset((b"content-length", b"transfer-encoding"))
+# A request target of printable ASCII: twisted.web refuses control
+# characters and most bytes beyond ASCII (Autobahn would take them).
+_TARGET = re.compile(rb"/(?:\?[\x21-\x7e]*)?\Z")
+
+# Headers that announce a body (a handshake has none), and Expect, which
+# twisted.web answers with 100 Continue before anything else.
+_BODY = frozenset((b"content-length", b"transfer-encoding", b"expect"))
 
 
 def plain_upgrade(data: bytes, hosts: HostPolicy) -> bool:
@@ -55,11 +64,12 @@ def plain_upgrade(data: bytes, hosts: HostPolicy) -> bool:
     if end < 0 or end + 4 != len(data) or end > MOST_HEADER_BYTES:
         return False
     lines = data[:end].split(b"\r\n")
+    if len(lines) > MOST_HEADERS + 1:
+        return False
     request = lines[0].split(b" ")
     if len(request) != 3 or request[0] != b"GET" or request[2] != b"HTTP/1.1":
         return False
-    target = request[1]
-    if target != b"/" and not target.startswith(b"/?"):
+    if not _TARGET.match(request[1]):
         return False
     seen = set()
     upgrade = host = None
@@ -142,4 +152,4 @@ def replayed(request) -> bytes:
     return b"".join(data)
 
 
-__all__ = ["MOST_HEADER_BYTES", "hand_over", "plain_upgrade", "replayed"]
+__all__ = ["MOST_HEADERS", "MOST_HEADER_BYTES", "hand_over", "plain_upgrade", "replayed"]

@@ -8,7 +8,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from broadcaster.http import site
-from broadcaster.http.upgrade import MOST_HEADER_BYTES, plain_upgrade
+from broadcaster.http.upgrade import MOST_HEADER_BYTES, MOST_HEADERS, plain_upgrade
 from broadcaster.protocols.origin import HostPolicy
 from tests.support import (
     RawWebSocketClient,
@@ -44,7 +44,10 @@ class PlainUpgradeTests(SynchronousTestCase):
     def test_anything_else_takes_twisted_web_s_path(self):
         """Every request twisted.web might treat otherwise: partial,
         followed by more bytes, another method, version or path, a body,
-        a header twice or malformed, no upgrade, too large."""
+        a header twice or malformed, no upgrade, too large, too many
+        headers, Expect (twisted.web answers 100 Continue), a target with
+        a control character or a byte beyond ASCII (twisted.web refuses
+        them)."""
         usual = handshake_request()
         for data in (
             usual[:-2],
@@ -68,6 +71,12 @@ class PlainUpgradeTests(SynchronousTestCase):
             usual.replace(b"Upgrade: websocket", b"Upgrade: h2c"),
             usual.replace(b"Upgrade: websocket\r\n", b""),
             _with("X-Padding: " + "a" * MOST_HEADER_BYTES),
+            _with(*("X-{}: 1".format(n) for n in range(MOST_HEADERS))),
+            _with("Expect: 100-continue"),
+            usual.replace(b"GET / ", b"GET /?name=\xff "),
+            usual.replace(b"GET / ", b"GET /?a\tb "),
+            usual.replace(b"GET / ", b"GET /?a\x00b "),
+            usual.replace(b"GET / ", b"GET /?a\x7fb "),
             b"\r\n\r\n",
             b"",
         ):
