@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import inspect
 import socket
+import sys
 from collections import deque
 from typing import Dict, List, Optional
 
@@ -594,6 +595,10 @@ def use_lean_transports(port) -> None:
     """
     if isinstance(port, _TCPPort) and port.transport is _TCPServer:
         port.transport = LeanTCPServer
+        if not sys.platform.startswith("linux"):
+            # Elsewhere accepted sockets need not inherit it: each
+            # connection sets it, as Twisted and Autobahn do.
+            return
         try:
             port.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
