@@ -328,8 +328,9 @@ class RefusalsOnTheFastPathTests(HonestPairMixin, TestCase):
     def test_the_open_handshake_timeout_ends_a_hanging_sign_in(self):
         """A fast-path handshake whose sign-in never ends (an authenticator
         that never answers, past its own --auth-timeout) is dropped after
-        --open-handshake-timeout (2 s; Autobahn's batched timer rounds its
-        deadline down to a whole second, so between 1 and 2 s), unopened."""
+        --open-handshake-timeout (2 s), not before (Autobahn's batched
+        timer, which rounded the deadline down to a whole second, is not
+        used for it), unopened."""
         from twisted.internet.defer import Deferred
 
         from tests.http.test_auth import AuthService
@@ -364,7 +365,7 @@ class RefusalsOnTheFastPathTests(HonestPairMixin, TestCase):
         self.assertNotIn(b" 101 ", answer)
         self.assertEqual(len(asked), 1)
         self.assertLess(took, 5.0)
-        self.assertGreater(took, 0.9)
+        self.assertGreater(took, 1.95)
 
 
 class TLSTests(TestCase):

@@ -313,8 +313,12 @@ class LeanWebSocketServerProtocol(WebSocketServerProtocol):
         self.factory.countConnections += 1
 
     def _start_handshake_timeout(self) -> None:
+        # On the factory's reactor, not Autobahn's batched timer, which
+        # rounds deadlines down to the second: a 3 s timeout could end a
+        # sign-in still within a 2.5 s --auth-timeout.  (Few connections
+        # have one now: see dataReceived.)
         if self.openHandshakeTimeout > 0:
-            self.openHandshakeTimeoutCall = self.factory._batched_timer.call_later(
+            self.openHandshakeTimeoutCall = self.factory.reactor.callLater(
                 self.openHandshakeTimeout, self.onOpenHandshakeTimeout
             )
 

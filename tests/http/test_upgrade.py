@@ -150,6 +150,22 @@ class BothPathsTests(TestCase):
         self.assertEqual(len(self.requests), 1)
 
 
+class _TimerRecorder:
+    """A reactor that notes the open-handshake timers it is asked for."""
+
+    def __init__(self, reactor, timed):
+        self._reactor = reactor
+        self._timed = timed
+
+    def callLater(self, delay, function, *args, **kwargs):
+        if getattr(function, "__name__", "") == "onOpenHandshakeTimeout":
+            self._timed.append(delay)
+        return self._reactor.callLater(delay, function, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._reactor, name)
+
+
 class OpenHandshakeTimerTests(TestCase):
     """
     A handed-over handshake is timed only while it waits (on its
@@ -159,16 +175,9 @@ class OpenHandshakeTimerTests(TestCase):
     @inlineCallbacks
     def _start(self, args=()):
         self.service, self.port = yield start_server(self, list(args))
-        timer = self.service.websocket_factory._batched_timer
+        factory = self.service.websocket_factory
         self.timed = []
-        original = timer.call_later
-
-        def call_later(delay, function, *args, **kwargs):
-            if getattr(function, "__name__", "") == "onOpenHandshakeTimeout":
-                self.timed.append(delay)
-            return original(delay, function, *args, **kwargs)
-
-        self.patch(timer, "call_later", call_later)
+        self.patch(factory, "reactor", _TimerRecorder(factory.reactor, self.timed))
 
     @inlineCallbacks
     def test_a_handshake_finished_at_once_has_no_timer(self):
