@@ -62,17 +62,24 @@ def http_exchange(port: int, request: bytes, then: bytes = b"", read_for: float 
                 s.sendall(then)
             except OSError:
                 pass  # the server stopped reading, as it should
-        answer = b""
-        deadline = time.monotonic() + read_for
-        while time.monotonic() < deadline:
-            try:
-                chunk = s.recv(65536)
-            except (socket.timeout, ConnectionResetError):
-                break
-            if not chunk:
-                break
-            answer += chunk
-        return answer
+        return read_answer(s, time.monotonic() + read_for)
+
+
+def read_answer(sock, deadline: float, head_only: bool = False) -> bytes:
+    """
+    Read what the server sends on ``sock`` until it closes, ``deadline``
+    passes, or (``head_only``) a response's head has ended (blocking).
+    """
+    answer = b""
+    while time.monotonic() < deadline and not (head_only and b"\r\n\r\n" in answer):
+        try:
+            chunk = sock.recv(65536)
+        except (socket.timeout, ConnectionResetError):
+            break
+        if not chunk:
+            break
+        answer += chunk
+    return answer
 
 
 def open_files(pid: int):

@@ -9,6 +9,7 @@ made up for the purpose.
 import json
 import os
 import sys
+from types import SimpleNamespace
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
@@ -34,6 +35,26 @@ class BenchSmokeTests(TestCase):
             if os.environ.get("CI"):
                 self.fail(message)
             raise SkipTest(message)
+
+    @inlineCallbacks
+    def quick_run(self, servers: str, scenarios: str):
+        """
+        ``python -m bench --quick`` of ``servers`` in ``scenarios``, which
+        must succeed.
+
+        :return: a Deferred firing with its results document, stdout,
+            stderr and results file (``document``, ``out``, ``err``,
+            ``path``).
+        """
+        path = os.path.abspath(self.mktemp() + ".json")
+        out, err, status = yield self.run_bench(
+            "--quick", "--servers", servers, "--scenarios", scenarios,
+            "--json-out", path, "--cache-dir", os.path.abspath(self.mktemp()),
+        )
+        self.assertEqual(status, 0, "stdout:\n{}\nstderr:\n{}".format(out, err))
+        with open(path) as f:
+            document = json.load(f)
+        return SimpleNamespace(document=document, out=out, err=err, path=path)
 
     @inlineCallbacks
     def run_bench(self, *args):
@@ -67,14 +88,8 @@ class BenchSmokeTests(TestCase):
     @inlineCallbacks
     def test_quick_run_counts_and_checks_every_delivery(self):
         """A quick S1 run on broadcaster exits 0 with every message delivered once, in order, to every subscriber."""
-        results = os.path.abspath(self.mktemp() + ".json")
-        out, err, status = yield self.run_bench(
-            "--quick", "--servers", "broadcaster", "--scenarios", "S1",
-            "--json-out", results, "--cache-dir", os.path.abspath(self.mktemp()),
-        )
-        self.assertEqual(status, 0, "stdout:\n{}\nstderr:\n{}".format(out, err))
-        with open(results) as f:
-            document = json.load(f)
+        bench = yield self.quick_run("broadcaster", "S1")
+        document = bench.document
         self.assertTrue(document["ok"])
         runs = document["runs"]
         self.assertEqual([(r["scenario"], r["server"]) for r in runs], [("S1", "broadcaster")])
@@ -89,33 +104,27 @@ class BenchSmokeTests(TestCase):
         for error in ("lost", "order_errors", "duplicates", "corrupt", "protocol_errors"):
             self.assertEqual(check[error], 0, error)
         self.assertTrue(check["complete"])
-        self.assertIn("deliveries/s", out)
+        self.assertIn("deliveries/s", bench.out)
         # A chart per scenario beside the results (matplotlib is a test extra).
-        chart = os.path.join(os.path.dirname(results), "S1.svg")
+        chart = os.path.join(os.path.dirname(bench.path), "S1.svg")
         with open(chart) as f:
             svg = f.read()
         self.assertIn("<svg", svg)
         self.assertIn("broadcaster", svg)
-        self.assertIn("charts: " + chart, out)
+        self.assertIn("charts: " + chart, bench.out)
         # The floor no server can beat is measured beside the figures.
         floor = document["floor"]
         self.assertEqual(floor["connections"], document["settings"]["s2_subscribers"])
         self.assertGreater(floor["us_per_send"], 0)
-        self.assertIn("system floor: a bare send()", out)
+        self.assertIn("system floor: a bare send()", bench.out)
 
     @inlineCallbacks
     def test_quick_run_of_the_c_reference(self):
         """The C reference server (bench/ref_c.c, built at run time) passes
         the same delivery check: every message to every subscriber once, in
         order."""
-        results = os.path.abspath(self.mktemp() + ".json")
-        out, err, status = yield self.run_bench(
-            "--quick", "--servers", "c", "--scenarios", "S1",
-            "--json-out", results, "--cache-dir", os.path.abspath(self.mktemp()),
-        )
-        self.assertEqual(status, 0, "stdout:\n{}\nstderr:\n{}".format(out, err))
-        with open(results) as f:
-            (run,) = json.load(f)["runs"]
+        bench = yield self.quick_run("c", "S1")
+        (run,) = bench.document["runs"]
         self.assertEqual((run["server"], run["problems"]), ("c", []))
         check = run["loadgen"]["check"]
         self.assertEqual(check["deliveries"], check["expected_deliveries"])
@@ -125,14 +134,8 @@ class BenchSmokeTests(TestCase):
     def test_quick_run_of_the_pure_python_reference(self):
         """The pure-Python reference (bench/ref_python.py) passes the same
         delivery check, in the throughput and the latency scenario."""
-        results = os.path.abspath(self.mktemp() + ".json")
-        out, err, status = yield self.run_bench(
-            "--quick", "--servers", "python", "--scenarios", "S1,S2",
-            "--json-out", results, "--cache-dir", os.path.abspath(self.mktemp()),
-        )
-        self.assertEqual(status, 0, "stdout:\n{}\nstderr:\n{}".format(out, err))
-        with open(results) as f:
-            runs = json.load(f)["runs"]
+        bench = yield self.quick_run("python", "S1,S2")
+        runs = bench.document["runs"]
         self.assertEqual({run["scenario"] for run in runs}, {"S1", "S2"})
         for run in runs:
             self.assertEqual((run["server"], run["problems"]), ("python", []))
@@ -144,14 +147,8 @@ class BenchSmokeTests(TestCase):
     def test_quick_big_room(self):
         """A quick S6 run lists every member of a 200-member lobby, named by
         the load generator, and measures the welcome and the listing."""
-        results = os.path.abspath(self.mktemp() + ".json")
-        out, err, status = yield self.run_bench(
-            "--quick", "--servers", "broadcaster", "--scenarios", "S6",
-            "--json-out", results, "--cache-dir", os.path.abspath(self.mktemp()),
-        )
-        self.assertEqual(status, 0, "stdout:\n{}\nstderr:\n{}".format(out, err))
-        with open(results) as f:
-            document = json.load(f)
+        bench = yield self.quick_run("broadcaster", "S6")
+        document = bench.document
         (run,) = document["runs"]
         self.assertEqual((run["variant"], run["problems"]), ("S6/200", []))
         figures = run["figures"]
@@ -159,7 +156,7 @@ class BenchSmokeTests(TestCase):
         # Two pages after the welcome's: 100 + 100 + 1 members.
         self.assertGreater(figures["list_kib"], 0)
         self.assertLess(figures["welcome_kib"], 16)
-        self.assertIn("every member listed", err)
+        self.assertIn("every member listed", bench.err)
 
     @inlineCallbacks
     def test_quick_storm_and_slow_consumers(self):
@@ -170,14 +167,8 @@ class BenchSmokeTests(TestCase):
         connection and check every delivery to the others; broadcaster cuts
         the stalled subscriber.
         """
-        results = os.path.abspath(self.mktemp() + ".json")
-        out, err, status = yield self.run_bench(
-            "--quick", "--servers", "broadcaster,c", "--scenarios", "S8,S9",
-            "--json-out", results, "--cache-dir", os.path.abspath(self.mktemp()),
-        )
-        self.assertEqual(status, 0, "stdout:\n{}\nstderr:\n{}".format(out, err))
-        with open(results) as f:
-            document = json.load(f)
+        bench = yield self.quick_run("broadcaster,c", "S8,S9")
+        document = bench.document
         self.assertTrue(document["ok"])
         runs = {(r["variant"], r["server"]): r for r in document["runs"]}
         self.assertEqual(
@@ -215,10 +206,10 @@ class BenchSmokeTests(TestCase):
         cut = runs["S9/slow", "broadcaster"]["loadgen"]["stalled"]
         self.assertEqual((cut["cut"], cut["how"], cut["close_code"]), (1, "close", 4008))
         self.assertEqual(runs["S9/slow", "c"]["loadgen"]["stalled"]["how"], "open")
-        self.assertIn("S9 stalled subscriber on broadcaster: cut", out)
-        self.assertIn("S9 stalled subscriber on c-ref: not cut", out)
+        self.assertIn("S9 stalled subscriber on broadcaster: cut", bench.out)
+        self.assertIn("S9 stalled subscriber on c-ref: not cut", bench.out)
         for name in ("S8.svg", "S9.svg"):
-            with open(os.path.join(os.path.dirname(results), name)) as f:
+            with open(os.path.join(os.path.dirname(bench.path), name)) as f:
                 self.assertIn("<svg", f.read())
 
     @inlineCallbacks
@@ -234,14 +225,8 @@ class BenchSmokeTests(TestCase):
             if os.environ.get("CI"):
                 self.fail(message)
             raise SkipTest(message)
-        results = os.path.abspath(self.mktemp() + ".json")
-        out, err, status = yield self.run_bench(
-            "--quick", "--servers", "broadcaster", "--scenarios", "S4,S5,S7",
-            "--json-out", results, "--cache-dir", os.path.abspath(self.mktemp()),
-        )
-        self.assertEqual(status, 0, "stdout:\n{}\nstderr:\n{}".format(out, err))
-        with open(results) as f:
-            document = json.load(f)
+        bench = yield self.quick_run("broadcaster", "S4,S5,S7")
+        document = bench.document
         self.assertTrue(document["ok"])
         self.assertEqual(
             [r["variant"] for r in document["runs"]], ["S4/20", "S5/20/w1", "S5/20/w2", "S7"]

@@ -31,6 +31,7 @@ from tests.support import (
     start_server,
     wait_for,
 )
+from tests.test_admission import read_answer
 
 
 def handshake(target: bytes = b"/", host: bytes = b"127.0.0.1", extra: bytes = b"", key=None) -> bytes:
@@ -45,16 +46,7 @@ def handshake(target: bytes = b"/", host: bytes = b"127.0.0.1", extra: bytes = b
 
 def _read_head(sock, deadline: float) -> bytes:
     """Read until the end of a response's head, a close, or ``deadline``."""
-    answer = b""
-    while b"\r\n\r\n" not in answer and time.monotonic() < deadline:
-        try:
-            chunk = sock.recv(65536)
-        except (socket.timeout, ConnectionResetError):
-            break
-        if not chunk:
-            break
-        answer += chunk
-    return answer
+    return read_answer(sock, deadline, head_only=True)
 
 
 def exchange(port: int, chunks: List[bytes], pause: float = 0.03, read_for: float = 3.0) -> bytes:
@@ -293,17 +285,7 @@ class RefusalsOnTheFastPathTests(HonestPairMixin, TestCase):
             answer = yield deferToThread(exchange, port, [data])
             self.assertRegex(answer[:12], b"HTTP/1.1 4")
         yield wait_for(lambda: service.admission.connections == 2, what="places given back")
-        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-        self.addCleanup(sock.close)
-        sock.sendall(handshake())
-        answer = yield deferToThread(_read_head, sock, time.monotonic() + 5)
-        self.assertTrue(answer.startswith(b"HTTP/1.1 101 "), answer)
-        answer = yield deferToThread(exchange, port, [handshake()])
-        self.assertTrue(answer.startswith(b"HTTP/1.1 503 "), answer)
-        sock.close()
-        yield wait_for(lambda: service.admission.connections == 2, what="the place freed")
-        answer = yield deferToThread(exchange, port, [handshake()])
-        self.assertTrue(answer.startswith(b"HTTP/1.1 101 "), answer)
+        yield self.assert_last_place_held(service, port)
         yield self.assert_honest_chat_intact()
 
     @inlineCallbacks
@@ -312,6 +294,16 @@ class RefusalsOnTheFastPathTests(HonestPairMixin, TestCase):
         same address is answered 503 while a fast-path WebSocket holds the
         one place, and admitted once it has gone."""
         service, port = yield start_server(self, ["--max-connections-per-ip", "1"])
+        yield self.assert_last_place_held(service, port)
+
+    @inlineCallbacks
+    def assert_last_place_held(self, service, port: int):
+        """
+        A fast-path WebSocket opened in the last place under the limits
+        holds it (the next handshake is answered 503) until it closes;
+        then the next is admitted.
+        """
+        before = service.admission.connections
         sock = socket.create_connection(("127.0.0.1", port), timeout=5)
         self.addCleanup(sock.close)
         sock.sendall(handshake())
@@ -320,7 +312,7 @@ class RefusalsOnTheFastPathTests(HonestPairMixin, TestCase):
         answer = yield deferToThread(exchange, port, [handshake()])
         self.assertTrue(answer.startswith(b"HTTP/1.1 503 "), answer)
         sock.close()
-        yield wait_for(lambda: service.admission.connections == 0, what="the place freed")
+        yield wait_for(lambda: service.admission.connections == before, what="the place freed")
         answer = yield deferToThread(exchange, port, [handshake()])
         self.assertTrue(answer.startswith(b"HTTP/1.1 101 "), answer)
 
