@@ -440,7 +440,7 @@ class HostVerdictCacheTests(SynchronousTestCase):
                 "[::1]:{}".format(n),
             ):
                 self.assertEqual(policy.permits(header), fresh._judge(header), header)
-                self.assertLessEqual(len(policy._verdicts), HostPolicy.REMEMBERED)
+                self.assertLessEqual(policy._verdict.cache_info().currsize, HostPolicy.REMEMBERED)
         self.assertFalse(policy.permits("evil0.example"))
         self.assertTrue(policy.permits("localhost"))
 

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Dict, Iterable, Optional, Tuple
+from functools import lru_cache
+from typing import Iterable, Optional, Tuple
 from urllib.parse import urlsplit
 
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
@@ -208,9 +209,9 @@ class HostPolicy:
         # Headers already judged: nearly every request names the host the
         # last one did, and parsing it (an IP address) was a tenth of a
         # handshake's cost.  Bounded: the header is the client's to choose.
-        self._verdicts: Dict[str, bool] = {}
+        self._verdict = lru_cache(maxsize=self.REMEMBERED)(self._judge)
 
-    #: Verdicts kept at most (then forgotten all at once).
+    #: Verdicts kept at most (the least recently asked forgotten first).
     REMEMBERED = 256
 
     def permits(self, host_header: str) -> bool:
@@ -219,12 +220,7 @@ class HostPolicy:
         """
         if self.open:
             return True
-        verdict = self._verdicts.get(host_header)
-        if verdict is None:
-            if len(self._verdicts) >= self.REMEMBERED:
-                self._verdicts.clear()
-            verdict = self._verdicts[host_header] = self._judge(host_header)
-        return verdict
+        return self._verdict(host_header)
 
     def _judge(self, host_header: str) -> bool:
         name = host_name(host_header)

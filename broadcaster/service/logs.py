@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Any, Callable, Dict
+from functools import lru_cache
+from typing import Any, Dict
 
 from twisted.logger import (
     FileLogObserver,
@@ -88,9 +89,6 @@ _SUSPECT = re.compile(r"(?i)authoriz|cookie|api-key|bearer|basic|token|jwt|key=|
 # again (one search per field, as nearly every field has neither).
 _ODD = re.compile("(?i:{})|{}".format(_SUSPECT.pattern[4:], CONTROLS.pattern))
 
-# Formats as redacted: a program has few, each logged again and again.
-_formats: Dict[str, str] = {}
-
 
 def redact(text: str) -> str:
     """
@@ -103,17 +101,8 @@ def redact(text: str) -> str:
     return text
 
 
-def _remembered(cache: Dict[Any, str], key: Any, make: Callable[[Any], str], most: int) -> str:
-    """
-    ``make(key)``, kept in ``cache`` (emptied when it holds more than
-    ``most``) for the next time.
-    """
-    made = cache.get(key)
-    if made is None:
-        if len(cache) > most:
-            cache.clear()
-        made = cache[key] = make(key)
-    return made
+#: Formats as redacted: a program has few, each logged again and again.
+_redacted_format = lru_cache(maxsize=1024)(redact)
 
 
 def _clean(value: Any) -> Any:
@@ -158,7 +147,7 @@ class SanitisingObserver:
             if not key.startswith("log_") or key == "log_text" or key == "log_io":
                 value = _clean(value)
             elif key == "log_format" and value.__class__ is str:
-                value = _remembered(_formats, value, redact, 1024)
+                value = _redacted_format(value)
             clean[key] = value
         self._observer(clean)
 
@@ -183,7 +172,8 @@ def _system(event: Dict[str, Any]) -> str:
     return "{}#{}".format(event.get("log_namespace", "-"), "-" if level is None else level.name)
 
 
-_stamps: Dict[int, str] = {}
+#: :func:`twisted.logger.formatTime` of a whole second, made once.
+_second_stamp = lru_cache(maxsize=64)(formatTime)
 
 
 def _stamp(when: float) -> str:
@@ -191,7 +181,7 @@ def _stamp(when: float) -> str:
     :func:`twisted.logger.formatTime` of ``when`` (to the second), made
     once per second.
     """
-    return _remembered(_stamps, int(when), formatTime, 64)
+    return _second_stamp(int(when))
 
 
 def classic_text(event: Dict[str, Any]):

@@ -155,7 +155,7 @@ class HostPolicyTests(SynchronousTestCase):
         for n in range(3 * HostPolicy.REMEMBERED):
             self.assertFalse(policy.permits("evil{}.example".format(n)))
             self.assertTrue(policy.permits("127.0.0.1:{}".format(n)))
-            self.assertLessEqual(len(policy._verdicts), HostPolicy.REMEMBERED)
+            self.assertLessEqual(policy._verdict.cache_info().currsize, HostPolicy.REMEMBERED)
         self.assertFalse(policy.permits("evil0.example"))
         self.assertTrue(policy.permits("localhost"))
 
