@@ -592,10 +592,11 @@ def use_lean_transports(port) -> None:
     """
     Have the listening ``port`` build :class:`LeanTCPServer` transports,
     if it is one of Twisted's TCP ports (an ``ssl:`` one included, whose
-    TLS runs over a TCP transport); any other is left as it is.  Its
-    socket gets ``TCP_NODELAY``, which its connections inherit, so that
-    Autobahn's setting it again on each is skipped (a system call a
-    connection).
+    TLS runs over a TCP transport); any other is left as it is.  On
+    Linux its socket gets ``TCP_NODELAY``, which its connections inherit,
+    so that twisted.web's and Autobahn's setting it again on each is
+    skipped (two system calls a connection; see
+    :meth:`LeanTCPServer.setTcpNoDelay`).
     """
     if isinstance(port, _TCPPort) and port.transport is _TCPServer:
         port.transport = LeanTCPServer
@@ -719,8 +720,6 @@ class LazyFormat:
         return format(str(self), spec)
 
 
-#: The names Autobahn's ``WebSocketProtocol.__init__`` uses, in the version
-#: :meth:`LeanWebSocketServerProtocol.__init__` replaces.
 #: What Autobahn's connection set-up and open use (their code's names), as
 #: :meth:`LeanWebSocketServerProtocol.connectionMade` and ``_onOpen`` do
 #: it in their stead: a release that sets up more, or otherwise, is
@@ -761,6 +760,8 @@ _AUTOBAHN_OPENING = {
     },
 }
 
+#: The names Autobahn's ``WebSocketProtocol.__init__`` uses, in the version
+#: :meth:`LeanWebSocketServerProtocol.__init__` replaces.
 _AUTOBAHN_INIT = {
     "TransportDetails", "_transport_details", "create_future", "is_closed", "is_open",
     "set_valid_events", "txaio",
